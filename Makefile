@@ -1,0 +1,43 @@
+# Herald: `make run` starts a node, `make test` runs every test. Both set up what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test setup system-deps lint demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV) || { ops/install-system-deps.sh && rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+system-deps:
+	ops/install-system-deps.sh
+
+## Start one node (embedded broker unless REDIS_URL is set) on HERALD_HOST:HERALD_PORT.
+run: setup
+	$(PY) -m api
+
+## Run the whole suite: lint, types, then every test.
+test: system-deps setup lint
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+## Publish the demo streams (ticker and a token-by-token reply) to a running node.
+demo: setup
+	$(PY) -m workers.demo
+
+## Fan-out measurement: 1,000 subscribers on one topic of one node.
+bench: setup
+	$(PY) -m workers.bench_fanout
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .run

@@ -1,0 +1,1 @@
+"""Herald API node: FastAPI app, hub and SSE streams."""

@@ -1,0 +1,57 @@
+"""``python -m api``: run one Herald node with the settings from the environment.
+
+Uvicorn's graceful shutdown waits for open responses to finish, and an SSE
+stream never finishes by itself. So the server tells the hub to end every
+stream first (clients reconnect to another node and resume), and only then
+runs uvicorn's own shutdown; ``timeout_graceful_shutdown`` is the backstop
+for clients too stalled to take the end of their stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import uvicorn
+from fastapi import FastAPI
+
+from api.app import create_app
+from api.settings import Settings
+
+SHUTDOWN_GRACE_SECONDS = 2.0
+
+
+class HeraldServer(uvicorn.Server):
+    """A uvicorn server that ends the node's SSE streams when asked to stop."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        hub = getattr(self._app.state, "hub", None)
+        if hub is not None:
+            hub.drain()
+        await super().shutdown(sockets)
+
+
+def main() -> None:
+    settings = Settings()
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+        access_log=False,
+        log_level="info",
+    )
+    logging.getLogger("herald").setLevel(logging.INFO)
+    HeraldServer(config, app).run()
+
+
+if __name__ == "__main__":
+    main()

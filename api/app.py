@@ -1,0 +1,83 @@
+"""The FastAPI application factory. Nothing is built at import time.
+
+The broker and the hub are created in the lifespan, so each app instance
+(each test server, each node) owns its own, and they are closed with it.
+Run with ``python -m api`` (see :mod:`api.__main__`), or
+``uvicorn --factory api.app:create_app``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from api import errors
+from api.events import router as events_router
+from api.health import router as health_router
+from api.hub import Hub
+from api.middleware import NodeIdMiddleware
+from api.models import PublishEvent
+from api.publish import router as publish_router
+from api.settings import Settings
+from broker.base import Broker, BrokerUnavailable, RetentionPolicy
+from broker.factory import create_broker
+
+BrokerFactory = Callable[[Settings], Broker]
+
+
+def _default_broker(settings: Settings) -> Broker:
+    return create_broker(settings.redis_url, RetentionPolicy(settings.replay_size, settings.replay_ttl))
+
+
+def create_app(settings: Settings | None = None, broker_factory: BrokerFactory = _default_broker) -> FastAPI:
+    """A Herald node. ``settings`` default to the environment."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        broker = broker_factory(settings)
+        hub = Hub(broker, client_buffer=settings.client_buffer, heartbeat=settings.heartbeat)
+        await broker.start(hub)
+        await hub.start()
+        app.state.broker = broker
+        app.state.hub = hub
+        try:
+            yield
+        finally:
+            await hub.close()
+            await broker.close()
+
+    app = FastAPI(
+        title="Herald",
+        summary="Real-time push over Server-Sent Events",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_middleware(NodeIdMiddleware, node_id=settings.node_id)
+    app.add_exception_handler(errors.RequestRejected, errors.request_rejected)
+    app.add_exception_handler(BrokerUnavailable, errors.broker_unavailable)
+    app.include_router(publish_router)
+    app.include_router(events_router)
+    app.include_router(health_router)
+    _document_publish_body(app)
+    return app
+
+
+def _document_publish_body(app: FastAPI) -> None:
+    """Add the PublishEvent schema the publish route's body refers to (it parses the body itself)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {}).setdefault("schemas", {})["PublishEvent"] = (
+                PublishEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+            )
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,131 @@
+"""One SSE client's outbox: a bounded byte queue the hub fills and the client's writer drains.
+
+The hub never awaits a client: it appends a ready-made frame and moves on.
+Each client's own writer coroutine sends whatever has piled up as one write.
+So a slow client only grows its own queue; once that holds more than its byte
+budget the client is cut off (it can resume with ``Last-Event-ID``, the
+events are in the replay buffer) instead of holding memory or the hub back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from enum import Enum
+
+from api.sse import HEARTBEAT
+
+
+class Closed(str, Enum):
+    """Why a connection ended."""
+
+    DISCONNECTED = "disconnected"
+    """The client went away."""
+    OVERFLOW = "overflow"
+    """The client fell more than its byte budget behind and was cut off."""
+    SHUTDOWN = "shutdown"
+    """The node is shutting down; the client will reconnect elsewhere."""
+
+
+class Connection:
+    """The hub's handle on one client.
+
+    It starts *pending*: while the stream replays history, live events are
+    held aside. :meth:`go_live` then keeps only those above the position the
+    replay reached, which is what makes the hand-off from replay to live free
+    of gaps and duplicates. After that, events with an id at or below the last
+    one queued are dropped, so each event is queued at most once.
+    """
+
+    __slots__ = ("_chunks", "_limit", "_on_overflow", "_pending", "_size", "_wake", "active", "closed", "last_id", "topics")
+
+    def __init__(self, topics: tuple[str, ...], limit: int, on_overflow: Callable[[], None] | None = None) -> None:
+        self.topics = topics
+        self.last_id = 0
+        self.closed: Closed | None = None
+        self.active = False
+        self._limit = limit
+        self._on_overflow = on_overflow
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._pending: list[tuple[int, bytes]] | None = []
+        self._wake = asyncio.Event()
+
+    # -- fed by the hub (never awaits) -----------------------------------------
+
+    def offer(self, event_id: int, frame: bytes) -> None:
+        """Queue an event's frame, unless it was already queued or replayed."""
+        if self.closed is not None:
+            return
+        if self._pending is not None:
+            self._pending.append((event_id, frame))
+            self._grow(len(frame))
+            return
+        if event_id <= self.last_id:
+            return
+        self.last_id = event_id
+        self._chunks.append(frame)
+        self._grow(len(frame))
+        self._wake.set()
+
+    def push(self, frame: bytes) -> None:
+        """Queue bytes that carry no event id (a comment, a live-feed ``reset``)."""
+        if self.closed is not None:
+            return
+        self._chunks.append(frame)
+        self._grow(len(frame))
+        self._wake.set()
+
+    def heartbeat(self) -> None:
+        """Queue a comment unless something was queued since the last call."""
+        if self.active:
+            self.active = False
+        elif self._pending is None:
+            self.push(HEARTBEAT)
+            self.active = False
+
+    def close(self, reason: Closed) -> None:
+        """End the stream; the first reason wins. Never awaits."""
+        if self.closed is not None:
+            return
+        self.closed = reason
+        self._chunks.clear()
+        self._pending = None
+        self._wake.set()
+        if reason is Closed.OVERFLOW and self._on_overflow is not None:
+            self._on_overflow()
+
+    def _grow(self, size: int) -> None:
+        self.active = True
+        self._size += size
+        if self._size > self._limit:
+            self.close(Closed.OVERFLOW)
+
+    # -- used by the client's writer -------------------------------------------
+
+    def go_live(self, position: int) -> None:
+        """End the replay: everything up to ``position`` has been sent.
+
+        Held-aside live events above ``position`` are queued in order; the
+        ones at or below it were part of the replay and are dropped.
+        """
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        self._size = sum(map(len, self._chunks))
+        self.last_id = max(self.last_id, position)
+        for event_id, frame in pending:
+            self.offer(event_id, frame)
+
+    async def next_chunk(self) -> bytes | None:
+        """Wait for queued bytes and take them all as one chunk; None once closed."""
+        while self.closed is None:
+            if self._chunks:
+                chunk = b"".join(self._chunks)
+                self._chunks.clear()
+                self._size = 0
+                return chunk
+            self._wake.clear()
+            await self._wake.wait()
+        return None

@@ -1,0 +1,31 @@
+"""FastAPI dependencies: the node's parts, built in the lifespan and read from app.state."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from api.hub import Hub
+from api.settings import Settings
+from broker.base import Broker
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_broker(request: Request) -> Broker:
+    broker: Broker = request.app.state.broker
+    return broker
+
+
+def get_hub(request: Request) -> Hub:
+    hub: Hub = request.app.state.hub
+    return hub
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+BrokerDep = Annotated[Broker, Depends(get_broker)]
+HubDep = Annotated[Hub, Depends(get_hub)]

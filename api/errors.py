@@ -1,0 +1,32 @@
+"""Error responses: every refusal is a JSON body that says what is wrong."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from broker.base import BrokerUnavailable
+
+RETRY_AFTER_SECONDS = 2
+
+
+class RequestRejected(Exception):
+    """A client error with its status code and a message for the client."""
+
+    def __init__(self, status_code: int, detail: object) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+async def request_rejected(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestRejected)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+
+async def broker_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(
+        {"detail": f"broker unavailable: {exc}"},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )

@@ -1,0 +1,52 @@
+"""Health, readiness, node statistics and the demo page."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from api.deps import BrokerDep, HubDep, SettingsDep
+from broker.base import BrokerUnavailable, ReportsStats
+
+router = APIRouter()
+
+
+@router.get("/healthz", summary="Liveness: 200 while the process serves")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: 200 when the broker is usable, 503 otherwise")
+async def readyz(broker: BrokerDep) -> JSONResponse:
+    try:
+        ready = await broker.ping()
+    except BrokerUnavailable:
+        ready = False
+    if ready:
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "broker unavailable"}, status_code=503, headers={"Retry-After": "2"})
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * 4096
+    except OSError:
+        return 0
+
+
+@router.get("/stats", summary="This node's counters: connections, topics, events, memory")
+async def stats(hub: HubDep, broker: BrokerDep, settings: SettingsDep) -> dict[str, Any]:
+    body: dict[str, Any] = {"node_id": settings.node_id, "rss_bytes": _rss_bytes(), "hub": hub.stats()}
+    if isinstance(broker, ReportsStats):
+        body["broker"] = broker.stats()
+    return body
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def index() -> HTMLResponse:
+    page = resources.files("api").joinpath("static/index.html").read_text(encoding="utf-8")
+    return HTMLResponse(page)

@@ -1,0 +1,237 @@
+"""The node's fan-out hub: one broker feed in, every local SSE client out.
+
+The hub is the broker's :class:`~broker.base.EventSink`. It keeps, per topic,
+the set of local connections that want it, and subscribes the broker to
+exactly the topics that have at least one local client (so a node costs the
+broker one feed, however many clients it serves).
+
+Per event the hub encodes the SSE frame once and hands the same bytes to each
+interested connection without awaiting anything (see
+:mod:`api.connection`). Events arrive from the broker in id order, so every
+connection's queue is in id order too, merged across its topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from api.connection import Closed, Connection
+from api.sse import event_frame, reset_frame
+from broker.base import Broker, BrokerUnavailable, Event, Reset, ResetReason
+
+log = logging.getLogger("herald.hub")
+
+_EVENT_ID = re.compile(r"[0-9]{1,19}")
+"""What an id this deployment issues looks like (decimal, fits in 64 bits)."""
+
+
+def parse_event_id(text: str) -> int | None:
+    """The id a client resumes from, or None when it is not one Herald could issue."""
+    return int(text) if _EVENT_ID.fullmatch(text) else None
+
+
+@dataclass(slots=True)
+class Opened:
+    """A connection ready to stream: what to send before going live, and where it ends.
+
+    ``frames`` are sent in order (a ``reset`` first when there is one, then
+    the replayed events); after them the stream is at ``position``, and
+    :meth:`Connection.go_live` takes over from there. ``fresh`` is true when
+    the client did not resume (its first bytes should tell it its position).
+    """
+
+    connection: Connection
+    frames: list[bytes]
+    position: int
+    fresh: bool
+
+
+class Hub:
+    """Fan-out of broker events to this node's SSE connections."""
+
+    def __init__(self, broker: Broker, *, client_buffer: int, heartbeat: float, frame_cache: int = 4096) -> None:
+        self._broker = broker
+        self._client_buffer = client_buffer
+        self._heartbeat = heartbeat
+        self._by_topic: dict[str, set[Connection]] = {}
+        self._connections: set[Connection] = set()
+        self._subscribed: set[str] = set()
+        self._sub_lock = asyncio.Lock()
+        self._frames: dict[int, bytes] = {}
+        self._frame_cache = frame_cache
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ticker: asyncio.Task[None] | None = None
+        self._draining = False
+        self.events_in = 0
+        self.cutoffs = 0
+        self.connections_total = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._ticker = asyncio.create_task(self._tick_forever(), name="herald-heartbeat")
+
+    def drain(self) -> None:
+        """Shutdown: refuse new connections and end every open stream now."""
+        self._draining = True
+        for connection in list(self._connections):
+            connection.close(Closed.SHUTDOWN)
+
+    async def close(self) -> None:
+        self.drain()
+        tasks = [t for t in (self._ticker, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- EventSink -------------------------------------------------------------
+
+    def on_event(self, event: Event) -> None:
+        self.events_in += 1
+        frame = event_frame(event.id, event.data, event.type)
+        frames = self._frames
+        frames[event.id] = frame
+        if len(frames) > self._frame_cache:
+            del frames[next(iter(frames))]
+        connections = self._by_topic.get(event.topic)
+        if connections:
+            for connection in connections:
+                connection.offer(event.id, frame)
+
+    def on_reset(self, reset: Reset) -> None:
+        lost = set(reset.topics)
+        for connection in list(self._connections):
+            topics = tuple(t for t in connection.topics if t in lost)
+            if topics:
+                connection.push(reset_frame(reset.reason, topics, None))
+
+    # -- connections -----------------------------------------------------------
+
+    async def connect(
+        self,
+        topics: Sequence[str],
+        last_event_id: str | None,
+        on_overflow: Callable[[], None] | None = None,
+    ) -> Opened:
+        """Register a client and work out what it gets before live events.
+
+        The order is what makes resume exact: the connection is registered
+        and the broker subscribed *before* history is read, so every event is
+        either in the history (id up to ``head``) or arrives live afterwards,
+        and :meth:`Connection.go_live` drops the overlap.
+
+        Raises BrokerUnavailable (nothing is left registered then).
+        """
+        if self._draining:
+            raise BrokerUnavailable("this node is shutting down")
+        connection = Connection(tuple(topics), self._client_buffer, on_overflow)
+        self._attach(connection)
+        try:
+            await self._reconcile()
+            opened = await self._open(connection, last_event_id)
+        except BaseException:
+            self.detach(connection)
+            raise
+        self.connections_total += 1
+        return opened
+
+    async def _open(self, connection: Connection, last_event_id: str | None) -> Opened:
+        topics = connection.topics
+        if last_event_id is None:
+            head = await self._broker.head()
+            return Opened(connection, [], head, fresh=True)
+        after = parse_event_id(last_event_id)
+        if after is None:
+            head = await self._broker.head()
+            return Opened(connection, [reset_frame(ResetReason.INVALID_ID, topics, head)], head, fresh=False)
+        history = await self._broker.history(topics, after)
+        frames: list[bytes] = []
+        if history.reset is not None:
+            position = None if history.events else history.head
+            frames.append(reset_frame(history.reset.reason, history.reset.topics, position))
+        cached = self._frames
+        for event in history.events:
+            frame = cached.get(event.id)
+            frames.append(frame if frame is not None else event_frame(event.id, event.data, event.type))
+        return Opened(connection, frames, history.head, fresh=False)
+
+    def _attach(self, connection: Connection) -> None:
+        self._connections.add(connection)
+        for topic in connection.topics:
+            self._by_topic.setdefault(topic, set()).add(connection)
+
+    def detach(self, connection: Connection) -> None:
+        """Forget a connection; topics left without clients are unsubscribed soon after."""
+        if connection not in self._connections:
+            return
+        self._connections.discard(connection)
+        if connection.closed is Closed.OVERFLOW:
+            self.cutoffs += 1
+        orphaned = False
+        for topic in connection.topics:
+            connections = self._by_topic.get(topic)
+            if connections is None:
+                continue
+            connections.discard(connection)
+            if not connections:
+                del self._by_topic[topic]
+                orphaned = True
+        if orphaned and not self._draining:
+            task = asyncio.create_task(self._reconcile_quietly())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _reconcile(self) -> None:
+        """Bring the broker's subscriptions in line with the topics local clients want.
+
+        Serialised by a lock and computed from the state at the time of each
+        broker call, so concurrent joins and leaves can't leave the broker
+        subscribed to the wrong set.
+        """
+        async with self._sub_lock:
+            wanted = self._by_topic.keys()
+            added = [t for t in wanted if t not in self._subscribed]
+            if added:
+                await self._broker.subscribe(added)
+                self._subscribed.update(added)
+            removed = [t for t in self._subscribed if t not in wanted]
+            if removed:
+                await self._broker.unsubscribe(removed)
+                self._subscribed.difference_update(removed)
+
+    async def _reconcile_quietly(self) -> None:
+        try:
+            await self._reconcile()
+        except BrokerUnavailable:
+            log.warning("could not unsubscribe idle topics; will retry on the next change")
+
+    # -- heartbeats ------------------------------------------------------------
+
+    async def _tick_forever(self) -> None:
+        # A connection gets a comment when nothing was queued for it during a
+        # whole tick, so an idle stream is never silent for two ticks.
+        period = self._heartbeat / 2
+        while True:
+            await asyncio.sleep(period)
+            for connection in list(self._connections):
+                connection.heartbeat()
+
+    # -- introspection ---------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "connections": len(self._connections),
+            "connections_total": self.connections_total,
+            "topics": len(self._by_topic),
+            "topics_subscribed": len(self._subscribed),
+            "events_in": self.events_in,
+            "cutoffs": self.cutoffs,
+            "pending_tasks": len(self._tasks),
+        }

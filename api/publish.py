@@ -1,0 +1,115 @@
+"""``POST /publish``: validate a whole request, then publish it atomically.
+
+Nothing is published unless every event of the request is valid, so a
+producer never has to work out which half of a batch went through.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NoReturn
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter, ValidationError
+
+from api.deps import BrokerDep, SettingsDep
+from api.errors import RequestRejected
+from api.models import MAX_BATCH, PublishBatch, PublishEvent, Published
+from api.sse import encode_data, utf8_size
+from broker.base import Message
+
+router = APIRouter()
+
+_ONE = TypeAdapter(PublishEvent)
+_MANY = TypeAdapter(PublishBatch.model_fields["events"].annotation)
+
+
+def _no_constants(name: str) -> NoReturn:
+    # Python's json accepts NaN and Infinity; JSON does not, and no client
+    # could parse them back.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestRejected(413, f"request body is over the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestRejected(413, f"request body is over the limit of {limit} bytes")
+    return bytes(body)
+
+
+def _parse(body: bytes) -> Any:
+    if not body.strip():
+        raise RequestRejected(400, "request body is empty: send a JSON event or an array of events")
+    try:
+        return json.loads(body, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as exc:
+        raise RequestRejected(400, f"request body is not valid JSON: {exc}") from None
+
+
+def _validate(payload: Any) -> tuple[list[PublishEvent], bool]:
+    try:
+        if isinstance(payload, list):
+            if len(payload) > MAX_BATCH:
+                raise RequestRejected(422, f"a batch holds at most {MAX_BATCH} events, got {len(payload)}")
+            return _MANY.validate_python(payload), True
+        return [_ONE.validate_python(payload)], False
+    except ValidationError as exc:
+        raise RequestRejected(422, exc.errors(include_url=False, include_context=False)) from None
+
+
+def _message(index: int, item: PublishEvent, max_bytes: int) -> Message:
+    where = f"event {index}: " if index >= 0 else ""
+    try:
+        data = encode_data(item.data)
+        size = utf8_size(data)
+    except ValueError as exc:  # NaN from a huge number, or a lone surrogate
+        raise RequestRejected(422, f"{where}data can't be sent: {exc}") from None
+    if size > max_bytes:
+        raise RequestRejected(413, f"{where}data is {size} bytes encoded, over the limit of {max_bytes}")
+    return Message(item.topic, data, item.event)
+
+
+@router.post(
+    "/publish",
+    status_code=201,
+    response_model=Published | list[Published],
+    summary="Publish one event or a batch",
+    responses={
+        400: {"description": "The body is not JSON."},
+        413: {"description": "The body, or one event's encoded data, is too large."},
+        422: {"description": "A field is missing or invalid; nothing was published."},
+        503: {"description": "The broker is unavailable; retry after Retry-After seconds."},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "oneOf": [
+                            {"$ref": "#/components/schemas/PublishEvent"},
+                            {"type": "array", "items": {"$ref": "#/components/schemas/PublishEvent"}, "maxItems": MAX_BATCH, "minItems": 1},
+                        ]
+                    }
+                }
+            },
+        }
+    },
+)
+async def publish(request: Request, broker: BrokerDep, settings: SettingsDep) -> JSONResponse:
+    """Publish an event, or an array of up to 1000 events in order, atomically.
+
+    Answers 201 with ``{"id", "topic"}`` (an array of them for an array).
+    """
+    payload = _parse(await _read_body(request, settings.max_body_bytes))
+    items, many = _validate(payload)
+    messages = [_message(i if many else -1, item, settings.max_event_bytes) for i, item in enumerate(items)]
+    events = await broker.publish(messages)
+    published = [{"id": str(e.id), "topic": e.topic} for e in events]
+    return JSONResponse(published if many else published[0], status_code=201)

@@ -1,0 +1,42 @@
+"""Node settings, read from the environment (names in the README's table)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Everything a node can be told. Each field is ``HERALD_<NAME>`` except ``REDIS_URL``."""
+
+    model_config = SettingsConfigDict(env_prefix="HERALD_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address the node listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port the node listens on.")
+    node_id: str = Field(
+        default_factory=_default_node_id,
+        pattern=r"^[A-Za-z0-9_.:@-]{1,100}$",
+        description="Name of this node, sent as X-Node-Id on every response.",
+    )
+    replay_size: int = Field(1000, ge=1, description="Events kept per topic for resume.")
+    replay_ttl: float = Field(3600, gt=0, description="Seconds an event is kept for resume.")
+    heartbeat: float = Field(15, gt=0, description="Longest silence on an idle stream, in seconds.")
+    retry_ms: int = Field(2000, ge=0, description="Reconnect delay hint sent to clients (retry:).")
+    max_event_bytes: int = Field(65536, ge=1, description="Largest encoded data of one event, in bytes.")
+    max_topics: int = Field(64, ge=1, description="Topics one connection may subscribe to.")
+    client_buffer: int = Field(
+        1024 * 1024, ge=1024, description="Bytes of unsent events one client may hold before it is cut off."
+    )
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest publish request body, in bytes.")
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("REDIS_URL"),
+        description="Redis to use as the broker; unset runs the embedded broker.",
+    )

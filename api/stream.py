@@ -1,0 +1,109 @@
+"""The ``text/event-stream`` response: one client's writer.
+
+It sends the stream's first bytes at once (reconnect hint and position),
+then the replay frames the hub worked out, then hands over to live events,
+sending everything queued since the last write as one chunk. A second task
+watches for the client going away, so a closed connection is released at
+once rather than at the next write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from api.connection import Closed, Connection
+from api.hub import Hub, Opened
+from api.sse import preamble
+
+STREAM_HEADERS = {
+    "Cache-Control": "no-cache",
+    # nginx honours this per response: never buffer the stream.
+    "X-Accel-Buffering": "no",
+}
+
+_REPLAY_CHUNK = 64 * 1024
+"""Replayed frames are sent in writes of about this many bytes."""
+
+
+def transport_aborter(receive: Receive) -> Callable[[], None] | None:
+    """A way to drop the client's TCP connection at once, when the server offers one.
+
+    A client cut off for falling behind usually has a full socket buffer, so
+    the end of the response would never reach it and a polite close would
+    wait for that forever. ASGI has no "abort", but uvicorn's ``receive`` is
+    a method of its request cycle, which holds the transport; aborting it
+    frees the connection now (uvicorn then sees a disconnect). Under another
+    server, the writer is only woken and ends the response normally.
+    """
+    transport = getattr(getattr(receive, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    return abort if callable(abort) else None
+
+
+def _batches(frames: list[bytes]) -> Iterator[bytes]:
+    batch: list[bytes] = []
+    size = 0
+    for frame in frames:
+        batch.append(frame)
+        size += len(frame)
+        if size >= _REPLAY_CHUNK:
+            yield b"".join(batch)
+            batch, size = [], 0
+    if batch:
+        yield b"".join(batch)
+
+
+async def _watch_disconnect(receive: Receive, connection: Connection) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            connection.close(Closed.DISCONNECTED)
+            return
+
+
+class EventStreamResponse(Response):
+    """Streams an :class:`~api.hub.Opened` connection until it closes, then detaches it."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, hub: Hub, opened: Opened, retry_ms: int) -> None:
+        # Not Response.__init__: it would add a Content-Length for an empty body.
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", self.media_type.encode("latin-1")),
+            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in STREAM_HEADERS.items()),
+        ]
+        self._hub = hub
+        self._opened = opened
+        self._retry_ms = retry_ms
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        opened = self._opened
+        connection = opened.connection
+        watcher = asyncio.create_task(_watch_disconnect(receive, connection))
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            first = preamble(self._retry_ms, opened.position if opened.fresh else None)
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            for chunk in _batches(opened.frames):
+                if connection.closed is not None:
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            connection.go_live(opened.position)
+            while (chunk := await connection.next_chunk()) is not None:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if connection.closed is not Closed.DISCONNECTED:
+                # After an abort (overflow) this returns at once: uvicorn knows
+                # the client is gone.
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            self._hub.detach(connection)

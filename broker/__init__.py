@@ -1,0 +1,27 @@
+"""Herald brokers: the contract (:mod:`broker.base`) and its implementations."""
+
+from broker.base import (
+    Broker,
+    BrokerUnavailable,
+    Event,
+    EventSink,
+    History,
+    Message,
+    Reset,
+    ResetReason,
+    RetentionPolicy,
+)
+from broker.memory import MemoryBroker
+
+__all__ = [
+    "Broker",
+    "BrokerUnavailable",
+    "Event",
+    "EventSink",
+    "History",
+    "MemoryBroker",
+    "Message",
+    "Reset",
+    "ResetReason",
+    "RetentionPolicy",
+]

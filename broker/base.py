@@ -1,0 +1,200 @@
+"""The broker contract: what every Herald broker guarantees, and the value types it trades in.
+
+This module holds only the contract. Implementations live beside it
+(:mod:`broker.memory` for a single node, the Redis broker for a cluster) and
+are all held to the same test suite (``tests/test_broker_contract.py``).
+
+Model
+-----
+A broker owns three things for a deployment:
+
+* the **id counter**: every published event gets an integer id, strictly
+  increasing across all topics of the deployment and never reused. Ids are
+  seeded from the wall clock in microseconds (``next = max(last + 1,
+  now_us)``), so they keep increasing across a restart of whatever holds the
+  counter, and an id is never smaller than its publish time in microseconds.
+  That last property lets retention by age trim by id.
+* the **replay buffer**: per topic, the last ``replay_size`` events, none
+  kept much longer than ``replay_ttl`` seconds and none dropped for age before
+  it. It is the source of truth for resume.
+* the **live feed** to one node: the node subscribes to the topics its
+  clients want, and the broker calls the node's :class:`EventSink` with every
+  event published on them, in id order, each exactly once.
+
+Publishing an event is atomic: the id is taken, the event is appended to the
+replay buffer and handed to the live feed in one step, so an event is either
+fully published (it has an id, is retained and delivered) or not at all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+Clock = Callable[[], float]
+"""Seconds since the epoch, like :func:`time.time`; injectable for tests."""
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot be reached right now; the caller may retry later.
+
+    Raised by publish, subscribe, head and history. Nothing was published when
+    publish raises it.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """An event as a producer hands it in, before it has an id.
+
+    ``data`` is the payload exactly as it will be sent (already encoded: a
+    producer's JSON string as is, any other JSON value as compact JSON).
+    ``type`` is the SSE event type, or None for the default ``message``.
+    """
+
+    topic: str
+    data: str
+    type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A published event: a :class:`Message` with its deployment-wide id."""
+
+    id: int
+    topic: str
+    data: str
+    type: str | None = None
+
+
+class ResetReason:
+    """Why a resume cannot be exact (the ``reason`` of a ``reset`` event)."""
+
+    INVALID_ID = "invalid-id"
+    """The client's last event id is not an id this deployment could have issued."""
+    EXPIRED = "expired"
+    """Events after the client's id left the replay buffer (size or age)."""
+    LOST = "lost"
+    """The broker lost its data (restart without persistence): history is gone."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """Events of ``topics`` after the resume point may be missing, for ``reason``."""
+
+    reason: str
+    topics: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """What a resume gets: the retained events after an id, and how far they go.
+
+    * ``events``: every retained event of the asked topics with a larger id,
+      merged in id order.
+    * ``head``: the last id issued in the deployment when the history was
+      read. Every event of these topics with an id up to ``head`` that is
+      still retained is in ``events``; every later one is published after the
+      read, so a node subscribed before the read receives it live.
+    * ``reset``: set when events of some topics after the id may be missing
+      (they expired, or the broker lost data); None when ``events`` is exact.
+    """
+
+    events: list[Event]
+    head: int
+    reset: Reset | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """How long the replay buffer keeps events: per-topic count and age."""
+
+    size: int = 1000
+    ttl: float = 3600.0
+
+
+@runtime_checkable
+class EventSink(Protocol):
+    """The node side of the live feed (the hub). Called on the event loop.
+
+    Both methods must return promptly and never block: the broker calls them
+    from its delivery path, and a slow sink would stall every topic.
+    """
+
+    def on_event(self, event: Event) -> None:
+        """A new event on a subscribed topic. Calls arrive in id order, each event once."""
+
+    def on_reset(self, reset: Reset) -> None:
+        """The live feed lost events of ``reset.topics`` it cannot recover."""
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """The contract every broker implementation keeps.
+
+    Lifecycle: :meth:`start` once with the node's sink, then any calls, then
+    :meth:`close`. Every call may raise :class:`BrokerUnavailable`.
+    """
+
+    async def start(self, sink: EventSink) -> None:
+        """Connect and start delivering subscribed topics' events to ``sink``."""
+
+    async def close(self) -> None:
+        """Stop delivering and release every resource. Idempotent."""
+
+    async def publish(self, messages: Sequence[Message]) -> list[Event]:
+        """Publish a batch atomically and in order; return the events with their ids.
+
+        Either every message of the batch is published or none is. Ids of a
+        batch are consecutive in the deployment's order (no other event's id
+        falls between them).
+        """
+
+    async def subscribe(self, topics: Collection[str]) -> None:
+        """Add topics to this node's live feed.
+
+        Once it returns, every event published on these topics afterwards
+        reaches the sink. Subscribing to an already subscribed topic is a no-op.
+        """
+
+    async def unsubscribe(self, topics: Collection[str]) -> None:
+        """Remove topics from this node's live feed. Unknown topics are ignored."""
+
+    async def head(self) -> int:
+        """The last id issued in the deployment.
+
+        Before the first publish it is a floor below every id to come, so a
+        client may always resume from it.
+        """
+
+    async def history(self, topics: Collection[str], after: int) -> History:
+        """The retained events of ``topics`` with an id above ``after``; see :class:`History`."""
+
+    async def ping(self) -> bool:
+        """True when the broker is usable right now (for readiness checks)."""
+
+
+def now_us(clock: Clock = time.time) -> int:
+    """The clock in whole microseconds: the floor of the next id."""
+    return int(clock() * 1_000_000)
+
+
+def next_id(last: int, clock: Clock = time.time) -> int:
+    """The id after ``last``: strictly larger, and never below the clock.
+
+    Seeding from the clock is what keeps ids increasing across a restart that
+    lost the counter (memory broker, Redis without persistence). Microseconds
+    keep ids below 2**53 until the year 2255, so they survive JSON numbers
+    and Lua's doubles unharmed.
+    """
+    return max(last + 1, now_us(clock))
+
+
+@runtime_checkable
+class ReportsStats(Protocol):
+    """Optional capability: counters a broker exposes on the node's ``/stats``."""
+
+    def stats(self) -> dict[str, int]:
+        """A snapshot of the broker's own counters."""

@@ -1,0 +1,15 @@
+"""Choosing a broker from settings: the one place that knows every implementation."""
+
+from __future__ import annotations
+
+from broker.base import Broker, RetentionPolicy
+from broker.memory import MemoryBroker
+
+
+def create_broker(redis_url: str | None, retention: RetentionPolicy) -> Broker:
+    """The embedded broker when ``redis_url`` is None, else the Redis broker."""
+    if redis_url is None:
+        return MemoryBroker(retention)
+    from broker.redis import RedisBroker  # imported only when asked for: redis is optional at runtime
+
+    return RedisBroker(redis_url, retention)

@@ -1,0 +1,208 @@
+"""The embedded broker: one process, no Redis, the same guarantees.
+
+Everything lives in this process's memory and is lost when it exits. That
+loss is detected, not hidden: ids are seeded from the clock, so the first id
+after a restart is above every id the previous process issued, and a client
+resuming from an id older than this process's start gets a ``reset``
+(:attr:`~broker.base.ResetReason.LOST`).
+
+Atomicity comes for free: :meth:`MemoryBroker.publish` and
+:meth:`MemoryBroker.history` never await, so on the event loop each runs as
+one step and a history read can never see half a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import time
+from collections import deque
+from collections.abc import Collection, Iterator, Sequence
+
+from broker.base import (
+    BrokerUnavailable,
+    Clock,
+    Event,
+    EventSink,
+    History,
+    Message,
+    Reset,
+    ResetReason,
+    RetentionPolicy,
+    next_id,
+    now_us,
+)
+
+
+class _Topic:
+    """One topic's replay buffer and its floor (the largest id it has dropped)."""
+
+    __slots__ = ("events", "floor")
+
+    def __init__(self, floor: int) -> None:
+        self.events: deque[Event] = deque()
+        self.floor = floor
+
+    def expire(self, cutoff: int) -> None:
+        """Drop events with an id below ``cutoff`` (older than the TTL)."""
+        events = self.events
+        while events and events[0].id < cutoff:
+            self.floor = events.popleft().id
+
+    def after(self, after: int) -> Iterator[Event]:
+        """The retained events with an id above ``after``, oldest first."""
+        newer: list[Event] = []
+        for event in reversed(self.events):
+            if event.id <= after:
+                break
+            newer.append(event)
+        return reversed(newer)
+
+
+class MemoryBroker:
+    """A :class:`~broker.base.Broker` kept in this process's memory.
+
+    ``clock`` is injectable so tests can move time without sleeping; it feeds
+    both the id seed and retention by age.
+    """
+
+    def __init__(self, retention: RetentionPolicy | None = None, clock: Clock = time.time) -> None:
+        self._retention = retention or RetentionPolicy()
+        self._clock = clock
+        # Ids issued by this process are all above the epoch; anything at or
+        # below it belongs to a previous life whose history is gone.
+        self._epoch = now_us(clock)
+        self._last = self._epoch
+        self._topics: dict[str, _Topic] = {}
+        self._subscribed: set[str] = set()
+        self._sink: EventSink | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self, sink: EventSink) -> None:
+        self._sink = sink
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="herald-memory-sweeper")
+
+    async def close(self) -> None:
+        self._closed = True
+        self._sink = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    async def ping(self) -> bool:
+        return not self._closed
+
+    # -- publishing ----------------------------------------------------------
+
+    async def publish(self, messages: Sequence[Message]) -> list[Event]:
+        self._check_open()
+        size = self._retention.size
+        cutoff = self._cutoff()
+        events: list[Event] = []
+        for message in messages:
+            self._last = next_id(self._last, self._clock)
+            event = Event(self._last, message.topic, message.data, message.type)
+            topic = self._topics.get(event.topic)
+            if topic is None:
+                topic = self._topics[event.topic] = _Topic(self._new_topic_floor(cutoff))
+            topic.events.append(event)
+            if len(topic.events) > size:
+                topic.floor = topic.events.popleft().id
+            topic.expire(cutoff)
+            events.append(event)
+        sink = self._sink
+        if sink is not None:
+            for event in events:
+                if event.topic in self._subscribed:
+                    sink.on_event(event)
+        return events
+
+    # -- live feed -----------------------------------------------------------
+
+    async def subscribe(self, topics: Collection[str]) -> None:
+        self._check_open()
+        self._subscribed.update(topics)
+
+    async def unsubscribe(self, topics: Collection[str]) -> None:
+        self._subscribed.difference_update(topics)
+
+    # -- replay --------------------------------------------------------------
+
+    async def head(self) -> int:
+        self._check_open()
+        return self._last
+
+    async def history(self, topics: Collection[str], after: int) -> History:
+        self._check_open()
+        head = self._last
+        if after > head:
+            # Not an id this broker issued (or one from a clock that ran
+            # ahead): nothing can be replayed after it.
+            return History([], head, Reset(ResetReason.INVALID_ID, tuple(topics)))
+        cutoff = self._cutoff()
+        expired: list[str] = []
+        streams: list[Iterator[Event]] = []
+        for name in topics:
+            topic = self._topics.get(name)
+            if topic is None:
+                floor = self._new_topic_floor(cutoff)
+            else:
+                topic.expire(cutoff)
+                floor = topic.floor
+                streams.append(topic.after(after))
+            if after < floor:
+                expired.append(name)
+        events = list(heapq.merge(*streams, key=lambda e: e.id))
+        reset = None
+        if after < self._epoch:
+            reset = Reset(ResetReason.LOST, tuple(topics))
+        elif expired:
+            reset = Reset(ResetReason.EXPIRED, tuple(expired))
+        return History(events, head, reset)
+
+    # -- internals -----------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BrokerUnavailable("the embedded broker is closed")
+
+    def _cutoff(self) -> int:
+        """Ids below this are older than the TTL (an id is never below its publish time)."""
+        return now_us(self._clock) - int(self._retention.ttl * 1_000_000)
+
+    def _new_topic_floor(self, cutoff: int) -> int:
+        """The floor of a topic with nothing retained.
+
+        Had it kept any event newer than the TTL, it would still hold it; so
+        whatever it had is below ``cutoff``, and this life holds nothing
+        older than the epoch.
+        """
+        return max(self._epoch, cutoff)
+
+    def sweep(self) -> None:
+        """Expire old events everywhere and forget topics left empty."""
+        cutoff = self._cutoff()
+        for name, topic in list(self._topics.items()):
+            topic.expire(cutoff)
+            if not topic.events:
+                del self._topics[name]
+
+    async def _sweep_forever(self) -> None:
+        interval = min(60.0, max(1.0, self._retention.ttl / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep()
+
+    def stats(self) -> dict[str, int]:
+        """Counts for the node's /stats endpoint."""
+        return {
+            "topics_retained": len(self._topics),
+            "events_retained": sum(len(t.events) for t in self._topics.values()),
+            "topics_subscribed": len(self._subscribed),
+        }

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what Herald needs from Debian's packages, and only what is missing:
+# python3-venv (for the project's .venv), redis-server and nginx (used by the
+# Redis and cluster tests and by `make cluster`). Safe to run repeatedly.
+set -euo pipefail
+
+missing=()
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v make >/dev/null 2>&1 || missing+=(make)
+
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "Herald needs these Debian packages: ${missing[*]}" >&2
+    echo "Install them as root: apt-get install -y ${missing[*]}" >&2
+    exit 1
+fi
+echo "Installing Debian packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# The packages' own services are not used: Herald starts its own on free ports.
+if command -v systemctl >/dev/null 2>&1; then
+    systemctl disable --now redis-server nginx >/dev/null 2>&1 || true
+fi

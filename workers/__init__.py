@@ -1,0 +1,1 @@
+"""Herald producers and tools: the demo producer (python -m workers.demo) and the fan-out benchmark."""
