@@ -1,0 +1,124 @@
+"""An SSE test client over real sockets (httpx), parsing with the spec parser.
+
+A background task reads the response as it arrives and queues each
+dispatched event, so tests await events instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from types import TracebackType
+
+import httpx
+
+from tests.sse_parser import SSEEvent, SSEParser
+
+_END = object()
+
+
+class EventStream:
+    """One open ``GET /events`` connection."""
+
+    def __init__(self, client: httpx.AsyncClient, response: httpx.Response) -> None:
+        self._client = client
+        self.response = response
+        self.parser = SSEParser()
+        self.raw = bytearray()
+        self.ended = asyncio.Event()
+        self.first_bytes = asyncio.Event()
+        self.comment_seen = asyncio.Event()
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(
+        cls,
+        base_url: str,
+        topics: Sequence[str],
+        last_event_id: str | None = None,
+        query_last_event_id: str | None = None,
+        timeout: float = 10,
+    ) -> EventStream:
+        params: list[tuple[str, str]] = [("topic", t) for t in topics]
+        if query_last_event_id is not None:
+            params.append(("last_event_id", query_last_event_id))
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
+        client = httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout, read=None))
+        request = client.build_request("GET", "/events", params=params, headers=headers)
+        try:
+            response = await asyncio.wait_for(client.send(request, stream=True), timeout)
+        except BaseException:
+            await client.aclose()
+            raise
+        return cls(client, response)
+
+    async def _read(self) -> None:
+        try:
+            async for chunk in self.response.aiter_raw():
+                self.raw += chunk
+                self.first_bytes.set()
+                comments = self.parser.comments
+                for event in self.parser.feed(chunk):
+                    self._queue.put_nowait(event)
+                if self.parser.comments > comments:
+                    self.comment_seen.set()
+        except (httpx.HTTPError, asyncio.CancelledError):
+            pass
+        finally:
+            self.ended.set()
+            self._queue.put_nowait(_END)
+
+    async def next_event(self, timeout: float = 10) -> SSEEvent:
+        item = await asyncio.wait_for(self._queue.get(), timeout)
+        if item is _END:
+            self._queue.put_nowait(_END)
+            raise EOFError("the stream ended")
+        assert isinstance(item, SSEEvent)
+        return item
+
+    async def take(self, count: int, timeout: float = 10) -> list[SSEEvent]:
+        """The next ``count`` events, all within ``timeout`` seconds."""
+
+        async def collect() -> list[SSEEvent]:
+            return [await self.next_event(timeout) for _ in range(count)]
+
+        return await asyncio.wait_for(collect(), timeout)
+
+    def received_so_far(self) -> list[SSEEvent]:
+        """Events already queued, without waiting."""
+        events: list[SSEEvent] = []
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is _END:
+                self._queue.put_nowait(_END)
+                break
+            assert isinstance(item, SSEEvent)
+            events.append(item)
+        return events
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+        await self.response.aclose()
+        await self._client.aclose()
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+async def publish(base_url: str, body: object, client: httpx.AsyncClient | None = None) -> httpx.Response:
+    """POST /publish with a JSON body."""
+    if client is not None:
+        return await client.post(f"{base_url}/publish", json=body)
+    async with httpx.AsyncClient(timeout=10) as own:
+        return await own.post(f"{base_url}/publish", json=body)
