@@ -43,10 +43,8 @@ class PublishEvent(BaseModel):
         return value
 
 
-class PublishBatch(BaseModel):
-    """Schema-only: an array of events, validated as a whole and published in order."""
-
-    events: Annotated[list[PublishEvent], Field(min_length=1, max_length=MAX_BATCH)]
+PublishBatch = Annotated[list[PublishEvent], Field(min_length=1, max_length=MAX_BATCH)]
+"""An array of events, validated as a whole and published in order."""
 
 
 class Published(BaseModel):

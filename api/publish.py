@@ -22,7 +22,7 @@ from broker.base import Message
 router = APIRouter()
 
 _ONE = TypeAdapter(PublishEvent)
-_MANY = TypeAdapter(PublishBatch.model_fields["events"].annotation)
+_MANY: TypeAdapter[list[PublishEvent]] = TypeAdapter(PublishBatch)
 
 
 def _no_constants(name: str) -> NoReturn:

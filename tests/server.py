@@ -7,6 +7,7 @@ file that is printed if the node fails to start.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -15,11 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import uvicorn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,9 +89,9 @@ def start_node(env: dict[str, str] | None = None, port: int | None = None, timeo
 
 
 @contextlib.contextmanager
-def run_server(env: dict[str, str] | None = None) -> Iterator[Node]:
+def run_server(env: dict[str, str] | None = None, port: int | None = None) -> Iterator[Node]:
     """A node for the duration of the block; stopped by pid afterwards, whatever happens."""
-    node = start_node(env)
+    node = start_node(env, port)
     try:
         yield node
     finally:
@@ -97,3 +99,26 @@ def run_server(env: dict[str, str] | None = None) -> Iterator[Node]:
             node.process.kill()
             node.process.wait()
         node.log_path.unlink(missing_ok=True)
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: object) -> AsyncIterator[str]:
+    """Serve an ASGI app with a real uvicorn on this event loop; yields its base URL.
+
+    For tests that need to reach inside the node (a broker that fails on
+    demand); everything else uses a node process from :func:`run_server`.
+    """
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning", loop="asyncio")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("server stopped before it started")
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)

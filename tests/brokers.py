@@ -1,0 +1,79 @@
+"""The broker implementations the contract suite runs against, and a clock tests can move.
+
+``tests/test_broker_contract.py`` runs every test once per entry of
+:data:`BROKER_CASES`. A new implementation joins the suite by adding one
+:class:`BrokerCase` whose ``make`` creates whatever the broker needs (a
+fakeredis server, a database on a real ``redis-server``) and removes it
+again on exit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+
+from broker.base import Broker, Clock, RetentionPolicy
+from broker.memory import MemoryBroker
+
+BrokerFactory = Callable[[RetentionPolicy, Clock], AbstractAsyncContextManager[Broker]]
+"""``make(retention, clock)``: an async context manager giving one broker, not yet started."""
+
+
+@dataclass(frozen=True)
+class BrokerCase:
+    """One broker implementation under the contract suite.
+
+    ``make(retention, clock)`` is entered once per broker a test needs and
+    must yield a broker that is **not started** (the suite starts it with its
+    own sink) and that:
+
+    * uses ``retention`` and takes every reading of time from ``clock``
+      (ids and retention by age), so tests move time without sleeping;
+    * sits on a **fresh, empty store** each time ``make`` is entered, as
+      after a restart that lost everything: a test opening a second broker
+      after closing the first is simulating exactly that;
+    * is closed on exit (``close`` is idempotent, so tests may close it
+      earlier), together with every resource ``make`` created.
+
+    ``marks`` are applied to every test of this case (e.g. a ``skipif`` for a
+    ``redis-server`` that is not installed).
+    """
+
+    name: str
+    make: BrokerFactory
+    marks: tuple[pytest.MarkDecorator, ...] = ()
+
+
+class FakeClock:
+    """A :data:`~broker.base.Clock` that only moves when told to.
+
+    It starts at the real time so ids look like the ones a deployment issues.
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self._now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock by ``seconds``; a negative value moves it back."""
+        self._now += seconds
+
+
+@asynccontextmanager
+async def _memory(retention: RetentionPolicy, clock: Clock) -> AsyncIterator[Broker]:
+    broker = MemoryBroker(retention, clock)
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
+BROKER_CASES: list[BrokerCase] = [
+    BrokerCase("memory", _memory),
+]
