@@ -33,6 +33,11 @@ class HeraldServer(uvicorn.Server):
         if hub is not None:
             hub.drain()
         await super().shutdown(sockets)
+        # Uvicorn re-raises the stop signal once it is done, so the process
+        # would die "killed by SIGTERM". It shut down cleanly: exit 0 instead.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
 
 def main() -> None:
