@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from api.app import create_app
 from api.settings import Settings
 
-SHUTDOWN_GRACE_SECONDS = 2.0
+SHUTDOWN_GRACE_SECONDS = 2
 
 
 class HeraldServer(uvicorn.Server):

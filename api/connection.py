@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 
 from api.sse import HEARTBEAT
 
 
-class Closed(str, Enum):
+class Closed(StrEnum):
     """Why a connection ended."""
 
     DISCONNECTED = "disconnected"
@@ -37,7 +37,18 @@ class Connection:
     one queued are dropped, so each event is queued at most once.
     """
 
-    __slots__ = ("_chunks", "_limit", "_on_overflow", "_pending", "_size", "_wake", "active", "closed", "last_id", "topics")
+    __slots__ = (
+        "_chunks",
+        "_limit",
+        "_on_overflow",
+        "_pending",
+        "_size",
+        "_wake",
+        "active",
+        "closed",
+        "last_id",
+        "topics",
+    )
 
     def __init__(self, topics: tuple[str, ...], limit: int, on_overflow: Callable[[], None] | None = None) -> None:
         self.topics = topics

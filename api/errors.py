@@ -5,8 +5,6 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from broker.base import BrokerUnavailable
-
 RETRY_AFTER_SECONDS = 2
 
 

@@ -22,9 +22,7 @@ def _topics(request: Request, max_topics: int) -> list[str]:
         raise RequestRejected(400, f"at most {max_topics} topics per connection, got {len(topics)}")
     bad = [t for t in topics if not is_topic(t)]
     if bad:
-        raise RequestRejected(
-            400, f"invalid topic name {bad[0][:210]!r}: use 1-200 letters, digits and _ - . : / @"
-        )
+        raise RequestRejected(400, f"invalid topic name {bad[0][:210]!r}: use 1-200 letters, digits and _ - . : / @")
     # A topic named twice is one subscription, kept in the order first given.
     return list(dict.fromkeys(topics))
 

@@ -15,7 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from api.deps import BrokerDep, SettingsDep
 from api.errors import RequestRejected
-from api.models import MAX_BATCH, PublishBatch, PublishEvent, Published
+from api.models import MAX_BATCH, PublishBatch, Published, PublishEvent
 from api.sse import encode_data, utf8_size
 from broker.base import Message
 
@@ -94,7 +94,12 @@ def _message(index: int, item: PublishEvent, max_bytes: int) -> Message:
                     "schema": {
                         "oneOf": [
                             {"$ref": "#/components/schemas/PublishEvent"},
-                            {"type": "array", "items": {"$ref": "#/components/schemas/PublishEvent"}, "maxItems": MAX_BATCH, "minItems": 1},
+                            {
+                                "type": "array",
+                                "items": {"$ref": "#/components/schemas/PublishEvent"},
+                                "maxItems": MAX_BATCH,
+                                "minItems": 1,
+                            },
                         ]
                     }
                 }

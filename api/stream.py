@@ -91,10 +91,10 @@ class EventStreamResponse(Response):
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             first = preamble(self._retry_ms, opened.position if opened.fresh else None)
             await send({"type": "http.response.body", "body": first, "more_body": True})
-            for chunk in _batches(opened.frames):
+            for batch in _batches(opened.frames):
                 if connection.closed is not None:
                     break
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": batch, "more_body": True})
             connection.go_live(opened.position)
             while (chunk := await connection.next_chunk()) is not None:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -10,6 +10,4 @@ def create_broker(redis_url: str | None, retention: RetentionPolicy) -> Broker:
     """The embedded broker when ``redis_url`` is None, else the Redis broker."""
     if redis_url is None:
         return MemoryBroker(retention)
-    from broker.redis import RedisBroker  # imported only when asked for: redis is optional at runtime
-
-    return RedisBroker(redis_url, retention)
+    raise ValueError("REDIS_URL is set, but this build has no Redis broker yet: unset it to run the embedded broker")

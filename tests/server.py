@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,7 +103,7 @@ def run_server(env: dict[str, str] | None = None, port: int | None = None) -> It
 
 
 @contextlib.asynccontextmanager
-async def serve_app(app: object) -> AsyncIterator[str]:
+async def serve_app(app: FastAPI) -> AsyncIterator[str]:
     """Serve an ASGI app with a real uvicorn on this event loop; yields its base URL.
 
     For tests that need to reach inside the node (a broker that fails on

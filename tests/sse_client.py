@@ -41,7 +41,7 @@ class EventStream:
         query_last_event_id: str | None = None,
         timeout: float = 10,
     ) -> EventStream:
-        params: list[tuple[str, str]] = [("topic", t) for t in topics]
+        params: list[tuple[str, str | int | float | bool | None]] = [("topic", t) for t in topics]
         if query_last_event_id is not None:
             params.append(("last_event_id", query_last_event_id))
         headers = {"Accept": "text/event-stream"}

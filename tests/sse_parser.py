@@ -34,7 +34,9 @@ class SSEParser:
     last_event_id: str = ""
     retry: int | None = None
     comments: int = 0
-    _decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    _decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
+    )
     _line: list[str] = field(default_factory=list)
     _pending_cr: bool = False
     _data: list[str] = field(default_factory=list)
@@ -81,9 +83,8 @@ class SSEParser:
         elif name == "id":
             if "\0" not in value:
                 self._id_buffer = value
-        elif name == "retry":
-            if value and all("0" <= c <= "9" for c in value):
-                self.retry = int(value)
+        elif name == "retry" and value and all("0" <= c <= "9" for c in value):
+            self.retry = int(value)
 
     def _dispatch(self, events: list[SSEEvent]) -> None:
         self.last_event_id = self._id_buffer

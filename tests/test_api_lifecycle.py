@@ -170,24 +170,27 @@ async def test_broker_outage_gives_503_with_retry_after_and_recovers(topic: str)
         return brokers[-1]
 
     app = create_app(Settings(node_id="outage"), broker_factory=factory)
-    async with serve_app(app) as url, httpx.AsyncClient(base_url=url) as client:
-        async with await EventStream.open(url, [topic]) as stream:
-            brokers[0].down = True
-            refused = await client.post("/publish", json={"topic": topic, "data": 1})
-            assert refused.status_code == 503
-            assert int(refused.headers["retry-after"]) > 0
-            assert "broker" in refused.json()["detail"]
-            ready = await client.get("/readyz")
-            assert ready.status_code == 503
-            assert (await client.get("/healthz")).status_code == 200
-            assert (await client.get("/events", params={"topic": topic + "-new"})).status_code == 503
-            # The open stream stays open through the outage, and gets events again after it.
-            brokers[0].down = False
-            assert (await client.get("/readyz")).status_code == 200
-            accepted = await client.post("/publish", json={"topic": topic, "data": 2})
-            assert accepted.status_code == 201
-            event = await stream.next_event()
-            assert (event.last_event_id, event.data) == (accepted.json()["id"], "2")
+    async with (
+        serve_app(app) as url,
+        httpx.AsyncClient(base_url=url) as client,
+        await EventStream.open(url, [topic]) as stream,
+    ):
+        brokers[0].down = True
+        refused = await client.post("/publish", json={"topic": topic, "data": 1})
+        assert refused.status_code == 503
+        assert int(refused.headers["retry-after"]) > 0
+        assert "broker" in refused.json()["detail"]
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/events", params={"topic": topic + "-new"})).status_code == 503
+        # The open stream stays open through the outage, and gets events again after it.
+        brokers[0].down = False
+        assert (await client.get("/readyz")).status_code == 200
+        accepted = await client.post("/publish", json={"topic": topic, "data": 2})
+        assert accepted.status_code == 201
+        event = await stream.next_event()
+        assert (event.last_event_id, event.data) == (accepted.json()["id"], "2")
 
 
 async def test_sigterm_ends_every_stream_and_exits_cleanly(topic: str) -> None:

@@ -33,9 +33,7 @@ async def test_resume_from_the_query_parameter_and_header_wins(node: Node, topic
     ids = await publish_many(node.url, topic, 5)
     async with await EventStream.open(node.url, [topic], query_last_event_id=ids[1]) as stream:
         assert [e.last_event_id for e in await stream.take(3)] == ids[2:]
-    async with await EventStream.open(
-        node.url, [topic], last_event_id=ids[3], query_last_event_id=ids[0]
-    ) as stream:
+    async with await EventStream.open(node.url, [topic], last_event_id=ids[3], query_last_event_id=ids[0]) as stream:
         assert (await stream.next_event()).last_event_id == ids[4]
 
 
@@ -51,9 +49,7 @@ async def test_resume_from_the_last_id_gets_only_new_events(node: Node, topic: s
 async def test_multi_topic_resume_is_merged_in_id_order(node: Node, topic: str) -> None:
     a, b = topic + "-a", topic + "-b"
     async with httpx.AsyncClient() as client:
-        ids = [
-            (await publish(node.url, {"topic": [a, b][i % 2], "data": i}, client)).json()["id"] for i in range(12)
-        ]
+        ids = [(await publish(node.url, {"topic": [a, b][i % 2], "data": i}, client)).json()["id"] for i in range(12)]
     async with await EventStream.open(node.url, [a, b], last_event_id=ids[3]) as stream:
         assert [e.last_event_id for e in await stream.take(8)] == ids[4:]
 

@@ -39,10 +39,13 @@ async def test_event_wire_format(node: Node, topic: str) -> None:
         plain = (await publish(node.url, {"topic": topic, "data": {"k": [1, "é"], "z": None}})).json()
         events = await stream.take(2)
         wire = bytes(stream.raw[start:]).replace(b":\n\n", b"")  # heartbeats may come in between
-    assert wire == (
-        f"id: {typed['id']}\nevent: chat.token\ndata: a\ndata: b\ndata: c\ndata: d\n\n"
-        f"id: {plain['id']}\ndata: " + '{"k":[1,"é"],"z":null}' + "\n\n"
-    ).encode()
+    assert (
+        wire
+        == (
+            f"id: {typed['id']}\nevent: chat.token\ndata: a\ndata: b\ndata: c\ndata: d\n\n"
+            f"id: {plain['id']}\ndata: " + '{"k":[1,"é"],"z":null}' + "\n\n"
+        ).encode()
+    )
     assert (events[0].type, events[0].data, events[0].last_event_id) == ("chat.token", "a\nb\nc\nd", typed["id"])
     assert (events[1].type, events[1].data) == ("message", '{"k":[1,"é"],"z":null}')
 
