@@ -76,7 +76,7 @@ class Node:
     stack: AsyncExitStack
 
     async def aclose(self) -> None:
-        """Close the broker and release what its case created (as a node shutting down)."""
+        """Close the broker and release what its case created (as a bnode shutting down)."""
         await self.stack.aclose()
 
 
@@ -114,7 +114,7 @@ async def open_node(case: BrokerCase, clock: FakeClock) -> AsyncIterator[OpenNod
 
 
 @pytest.fixture
-async def node(open_node: OpenNode) -> Node:
+async def bnode(open_node: OpenNode) -> Node:
     """A started broker with the default retention."""
     return await open_node()
 
@@ -146,8 +146,8 @@ def assert_increasing(values: Sequence[int]) -> None:
 # -- ids -----------------------------------------------------------------------
 
 
-async def test_ids_are_ints_strictly_increasing_across_topics_and_batches(node: Node) -> None:
-    broker = node.broker
+async def test_ids_are_ints_strictly_increasing_across_topics_and_batches(bnode: Node) -> None:
+    broker = bnode.broker
     events: list[Event] = []
     events += await broker.publish([msg("a", "1")])
     events += await broker.publish([msg("b", "2"), msg("a", "3")])
@@ -161,8 +161,8 @@ async def test_ids_are_ints_strictly_increasing_across_topics_and_batches(node: 
     assert await broker.head() == events[-1].id
 
 
-async def test_batch_gets_all_its_events_in_order(node: Node) -> None:
-    broker = node.broker
+async def test_batch_gets_all_its_events_in_order(bnode: Node) -> None:
+    broker = bnode.broker
     before = await broker.head()
     messages = [
         msg("a", '{"n": 1}'),
@@ -182,8 +182,8 @@ async def test_batch_gets_all_its_events_in_order(node: Node) -> None:
     assert history.head == events[-1].id
 
 
-async def test_batch_ids_are_consecutive_under_concurrent_publishers(node: Node) -> None:
-    broker = node.broker
+async def test_batch_ids_are_consecutive_under_concurrent_publishers(bnode: Node) -> None:
+    broker = bnode.broker
     before = await broker.head()
     topics = [f"t{n}" for n in range(4)]
 
@@ -209,8 +209,8 @@ async def test_batch_ids_are_consecutive_under_concurrent_publishers(node: Node)
         assert order[start : start + len(batch)] == ids(batch), "another event's id fell inside a batch"
 
 
-async def test_ids_are_never_below_the_clock(node: Node) -> None:
-    broker, clock = node.broker, node.clock
+async def test_ids_are_never_below_the_clock(bnode: Node) -> None:
+    broker, clock = bnode.broker, bnode.clock
     for step in (0.0, 0.000_001, 0.5, 0.0, 3.0, 120.0, 86_400.0):
         clock.advance(step)
         floor = now_us(clock)
@@ -220,8 +220,8 @@ async def test_ids_are_never_below_the_clock(node: Node) -> None:
     assert events[0].id >= now_us(clock)
 
 
-async def test_ids_keep_increasing_when_the_clock_goes_back(node: Node) -> None:
-    broker, clock = node.broker, node.clock
+async def test_ids_keep_increasing_when_the_clock_goes_back(bnode: Node) -> None:
+    broker, clock = bnode.broker, bnode.clock
     events = await publish_each(broker, [msg("a", "1"), msg("b", "2")])
     clock.advance(-3600.0)
     events += await broker.publish([msg("a", "3"), msg("b", "4")])
@@ -269,8 +269,8 @@ async def test_restarted_broker_issues_higher_ids_and_reports_lost_history(open_
 # -- live feed -------------------------------------------------------------------
 
 
-async def test_sink_gets_subscribed_topics_only_in_id_order_each_once(node: Node) -> None:
-    broker, sink = node.broker, node.sink
+async def test_sink_gets_subscribed_topics_only_in_id_order_each_once(bnode: Node) -> None:
+    broker, sink = bnode.broker, bnode.sink
     await broker.publish([msg("a", "before subscribe")])
     await broker.subscribe(["a", "b"])
 
@@ -287,8 +287,8 @@ async def test_sink_gets_subscribed_topics_only_in_id_order_each_once(node: Node
     assert sink.resets == []
 
 
-async def test_subscribe_takes_effect_when_it_returns(node: Node) -> None:
-    broker, sink = node.broker, node.sink
+async def test_subscribe_takes_effect_when_it_returns(bnode: Node) -> None:
+    broker, sink = bnode.broker, bnode.sink
     for n in range(5):
         topic = f"t{n}"
         await broker.subscribe([topic])
@@ -297,8 +297,8 @@ async def test_subscribe_takes_effect_when_it_returns(node: Node) -> None:
     assert len(sink.events) == 5
 
 
-async def test_unsubscribe_stops_that_topic_only(node: Node) -> None:
-    broker, sink = node.broker, node.sink
+async def test_unsubscribe_stops_that_topic_only(bnode: Node) -> None:
+    broker, sink = bnode.broker, bnode.sink
     await broker.subscribe(["a", "b"])
     first = await broker.publish([msg("a", "1"), msg("b", "2")])
     await sink.wait_for_id(first[-1].id)
@@ -313,8 +313,8 @@ async def test_unsubscribe_stops_that_topic_only(node: Node) -> None:
     assert sink.resets == []
 
 
-async def test_subscribing_twice_is_a_no_op(node: Node) -> None:
-    broker, sink = node.broker, node.sink
+async def test_subscribing_twice_is_a_no_op(bnode: Node) -> None:
+    broker, sink = bnode.broker, bnode.sink
     await broker.subscribe(["a"])
     await broker.subscribe(["a"])
     await broker.subscribe(["a", "b"])
@@ -332,8 +332,8 @@ async def test_subscribing_twice_is_a_no_op(node: Node) -> None:
 # -- history ---------------------------------------------------------------------
 
 
-async def test_history_is_exact_and_merged_in_id_order(node: Node) -> None:
-    broker = node.broker
+async def test_history_is_exact_and_merged_in_id_order(bnode: Node) -> None:
+    broker = bnode.broker
     start = await broker.head()
     published = await publish_each(
         broker, [msg("a", "1"), msg("b", "2"), msg("c", "3"), msg("a", "4"), msg("c", "5"), msg("b", "6")]
@@ -354,8 +354,8 @@ async def test_history_is_exact_and_merged_in_id_order(node: Node) -> None:
     assert one == History([e for e in on(published, {"c"}) if e.id > published[2].id], published[-1].id)
 
 
-async def test_history_from_the_head_before_any_publish_is_exact(node: Node) -> None:
-    broker = node.broker
+async def test_history_from_the_head_before_any_publish_is_exact(bnode: Node) -> None:
+    broker = bnode.broker
     start = await broker.head()
     empty = await broker.history(["a", "never"], start)
     assert empty == History([], start)
@@ -365,15 +365,15 @@ async def test_history_from_the_head_before_any_publish_is_exact(node: Node) -> 
     assert history == History(published, published[-1].id)
 
 
-async def test_history_after_the_head_is_empty_and_exact(node: Node) -> None:
-    broker = node.broker
+async def test_history_after_the_head_is_empty_and_exact(bnode: Node) -> None:
+    broker = bnode.broker
     await publish_each(broker, [msg("a", "1"), msg("b", "2")])
     head = await broker.head()
     assert await broker.history(["a", "b", "never"], head) == History([], head)
 
 
-async def test_history_after_an_id_above_the_head_is_invalid(node: Node) -> None:
-    broker = node.broker
+async def test_history_after_an_id_above_the_head_is_invalid(bnode: Node) -> None:
+    broker = bnode.broker
     ahead = await broker.head() + 1
     history = await broker.history(["a"], ahead)
     assert history.reset is not None
@@ -397,8 +397,8 @@ async def test_history_after_an_id_above_the_head_is_invalid(node: Node) -> None
 @pytest.mark.parametrize("batched", [False, True], ids=["one-by-one", "one-batch"])
 async def test_retention_by_size_keeps_the_last_n(open_node: OpenNode, batched: bool) -> None:
     size, extra = 5, 3
-    node = await open_node(RetentionPolicy(size=size))
-    broker = node.broker
+    bnode = await open_node(RetentionPolicy(size=size))
+    broker = bnode.broker
     start = await broker.head()
     messages = [msg("t", str(n)) for n in range(size + extra)]
     published = await broker.publish(messages) if batched else await publish_each(broker, messages)
@@ -418,8 +418,8 @@ async def test_retention_by_size_keeps_the_last_n(open_node: OpenNode, batched: 
 
 
 async def test_retention_by_size_is_per_topic_and_resets_name_affected_topics_only(open_node: OpenNode) -> None:
-    node = await open_node(RetentionPolicy(size=3))
-    broker = node.broker
+    bnode = await open_node(RetentionPolicy(size=3))
+    broker = bnode.broker
     start = await broker.head()
     published = await publish_each(
         broker, [msg("busy", "1"), msg("quiet", "2"), msg("busy", "3"), msg("busy", "4"), msg("busy", "5")]
@@ -441,8 +441,8 @@ async def test_retention_by_size_is_per_topic_and_resets_name_affected_topics_on
 
 async def test_retention_by_age(open_node: OpenNode) -> None:
     ttl = 10.0
-    node = await open_node(RetentionPolicy(ttl=ttl))
-    broker, clock = node.broker, node.clock
+    bnode = await open_node(RetentionPolicy(ttl=ttl))
+    broker, clock = bnode.broker, bnode.clock
     start = await broker.head()
     old = await publish_each(broker, [msg("t", "1"), msg("t", "2"), msg("u", "3")])
     clock.advance(6.0)
@@ -480,8 +480,8 @@ async def test_retention_by_age(open_node: OpenNode) -> None:
 async def test_retention_by_age_ignores_publish_rate(open_node: OpenNode) -> None:
     """Events younger than the ttl survive however many are published after them (within size)."""
     ttl = 30.0
-    node = await open_node(RetentionPolicy(size=1000, ttl=ttl))
-    broker, clock = node.broker, node.clock
+    bnode = await open_node(RetentionPolicy(size=1000, ttl=ttl))
+    broker, clock = bnode.broker, bnode.clock
     start = await broker.head()
     published: list[Event] = []
     for n in range(60):
@@ -494,23 +494,23 @@ async def test_retention_by_age_ignores_publish_rate(open_node: OpenNode) -> Non
 # -- resume while publishing --------------------------------------------------------
 
 
-async def take_over(node: Node, topics: Sequence[str], after: int) -> tuple[History, int]:
+async def take_over(bnode: Node, topics: Sequence[str], after: int) -> tuple[History, int]:
     """The hub's hand-off up to the history read: subscribe first, then read history.
 
     Returns the history and how many live events the sink had before the
     subscribe; the caller takes live events from there with an id above
     ``history.head``.
     """
-    mark = len(node.sink.events)
-    await node.broker.subscribe(topics)
+    mark = len(bnode.sink.events)
+    await bnode.broker.subscribe(topics)
     for _ in range(3):  # let the publisher run between subscribe and read
         await asyncio.sleep(0)
-    history = await node.broker.history(topics, after)
+    history = await bnode.broker.history(topics, after)
     return history, mark
 
 
-async def test_resume_while_publishing_misses_nothing_and_repeats_nothing(node: Node) -> None:
-    broker, sink, clock = node.broker, node.sink, node.clock
+async def test_resume_while_publishing_misses_nothing_and_repeats_nothing(bnode: Node) -> None:
+    broker, sink, clock = bnode.broker, bnode.sink, bnode.clock
     start = await broker.head()
     published: list[Event] = []
     progress = asyncio.Event()
@@ -539,7 +539,7 @@ async def test_resume_while_publishing_misses_nothing_and_repeats_nothing(node: 
         for threshold, back in ((20, None), (60, 10), (120, 1), (200, 0), (260, 150), (330, 5)):
             await asyncio.wait_for(published_at_least(threshold), WAIT)
             after = start if back is None else published[len(published) - 1 - back].id
-            history, mark = await take_over(node, ["t"], after)
+            history, mark = await take_over(bnode, ["t"], after)
             resumes.append((after, history, mark))
         await asyncio.wait_for(task, WAIT)
     finally:
@@ -555,8 +555,8 @@ async def test_resume_while_publishing_misses_nothing_and_repeats_nothing(node: 
         assert [*history.events, *live] == [e for e in on(published, {"t"}) if e.id > after], after
 
 
-async def test_resume_while_publishing_on_freshly_subscribed_topics(node: Node) -> None:
-    broker, sink = node.broker, node.sink
+async def test_resume_while_publishing_on_freshly_subscribed_topics(bnode: Node) -> None:
+    broker, sink = bnode.broker, bnode.sink
     start = await broker.head()
     topics = ["a", "b", "c", "d"]
     published: list[Event] = []
@@ -586,7 +586,7 @@ async def test_resume_while_publishing_on_freshly_subscribed_topics(node: Node) 
         ):
             await asyncio.wait_for(published_at_least(threshold), WAIT)
             after = start if back is None else published[len(published) - 1 - back].id
-            history, mark = await take_over(node, wanted, after)
+            history, mark = await take_over(bnode, wanted, after)
             resumes.append((wanted, after, history, mark))
         await asyncio.wait_for(task, WAIT)
     finally:
@@ -605,8 +605,8 @@ async def test_resume_while_publishing_on_freshly_subscribed_topics(node: Node) 
 # -- lifecycle ---------------------------------------------------------------------
 
 
-async def test_closed_broker_refuses_publish_and_fails_ping(node: Node) -> None:
-    broker = node.broker
+async def test_closed_broker_refuses_publish_and_fails_ping(bnode: Node) -> None:
+    broker = bnode.broker
     assert await broker.ping() is True
     await broker.publish([msg("a", "1")])
 
