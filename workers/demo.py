@@ -397,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO
     log.info("publishing to %s: topics %r and %r", args.url, args.chat_topic, args.ticker_topic)
     try:
         stats = asyncio.run(_run_until_signalled(args))
