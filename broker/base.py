@@ -45,6 +45,10 @@ class BrokerUnavailable(Exception):
     """
 
 
+class IdempotencyConflict(Exception):
+    """An idempotency key already published a different number of events."""
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """An event as a producer hands it in, before it has an id.
@@ -144,12 +148,17 @@ class Broker(Protocol):
     async def close(self) -> None:
         """Stop delivering and release every resource. Idempotent."""
 
-    async def publish(self, messages: Sequence[Message]) -> list[Event]:
+    async def publish(self, messages: Sequence[Message], idempotency_key: str | None = None) -> list[Event]:
         """Publish a batch atomically and in order; return the events with their ids.
 
         Either every message of the batch is published or none is. Ids of a
         batch are consecutive in the deployment's order (no other event's id
         falls between them).
+
+        With an ``idempotency_key`` already used within the replay TTL,
+        nothing is published and the first publish's ids are returned, so a
+        producer may retry a publish whose answer it never got. Raises
+        IdempotencyConflict if that publish had a different number of events.
         """
 
     async def subscribe(self, topics: Collection[str]) -> None:

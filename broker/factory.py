@@ -10,4 +10,6 @@ def create_broker(redis_url: str | None, retention: RetentionPolicy) -> Broker:
     """The embedded broker when ``redis_url`` is None, else the Redis broker."""
     if redis_url is None:
         return MemoryBroker(retention)
-    raise ValueError("REDIS_URL is set, but this build has no Redis broker yet: unset it to run the embedded broker")
+    from broker.redis import RedisBroker  # only when asked for: the embedded broker needs no Redis client
+
+    return RedisBroker(redis_url, retention)

@@ -26,6 +26,7 @@ from broker.base import (
     Event,
     EventSink,
     History,
+    IdempotencyConflict,
     Message,
     Reset,
     ResetReason,
@@ -76,6 +77,7 @@ class MemoryBroker:
         self._last = self._epoch
         self._topics: dict[str, _Topic] = {}
         self._subscribed: set[str] = set()
+        self._idempotency: dict[str, tuple[int, list[int]]] = {}  # key -> (expiry in µs, ids)
         self._sink: EventSink | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -100,8 +102,14 @@ class MemoryBroker:
 
     # -- publishing ----------------------------------------------------------
 
-    async def publish(self, messages: Sequence[Message]) -> list[Event]:
+    async def publish(self, messages: Sequence[Message], idempotency_key: str | None = None) -> list[Event]:
         self._check_open()
+        if idempotency_key is not None:
+            known = self._idempotency.get(idempotency_key)
+            if known is not None and known[0] > now_us(self._clock):
+                if len(known[1]) != len(messages):
+                    raise IdempotencyConflict(f"idempotency key {idempotency_key!r} was used for a different request")
+                return [Event(i, m.topic, m.data, m.type) for i, m in zip(known[1], messages, strict=True)]
         size = self._retention.size
         cutoff = self._cutoff()
         events: list[Event] = []
@@ -116,6 +124,9 @@ class MemoryBroker:
                 topic.floor = topic.events.popleft().id
             topic.expire(cutoff)
             events.append(event)
+        if idempotency_key is not None:
+            expiry = now_us(self._clock) + int(self._retention.ttl * 1_000_000)
+            self._idempotency[idempotency_key] = (expiry, [e.id for e in events])
         sink = self._sink
         if sink is not None:
             for event in events:
@@ -192,6 +203,10 @@ class MemoryBroker:
             topic.expire(cutoff)
             if not topic.events:
                 del self._topics[name]
+        now = now_us(self._clock)
+        for key, (expiry, _) in list(self._idempotency.items()):
+            if expiry <= now:
+                del self._idempotency[key]
 
     async def _sweep_forever(self) -> None:
         interval = min(60.0, max(1.0, self._retention.ttl / 4))

@@ -10,14 +10,18 @@ again on exit.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
+import fakeredis
 import pytest
 
 from broker.base import Broker, Clock, RetentionPolicy
 from broker.memory import MemoryBroker
+from broker.redis import RedisBroker
+from tests import redis_server
 
 BrokerFactory = Callable[[RetentionPolicy, Clock], AbstractAsyncContextManager[Broker]]
 """``make(retention, clock)``: an async context manager giving one broker, not yet started."""
@@ -74,6 +78,29 @@ async def _memory(retention: RetentionPolicy, clock: Clock) -> AsyncIterator[Bro
         await broker.close()
 
 
+@asynccontextmanager
+async def _fakeredis(retention: RetentionPolicy, clock: Clock) -> AsyncIterator[Broker]:
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=True)
+    broker = RedisBroker("redis://fake", retention, clock=clock, client=client)
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
+@asynccontextmanager
+async def _real_redis(retention: RetentionPolicy, clock: Clock) -> AsyncIterator[Broker]:
+    # A fresh key prefix is a fresh, empty store on the shared server.
+    server = redis_server.shared_server()
+    broker = RedisBroker(server.url, retention, clock=clock, prefix=f"test-{uuid.uuid4().hex[:10]}")
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
 BROKER_CASES: list[BrokerCase] = [
     BrokerCase("memory", _memory),
+    BrokerCase("fakeredis", _fakeredis),
+    BrokerCase("redis", _real_redis),
 ]

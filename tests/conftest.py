@@ -7,7 +7,15 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests import redis_server
 from tests.server import Node, run_server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_shared_redis() -> Iterator[None]:
+    """Stop the session's shared redis-server (if a test started it) at the end."""
+    yield
+    redis_server.stop_shared()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,389 @@
+"""The Redis broker: one replay stream per topic, one pub/sub feed per node.
+
+Redis-level contract (also in the README, for producers in any language):
+
+* ``<prefix>:id``         the deployment's id counter (decimal string)
+* ``<prefix>:epoch``      the first id of this data set; ids at or below it
+                          were issued before Redis last lost its data
+* ``<prefix>:s:<topic>``  the topic's replay stream; entry id ``<id>-0``,
+                          fields ``d`` (data) and ``e`` (event type, if any)
+* ``<prefix>:f:<topic>``  the topic's floor: the largest id it has dropped
+* ``<prefix>:c:<topic>``  the topic's pub/sub channel; message ``<id>|<type>|<data>``
+* ``<prefix>:idem:<key>`` ids published under an idempotency key
+
+Publishing is the ``publish.lua`` script: id, stream append and trim, and
+PUBLISH in one atomic step. The stream is the source of truth; pub/sub is
+only the fast path. A node's feed can lose messages (its connection drops),
+so after every reconnect it backfills from the streams everything after the
+last id it delivered, and only then reads the live channel again, dropping
+what the backfill already covered. If the backfill can't be exact (Redis lost
+its data, or the events expired meanwhile), the sink gets a ``reset``.
+
+Because every publish runs as one script, ids are issued in the order the
+messages are published, and one pub/sub connection receives them in that
+order: the node's feed is in id order across all its topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from broker.base import (
+    BrokerUnavailable,
+    Clock,
+    Event,
+    EventSink,
+    History,
+    IdempotencyConflict,
+    Message,
+    Reset,
+    ResetReason,
+    RetentionPolicy,
+    now_us,
+)
+
+log = logging.getLogger("herald.redis")
+
+PUBLISH_SCRIPT = resources.files("broker").joinpath("lua/publish.lua").read_text(encoding="utf-8")
+HISTORY_SCRIPT = resources.files("broker").joinpath("lua/history.lua").read_text(encoding="utf-8")
+
+_HEALTH_PING = "herald-health"
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """One atomic read of the streams: enough to answer any resume at or after ``after``."""
+
+    after: int
+    head: int
+    epoch: int
+    floors: dict[str, int]
+    events: list[Event]
+
+    def judge(self, topics: Sequence[str], after: int) -> History:
+        """The history for one client resuming after ``after`` (>= the snapshot's)."""
+        if after > self.head:
+            return History([], self.head, Reset(ResetReason.INVALID_ID, tuple(topics)))
+        wanted = set(topics)
+        events = [e for e in self.events if e.id > after and e.topic in wanted]
+        if after < self.epoch:
+            return History(events, self.head, Reset(ResetReason.LOST, tuple(topics)))
+        expired = tuple(t for t in topics if after < self.floors[t])
+        return History(events, self.head, Reset(ResetReason.EXPIRED, expired) if expired else None)
+
+
+@dataclass(slots=True)
+class _SharedRead:
+    """History requests for the same topics waiting for the same script call."""
+
+    after: int
+    future: asyncio.Future[Snapshot] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class RedisBroker:
+    """A :class:`~broker.base.Broker` on one Redis server (not Redis Cluster).
+
+    ``publish`` works without :meth:`start` (a producer needs no feed).
+    ``clock`` feeds the ids' seed and retention by age, as in every broker.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        retention: RetentionPolicy | None = None,
+        *,
+        prefix: str = "herald",
+        clock: Clock = time.time,
+        timeout: float = 2.0,
+        client: aioredis.Redis | None = None,
+    ) -> None:
+        self._retention = retention or RetentionPolicy()
+        self._prefix = prefix
+        self._clock = clock
+        self._redis: aioredis.Redis = client or aioredis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        # The feed has its own client: its connection blocks reading, and must
+        # not time out while the channels are quiet (a health ping keeps it honest).
+        self._feed_redis: aioredis.Redis = client or aioredis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=timeout
+        )
+        self._publish_script = self._redis.register_script(PUBLISH_SCRIPT)
+        self._history_script = self._redis.register_script(HISTORY_SCRIPT)
+        self._channel_prefix = f"{prefix}:c:"
+        self._control = f"{prefix}:ctl"
+        self._sink: EventSink | None = None
+        self._topics: set[str] = set()
+        self._pubsub: Any = None
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._feed_up = asyncio.Event()
+        self._feed: asyncio.Task[None] | None = None
+        self._last_seen = 0
+        self._closed = False
+        self._reads: dict[tuple[str, ...], _SharedRead] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.counters = {
+            "feed_connects": 0,
+            "backfilled_events": 0,
+            "history_requests": 0,
+            "history_reads": 0,
+            "duplicates_dropped": 0,
+        }
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self, sink: EventSink) -> None:
+        self._sink = sink
+        self._feed = asyncio.create_task(self._run_feed(), name="herald-redis-feed")
+        # Serve as soon as Redis answers; if it doesn't, the node still starts
+        # (readiness says 503) and the feed keeps reconnecting.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._feed_up.wait(), 5)
+
+    async def close(self) -> None:
+        self._closed = True
+        self._sink = None
+        tasks = [t for t in (self._feed, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                await task
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.aclose()
+        if self._feed_redis is not self._redis:
+            with contextlib.suppress(RedisError, OSError):
+                await self._feed_redis.aclose()
+
+    async def ping(self) -> bool:
+        if self._closed:
+            return False
+        try:
+            pong = await self._redis.ping()
+        except (RedisError, OSError):
+            return False
+        return bool(pong) and (self._sink is None or self._feed_up.is_set())
+
+    # -- publishing ------------------------------------------------------------
+
+    async def publish(self, messages: Sequence[Message], idempotency_key: str | None = None) -> list[Event]:
+        self._check_open()
+        args: list[str | int] = [
+            self._prefix,
+            now_us(self._clock),
+            self._retention.size,
+            int(self._retention.ttl * 1_000_000),
+            idempotency_key or "",
+            len(messages),
+        ]
+        for message in messages:
+            args += [message.topic, message.type or "", message.data]
+        try:
+            _, joined = await self._publish_script(args=args)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from exc
+        ids = [int(i) for i in str(joined).split(",")]
+        if len(ids) != len(messages):
+            raise IdempotencyConflict(f"idempotency key {idempotency_key!r} was used for a different request")
+        return [Event(i, m.topic, m.data, m.type) for i, m in zip(ids, messages, strict=True)]
+
+    # -- replay ----------------------------------------------------------------
+
+    async def head(self) -> int:
+        self._check_open()
+        return (await self._read((), 0)).head
+
+    async def history(self, topics: Collection[str], after: int) -> History:
+        """Concurrent calls for the same topics share one script call (reconnect storms)."""
+        self._check_open()
+        self.counters["history_requests"] += 1
+        key = tuple(topics)
+        shared = self._reads.get(key)
+        if shared is None:
+            shared = self._reads[key] = _SharedRead(after)
+            task = asyncio.create_task(self._serve_shared(key, shared))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            shared.after = min(shared.after, after)
+        snapshot = await asyncio.shield(shared.future)
+        return snapshot.judge(key, after)
+
+    async def _serve_shared(self, key: tuple[str, ...], shared: _SharedRead) -> None:
+        # Requests arriving until this task runs join this read; once it is
+        # sent, newer ones start their own (the read must come after their
+        # subscription, or the hand-off to live could miss an event).
+        await asyncio.sleep(0)
+        del self._reads[key]
+        try:
+            shared.future.set_result(await self._read(key, shared.after))
+        except BaseException as exc:
+            shared.future.set_exception(exc if isinstance(exc, Exception) else BrokerUnavailable("closed"))
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _read(self, topics: Sequence[str], after: int) -> Snapshot:
+        self.counters["history_reads"] += 1
+        args: list[str | int] = [
+            self._prefix,
+            now_us(self._clock),
+            int(self._retention.ttl * 1_000_000),
+            after,
+            len(topics),
+            *topics,
+        ]
+        try:
+            head, epoch, per_topic = await self._history_script(args=args)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from exc
+        floors: dict[str, int] = {}
+        streams: list[list[Event]] = []
+        for topic, (floor, flat) in zip(topics, per_topic, strict=True):
+            floors[topic] = int(floor)
+            streams.append(
+                [
+                    Event(int(flat[i]), topic, flat[i + 2], flat[i + 1] or None)
+                    for i in range(0, len(flat), 3)
+                    if int(flat[i]) > after
+                ]
+            )
+        events = list(heapq.merge(*streams, key=lambda e: e.id))
+        return Snapshot(after, int(head), int(epoch), floors, events)
+
+    # -- live feed -------------------------------------------------------------
+
+    async def subscribe(self, topics: Collection[str]) -> None:
+        self._check_open()
+        new = [t for t in topics if t not in self._topics]
+        if not new:
+            return
+        if not self._feed_up.is_set():
+            raise BrokerUnavailable("redis feed is reconnecting")
+        loop = asyncio.get_running_loop()
+        waiting = []
+        for topic in new:
+            channel = self._channel_prefix + topic
+            future = self._confirmations.get(channel)
+            if future is None or future.done():
+                future = self._confirmations[channel] = loop.create_future()
+            waiting.append(future)
+        self._topics.update(new)
+        try:
+            await self._pubsub.subscribe(*(self._channel_prefix + t for t in new))
+            await asyncio.wait_for(asyncio.gather(*(asyncio.shield(f) for f in waiting)), 5)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._topics.difference_update(new)
+            raise BrokerUnavailable(f"redis subscribe: {exc}") from exc
+
+    async def unsubscribe(self, topics: Collection[str]) -> None:
+        gone = [t for t in topics if t in self._topics]
+        self._topics.difference_update(gone)
+        if gone and self._feed_up.is_set():
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.unsubscribe(*(self._channel_prefix + t for t in gone))
+
+    async def _run_feed(self) -> None:
+        backoff = 0.05
+        resync = False
+        while not self._closed:
+            pubsub = self._feed_redis.pubsub()
+            try:
+                await self._connect_feed(pubsub, resync)
+                backoff = 0.05
+                resync = True  # any later reconnect must backfill
+                await self._read_feed(pubsub)
+            except (RedisError, OSError, BrokerUnavailable, TimeoutError) as exc:
+                if self._feed_up.is_set():
+                    log.warning("redis feed lost (%s); reconnecting", exc)
+                self._feed_up.clear()
+                for future in self._confirmations.values():
+                    if not future.done():
+                        future.set_exception(BrokerUnavailable("redis feed lost"))
+                self._confirmations.clear()
+            finally:
+                with contextlib.suppress(RedisError, OSError, RuntimeError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            if not self._closed:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _connect_feed(self, pubsub: Any, resync: bool) -> None:
+        """Subscribe everything wanted, backfill what the feed missed, then go live."""
+        channels = [self._control, *(self._channel_prefix + t for t in self._topics)]
+        await pubsub.subscribe(*channels)
+        pending = set(channels)
+        while pending:
+            message = await pubsub.get_message(timeout=5)
+            if message is None:
+                raise BrokerUnavailable("no subscribe confirmation from redis")
+            if message["type"] == "subscribe":
+                pending.discard(message["channel"])
+        self._pubsub = pubsub
+        self.counters["feed_connects"] += 1
+        # Everything up to the snapshot's head is now either backfilled or
+        # irrelevant; live messages at or below it are duplicates.
+        topics = tuple(self._topics)
+        snapshot = await self._read(topics, self._last_seen if resync else 0)
+        if resync and self._sink is not None:
+            history = snapshot.judge(topics, self._last_seen)
+            if history.reset is not None and history.reset.topics:
+                self._sink.on_reset(history.reset)
+            for event in history.events:
+                self._sink.on_event(event)
+            self.counters["backfilled_events"] += len(history.events)
+        self._last_seen = max(self._last_seen, snapshot.head)
+        self._feed_up.set()
+
+    async def _read_feed(self, pubsub: Any) -> None:
+        quiet_since = time.monotonic()
+        pinged = False
+        while not self._closed:
+            message = await pubsub.get_message(timeout=1.0)
+            now = time.monotonic()
+            if message is None:
+                if now - quiet_since > 6:
+                    raise BrokerUnavailable("redis feed stopped answering")
+                if now - quiet_since > 2 and not pinged:
+                    await pubsub.ping(_HEALTH_PING)
+                    pinged = True
+                continue
+            quiet_since, pinged = now, False
+            self._on_message(message)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "message":
+            channel: str = message["channel"]
+            raw_id, event_type, data = message["data"].split("|", 2)
+            event_id = int(raw_id)
+            if event_id <= self._last_seen:
+                self.counters["duplicates_dropped"] += 1
+                return
+            self._last_seen = event_id
+            topic = channel[len(self._channel_prefix) :]
+            if self._sink is not None and topic in self._topics:
+                self._sink.on_event(Event(event_id, topic, data, event_type or None))
+        elif kind == "subscribe":
+            future = self._confirmations.pop(message["channel"], None)
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    # -- internals -------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BrokerUnavailable("the redis broker is closed")
+
+    def stats(self) -> dict[str, int]:
+        return {"topics_subscribed": len(self._topics), "feed_up": int(self._feed_up.is_set()), **self.counters}

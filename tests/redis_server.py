@@ -1,0 +1,115 @@
+"""A real ``redis-server`` for tests: own process, free loopback port, stopped by pid.
+
+``RedisServer`` can be stopped and started again on the same port and data
+directory, with or without persistence (AOF), to test outages and data loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+
+from tests.server import free_port
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def available() -> bool:
+    return Path(REDIS_SERVER).exists()
+
+
+class RedisServer:
+    """One redis-server process (restartable) on 127.0.0.1."""
+
+    def __init__(self, appendonly: bool = False) -> None:
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.dir = Path(tempfile.mkdtemp(prefix="herald-redis-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10) -> None:
+        args = [
+            REDIS_SERVER,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.dir),
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "always",
+            "--daemonize", "no",
+            "--logfile", str(self.dir / "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text()}")
+            with contextlib.suppress(redis.RedisError):
+                if client.ping():
+                    client.close()
+                    return
+            time.sleep(0.02)
+        raise RuntimeError("redis-server did not answer")
+
+    def stop(self) -> None:
+        """SIGTERM (redis flushes its AOF on the way out) and wait for the pid."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def cleanup(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis_server(appendonly: bool = False) -> Iterator[RedisServer]:
+    server = RedisServer(appendonly)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+_shared: RedisServer | None = None
+
+
+def shared_server() -> RedisServer:
+    """One redis-server for the whole test session (stopped by ``stop_shared``)."""
+    global _shared
+    if _shared is None:
+        _shared = RedisServer()
+        _shared.start()
+    return _shared
+
+
+def stop_shared() -> None:
+    global _shared
+    if _shared is not None:
+        _shared.cleanup()
+        _shared = None
