@@ -22,7 +22,7 @@ from api.middleware import NodeIdMiddleware
 from api.models import PublishEvent
 from api.publish import router as publish_router
 from api.settings import Settings
-from broker.base import Broker, BrokerUnavailable, RetentionPolicy
+from broker.base import Broker, BrokerUnavailable, IdempotencyConflict, RetentionPolicy
 from broker.factory import create_broker
 
 BrokerFactory = Callable[[Settings], Broker]
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
     app.add_middleware(NodeIdMiddleware, node_id=settings.node_id)
     app.add_exception_handler(errors.RequestRejected, errors.request_rejected)
     app.add_exception_handler(BrokerUnavailable, errors.broker_unavailable)
+    app.add_exception_handler(IdempotencyConflict, errors.idempotency_conflict)
     app.include_router(publish_router)
     app.include_router(events_router)
     app.include_router(health_router)

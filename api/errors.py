@@ -28,3 +28,7 @@ async def broker_unavailable(request: Request, exc: Exception) -> JSONResponse:
         status_code=503,
         headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
+
+
+async def idempotency_conflict(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=422)

@@ -7,9 +7,10 @@ producer never has to work out which half of a batch went through.
 from __future__ import annotations
 
 import json
-from typing import Any, NoReturn
+import re
+from typing import Annotated, Any, NoReturn
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 
@@ -20,6 +21,9 @@ from api.sse import encode_data, utf8_size
 from broker.base import Message
 
 router = APIRouter()
+
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")
+"""Printable ASCII without spaces, like a UUID or a producer's own message id."""
 
 _ONE = TypeAdapter(PublishEvent)
 _MANY: TypeAdapter[list[PublishEvent]] = TypeAdapter(PublishBatch)
@@ -107,14 +111,28 @@ def _message(index: int, item: PublishEvent, max_bytes: int) -> Message:
         }
     },
 )
-async def publish(request: Request, broker: BrokerDep, settings: SettingsDep) -> JSONResponse:
+async def publish(
+    request: Request,
+    broker: BrokerDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="Retry-safe publishing: a request repeated with the same key (within the replay TTL) "
+            "publishes nothing again and answers the first request's ids.",
+        ),
+    ] = None,
+) -> JSONResponse:
     """Publish an event, or an array of up to 1000 events in order, atomically.
 
     Answers 201 with ``{"id", "topic"}`` (an array of them for an array).
     """
+    if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+        raise RequestRejected(400, "Idempotency-Key must be 1-200 printable ASCII characters without spaces")
     payload = _parse(await _read_body(request, settings.max_body_bytes))
     items, many = _validate(payload)
     messages = [_message(i if many else -1, item, settings.max_event_bytes) for i, item in enumerate(items)]
-    events = await broker.publish(messages)
+    events = await broker.publish(messages, idempotency_key)
     published = [{"id": str(e.id), "topic": e.topic} for e in events]
     return JSONResponse(published if many else published[0], status_code=201)

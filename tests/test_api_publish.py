@@ -188,3 +188,27 @@ def test_bad_input_never_gets_a_500(node: Node) -> None:
         response = post(node, raw=raw)
         assert response.status_code < 500, (raw[:60], response.status_code, response.text)
         assert response.status_code in (201, 400, 422), (raw[:60], response.text)
+
+
+async def test_idempotency_key_makes_a_retry_publish_nothing_again(node: Node, topic: str) -> None:
+    key = f"order-{topic}"
+    body = [{"topic": topic, "data": "a"}, {"topic": topic, "data": "b"}]
+    start = post(node, {"topic": topic, "data": "start"}).json()["id"]
+    headers = {"Idempotency-Key": key}
+    first = httpx.post(f"{node.url}/publish", json=body, headers=headers)
+    retry = httpx.post(f"{node.url}/publish", json=body, headers=headers)
+    assert first.status_code == retry.status_code == 201
+    assert retry.json() == first.json()
+    other = httpx.post(f"{node.url}/publish", json=body[:1], headers=headers)
+    assert other.status_code == 422
+    end = post(node, {"topic": topic, "data": "end"}).json()["id"]
+    async with await EventStream.open(node.url, [topic], last_event_id=start) as stream:
+        events = await stream.take(3)
+    assert [e.data for e in events] == ["a", "b", "end"]
+    assert events[-1].last_event_id == end
+
+
+@pytest.mark.parametrize("key", ["", "has space", "x" * 201, "tab\there"])
+def test_invalid_idempotency_key_is_400(node: Node, topic: str, key: str) -> None:
+    response = httpx.post(f"{node.url}/publish", json={"topic": topic, "data": 1}, headers={"Idempotency-Key": key})
+    assert response.status_code == 400

@@ -22,6 +22,7 @@ from broker.base import (
     Event,
     EventSink,
     History,
+    IdempotencyConflict,
     Message,
     Reset,
     ResetReason,
@@ -76,7 +77,7 @@ class Node:
     stack: AsyncExitStack
 
     async def aclose(self) -> None:
-        """Close the broker and release what its case created (as a bnode shutting down)."""
+        """Close the broker and release what its case created (as a node shutting down)."""
         await self.stack.aclose()
 
 
@@ -616,3 +617,30 @@ async def test_closed_broker_refuses_publish_and_fails_ping(bnode: Node) -> None
         await broker.publish([msg("a", "2")])
     await broker.close()  # idempotent
     assert await broker.ping() is False
+
+
+# -- idempotency -----------------------------------------------------------------
+
+
+async def test_idempotency_key_publishes_once_and_answers_the_same_ids(bnode: Node) -> None:
+    broker = bnode.broker
+    await broker.subscribe(["t"])
+    batch = [msg("t", "a"), msg("t", "b", "x")]
+    first = await broker.publish(batch, idempotency_key="k1")
+    again = await broker.publish(batch, idempotency_key="k1")
+    assert again == first
+    other = await broker.publish([msg("t", "c")], idempotency_key="k2")
+    received = await bnode.sink.wait_for_id(other[0].id)
+    assert ids(received) == [*ids(first), other[0].id]  # the retry delivered nothing
+    history = await broker.history(["t"], first[0].id - 1)
+    assert ids(history.events) == [*ids(first), other[0].id]
+    with pytest.raises(IdempotencyConflict):
+        await broker.publish([msg("t", "a")], idempotency_key="k1")
+
+
+async def test_idempotency_key_expires_with_the_replay_ttl(open_node: OpenNode) -> None:
+    bnode = await open_node(RetentionPolicy(size=10, ttl=5))
+    first = await bnode.broker.publish([msg("t", "a")], idempotency_key="k")
+    bnode.clock.advance(6)
+    later = await bnode.broker.publish([msg("t", "a")], idempotency_key="k")
+    assert later[0].id > first[0].id

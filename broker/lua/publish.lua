@@ -28,10 +28,17 @@ local n = tonumber(ARGV[6])
 local function fmt(x) return string.format('%.0f', x) end
 local function entry_id(entry) return tonumber((string.gsub(entry[1], '-.*', ''))) end
 
+-- An idempotency record is "<expiry µs>:<ids>"; it counts until its expiry
+-- on the publishers' clock (PX only collects it).
 local idem_key = prefix .. ':idem:' .. idem
 if idem ~= '' then
   local previous = redis.call('GET', idem_key)
-  if previous then return {1, previous} end
+  if previous then
+    local sep = string.find(previous, ':', 1, true)
+    if tonumber(string.sub(previous, 1, sep - 1)) > now then
+      return {1, string.sub(previous, sep + 1)}
+    end
+  end
 end
 
 -- A data set without an epoch is new (first use, or Redis lost its data):
@@ -86,6 +93,6 @@ redis.call('SET', counter_key, fmt(last))
 
 local result = table.concat(ids, ',')
 if idem ~= '' then
-  redis.call('SET', idem_key, result, 'PX', ttl_ms)
+  redis.call('SET', idem_key, fmt(now + ttl) .. ':' .. result, 'PX', ttl_ms)
 end
 return {0, result}
