@@ -195,11 +195,12 @@ async def test_idempotency_key_makes_a_retry_publish_nothing_again(node: Node, t
     body = [{"topic": topic, "data": "a"}, {"topic": topic, "data": "b"}]
     start = post(node, {"topic": topic, "data": "start"}).json()["id"]
     headers = {"Idempotency-Key": key}
-    first = httpx.post(f"{node.url}/publish", json=body, headers=headers)
-    retry = httpx.post(f"{node.url}/publish", json=body, headers=headers)
+    async with httpx.AsyncClient(base_url=node.url) as client:
+        first = await client.post("/publish", json=body, headers=headers)
+        retry = await client.post("/publish", json=body, headers=headers)
+        other = await client.post("/publish", json=body[:1], headers=headers)
     assert first.status_code == retry.status_code == 201
     assert retry.json() == first.json()
-    other = httpx.post(f"{node.url}/publish", json=body[:1], headers=headers)
     assert other.status_code == 422
     end = post(node, {"topic": topic, "data": "end"}).json()["id"]
     async with await EventStream.open(node.url, [topic], last_event_id=start) as stream:
