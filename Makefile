@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup system-deps lint demo bench clean
+.PHONY: run test setup system-deps lint demo bench cluster cluster-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV) || { ops/install-system-deps.sh && rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
@@ -38,6 +38,15 @@ demo: setup
 ## Fan-out measurement: 1,000 subscribers on one topic of one node.
 bench: setup
 	$(PY) -m workers.bench_fanout
+
+## Start redis-server + NODES API nodes (default 3) + nginx on loopback; front at http://127.0.0.1:8080.
+NODES ?= 3
+cluster: system-deps setup
+	NODES=$(NODES) $(PY) -m ops.cluster start --nodes $(NODES)
+
+## Stop exactly what `make cluster` started (by its pid files in .run/cluster).
+cluster-down: setup
+	$(PY) -m ops.cluster stop
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .run
