@@ -132,6 +132,7 @@ class RedisBroker:
         self._last_seen = 0
         self._closed = False
         self._reads: dict[tuple[str, ...], _SharedRead] = {}
+        self._inflight: dict[tuple[str, ...], asyncio.Future[Snapshot]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.counters = {
             "feed_connects": 0,
@@ -221,17 +222,32 @@ class RedisBroker:
         return snapshot.judge(key, after)
 
     async def _serve_shared(self, key: tuple[str, ...], shared: _SharedRead) -> None:
-        # Requests arriving until this task runs join this read; once it is
-        # sent, newer ones start their own (the read must come after their
-        # subscription, or the hand-off to live could miss an event).
-        await asyncio.sleep(0)
+        # Requests keep joining this read while the previous read of the same
+        # topics is in flight; then it is sent and later requests start the
+        # next one. (A request may only join a read not yet sent: the read must
+        # come after its subscription, or the hand-off to live could miss an
+        # event.) So a reconnect storm costs one read per round-trip, not one
+        # per client.
+        previous = self._inflight.get(key)
+        if previous is not None:
+            await asyncio.wait([previous])
+        else:
+            await asyncio.sleep(0)
         del self._reads[key]
+        self._inflight[key] = shared.future
         try:
             shared.future.set_result(await self._read(key, shared.after))
-        except BaseException as exc:
-            shared.future.set_exception(exc if isinstance(exc, Exception) else BrokerUnavailable("closed"))
-            if not isinstance(exc, Exception):
-                raise
+        except Exception as exc:
+            shared.future.set_exception(exc)
+        except BaseException:
+            shared.future.set_exception(BrokerUnavailable("the redis broker is closed"))
+            raise
+        finally:
+            if self._inflight.get(key) is shared.future:
+                del self._inflight[key]
+            # Nobody may be left to retrieve the error of a failed read.
+            if shared.future.done() and not shared.future.cancelled():
+                shared.future.exception()
 
     async def _read(self, topics: Sequence[str], after: int) -> Snapshot:
         self.counters["history_reads"] += 1

@@ -122,3 +122,66 @@ async def publish(base_url: str, body: object, client: httpx.AsyncClient | None 
         return await client.post(f"{base_url}/publish", json=body)
     async with httpx.AsyncClient(timeout=10) as own:
         return await own.post(f"{base_url}/publish", json=body)
+
+
+class ResumingClient:
+    """Behaves like a browser's EventSource: whenever the stream ends, reconnect with Last-Event-ID.
+
+    Collects every event it receives across reconnects, and which node served
+    each connection (``X-Node-Id``).
+    """
+
+    def __init__(self, base_url: str, topics: Sequence[str], retry_delay: float = 0.1) -> None:
+        self.base_url = base_url
+        self.topics = list(topics)
+        self.retry_delay = retry_delay
+        self.events: list[SSEEvent] = []
+        self.nodes: list[str] = []
+        self.connected = asyncio.Event()
+        self.stop = asyncio.Event()
+        self.last_event_id: str | None = None
+
+    @property
+    def reconnects(self) -> int:
+        return max(0, len(self.nodes) - 1)
+
+    def ids(self) -> list[str]:
+        return [e.last_event_id for e in self.events if e.type != "reset"]
+
+    async def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                stream = await EventStream.open(self.base_url, self.topics, last_event_id=self.last_event_id)
+            except httpx.HTTPError:
+                await asyncio.sleep(self.retry_delay)  # the reconnect delay, like EventSource's retry
+                continue
+            try:
+                if stream.response.status_code != 200:
+                    await asyncio.sleep(self.retry_delay)
+                    continue
+                self.nodes.append(stream.response.headers.get("x-node-id", "?"))
+                await asyncio.wait_for(stream.first_bytes.wait(), 10)
+                self.last_event_id = stream.parser.last_event_id or self.last_event_id
+                self.connected.set()
+                await self._read(stream)
+            finally:
+                await stream.close()
+
+    async def _read(self, stream: EventStream) -> None:
+        stop = asyncio.create_task(self.stop.wait())
+        try:
+            while True:
+                take = asyncio.create_task(stream.next_event(timeout=3600))
+                done, _ = await asyncio.wait({take, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if take not in done:
+                    take.cancel()
+                    return
+                try:
+                    event = take.result()
+                except EOFError:
+                    self.last_event_id = stream.parser.last_event_id or self.last_event_id
+                    return
+                self.events.append(event)
+                self.last_event_id = stream.parser.last_event_id
+        finally:
+            stop.cancel()

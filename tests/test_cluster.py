@@ -1,0 +1,261 @@
+"""The multi-node deployment for real: redis-server, three uvicorn nodes, nginx in front.
+
+Every process is started by ops.cluster (the code behind ``make cluster``) on
+free loopback ports and stopped by pid. The figures each test prints are the
+ones quoted when an issue is closed (run with ``-s`` to see them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from broker.base import Message
+from ops.cluster import Cluster, free_port
+from tests import redis_server
+from tests.sse_client import EventStream, ResumingClient, publish
+from workers.produce import publish_direct
+
+pytestmark = pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed")
+
+
+@contextlib.contextmanager
+def cluster_running(tmp_path: Path, appendonly: bool = True, nodes: int = 3) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path / "cluster", front_port=free_port(), nodes=nodes, appendonly=appendonly)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with cluster_running(tmp_path_factory.mktemp("shared")) as running:
+        yield running
+
+
+def new_topic() -> str:
+    return f"c-{uuid.uuid4().hex[:10]}"
+
+
+async def publish_reliably(client: httpx.AsyncClient, url: str, body: object) -> str:
+    """Publish until a 201, retrying with one idempotency key: never twice, never lost."""
+    key = uuid.uuid4().hex
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            response = await client.post(f"{url}/publish", json=body, headers={"Idempotency-Key": key}, timeout=5)
+            if response.status_code == 201:
+                event_id: str = response.json()["id"]
+                return event_id
+        await asyncio.sleep(0.05)  # a producer's retry delay
+
+
+@contextlib.asynccontextmanager
+async def resuming_clients(url: str, topics: list[str], count: int) -> AsyncIterator[list[ResumingClient]]:
+    clients = [ResumingClient(url, topics) for _ in range(count)]
+    tasks = [asyncio.create_task(c.run()) for c in clients]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(c.connected.wait() for c in clients)), 30)
+        yield clients
+    finally:
+        for c in clients:
+            c.stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+
+
+async def until_all_have(clients: list[ResumingClient], count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while any(len(c.ids()) < count for c in clients):
+        if time.monotonic() > deadline:
+            short = [len(c.ids()) for c in clients if len(c.ids()) < count]
+            raise AssertionError(f"{len(short)} clients short of {count} events: {short[:10]}")
+        await asyncio.sleep(0.05)  # polling the clients' own progress; they run on this loop
+
+
+async def wait_ready(cluster: Cluster) -> None:
+    async with httpx.AsyncClient() as client:
+        deadline = time.monotonic() + 30
+        for index in range(len(cluster.node_ports)):
+            while (await client.get(f"{cluster.node_url(index)}/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, f"node-{index} not ready"
+                await asyncio.sleep(0.05)
+
+
+async def test_fan_out_across_three_nodes_through_nginx(cluster: Cluster) -> None:
+    topics = [new_topic(), new_topic()]
+    async with resuming_clients(cluster.front_url, topics, 60) as clients:
+        served_by = {c.nodes[0] for c in clients}
+        async with httpx.AsyncClient() as client:
+            ids = [
+                (await publish(cluster.front_url, {"topic": topics[i % 2], "data": i}, client)).json()["id"]
+                for i in range(100)
+            ]
+        await until_all_have(clients, 100)
+        # One subscription per node for all its topics: each channel has one subscriber per node.
+        r = aioredis.Redis.from_url(cluster.redis_url, decode_responses=True)
+        numsub = dict(await r.pubsub_numsub(*(f"herald:c:{t}" for t in topics)))
+        pubsub_connections = sum("P" in c["flags"] for c in await r.client_list())
+        await r.aclose()
+    assert served_by == {"node-0", "node-1", "node-2"}
+    for c in clients:
+        assert c.ids() == ids
+        assert c.reconnects == 0
+    assert set(numsub.values()) == {3}
+    assert pubsub_connections == 3
+    print(f"\nfan-out: 3 nodes, {len(clients)} clients via nginx, {len(ids)} events: "
+          f"{sum(len(c.ids()) for c in clients)} deliveries, all in order; "
+          f"clients per node {[sum(c.nodes[0] == f'node-{i}' for c in clients) for i in range(3)]}; "
+          f"subscribers per channel {sorted(numsub.values())}, redis pub/sub connections {pubsub_connections}")  # fmt: skip
+
+
+async def test_resume_on_a_different_node(cluster: Cluster) -> None:
+    topic = new_topic()
+    async with await EventStream.open(cluster.node_url(0), [topic]) as stream:
+        first = (await publish(cluster.node_url(0), {"topic": topic, "data": "a"})).json()["id"]
+        assert (await stream.next_event()).last_event_id == first
+    missed = [(await publish(cluster.node_url(2), {"topic": topic, "data": i})).json()["id"] for i in range(5)]
+    async with await EventStream.open(cluster.node_url(1), [topic], last_event_id=first) as stream:
+        assert stream.response.headers["x-node-id"] == "node-1"
+        events = await stream.take(5)
+    assert [e.last_event_id for e in events] == missed
+    assert all(e.type != "reset" for e in events)
+
+
+async def test_nginx_does_not_buffer_a_single_small_event(cluster: Cluster) -> None:
+    topic = new_topic()
+    async with await EventStream.open(cluster.front_url, [topic]) as stream:
+        await asyncio.wait_for(stream.first_bytes.wait(), 2)
+        assert stream.response.headers["content-type"] == "text/event-stream"
+        sent = time.monotonic()
+        event_id = (await publish(cluster.front_url, {"topic": topic, "data": "x"})).json()["id"]
+        event = await stream.next_event(timeout=2)
+        took = time.monotonic() - sent
+    assert event.last_event_id == event_id
+    print(f"\nnginx: one 1-byte event reached the client {took * 1000:.1f} ms after the publish call started")
+
+
+async def test_direct_to_redis_producer_reaches_clients_on_every_node(cluster: Cluster) -> None:
+    topic = new_topic()
+    streams = [await EventStream.open(cluster.node_url(i), [topic]) for i in range(3)]
+    try:
+        await asyncio.gather(*(asyncio.wait_for(s.first_bytes.wait(), 2) for s in streams))
+        (event,) = await publish_direct(cluster.redis_url, [Message(topic, '{"from":"redis"}', "direct")])
+        received = await asyncio.gather(*(s.next_event() for s in streams))
+    finally:
+        await asyncio.gather(*(s.close() for s in streams))
+    for got in received:
+        assert (got.last_event_id, got.type, got.data) == (str(event.id), "direct", '{"from":"redis"}')
+
+
+async def test_reconnect_storm_shares_replay_reads(cluster: Cluster) -> None:
+    topic = new_topic()
+    ids = [(await publish(cluster.node_url(0), {"topic": topic, "data": i})).json()["id"] for i in range(20)]
+    async with httpx.AsyncClient() as client:
+        before = (await client.get(f"{cluster.node_url(0)}/stats")).json()["broker"]
+        streams = await asyncio.gather(
+            *(EventStream.open(cluster.node_url(0), [topic], last_event_id=ids[4]) for _ in range(300))
+        )
+        try:
+            results = await asyncio.gather(*(s.take(15) for s in streams))
+        finally:
+            await asyncio.gather(*(s.close() for s in streams))
+        after = (await client.get(f"{cluster.node_url(0)}/stats")).json()["broker"]
+    assert all([e.last_event_id for e in events] == ids[5:] for events in results)
+    requests = after["history_requests"] - before["history_requests"]
+    reads = after["history_reads"] - before["history_reads"]
+    assert requests == 300
+    assert reads < requests / 4, (reads, requests)
+    print(f"\nreconnect storm: 300 clients resumed on one node with {reads} Redis replay reads")
+
+
+async def test_node_killed_mid_stream_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    with cluster_running(tmp_path) as cluster:
+        topic = new_topic()
+        async with resuming_clients(cluster.front_url, [topic], 90) as clients:
+            on_victim = sum(c.nodes[0] == "node-0" for c in clients)
+            accepted: list[str] = []
+            async with httpx.AsyncClient() as client:
+
+                async def producer() -> None:
+                    for i in range(400):
+                        accepted.append(await publish_reliably(client, cluster.front_url, {"topic": topic, "data": i}))
+                        await asyncio.sleep(0.005)  # a steady stream, not a flood
+
+                task = asyncio.create_task(producer())
+                while len(accepted) < 100:
+                    await asyncio.sleep(0.01)
+                await asyncio.to_thread(cluster.kill_node, 0)  # SIGKILL: no goodbye to anyone
+                killed_at = len(accepted)
+                await asyncio.wait_for(task, 60)
+            await until_all_have(clients, len(accepted), timeout=60)
+        for c in clients:
+            assert c.ids() == accepted, c.nodes
+            assert all(e.type != "reset" for e in c.events)
+        moved = [c for c in clients if c.reconnects > 0]
+        assert len(moved) >= on_victim > 0
+        assert all("node-0" not in c.nodes[1:] for c in moved)
+    print(f"\nkill-a-node: {len(clients)} clients ({on_victim} on the killed node, {len(moved)} reconnected), "
+          f"{len(accepted)} events accepted (node killed after {killed_at}); every client received exactly "
+          f"{len(accepted)} events, each once, in order")  # fmt: skip
+
+
+async def test_redis_restart_with_aof_loses_nothing_accepted(tmp_path: Path) -> None:
+    with cluster_running(tmp_path, appendonly=True) as cluster:
+        topic = new_topic()
+        async with resuming_clients(cluster.front_url, [topic], 20) as clients, httpx.AsyncClient() as client:
+            accepted = [
+                (await publish(cluster.front_url, {"topic": topic, "data": i}, client)).json()["id"] for i in range(50)
+            ]
+            await asyncio.to_thread(cluster.stop_redis)
+            refused = await client.post(f"{cluster.front_url}/publish", json={"topic": topic, "data": "x"})
+            ready = await client.get(f"{cluster.node_url(1)}/readyz")
+            assert refused.status_code == 503
+            assert "retry-after" in refused.headers
+            assert ready.status_code == 503
+            await asyncio.to_thread(cluster.start_redis)
+            await wait_ready(cluster)
+            accepted += [
+                (await publish(cluster.front_url, {"topic": topic, "data": i}, client)).json()["id"]
+                for i in range(50, 100)
+            ]
+            await until_all_have(clients, 100)
+        for c in clients:
+            assert c.ids() == accepted
+            assert all(e.type != "reset" for e in c.events)
+            assert c.reconnects == 0  # the streams stayed open through the outage
+
+
+async def test_redis_restart_without_persistence_resets_and_ids_keep_increasing(tmp_path: Path) -> None:
+    with cluster_running(tmp_path, appendonly=False) as cluster:
+        topic = new_topic()
+        async with resuming_clients(cluster.front_url, [topic], 10) as clients, httpx.AsyncClient() as client:
+            before = [
+                (await publish(cluster.front_url, {"topic": topic, "data": i}, client)).json()["id"] for i in range(20)
+            ]
+            await until_all_have(clients, 20)
+            await asyncio.to_thread(cluster.stop_redis)
+            await asyncio.to_thread(cluster.start_redis)  # empty: no AOF, no RDB
+            await wait_ready(cluster)
+            after = [
+                (await publish(cluster.front_url, {"topic": topic, "data": i}, client)).json()["id"] for i in range(5)
+            ]
+            await until_all_have(clients, 25)
+        assert int(after[0]) > int(before[-1])
+        for c in clients:
+            assert c.ids() == before + after
+            resets = [json.loads(e.data) for e in c.events if e.type == "reset"]
+            assert resets == [{"reason": "lost", "topics": [topic]}]
+        async with await EventStream.open(cluster.front_url, [topic], last_event_id=before[5]) as stream:
+            reset = await stream.next_event()
+        assert reset.type == "reset"
+        assert json.loads(reset.data)["reason"] == "lost"
