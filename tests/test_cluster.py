@@ -112,10 +112,13 @@ async def test_fan_out_across_three_nodes_through_nginx(cluster: Cluster) -> Non
         assert c.reconnects == 0
     assert set(numsub.values()) == {3}
     assert pubsub_connections == 3
-    print(f"\nfan-out: 3 nodes, {len(clients)} clients via nginx, {len(ids)} events: "
-          f"{sum(len(c.ids()) for c in clients)} deliveries, all in order; "
-          f"clients per node {[sum(c.nodes[0] == f'node-{i}' for c in clients) for i in range(3)]}; "
-          f"subscribers per channel {sorted(numsub.values())}, redis pub/sub connections {pubsub_connections}")  # fmt: skip
+    per_node = [sum(c.nodes[0] == f"node-{i}" for c in clients) for i in range(3)]
+    deliveries = sum(len(c.ids()) for c in clients)
+    print(
+        f"\nfan-out: 3 nodes, {len(clients)} clients via nginx, {len(ids)} events: {deliveries} deliveries, "
+        f"all in order; clients per node {per_node}; subscribers per channel {sorted(numsub.values())}, "
+        f"redis pub/sub connections {pubsub_connections}"
+    )
 
 
 async def test_resume_on_a_different_node(cluster: Cluster) -> None:
@@ -204,9 +207,11 @@ async def test_node_killed_mid_stream_loses_and_repeats_nothing(tmp_path: Path) 
         moved = [c for c in clients if c.reconnects > 0]
         assert len(moved) >= on_victim > 0
         assert all("node-0" not in c.nodes[1:] for c in moved)
-    print(f"\nkill-a-node: {len(clients)} clients ({on_victim} on the killed node, {len(moved)} reconnected), "
-          f"{len(accepted)} events accepted (node killed after {killed_at}); every client received exactly "
-          f"{len(accepted)} events, each once, in order")  # fmt: skip
+    print(
+        f"\nkill-a-node: {len(clients)} clients ({on_victim} on the killed node, {len(moved)} reconnected), "
+        f"{len(accepted)} events accepted (node killed after {killed_at}); every client received exactly "
+        f"{len(accepted)} events, each once, in order"
+    )
 
 
 async def test_redis_restart_with_aof_loses_nothing_accepted(tmp_path: Path) -> None:
