@@ -1,0 +1,98 @@
+"""compose.yaml, ops/nginx.conf and the Dockerfile agree with each other and with the settings.
+
+No Docker engine runs here, so compose is checked as far as it can be without
+one: parsed, and cross-checked against the nginx config it mounts. The nginx
+config itself is syntax-checked by the real nginx (and served through by the
+cluster tests).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from api.settings import Settings
+from ops.cluster import NGINX, render_nginx
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+NGINX_CONF = (ROOT / "ops" / "nginx.conf").read_text()
+
+
+def directives(name: str) -> list[str]:
+    return re.findall(rf"^\s*{name}\s+([^;\n]*);", NGINX_CONF, flags=re.M)
+
+
+def test_compose_has_the_services_and_their_order() -> None:
+    services = COMPOSE["services"]
+    assert set(services) == {"redis", "api", "nginx", "demo"}
+    assert "healthcheck" in services["redis"]
+    assert services["api"]["deploy"]["replicas"] == 3
+    assert services["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["nginx"]["depends_on"]["api"]["condition"] == "service_healthy"
+    assert "nginx" in services["demo"]["depends_on"]
+    assert services["demo"]["command"][:3] == ["python", "-m", "workers.demo"]
+
+
+def test_compose_addresses_agree_with_nginx_and_settings() -> None:
+    services = COMPOSE["services"]
+    api_env = services["api"]["environment"]
+    (upstream,) = [s.split()[0] for s in directives("server")]
+    host, port = upstream.split(":")
+    assert host == "api"
+    assert port == api_env["HERALD_PORT"]
+    assert f"{port}" in services["api"]["expose"]
+    assert api_env["REDIS_URL"].startswith("redis://redis:6379")
+    (listen,) = directives("listen")
+    published = services["nginx"]["ports"][0].split(":")
+    assert published[-1] == listen
+    assert "./ops/nginx.conf:/etc/nginx/nginx.conf:ro" in services["nginx"]["volumes"]
+    demo_url = services["demo"]["command"][services["demo"]["command"].index("--url") + 1]
+    assert demo_url == f"http://nginx:{listen}"
+
+
+def test_nginx_is_set_up_for_sse() -> None:
+    assert re.search(r"^\s*least_conn;", NGINX_CONF, flags=re.M)
+    assert directives("proxy_http_version") == ["1.1"]
+    assert directives("proxy_buffering") == ["off"]
+    assert directives("proxy_cache") == ["off"]
+    assert 'Connection ""' in directives("proxy_set_header")
+    assert int(directives("keepalive")[0]) > 0
+    assert "error" in directives("proxy_next_upstream")[0]
+    read_timeout = directives("proxy_read_timeout")[0]
+    assert read_timeout.endswith("h")
+    assert int(read_timeout[:-1]) * 3600 > 10 * Settings().heartbeat
+    # Every directive line is explained by a comment next to it or above it.
+    lines = NGINX_CONF.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().endswith(";") and not line.strip().startswith("#"):
+            above = lines[i - 1].strip()
+            assert "#" in line or above.startswith("#") or above.endswith(";"), line
+
+
+@pytest.mark.skipif(not shutil.which("nginx") and not Path(NGINX).exists(), reason="nginx is not installed")
+def test_rendered_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
+    for sub in ("logs", "nginx-body", "nginx-proxy"):
+        (tmp_path / sub).mkdir()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render_nginx(NGINX_CONF, 18080, [18001, 18002, 18003], tmp_path))
+    result = subprocess.run(
+        [NGINX, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "logs" / "error.log")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert conf.read_text().count("server 127.0.0.1:1800") == 3
+
+
+def test_dockerfile_runs_a_node() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'CMD ["python", "-m", "api"]' in dockerfile
+    assert "HERALD_HOST=0.0.0.0" in dockerfile
