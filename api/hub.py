@@ -54,7 +54,9 @@ class Opened:
 class Hub:
     """Fan-out of broker events to this node's SSE connections."""
 
-    def __init__(self, broker: Broker, *, client_buffer: int, heartbeat: float, frame_cache: int = 4096) -> None:
+    def __init__(
+        self, broker: Broker, *, client_buffer: int, heartbeat: float, frame_cache_bytes: int = 8 * 1024 * 1024
+    ) -> None:
         self._broker = broker
         self._client_buffer = client_buffer
         self._heartbeat = heartbeat
@@ -62,8 +64,11 @@ class Hub:
         self._connections: set[Connection] = set()
         self._subscribed: set[str] = set()
         self._sub_lock = asyncio.Lock()
+        # The most recent frames, for replays (a reconnect storm replays the
+        # same recent events to many clients): bounded in bytes, oldest out.
         self._frames: dict[int, bytes] = {}
-        self._frame_cache = frame_cache
+        self._frames_size = 0
+        self._frame_cache_bytes = frame_cache_bytes
         self._tasks: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
         self._draining = False
@@ -98,8 +103,9 @@ class Hub:
         frame = event_frame(event.id, event.data, event.type)
         frames = self._frames
         frames[event.id] = frame
-        if len(frames) > self._frame_cache:
-            del frames[next(iter(frames))]
+        self._frames_size += len(frame)
+        while self._frames_size > self._frame_cache_bytes:
+            self._frames_size -= len(frames.pop(next(iter(frames))))
         connections = self._by_topic.get(event.topic)
         if connections:
             for connection in connections:

@@ -171,3 +171,16 @@ async def test_drain_closes_every_connection_and_refuses_new_ones(hub: Hub) -> N
     assert [await o.connection.next_chunk() for o in opened] == [None] * 3
     with pytest.raises(Exception, match="shutting down"):
         await hub.connect(["t"], None)
+
+
+async def test_regression_frame_cache_is_bounded_in_bytes_not_count() -> None:
+    """Large events must not let the replay frame cache grow to count x max event size."""
+    broker = MemoryBroker(RetentionPolicy(size=100, ttl=60))
+    hub = Hub(broker, client_buffer=10_000, heartbeat=3600, frame_cache_bytes=100_000)
+    await broker.start(hub)
+    await broker.subscribe(["t"])
+    for _ in range(50):
+        await broker.publish([Message("t", "x" * 10_000)])
+    assert 0 < hub._frames_size <= 100_000
+    assert sum(map(len, hub._frames.values())) == hub._frames_size
+    await broker.close()
