@@ -100,12 +100,7 @@ class Hub:
 
     def on_event(self, event: Event) -> None:
         self.events_in += 1
-        frame = event_frame(event.id, event.data, event.type)
-        frames = self._frames
-        frames[event.id] = frame
-        self._frames_size += len(frame)
-        while self._frames_size > self._frame_cache_bytes:
-            self._frames_size -= len(frames.pop(next(iter(frames))))
+        frame = self._remember(event)
         connections = self._by_topic.get(event.topic)
         if connections:
             for connection in connections:
@@ -117,8 +112,21 @@ class Hub:
             topics = tuple(t for t in connection.topics if t in lost)
             if topics:
                 connection.push(reset_frame(reset.reason, topics, None))
+                if reset.reason == ResetReason.LOST:
+                    # A new data set: its ids need not be above the old ones.
+                    connection.last_id = 0
 
     # -- connections -----------------------------------------------------------
+
+    def _remember(self, event: Event) -> bytes:
+        """The event's frame, encoded once and kept while the cache's byte budget allows."""
+        frame = self._frames.get(event.id)
+        if frame is None:
+            frame = self._frames[event.id] = event_frame(event.id, event.data, event.type)
+            self._frames_size += len(frame)
+            while self._frames_size > self._frame_cache_bytes:
+                self._frames_size -= len(self._frames.pop(next(iter(self._frames))))
+        return frame
 
     async def connect(
         self,
@@ -162,10 +170,8 @@ class Hub:
         if history.reset is not None:
             position = None if history.events else history.head
             frames.append(reset_frame(history.reset.reason, history.reset.topics, position))
-        cached = self._frames
-        for event in history.events:
-            frame = cached.get(event.id)
-            frames.append(frame if frame is not None else event_frame(event.id, event.data, event.type))
+        # Clients resuming together replay the same events: encode each once.
+        frames.extend(self._remember(event) for event in history.events)
         return Opened(connection, frames, history.head, fresh=False)
 
     def _attach(self, connection: Connection) -> None:

@@ -167,7 +167,9 @@ class MemoryBroker:
                 topic.expire(cutoff)
                 floor = topic.floor
                 streams.append(topic.after(after))
-            if after < floor:
+            # Nothing was published after `after` at all when it is the head:
+            # then nothing can be missing, however old it is.
+            if after < floor and after < head:
                 expired.append(name)
         events = list(heapq.merge(*streams, key=lambda e: e.id))
         reset = None

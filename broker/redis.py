@@ -31,6 +31,7 @@ import contextlib
 import heapq
 import logging
 import time
+import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -58,8 +59,6 @@ log = logging.getLogger("herald.redis")
 PUBLISH_SCRIPT = resources.files("broker").joinpath("lua/publish.lua").read_text(encoding="utf-8")
 HISTORY_SCRIPT = resources.files("broker").joinpath("lua/history.lua").read_text(encoding="utf-8")
 
-_HEALTH_PING = "herald-health"
-
 
 @dataclass(slots=True)
 class Snapshot:
@@ -79,7 +78,8 @@ class Snapshot:
         events = [e for e in self.events if e.id > after and e.topic in wanted]
         if after < self.epoch:
             return History(events, self.head, Reset(ResetReason.LOST, tuple(topics)))
-        expired = tuple(t for t in topics if after < self.floors[t])
+        # At the head, nothing was published since: nothing can be missing.
+        expired = tuple(t for t in topics if after < self.floors[t] and after < self.head)
         return History(events, self.head, Reset(ResetReason.EXPIRED, expired) if expired else None)
 
 
@@ -95,7 +95,8 @@ class RedisBroker:
     """A :class:`~broker.base.Broker` on one Redis server (not Redis Cluster).
 
     ``publish`` works without :meth:`start` (a producer needs no feed).
-    ``clock`` feeds the ids' seed and retention by age, as in every broker.
+    Time (the ids' seed and retention by age) comes from Redis's own clock,
+    one clock for every node and producer; tests pass ``clock`` instead.
     """
 
     def __init__(
@@ -104,7 +105,7 @@ class RedisBroker:
         retention: RetentionPolicy | None = None,
         *,
         prefix: str = "herald",
-        clock: Clock = time.time,
+        clock: Clock | None = None,
         timeout: float = 2.0,
         client: aioredis.Redis | None = None,
     ) -> None:
@@ -112,17 +113,22 @@ class RedisBroker:
         self._prefix = prefix
         self._clock = clock
         self._redis: aioredis.Redis = client or aioredis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
+            url,
+            decode_responses=True,
+            encoding_errors="replace",
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
         )
         # The feed has its own client: its connection blocks reading, and must
         # not time out while the channels are quiet (a health ping keeps it honest).
         self._feed_redis: aioredis.Redis = client or aioredis.Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=timeout
+            url, decode_responses=True, encoding_errors="replace", socket_connect_timeout=timeout
         )
         self._publish_script = self._redis.register_script(PUBLISH_SCRIPT)
         self._history_script = self._redis.register_script(HISTORY_SCRIPT)
         self._channel_prefix = f"{prefix}:c:"
-        self._control = f"{prefix}:ctl"
+        # This node's own control channel: its health pings come back on it.
+        self._control = f"{prefix}:ctl:{uuid.uuid4().hex}"
         self._sink: EventSink | None = None
         self._topics: set[str] = set()
         self._pubsub: Any = None
@@ -130,6 +136,7 @@ class RedisBroker:
         self._feed_up = asyncio.Event()
         self._feed: asyncio.Task[None] | None = None
         self._last_seen = 0
+        self._epoch = -1
         self._closed = False
         self._reads: dict[tuple[str, ...], _SharedRead] = {}
         self._inflight: dict[tuple[str, ...], asyncio.Future[Snapshot]] = {}
@@ -140,6 +147,7 @@ class RedisBroker:
             "history_requests": 0,
             "history_reads": 0,
             "duplicates_dropped": 0,
+            "bad_messages": 0,
         }
 
     # -- lifecycle -------------------------------------------------------------
@@ -182,7 +190,7 @@ class RedisBroker:
         self._check_open()
         args: list[str | int] = [
             self._prefix,
-            now_us(self._clock),
+            self._now(),
             self._retention.size,
             int(self._retention.ttl * 1_000_000),
             idempotency_key or "",
@@ -228,14 +236,14 @@ class RedisBroker:
         # come after its subscription, or the hand-off to live could miss an
         # event.) So a reconnect storm costs one read per round-trip, not one
         # per client.
-        previous = self._inflight.get(key)
-        if previous is not None:
-            await asyncio.wait([previous])
-        else:
-            await asyncio.sleep(0)
-        del self._reads[key]
-        self._inflight[key] = shared.future
         try:
+            previous = self._inflight.get(key)
+            if previous is not None:
+                await asyncio.wait([previous])
+            else:
+                await asyncio.sleep(0)
+            del self._reads[key]
+            self._inflight[key] = shared.future
             shared.future.set_result(await self._read(key, shared.after))
         except Exception as exc:
             shared.future.set_exception(exc)
@@ -243,6 +251,8 @@ class RedisBroker:
             shared.future.set_exception(BrokerUnavailable("the redis broker is closed"))
             raise
         finally:
+            if self._reads.get(key) is shared:
+                del self._reads[key]
             if self._inflight.get(key) is shared.future:
                 del self._inflight[key]
             # Nobody may be left to retrieve the error of a failed read.
@@ -253,7 +263,7 @@ class RedisBroker:
         self.counters["history_reads"] += 1
         args: list[str | int] = [
             self._prefix,
-            now_us(self._clock),
+            self._now(),
             int(self._retention.ttl * 1_000_000),
             after,
             len(topics),
@@ -298,8 +308,11 @@ class RedisBroker:
         try:
             await self._pubsub.subscribe(*(self._channel_prefix + t for t in new))
             await asyncio.wait_for(asyncio.gather(*(asyncio.shield(f) for f in waiting)), 5)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, OSError, TimeoutError, BrokerUnavailable) as exc:
             self._topics.difference_update(new)
+            if self._feed_up.is_set():  # don't leave a half-made subscription behind
+                with contextlib.suppress(RedisError, OSError):
+                    await self._pubsub.unsubscribe(*(self._channel_prefix + t for t in new))
             raise BrokerUnavailable(f"redis subscribe: {exc}") from exc
 
     async def unsubscribe(self, topics: Collection[str]) -> None:
@@ -319,8 +332,12 @@ class RedisBroker:
                 backoff = 0.05
                 resync = True  # any later reconnect must backfill
                 await self._read_feed(pubsub)
-            except (RedisError, OSError, BrokerUnavailable, TimeoutError) as exc:
-                if self._feed_up.is_set():
+            except Exception as exc:
+                # Whatever went wrong, the feed must come back: a dead feed
+                # would silently stop live delivery on this node.
+                if not isinstance(exc, RedisError | OSError | BrokerUnavailable | TimeoutError):
+                    log.exception("redis feed failed; reconnecting")
+                elif self._feed_up.is_set():
                     log.warning("redis feed lost (%s); reconnecting", exc)
                 self._feed_up.clear()
                 for future in self._confirmations.values():
@@ -351,6 +368,17 @@ class RedisBroker:
         # irrelevant; live messages at or below it are duplicates.
         topics = tuple(self._topics)
         snapshot = await self._read(topics, self._last_seen if resync else 0)
+        if not resync:
+            self._epoch = snapshot.epoch
+        elif snapshot.epoch != self._epoch:
+            # Redis lost its data: what the old data set had after our
+            # position is gone, and everything in the new one is news (its ids
+            # need not even be above the old ones, if the old clock ran ahead).
+            self._epoch = snapshot.epoch
+            snapshot = await self._read(topics, snapshot.epoch)
+            self._last_seen = snapshot.epoch
+            if self._sink is not None and topics:
+                self._sink.on_reset(Reset(ResetReason.LOST, topics))
         if resync and self._sink is not None:
             history = snapshot.judge(topics, self._last_seen)
             if history.reset is not None and history.reset.topics:
@@ -359,6 +387,11 @@ class RedisBroker:
                 self._sink.on_event(event)
             self.counters["backfilled_events"] += len(history.events)
         self._last_seen = max(self._last_seen, snapshot.head)
+        # Topics dropped while this connection was being made (unsubscribe had
+        # no feed to tell) must not stay subscribed on it.
+        stale = [c for c in channels if c != self._control and c[len(self._channel_prefix) :] not in self._topics]
+        if stale:
+            await pubsub.unsubscribe(*stale)
         self._feed_up.set()
 
     async def _read_feed(self, pubsub: Any) -> None:
@@ -371,7 +404,13 @@ class RedisBroker:
                 if now - quiet_since > 6:
                     raise BrokerUnavailable("redis feed stopped answering")
                 if now - quiet_since > 2 and not pinged:
-                    await pubsub.ping(_HEALTH_PING)
+                    # Read the head, then publish it on this node's control
+                    # channel: when it comes back, every event up to that head
+                    # has passed this connection, so the feed's position moves
+                    # on while its topics are quiet (else a later backfill would
+                    # judge from a stale position). It also proves the feed alive.
+                    head = await self._redis.get(f"{self._prefix}:id")
+                    await self._redis.publish(self._control, head or "0")
                     pinged = True
                 continue
             quiet_since, pinged = now, False
@@ -381,8 +420,19 @@ class RedisBroker:
         kind = message["type"]
         if kind == "message":
             channel: str = message["channel"]
-            raw_id, event_type, data = message["data"].split("|", 2)
-            event_id = int(raw_id)
+            if channel == self._control:
+                with contextlib.suppress(ValueError):
+                    self._last_seen = max(self._last_seen, int(message["data"]))
+                return
+            try:
+                raw_id, event_type, data = message["data"].split("|", 2)
+                event_id = int(raw_id)
+            except ValueError:
+                # Not written by publish.lua: the stream, not this message, is
+                # what counts, so skip it rather than stop the feed.
+                self.counters["bad_messages"] += 1
+                log.warning("ignoring a malformed message on %s", channel)
+                return
             if event_id <= self._last_seen:
                 self.counters["duplicates_dropped"] += 1
                 return
@@ -400,6 +450,10 @@ class RedisBroker:
     def _check_open(self) -> None:
         if self._closed:
             raise BrokerUnavailable("the redis broker is closed")
+
+    def _now(self) -> str:
+        """The scripts' "now": empty for Redis's clock, or the injected clock in µs."""
+        return "" if self._clock is None else str(now_us(self._clock))
 
     def stats(self) -> dict[str, int]:
         return {"topics_subscribed": len(self._topics), "feed_up": int(self._feed_up.is_set()), **self.counters}

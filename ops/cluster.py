@@ -169,9 +169,12 @@ class Cluster:
             if not pid_file.exists():
                 return
             pid = int(pid_file.read_text())
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-                _wait_until(lambda: not _alive(pid), name, timeout)
+            # A pid file can outlive its process (a reboot, a crash) and the pid
+            # be reused: only signal a process that is still the one we started.
+            if _is_ours(pid, name):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+                    _wait_until(lambda: not _alive(pid), name, timeout)
         elif process.poll() is None:
             process.send_signal(sig)
             try:
@@ -200,6 +203,19 @@ class Cluster:
         ]
         lines.append(f"redis           {self.redis_url}   logs {self.logs}/redis.log  (AOF in {self.run_dir}/redis)")
         return "\n".join(lines)
+
+
+_EXPECTED = {"redis": "redis-server", "nginx": "nginx"}
+
+
+def _is_ours(pid: int, name: str) -> bool:
+    """Whether ``pid`` runs what the pid file ``name`` was written for."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    expected = _EXPECTED.get(name, "-m api")
+    return expected in cmdline
 
 
 def _alive(pid: int) -> bool:

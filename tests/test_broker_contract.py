@@ -29,6 +29,7 @@ from broker.base import (
     RetentionPolicy,
     now_us,
 )
+from broker.memory import MemoryBroker
 from tests.brokers import BROKER_CASES, BrokerCase, FakeClock
 
 WAIT = 5.0
@@ -644,3 +645,15 @@ async def test_idempotency_key_expires_with_the_replay_ttl(open_node: OpenNode) 
     bnode.clock.advance(6)
     later = await bnode.broker.publish([msg("t", "a")], idempotency_key="k")
     assert later[0].id > first[0].id
+
+
+async def test_resume_from_the_head_after_a_long_quiet_period_is_exact(open_node: OpenNode) -> None:
+    """Regression: nothing published since the client's id means nothing missed, even past the TTL."""
+    bnode = await open_node(RetentionPolicy(size=10, ttl=5))
+    (event,) = await bnode.broker.publish([msg("t", "a")])
+    bnode.clock.advance(60)
+    if isinstance(bnode.broker, MemoryBroker):
+        bnode.broker.sweep()  # what its sweeper does while time passes
+    history = await bnode.broker.history(["t", "never-published"], event.id)
+    assert history.events == []
+    assert history.reset is None

@@ -1,6 +1,6 @@
 -- Herald: read what a resuming client missed, as one atomic snapshot.
 --
--- ARGV[1] key prefix; ARGV[2] now (microseconds); ARGV[3] replay ttl (microseconds);
+-- ARGV[1] key prefix; ARGV[2] "" (Redis's clock) or now (microseconds); ARGV[3] replay ttl (microseconds);
 -- ARGV[4] after: the id to resume after ("0" with no topics reads just head and epoch);
 -- ARGV[5] n; then n topics.
 --
@@ -12,6 +12,12 @@
 
 local prefix = ARGV[1]
 local now = tonumber(ARGV[2])
+if now == nil then
+  -- No clock given: Redis's own. One clock for the whole deployment, so ids
+  -- never run ahead of it and a restart that lost the counter resumes above them.
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 local ttl = tonumber(ARGV[3])
 local after = ARGV[4]
 local n = tonumber(ARGV[5])

@@ -2,7 +2,7 @@
 --
 -- KEYS: none (keys depend on the topics; Herald targets one Redis, not Redis Cluster).
 -- ARGV[1]  key prefix, e.g. "herald"
--- ARGV[2]  now, in microseconds since the epoch (the caller's clock)
+-- ARGV[2]  "" to use Redis's clock (do this), or now in microseconds since the epoch (tests)
 -- ARGV[3]  replay size: events kept per topic
 -- ARGV[4]  replay ttl, in microseconds
 -- ARGV[5]  idempotency key, or "" for none
@@ -20,6 +20,12 @@
 
 local prefix = ARGV[1]
 local now = tonumber(ARGV[2])
+if now == nil then
+  -- No clock given: Redis's own. One clock for the whole deployment, so ids
+  -- never run ahead of it and a restart that lost the counter resumes above them.
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 local maxlen = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4])
 local idem = ARGV[5]
