@@ -56,6 +56,9 @@ from broker.base import (
 
 log = logging.getLogger("herald.redis")
 
+STORM_WINDOW = 0.05
+"""Seconds between two replay reads of the same topics while clients keep resuming."""
+
 PUBLISH_SCRIPT = resources.files("broker").joinpath("lua/publish.lua").read_text(encoding="utf-8")
 HISTORY_SCRIPT = resources.files("broker").joinpath("lua/history.lua").read_text(encoding="utf-8")
 
@@ -140,6 +143,7 @@ class RedisBroker:
         self._closed = False
         self._reads: dict[tuple[str, ...], _SharedRead] = {}
         self._inflight: dict[tuple[str, ...], asyncio.Future[Snapshot]] = {}
+        self._last_read_at: dict[tuple[str, ...], float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.counters = {
             "feed_connects": 0,
@@ -230,19 +234,23 @@ class RedisBroker:
         return snapshot.judge(key, after)
 
     async def _serve_shared(self, key: tuple[str, ...], shared: _SharedRead) -> None:
-        # Requests keep joining this read while the previous read of the same
-        # topics is in flight; then it is sent and later requests start the
-        # next one. (A request may only join a read not yet sent: the read must
-        # come after its subscription, or the hand-off to live could miss an
-        # event.) So a reconnect storm costs one read per round-trip, not one
-        # per client.
+        # Requests keep joining this read until it is sent; later requests
+        # start the next one. (A request may only join a read not yet sent: the
+        # read must come after its subscription, or the hand-off to live could
+        # miss an event.) Reads of the same topics are at least STORM_WINDOW
+        # apart, so a reconnect storm costs a few reads per second, not one per
+        # client.
         try:
             previous = self._inflight.get(key)
             if previous is not None:
                 await asyncio.wait([previous])
-            else:
-                await asyncio.sleep(0)
+            # In a storm (these topics were read moments ago), wait out the
+            # window so everyone arriving meanwhile shares this read; a lone
+            # resume is read at once.
+            last = self._last_read_at.get(key, -STORM_WINDOW)
+            await asyncio.sleep(max(0.0, last + STORM_WINDOW - time.monotonic()))
             del self._reads[key]
+            self._note_read(key)
             self._inflight[key] = shared.future
             shared.future.set_result(await self._read(key, shared.after))
         except Exception as exc:
@@ -258,6 +266,13 @@ class RedisBroker:
             # Nobody may be left to retrieve the error of a failed read.
             if shared.future.done() and not shared.future.cancelled():
                 shared.future.exception()
+
+    def _note_read(self, key: tuple[str, ...]) -> None:
+        now = time.monotonic()
+        self._last_read_at[key] = now
+        if len(self._last_read_at) > 1024:  # forget topic sets read longer ago than the window
+            for old in [k for k, at in self._last_read_at.items() if now - at > STORM_WINDOW]:
+                del self._last_read_at[old]
 
     async def _read(self, topics: Sequence[str], after: int) -> Snapshot:
         self.counters["history_reads"] += 1

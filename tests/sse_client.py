@@ -21,8 +21,9 @@ _END = object()
 class EventStream:
     """One open ``GET /events`` connection."""
 
-    def __init__(self, client: httpx.AsyncClient, response: httpx.Response) -> None:
+    def __init__(self, client: httpx.AsyncClient, response: httpx.Response, owns_client: bool = True) -> None:
         self._client = client
+        self._owns_client = owns_client
         self.response = response
         self.parser = SSEParser()
         self.raw = bytearray()
@@ -40,21 +41,26 @@ class EventStream:
         last_event_id: str | None = None,
         query_last_event_id: str | None = None,
         timeout: float = 10,
+        client: httpx.AsyncClient | None = None,
     ) -> EventStream:
+        """Open a stream; pass ``client`` to share one connection pool among many streams."""
         params: list[tuple[str, str | int | float | bool | None]] = [("topic", t) for t in topics]
         if query_last_event_id is not None:
             params.append(("last_event_id", query_last_event_id))
         headers = {"Accept": "text/event-stream"}
         if last_event_id is not None:
             headers["Last-Event-ID"] = last_event_id
-        client = httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout, read=None))
-        request = client.build_request("GET", "/events", params=params, headers=headers)
+        owns = client is None
+        if client is None:
+            client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, read=None))
+        request = client.build_request("GET", f"{base_url}/events", params=params, headers=headers)
         try:
             response = await asyncio.wait_for(client.send(request, stream=True), timeout)
         except BaseException:
-            await client.aclose()
+            if owns:
+                await client.aclose()
             raise
-        return cls(client, response)
+        return cls(client, response, owns)
 
     async def _read(self) -> None:
         try:
@@ -105,7 +111,8 @@ class EventStream:
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
         await self.response.aclose()
-        await self._client.aclose()
+        if self._owns_client:
+            await self._client.aclose()
 
     async def __aenter__(self) -> EventStream:
         return self

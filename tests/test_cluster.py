@@ -163,10 +163,15 @@ async def test_direct_to_redis_producer_reaches_clients_on_every_node(cluster: C
 async def test_reconnect_storm_shares_replay_reads(cluster: Cluster) -> None:
     topic = new_topic()
     ids = [(await publish(cluster.node_url(0), {"topic": topic, "data": i})).json()["id"] for i in range(20)]
-    async with httpx.AsyncClient() as client:
+    # One connection pool for the whole storm: the clients' own set-up must not be what is measured.
+    pool = httpx.AsyncClient(limits=httpx.Limits(max_connections=None), timeout=httpx.Timeout(30, read=None))
+    async with pool as client:
         before = (await client.get(f"{cluster.node_url(0)}/stats")).json()["broker"]
         streams = await asyncio.gather(
-            *(EventStream.open(cluster.node_url(0), [topic], last_event_id=ids[4]) for _ in range(300))
+            *(
+                EventStream.open(cluster.node_url(0), [topic], last_event_id=ids[4], client=pool, timeout=30)
+                for _ in range(300)
+            )
         )
         try:
             results = await asyncio.gather(*(s.take(15) for s in streams))
