@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -136,15 +137,18 @@ async def test_resume_on_a_different_node(cluster: Cluster) -> None:
 
 async def test_nginx_does_not_buffer_a_single_small_event(cluster: Cluster) -> None:
     topic = new_topic()
-    async with await EventStream.open(cluster.front_url, [topic]) as stream:
+    took: list[float] = []
+    async with await EventStream.open(cluster.front_url, [topic]) as stream, httpx.AsyncClient() as client:
         await asyncio.wait_for(stream.first_bytes.wait(), 2)
         assert stream.response.headers["content-type"] == "text/event-stream"
-        sent = time.monotonic()
-        event_id = (await publish(cluster.front_url, {"topic": topic, "data": "x"})).json()["id"]
-        event = await stream.next_event(timeout=2)
-        took = time.monotonic() - sent
-    assert event.last_event_id == event_id
-    print(f"\nnginx: one 1-byte event reached the client {took * 1000:.1f} ms after the publish call started")
+        for i in range(10):  # one tiny event at a time: each must arrive alone, not when a buffer fills
+            sent = time.monotonic()
+            event_id = (await publish(cluster.front_url, {"topic": topic, "data": i}, client)).json()["id"]
+            event = await stream.next_event(timeout=2)
+            took.append(time.monotonic() - sent)
+            assert event.last_event_id == event_id
+    print(f"\nnginx: single 1-byte events reached the client {statistics.median(took) * 1000:.1f} ms (median of 10) "
+          "after the publish call started")  # fmt: skip
 
 
 async def test_direct_to_redis_producer_reaches_clients_on_every_node(cluster: Cluster) -> None:
