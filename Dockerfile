@@ -5,6 +5,7 @@ COPY pyproject.toml README.md ./
 COPY api ./api
 COPY broker ./broker
 COPY workers ./workers
+COPY ops ./ops
 RUN pip install --no-cache-dir .
 ENV HERALD_HOST=0.0.0.0 HERALD_PORT=8000
 EXPOSE 8000
