@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from tests.server import free_port
+from ops.cluster import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 

@@ -22,6 +22,8 @@ local ttl = tonumber(ARGV[3])
 local after = ARGV[4]
 local n = tonumber(ARGV[5])
 
+-- (Redis scripts can't share code: the helpers and the epoch set-up below
+-- are kept identical in publish.lua and history.lua.)
 local function fmt(x) return string.format('%.0f', x) end
 local function entry_id(entry) return tonumber((string.gsub(entry[1], '-.*', ''))) end
 

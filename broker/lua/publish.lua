@@ -31,6 +31,8 @@ local ttl = tonumber(ARGV[4])
 local idem = ARGV[5]
 local n = tonumber(ARGV[6])
 
+-- (Redis scripts can't share code: the helpers and the epoch set-up below
+-- are kept identical in publish.lua and history.lua.)
 local function fmt(x) return string.format('%.0f', x) end
 local function entry_id(entry) return tonumber((string.gsub(entry[1], '-.*', ''))) end
 
