@@ -119,6 +119,36 @@ class RetentionPolicy:
     ttl: float = 3600.0
 
 
+@dataclass(slots=True)
+class Snapshot:
+    """One atomic read of a broker's retention state: enough to answer any resume at or after ``after``.
+
+    ``floors`` holds, per topic, the largest id the topic may have dropped
+    (a topic with nothing retained: the TTL cutoff, or the epoch if later);
+    ``events`` the retained events of those topics above ``after``, in id
+    order. :meth:`judge` is the one place that decides which resets a resume
+    gets, so every broker answers alike.
+    """
+
+    after: int
+    head: int
+    epoch: int
+    floors: dict[str, int]
+    events: list[Event]
+
+    def judge(self, topics: Sequence[str], after: int) -> History:
+        """The history for one client resuming after ``after`` (>= the snapshot's)."""
+        if after > self.head:
+            return History([], self.head, Reset(ResetReason.INVALID_ID, tuple(topics)))
+        wanted = set(topics)
+        events = [e for e in self.events if e.id > after and e.topic in wanted]
+        if after < self.epoch:
+            return History(events, self.head, Reset(ResetReason.LOST, tuple(topics)))
+        # At the head, nothing was published since: nothing can be missing.
+        expired = tuple(t for t in topics if after < self.floors[t] and after < self.head)
+        return History(events, self.head, Reset(ResetReason.EXPIRED, expired) if expired else None)
+
+
 @runtime_checkable
 class EventSink(Protocol):
     """The node side of the live feed (the hub). Called on the event loop.

@@ -28,9 +28,8 @@ from broker.base import (
     History,
     IdempotencyConflict,
     Message,
-    Reset,
-    ResetReason,
     RetentionPolicy,
+    Snapshot,
     next_id,
     now_us,
 )
@@ -151,33 +150,20 @@ class MemoryBroker:
 
     async def history(self, topics: Collection[str], after: int) -> History:
         self._check_open()
-        head = self._last
-        if after > head:
-            # Not an id this broker issued (or one from a clock that ran
-            # ahead): nothing can be replayed after it.
-            return History([], head, Reset(ResetReason.INVALID_ID, tuple(topics)))
+        topics = tuple(topics)
         cutoff = self._cutoff()
-        expired: list[str] = []
+        floors: dict[str, int] = {}
         streams: list[Iterator[Event]] = []
         for name in topics:
             topic = self._topics.get(name)
             if topic is None:
-                floor = self._new_topic_floor(cutoff)
+                floors[name] = self._new_topic_floor(cutoff)
             else:
                 topic.expire(cutoff)
-                floor = topic.floor
+                floors[name] = topic.floor
                 streams.append(topic.after(after))
-            # Nothing was published after `after` at all when it is the head:
-            # then nothing can be missing, however old it is.
-            if after < floor and after < head:
-                expired.append(name)
         events = list(heapq.merge(*streams, key=lambda e: e.id))
-        reset = None
-        if after < self._epoch:
-            reset = Reset(ResetReason.LOST, tuple(topics))
-        elif expired:
-            reset = Reset(ResetReason.EXPIRED, tuple(expired))
-        return History(events, head, reset)
+        return Snapshot(after, self._last, self._epoch, floors, events).judge(topics, after)
 
     # -- internals -----------------------------------------------------------
 

@@ -51,6 +51,7 @@ from broker.base import (
     Reset,
     ResetReason,
     RetentionPolicy,
+    Snapshot,
     now_us,
 )
 
@@ -61,29 +62,6 @@ STORM_WINDOW = 0.05
 
 PUBLISH_SCRIPT = resources.files("broker").joinpath("lua/publish.lua").read_text(encoding="utf-8")
 HISTORY_SCRIPT = resources.files("broker").joinpath("lua/history.lua").read_text(encoding="utf-8")
-
-
-@dataclass(slots=True)
-class Snapshot:
-    """One atomic read of the streams: enough to answer any resume at or after ``after``."""
-
-    after: int
-    head: int
-    epoch: int
-    floors: dict[str, int]
-    events: list[Event]
-
-    def judge(self, topics: Sequence[str], after: int) -> History:
-        """The history for one client resuming after ``after`` (>= the snapshot's)."""
-        if after > self.head:
-            return History([], self.head, Reset(ResetReason.INVALID_ID, tuple(topics)))
-        wanted = set(topics)
-        events = [e for e in self.events if e.id > after and e.topic in wanted]
-        if after < self.epoch:
-            return History(events, self.head, Reset(ResetReason.LOST, tuple(topics)))
-        # At the head, nothing was published since: nothing can be missing.
-        expired = tuple(t for t in topics if after < self.floors[t] and after < self.head)
-        return History(events, self.head, Reset(ResetReason.EXPIRED, expired) if expired else None)
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,8 +50,8 @@ def render_nginx(template: str, front_port: int, node_ports: list[int], run_dir:
     return text.replace("/tmp/herald-nginx-proxy", f"{run_dir}/nginx-proxy")
 
 
-def _wait_until(check: object, what: str, timeout: float = 15) -> None:
-    assert callable(check)
+def wait_until(check: Callable[[], object], what: str, timeout: float = 15) -> None:
+    """Poll ``check`` (errors count as "not yet") until it is true; RuntimeError after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):
@@ -133,7 +134,7 @@ class Cluster:
         ]  # fmt: skip
         self._spawn("redis", args)
         client = redis.Redis(port=self.redis_port, socket_connect_timeout=0.5)
-        _wait_until(client.ping, "redis-server")
+        wait_until(client.ping, "redis-server")
         client.close()
 
     def start_node(self, index: int) -> None:
@@ -148,7 +149,7 @@ class Cluster:
         }
         self._spawn(f"node-{index}", [sys.executable, "-m", "api"], env)
         url = self.node_url(index)
-        _wait_until(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200, f"node-{index}")
+        wait_until(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200, f"node-{index}")
 
     def start_nginx(self) -> None:
         conf = self.run_dir / "nginx.conf"
@@ -157,7 +158,7 @@ class Cluster:
         args = [NGINX, "-p", str(self.run_dir), "-c", str(conf), "-e", str(self.logs / "nginx-error.log"),
                 "-g", "daemon off;"]  # fmt: skip
         self._spawn("nginx", args)
-        _wait_until(lambda: httpx.get(f"{self.front_url}/healthz", timeout=1).status_code == 200, "nginx")
+        wait_until(lambda: httpx.get(f"{self.front_url}/healthz", timeout=1).status_code == 200, "nginx")
 
     # -- stopping ----------------------------------------------------------------
 
@@ -174,7 +175,7 @@ class Cluster:
             if _is_ours(pid, name):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-                    _wait_until(lambda: not _alive(pid), name, timeout)
+                    wait_until(lambda: not _alive(pid), name, timeout)
         elif process.poll() is None:
             process.send_signal(sig)
             try:

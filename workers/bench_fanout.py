@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
+
+from ops.cluster import free_port, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,19 +129,12 @@ def percentile(values: list[float], q: float) -> float:
 
 @contextlib.contextmanager
 def own_node(env: dict[str, str]) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     full = {**os.environ, "HERALD_HOST": "127.0.0.1", "HERALD_PORT": str(port), **env}
     proc = subprocess.Popen([sys.executable, "-m", "api"], cwd=ROOT, env=full, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.05)
+        wait_until(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, "the node", 20)
         yield url
     finally:
         proc.terminate()
