@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup system-deps lint demo bench cluster cluster-down clean
+.PHONY: run test setup system-deps lint demo bench loadtest cluster cluster-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV) || { ops/install-system-deps.sh && rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
@@ -38,6 +38,14 @@ demo: setup
 ## Fan-out measurement: 1,000 subscribers on one topic of one node.
 bench: setup
 	$(PY) -m workers.bench_fanout
+
+## Load-test the cluster of `make cluster` (override with LOADTEST_ARGS="--subscribers 5000 ...").
+LOADTEST_TARGET ?= http://127.0.0.1:8080
+LOADTEST_ARGS ?=
+loadtest: setup
+	@mkdir -p .run
+	$(PY) -m workers.loadtest --target $(LOADTEST_TARGET) --subscribers 1000 --rate 100 --duration 20 \
+		--json .run/loadtest.json --report .run/loadtest-report.html $(LOADTEST_ARGS)
 
 ## Start redis-server + NODES API nodes (default 3) + nginx on loopback; front at http://127.0.0.1:8080.
 NODES ?= 3

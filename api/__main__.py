@@ -9,7 +9,9 @@ for clients too stalled to take the end of their stream.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import resource
 import socket
 
 import uvicorn
@@ -40,7 +42,22 @@ class HeraldServer(uvicorn.Server):
             captured.clear()
 
 
+def raise_open_files_limit() -> int:
+    """Lift the soft open-files limit to the hard one; the limit now in force.
+
+    Every SSE client holds a socket for as long as it listens, and the
+    usual soft limit (1024) would cap a node at about a thousand clients
+    while the hard limit allows far more.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
 def main() -> None:
+    raise_open_files_limit()
     settings = Settings()
     app = create_app(settings)
     config = uvicorn.Config(

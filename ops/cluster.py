@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -95,6 +96,35 @@ class Cluster:
     def logs(self) -> Path:
         return self.run_dir / "logs"
 
+    STATE_FILE = "cluster.json"
+
+    def save_state(self) -> None:
+        """Write where everything listens to ``cluster.json``, for tools that act on a running cluster."""
+        state = {
+            "front_port": self.front_port,
+            "redis_port": self.redis_port,
+            "node_ports": self.node_ports,
+            "appendonly": self.appendonly,
+            "env": self.env,
+        }
+        (self.run_dir / self.STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Cluster:
+        """The cluster started from ``run_dir`` (by ``make cluster`` or a test), to act on by pid file.
+
+        Raises FileNotFoundError when no cluster was started there.
+        """
+        state = json.loads((run_dir / cls.STATE_FILE).read_text())
+        return cls(
+            run_dir,
+            front_port=state["front_port"],
+            redis_port=state["redis_port"],
+            node_ports=state["node_ports"],
+            appendonly=state["appendonly"],
+            env=state["env"],
+        )
+
     # -- starting ----------------------------------------------------------------
 
     def start(self) -> None:
@@ -102,6 +132,7 @@ class Cluster:
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
         for sub in ("nginx-body", "nginx-proxy"):
             (self.run_dir / sub).chmod(0o777)  # nginx workers drop root privileges
+        self.save_state()
         try:
             self.start_redis()
             for index in range(len(self.node_ports)):
@@ -220,11 +251,13 @@ def _is_ours(pid: int, name: str) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs. A zombie does not: it is dead, waiting for a parent
+    (maybe another program, such as a test that started the cluster) to reap it."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Herald needs from Debian's packages, and only what is missing:
 # python3-venv (for the project's .venv), redis-server and nginx (used by the
-# Redis and cluster tests and by `make cluster`). Safe to run repeatedly.
+# Redis and cluster tests and by `make cluster`), and chromium (the test that
+# renders the load tool's HTML report in a real browser). Safe to run repeatedly.
 set -euo pipefail
 
 missing=()
@@ -9,6 +10,7 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v make >/dev/null 2>&1 || missing+=(make)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 
 [ ${#missing[@]} -eq 0 ] && exit 0
 

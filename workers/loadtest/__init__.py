@@ -1,0 +1,7 @@
+"""Herald's load tool: ``python -m workers.loadtest --help``.
+
+Subscribers that behave like EventSource and check every event (lost,
+duplicated, out of order), a publisher at a steady rate with a ledger of
+what was accepted, latency per node from ``X-Node-Id``, optional faults on a
+local cluster, and a result as a table, JSON and an HTML report.
+"""

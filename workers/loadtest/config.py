@@ -1,0 +1,250 @@
+"""The load tool's options: the command line, its defaults, and the checks made before anything connects."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import os
+import resource
+import secrets
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+DEFAULT_TARGET = "http://127.0.0.1:8080"
+
+
+@dataclass
+class LoadConfig:
+    """One run. Subscriber ``i`` takes topics ``(i*per_conn + j) % topics`` and target ``i % len(targets)``."""
+
+    targets: list[str] = field(default_factory=lambda: [DEFAULT_TARGET])
+    subscribers: int = 1000
+    topics: int = 1
+    per_conn: int = 1
+    rate: float = 100.0
+    duration: float = 10.0
+    payload: int = 100
+    publish: str = "http"  # or "redis"
+    redis_url: str | None = None
+    publishers: int = 4
+    batch: int = 100
+    ramp: float = 1.0
+    connect_timeout: float = 30.0
+    drain: float = 10.0
+    retry_for: float = 30.0
+    seed: int = 1
+    procs: int = 1
+    json_path: Path | None = None
+    report_path: Path | None = None
+    kill_node_at: float | None = None
+    kill_node: int = 0
+    restart_node_after: float | None = None
+    restart_redis_at: float | None = None
+    cluster_dir: Path = ROOT / ".run" / "cluster"
+    allow_remote: bool = False
+    progress: bool = True
+    run_id: str = field(default_factory=lambda: secrets.token_hex(3))
+
+    def topic_name(self, index: int) -> str:
+        return f"lt-{self.run_id}-{index}"
+
+    def topics_of(self, subscriber: int) -> list[int]:
+        count = min(self.per_conn, self.topics)
+        return list(dict.fromkeys((subscriber * self.per_conn + j) % self.topics for j in range(count)))
+
+    @property
+    def has_faults(self) -> bool:
+        return self.kill_node_at is not None or self.restart_redis_at is not None
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        for key in ("json_path", "report_path", "cluster_dir"):
+            data[key] = None if data[key] is None else str(data[key])
+        return data
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine: a loopback address, or a name resolving only to loopback."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def check_targets(config: LoadConfig) -> None:
+    """Refuse what is not an http URL, and (unless ``allow_remote``) any host but this machine."""
+    urls = list(config.targets)
+    if config.publish == "redis":
+        if not config.redis_url:
+            raise ValueError("--publish redis needs --redis-url")
+        urls.append(config.redis_url)
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "redis") or not parts.hostname:
+            raise ValueError(f"not a target this tool can use: {url!r} (give http://host:port)")
+        if parts.scheme == "http" and parts.path not in ("", "/"):
+            raise ValueError(f"give the target's base URL, without a path: {url!r}")
+        if not config.allow_remote and not is_loopback(parts.hostname):
+            raise ValueError(
+                f"{parts.hostname} is not this machine: pass --allow-remote to load-test another host "
+                "(only ever one you are allowed to)"
+            )
+
+
+def raise_open_files(needed: int) -> tuple[int, int]:
+    """Lift this process's open-files limit toward ``needed`` (up to the hard limit); the (soft, hard) after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if want > soft:
+        with contextlib.suppress(ValueError, OSError):  # not allowed here: the caller reports the limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft, hard
+
+
+def _topics(value: str) -> str:
+    if value != "each" and not (value.isdigit() and int(value) > 0):
+        raise argparse.ArgumentTypeError("a positive number, or 'each' (one topic per subscriber)")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m workers.loadtest",
+        description="Load-test a Herald deployment: subscribers that check every event, a steady publisher, "
+        "loss and latency per node, optional faults.",
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        dest="targets",
+        metavar="URL",
+        help=f"the nginx front, or repeat for several nodes (default {DEFAULT_TARGET})",
+    )
+    p.add_argument("--subscribers", type=int, default=1000, help="SSE connections (default 1000)")
+    p.add_argument(
+        "--topics", type=_topics, default="1", help="topics in the run, or 'each' for one per subscriber (default 1)"
+    )
+    p.add_argument(
+        "--topics-per-conn",
+        type=int,
+        default=1,
+        dest="per_conn",
+        help="topics each connection subscribes to (default 1)",
+    )
+    p.add_argument("--rate", type=float, default=100.0, help="events published per second, all topics (default 100)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of publishing (default 10)")
+    p.add_argument("--payload", type=int, default=100, help="bytes of data per event (default 100)")
+    p.add_argument(
+        "--publish",
+        choices=["http", "redis"],
+        default="http",
+        help="POST /publish on the target, or straight to Redis through the broker (default http)",
+    )
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help="for --publish redis")
+    p.add_argument("--publishers", type=int, default=4, help="parallel publish lanes, each owning topics (default 4)")
+    p.add_argument("--batch", type=int, default=100, help="most events per publish request (default 100)")
+    p.add_argument("--ramp", type=float, default=1.0, help="seconds over which subscribers connect (default 1)")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for every subscriber before publishing anyway (default 30)",
+    )
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=10.0,
+        help="seconds to wait after publishing for the last events to arrive (default 10)",
+    )
+    p.add_argument(
+        "--retry-for",
+        type=float,
+        default=30.0,
+        help="seconds a publish request is retried before its events count as uncertain (default 30)",
+    )
+    p.add_argument("--seed", type=int, default=1, help="seeds the topic choice of each event (default 1)")
+    p.add_argument("--procs", type=int, default=1, help="subscriber worker processes (default 1)")
+    p.add_argument("--json", type=Path, dest="json_path", metavar="PATH", help="write the full result as JSON")
+    p.add_argument("--report", type=Path, dest="report_path", metavar="PATH", help="write an HTML report")
+    p.add_argument("--kill-node-at", type=float, metavar="SECONDS", help="SIGKILL a node of the local cluster")
+    p.add_argument("--kill-node", type=int, default=0, metavar="INDEX", help="which node to kill (default 0)")
+    p.add_argument("--restart-node-after", type=float, metavar="SECONDS", help="start the killed node again")
+    p.add_argument("--restart-redis-at", type=float, metavar="SECONDS", help="restart the cluster's redis-server")
+    p.add_argument(
+        "--cluster-dir",
+        type=Path,
+        default=ROOT / ".run" / "cluster",
+        help="the local cluster's run directory, for faults (default .run/cluster)",
+    )
+    p.add_argument("--allow-remote", action="store_true", help="allow targets that are not this machine")
+    p.add_argument("--quiet", action="store_true", help="no live progress on stderr")
+    return p  # fmt: skip
+
+
+def from_args(argv: list[str] | None = None) -> LoadConfig:
+    """A checked :class:`LoadConfig` from the command line; exits with status 2 and a message on bad input."""
+    p = parser()
+    args = p.parse_args(argv)
+    topics = args.subscribers if args.topics == "each" else int(args.topics)
+    config = LoadConfig(
+        targets=[t.rstrip("/") for t in (args.targets or [DEFAULT_TARGET])],
+        subscribers=args.subscribers,
+        topics=topics,
+        per_conn=args.per_conn,
+        rate=args.rate,
+        duration=args.duration,
+        payload=args.payload,
+        publish=args.publish,
+        redis_url=args.redis_url,
+        publishers=args.publishers,
+        batch=args.batch,
+        ramp=args.ramp,
+        connect_timeout=args.connect_timeout,
+        drain=args.drain,
+        retry_for=args.retry_for,
+        seed=args.seed,
+        procs=args.procs,
+        json_path=args.json_path,
+        report_path=args.report_path,
+        kill_node_at=args.kill_node_at,
+        kill_node=args.kill_node,
+        restart_node_after=args.restart_node_after,
+        restart_redis_at=args.restart_redis_at,
+        cluster_dir=args.cluster_dir,
+        allow_remote=args.allow_remote,
+        progress=not args.quiet,
+    )
+    problems = [
+        ("--subscribers", config.subscribers >= 0),
+        ("--topics-per-conn", 1 <= config.per_conn <= 64),
+        ("--rate", config.rate > 0),
+        ("--duration", 0 < config.duration <= 24 * 3600),
+        ("--payload", 0 <= config.payload <= 1_000_000),
+        ("--publishers", config.publishers >= 1),
+        ("--batch", 1 <= config.batch <= 1000),
+        ("--procs", 1 <= config.procs <= 64),
+        ("--ramp", config.ramp >= 0),
+        ("--drain", config.drain >= 0),
+        ("--retry-for", config.retry_for >= 0),
+        ("--connect-timeout", config.connect_timeout > 0),
+    ]
+    for option, ok in problems:
+        if not ok:
+            p.error(f"{option} is out of range")
+    if config.restart_node_after is not None and config.kill_node_at is None:
+        p.error("--restart-node-after needs --kill-node-at")
+    try:
+        check_targets(config)
+    except ValueError as exc:
+        p.error(str(exc))
+    return config

@@ -1,0 +1,233 @@
+"""The load tool's producer: events at a steady rate, each numbered per topic, and a ledger of what was accepted.
+
+Publishing is split into *lanes*, each owning a disjoint set of topics and
+sending one request at a time. One request in flight per topic is what
+makes "out of order" meaningful: two concurrent requests for one topic have
+no order to keep. A lane that falls behind its schedule (a slow answer, an
+outage) sends the overdue events in batches of up to ``batch``, which the
+publish endpoint takes atomically and in order.
+
+Every request carries an ``Idempotency-Key`` and is retried with it until it
+is answered, refused (4xx) or ``retry_for`` seconds have passed. So an event
+is *accepted* (201), *refused* (4xx), or *uncertain* (never confirmed: it
+may or may not have been published). Only accepted events count as lost
+when they do not arrive; uncertain ones are reported but never counted as
+loss, nor as a surprise when they do arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+
+from broker.base import Message, RetentionPolicy
+from broker.redis import RedisBroker
+from workers.loadtest.histogram import Histogram
+from workers.loadtest.wire import payload
+
+
+class Sender(Protocol):
+    """Publishes events somewhere: HTTP (:class:`HttpSender`) or Redis (:class:`RedisSender`)."""
+
+    async def __call__(self, items: list[tuple[int, int]], sent_ns: int, key: str) -> int | str:
+        """Publish ``(topic index, seq)`` events stamped ``sent_ns`` under ``key``.
+
+        Returns the HTTP status (201: accepted) or the name of the error that
+        left the outcome unknown.
+        """
+
+    async def close(self) -> None: ...
+
+
+_RETRYABLE = {408, 425, 429}
+
+
+@dataclass
+class Ledger:
+    """What was published: per topic the last sequence number, and what was not accepted."""
+
+    topics: int
+    next_seq: list[int] = field(default_factory=list)
+    unaccepted: dict[int, set[int]] = field(default_factory=dict)
+    accepted = 0
+    refused = 0
+    uncertain = 0
+    requests = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    latency: Histogram = field(default_factory=Histogram)  # request time of accepted publishes, µs
+    accepted_at: Counter[int] = field(default_factory=Counter)  # events accepted per second of the run
+    errors_at: Counter[int] = field(default_factory=Counter)  # failed requests per second of the run
+    outcomes: list[tuple[float, bool]] = field(default_factory=list)  # (seconds into the run, ok) per request
+    t0: float = 0.0  # time.monotonic() when publishing started
+
+    def __post_init__(self) -> None:
+        self.next_seq = [1] * self.topics
+
+    def take(self, topic: int) -> int:
+        seq = self.next_seq[topic]
+        self.next_seq[topic] = seq + 1
+        return seq
+
+    def last(self) -> dict[int, int]:
+        """Highest sequence number handed out per topic (accepted or not)."""
+        return {t: n - 1 for t, n in enumerate(self.next_seq) if n > 1}
+
+    def last_accepted(self) -> dict[int, int]:
+        out = {}
+        for topic, last in self.last().items():
+            refused = self.unaccepted.get(topic, set())
+            seq = last
+            while seq in refused:
+                seq -= 1
+            if seq > 0:
+                out[topic] = seq
+        return out
+
+    def _now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def ok(self, items: Sequence[tuple[int, int]], seconds: float) -> None:
+        self.requests += 1
+        self.accepted += len(items)
+        self.latency.record(int(seconds * 1_000_000))
+        now = self._now()
+        self.accepted_at[int(now)] += len(items)
+        self.outcomes.append((now, True))
+
+    def failed(self, status: int | str) -> None:
+        self.requests += 1
+        self.errors[str(status)] += 1
+        now = self._now()
+        self.errors_at[int(now)] += 1
+        self.outcomes.append((now, False))
+
+    def give_up(self, items: Sequence[tuple[int, int]], refused: bool) -> None:
+        for topic, seq in items:
+            self.unaccepted.setdefault(topic, set()).add(seq)
+        if refused:
+            self.refused += len(items)
+        else:
+            self.uncertain += len(items)
+
+
+class HttpSender:
+    """``POST /publish`` with a JSON array, round-robin over the targets, moving on when one is down."""
+
+    def __init__(self, targets: list[str], names: list[str], size: int, lane: int) -> None:
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0))
+        self.targets = targets
+        self.names = names
+        self.size = size
+        self.at = lane % len(targets)
+
+    async def __call__(self, items: list[tuple[int, int]], sent_ns: int, key: str) -> int | str:
+        body = json.dumps(
+            [{"topic": self.names[t], "data": payload(t, seq, sent_ns, self.size)} for t, seq in items],
+            separators=(",", ":"),
+        )
+        url = f"{self.targets[self.at]}/publish"
+        try:
+            response = await self.client.post(
+                url, content=body, headers={"content-type": "application/json", "idempotency-key": key}
+            )
+        except httpx.HTTPError as exc:
+            self.at = (self.at + 1) % len(self.targets)
+            return type(exc).__name__
+        return response.status_code
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class RedisSender:
+    """Straight to Redis through the broker's publish script, as ``workers.produce`` does."""
+
+    def __init__(self, redis_url: str, names: list[str], size: int, retention: RetentionPolicy) -> None:
+        self.broker = RedisBroker(redis_url, retention)
+        self.names = names
+        self.size = size
+
+    async def __call__(self, items: list[tuple[int, int]], sent_ns: int, key: str) -> int | str:
+        messages = [Message(self.names[t], payload(t, seq, sent_ns, self.size)) for t, seq in items]
+        try:
+            await self.broker.publish(messages, key)
+        except Exception as exc:  # BrokerUnavailable, redis-py's ConnectionError and friends: retry
+            return type(exc).__name__
+        return 201
+
+    async def close(self) -> None:
+        await self.broker.close()
+
+
+@dataclass
+class Lane:
+    """One sequential publisher for its own topics, at ``rate`` events/s for ``duration`` seconds."""
+
+    index: int
+    topics: list[int]
+    rate: float
+    duration: float
+    batch: int
+    retry_for: float
+    run_id: str
+    seed: int
+    ledger: Ledger
+    send: Sender
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        rng = random.Random(self.seed * 7919 + self.index)
+        start = self.ledger.t0
+        sent = 0
+        requests = 0
+        while True:
+            elapsed = time.monotonic() - start
+            if elapsed >= self.duration or self.stopping.is_set():
+                return
+            due = min(int(self.rate * elapsed) + 1, int(self.rate * self.duration)) - sent
+            if due <= 0:
+                if sent >= int(self.rate * self.duration):
+                    return
+                await asyncio.sleep(max(0.0, sent / self.rate - elapsed))
+                continue
+            count = min(due, self.batch)
+            topics = self.topics
+            items = [(t, self.ledger.take(t)) for t in (rng.choice(topics) for _ in range(count))]
+            requests += 1
+            await self.publish(items, f"{self.run_id}-{self.index}-{requests}")
+            sent += count
+
+    async def publish(self, items: list[tuple[int, int]], key: str) -> None:
+        """Until accepted, refused, or ``retry_for`` is up; the events keep their first attempt's time."""
+        sent_ns = time.time_ns()
+        give_up_at = time.monotonic() + self.retry_for
+        delay = 0.05
+        while True:
+            started = time.monotonic()
+            status = await self.send(items, sent_ns, key)
+            if status in (200, 201):
+                self.ledger.ok(items, time.monotonic() - started)
+                return
+            self.ledger.failed(status)
+            if isinstance(status, int) and 400 <= status < 500 and status not in _RETRYABLE:
+                self.ledger.give_up(items, refused=True)
+                return
+            if time.monotonic() + delay > give_up_at:
+                self.ledger.give_up(items, refused=False)
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def lanes_for(topics: int, lanes: int) -> list[list[int]]:
+    """Topic indices per lane: topic ``t`` belongs to lane ``t % lanes``."""
+    lanes = max(1, min(lanes, topics))
+    return [list(range(i, topics, lanes)) for i in range(lanes)]

@@ -1,0 +1,197 @@
+"""``--report report.html``: one self-contained page with the run's plots and tables.
+
+Plotly draws the plots; its JavaScript is embedded once in the page, so the
+file opens anywhere, offline, and can be mailed around. Every figure comes
+from the result document (the same one ``--json`` writes), so a report can
+also be drawn later from a saved result: ``python -m workers.loadtest.report
+result.json report.html``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.subplots import make_subplots
+
+_LAYOUT: dict[str, Any] = {
+    "template": "plotly_white",
+    "height": 360,
+    "margin": {"l": 60, "r": 20, "t": 50, "b": 50},
+    "legend": {"orientation": "h", "y": -0.2},
+}
+
+
+def _fault_lines(fig: go.Figure, result: dict[str, Any]) -> None:
+    for fault in result["faults"]:
+        for step in fault["steps"]:
+            fig.add_vline(x=step["at_s"], line_dash="dash", line_color="#c0392b",
+                          annotation_text=step["what"], annotation_position="top right",
+                          annotation_font={"color": "#c0392b", "size": 11})  # fmt: skip
+
+
+def latency_cdf(result: dict[str, Any]) -> go.Figure:
+    points = result["latency_cdf"]
+    fig = go.Figure(go.Scatter(x=[max(p[0], 0.001) for p in points], y=[p[1] * 100 for p in points],
+                               mode="lines", line_shape="hv", name="publish -> deliver"))  # fmt: skip
+    for row, (label, key) in enumerate((("p50", "p50"), ("p99", "p99"), ("p99.9", "p99_9"))):
+        value = max(result["latency_ms"][key], 0.001)
+        fig.add_vline(x=value, line_dash="dot", line_color="#888")
+        # An annotation on a log axis is placed in log10 units (a shape is not).
+        fig.add_annotation(x=math.log10(value), y=0.3 - 0.12 * row, yref="paper", xanchor="right", showarrow=False,
+                           text=f"{label} {value:.1f} ms ", font={"color": "#555", "size": 11})  # fmt: skip
+    fig.update_layout(title="Latency, publish to deliver: cumulative distribution", **_LAYOUT)
+    fig.update_xaxes(title="milliseconds (log)", type="log")
+    fig.update_yaxes(title="% of deliveries at or below", range=[0, 100.5])
+    return fig
+
+
+_BINS_PER_DECADE = 20
+
+
+def latency_histogram(result: dict[str, Any]) -> go.Figure:
+    """The histogram's fine buckets, regrouped into 20 bins per decade for the eye."""
+    shares: dict[int, float] = {}
+    previous = 0.0
+    for value, fraction in result["latency_cdf"]:
+        key = math.floor(math.log10(max(value, 0.001)) * _BINS_PER_DECADE)
+        shares[key] = shares.get(key, 0.0) + (fraction - previous) * 100
+        previous = fraction
+    keys = sorted(shares)
+    centres = [10 ** ((k + 0.5) / _BINS_PER_DECADE) for k in keys]
+    fig = go.Figure(go.Bar(x=centres, y=[shares[k] for k in keys], name="deliveries",
+                           hovertemplate="%{x:.2f} ms: %{y:.2f} %<extra></extra>"))  # fmt: skip
+    fig.update_layout(title="Latency histogram", bargap=0.05, **_LAYOUT)
+    fig.update_xaxes(title="milliseconds (log)", type="log")
+    fig.update_yaxes(title="% of deliveries")
+    return fig
+
+
+def deliveries_over_time(result: dict[str, Any]) -> go.Figure:
+    timeline = result["timeline"]
+    seconds = [row["t"] for row in timeline]
+    nodes = [n["node"] for n in result["nodes"]]
+    fig = go.Figure()
+    for node in nodes:
+        fig.add_trace(go.Scatter(x=seconds, y=[row["by_node"].get(node, 0) for row in timeline], name=node,
+                                 mode="lines", stackgroup="deliveries"))  # fmt: skip
+    fig.add_trace(go.Scatter(x=seconds, y=[row["published"] for row in timeline], name="published (events/s)",
+                             mode="lines", yaxis="y2", line={"color": "black", "dash": "dot"}))  # fmt: skip
+    errors = [row["publish_errors"] for row in timeline]
+    if any(errors):
+        fig.add_trace(go.Bar(x=seconds, y=errors, name="publish errors", yaxis="y2", marker_color="#c0392b"))
+    fig.update_layout(title="Deliveries per second, by node", **_LAYOUT,
+                      yaxis2={"title": "published / errors per s", "overlaying": "y", "side": "right"})  # fmt: skip
+    fig.update_xaxes(title="seconds since publishing started")
+    fig.update_yaxes(title="deliveries per s")
+    _fault_lines(fig, result)
+    return fig
+
+
+def latency_over_time(result: dict[str, Any]) -> go.Figure:
+    timeline = [row for row in result["timeline"] if row["delivered"]]
+    seconds = [row["t"] for row in timeline]
+    fig = go.Figure()
+    for key, name in (("p50_ms", "p50"), ("p99_ms", "p99"), ("max_ms", "max")):
+        fig.add_trace(go.Scatter(x=seconds, y=[row[key] for row in timeline], name=name, mode="lines+markers"))
+    fig.update_layout(title="Latency over time (per second of delivery)", **_LAYOUT)
+    fig.update_xaxes(title="seconds since publishing started")
+    fig.update_yaxes(title="milliseconds", rangemode="tozero")
+    _fault_lines(fig, result)
+    return fig
+
+
+def per_node(result: dict[str, Any]) -> go.Figure:
+    nodes = result["nodes"]
+    names = [n["node"] for n in nodes]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("deliveries", "connects", "p99 latency, ms"))
+    fig.add_trace(go.Bar(x=names, y=[n["deliveries"] for n in nodes], name="deliveries"), row=1, col=1)
+    fig.add_trace(go.Bar(x=names, y=[n["connects"] for n in nodes], name="connects"), row=1, col=2)
+    fig.add_trace(go.Bar(x=names, y=[n["latency_ms"]["p99"] for n in nodes], name="p99 ms"), row=1, col=3)
+    fig.update_layout(title="Per node (from X-Node-Id)", showlegend=False, **{**_LAYOUT, "height": 340})
+    return fig
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _facts(result: dict[str, Any]) -> str:
+    c, p, d = result["config"], result["publish"], result["delivery"]
+    lat, conn = result["latency_ms"], result["connections"]
+    rows = [
+        ("target", ", ".join(c["targets"]) + f" (publish via {c['publish']})"),
+        ("load", f"{c['subscribers']:,} subscribers, {c['topics']:,} topic(s), {c['rate']:,.0f} events/s "
+                 f"for {c['duration']:g} s, {c['payload']} B"),
+        ("published", f"{p['accepted']:,} accepted ({p['rate']:,.0f}/s), {p['refused']:,} refused, "
+                      f"{p['uncertain']:,} uncertain; errors {p['errors'] or 'none'}"),
+        ("delivered", f"{d['delivered']:,} of {d['expected']:,} expected, {d['per_second']:,.0f} events/s"),
+        ("lost / duplicated / out of order", f"{d['lost']:,} / {d['duplicated']:,} / {d['out_of_order']:,}"),
+        ("latency ms p50 / p90 / p99 / p99.9 / max",
+         f"{lat['p50']:.1f} / {lat['p90']:.1f} / {lat['p99']:.1f} / {lat['p99_9']:.1f} / {lat['max']:.1f}"),
+        ("connect ms p50 / p99", f"{conn['connect_ms']['p50']:.1f} / {conn['connect_ms']['p99']:.1f}"),
+        ("connections", f"{conn['connected']:,}/{conn['subscribers']:,}, {conn['reconnects']:,} reconnects, "
+                        f"resets {conn['resets'] or 'none'}"),
+    ]  # fmt: skip
+    for fault in result["faults"]:
+        steps = ", ".join(f"{s['what']} at {s['at_s']:.1f} s" for s in fault["steps"])
+        rows.append(("fault", f"{steps}: {fault['subscribers_disconnected']:,} subscribers disconnected, back "
+                              f"after {fault['subscribers_back_after_s']} s; publishing back after "
+                              f"{fault['publishing_back_after_s']} s"))  # fmt: skip
+    rows += [("tool warning", w) for w in result["tool"]["warnings"]]
+    return _table(rows)
+
+
+_STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; }
+.verdict { font-size: 1.25em; font-weight: 600; padding: 0.5em 0.8em; border-radius: 6px; margin: 1em 0; }
+.pass { background: #e6f4ea; color: #1e6b34; } .fail { background: #fdecea; color: #a12a1d; }
+table { border-collapse: collapse; margin: 1em 0; } th, td { text-align: left; padding: 0.25em 1em 0.25em 0; }
+th { font-weight: 500; color: #555; } .plot { margin: 1.5em 0; }
+"""
+
+
+def render(result: dict[str, Any]) -> str:
+    """The report page, plotly.js included once."""
+    figures = [latency_cdf(result), latency_histogram(result), deliveries_over_time(result),
+               latency_over_time(result), per_node(result)]  # fmt: skip
+    plots = []
+    for index, fig in enumerate(figures):
+        div = pio.to_html(fig, full_html=False, include_plotlyjs=index == 0, config={"displaylogo": False})
+        plots.append(f'<div class="plot">{div}</div>')
+    verdict = result["verdict"]
+    verdict_html = (
+        '<div class="verdict pass">PASS: every accepted event reached every subscriber once, in order</div>'
+        if verdict["pass"]
+        else f'<div class="verdict fail">FAIL: {html.escape("; ".join(verdict["reasons"]))}</div>'
+    )
+    title = f"Herald load test {result['started_at']}"
+    return (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<div>run {html.escape(result['config']['run_id'])}</div>{verdict_html}{_facts(result)}"
+        f"{''.join(plots)}</body></html>"
+    )
+
+
+def write_report(result: dict[str, Any], path: Path) -> None:
+    path.write_text(render(result), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        sys.exit("usage: python -m workers.loadtest.report RESULT.json REPORT.html")
+    write_report(json.loads(Path(args[0]).read_text()), Path(args[1]))
+
+
+if __name__ == "__main__":
+    main()

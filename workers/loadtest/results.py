@@ -1,0 +1,334 @@
+"""Adding up what the workers and the publisher measured: the live line, the result, the summary table.
+
+The result is one JSON document (``--json``), described by
+``result.schema.json`` beside this module; the summary table and the HTML
+report are both drawn from it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from workers.loadtest.config import LoadConfig
+from workers.loadtest.faults import Fault
+from workers.loadtest.histogram import Histogram
+from workers.loadtest.publisher import Ledger
+
+SCHEMA_PATH = Path(__file__).with_name("result.schema.json")
+SCHEMA_ID = "herald-loadtest/1"
+SATURATED_CPU = 0.9
+"""A process above this share of a core is saturated: the latencies it measures include its own delay."""
+
+
+class Aggregate:
+    """Running totals from the workers' progress messages, and their final results."""
+
+    def __init__(self, workers: int) -> None:
+        self.latency = Histogram()
+        self.by_node: dict[str, Histogram] = defaultdict(Histogram)
+        self.timeline: dict[int, dict[str, Histogram]] = defaultdict(lambda: defaultdict(Histogram))
+        self.live: list[dict[str, Any]] = [{} for _ in range(workers)]
+        self.cpu_samples: list[list[float]] = [[] for _ in range(workers)]
+        self.lag_p99_ms: list[float] = [0.0] * workers
+        self.results: list[dict[str, Any]] = []
+
+    def add_buckets(self, buckets: list[list[Any]]) -> None:
+        for node, sec, data in buckets:
+            histogram = Histogram.from_json(data)
+            self.latency.merge(histogram)
+            self.by_node[node].merge(histogram)
+            self.timeline[int(sec)][node].merge(histogram)
+
+    def on_message(self, worker: int, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind in ("ready", "progress"):
+            self.live[worker] = message
+            if kind == "progress":
+                self.add_buckets(message["buckets"])
+                self.cpu_samples[worker].append(message["cpu"])
+                self.lag_p99_ms[worker] = message["lag_p99_ms"]
+        elif kind == "result":
+            self.add_buckets(message["buckets"])
+            self.results.append(message)
+
+    def total(self, key: str) -> int:
+        return sum(int(m.get(key, 0)) for m in self.live)
+
+
+def progress_line(elapsed: float, ledger: Ledger, aggregate: Aggregate, last: dict[str, float]) -> str:
+    """One line of the live display: rates since the previous line, totals, p99 so far, errors."""
+    delivered = aggregate.latency.count
+    accepted = ledger.accepted
+    span = max(elapsed - last.get("t", 0.0), 1e-6)
+    deliver_rate = (delivered - last.get("delivered", 0)) / span
+    publish_rate = (accepted - last.get("accepted", 0)) / span
+    last.update(t=elapsed, delivered=delivered, accepted=accepted)
+    cpu = [samples[-1] for samples in aggregate.cpu_samples if samples]
+    errors = sum(ledger.errors.values())
+    return (
+        f"[{elapsed:6.1f}s] publish {publish_rate:8,.0f}/s ({accepted:,} ok, {errors:,} err)"
+        f" | deliver {deliver_rate:10,.0f}/s ({delivered:,})"
+        f" | p99 {aggregate.latency.percentile(99) / 1000:7.1f} ms"
+        f" | open {aggregate.total('connected'):,} reconnects {aggregate.total('reconnects'):,}"
+        f" resets {aggregate.total('resets'):,}"
+        f" | cpu {' '.join(f'{c:.0%}' for c in cpu) or '-'}"
+    )
+
+
+def _cpu_summary(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {"mean": 0.0, "max": 0.0}
+    return {"mean": round(sum(samples) / len(samples), 3), "max": round(max(samples), 3)}
+
+
+def build(
+    config: LoadConfig,
+    ledger: Ledger,
+    aggregate: Aggregate,
+    faults: list[Fault],
+    *,
+    started_at: str,
+    t0_ns: int,
+    publish_seconds: float,
+    publisher_cpu: list[float],
+    open_files: tuple[int, int],
+) -> dict[str, Any]:
+    """The whole result, as written by ``--json``."""
+    subscribers = sorted((s for r in aggregate.results for s in r["subscribers"]), key=lambda s: s["index"])
+    counted = [s for s in subscribers if not s["late"]]
+    lost = sum(s["lost"] for s in counted)
+    duplicated = sum(s["duplicated"] for s in subscribers)
+    out_of_order = sum(s["out_of_order"] for s in subscribers)
+    expected = sum(s["expected"] for s in counted)
+    delivered = sum(s["delivered"] for s in subscribers)
+    never = sum(1 for s in subscribers if not s["connected"])
+    late = sum(1 for s in subscribers if s["connected"] and s["late"])
+    last_delivery_ns = max((r["last_delivery_ns"] for r in aggregate.results), default=0)
+    delivery_seconds = max((last_delivery_ns - t0_ns) / 1e9, publish_seconds, 1e-6)
+
+    connect_time = Histogram()
+    connects: Counter[str] = Counter()
+    connect_errors: Counter[str] = Counter()
+    reset_reasons: Counter[str] = Counter()
+    lag = Histogram()
+    for r in aggregate.results:
+        connect_time.merge(Histogram.from_json(r["connect_time"]))
+        lag.merge(Histogram.from_json(r["lag"]))
+        connects.update(r["connects"])
+        connect_errors.update(r["connect_errors"])
+        reset_reasons.update(r["reset_reasons"])
+
+    nodes = [
+        {
+            "node": node,
+            "connects": connects.get(node, 0),
+            "subscribers_at_end": sum(1 for s in subscribers if s["node"] == node),
+            "deliveries": histogram.count,
+            "latency_ms": histogram.summary_ms(),
+        }
+        for node, histogram in sorted(aggregate.by_node.items())
+    ]
+    seconds = sorted(set(aggregate.timeline) | set(ledger.accepted_at) | set(ledger.errors_at))
+    timeline = []
+    for sec in seconds:
+        per_node = aggregate.timeline.get(sec, {})
+        merged = Histogram()
+        for histogram in per_node.values():
+            merged.merge(histogram)
+        timeline.append(
+            {
+                "t": sec,
+                "published": ledger.accepted_at.get(sec, 0),
+                "publish_errors": ledger.errors_at.get(sec, 0),
+                "delivered": merged.count,
+                "p50_ms": merged.percentile(50) / 1000,
+                "p99_ms": merged.percentile(99) / 1000,
+                "max_ms": merged.max / 1000,
+                "by_node": {node: h.count for node, h in sorted(per_node.items())},
+            }
+        )
+
+    worker_cpu = [_cpu_summary(samples) for samples in aggregate.cpu_samples]
+    publisher = _cpu_summary(publisher_cpu)
+    warnings = []
+    for i, cpu in enumerate(worker_cpu):
+        if cpu["max"] >= SATURATED_CPU:
+            warnings.append(
+                f"subscriber worker {i} reached {cpu['max']:.0%} of a core: latencies include the tool's own "
+                "delay; run again with more --procs"
+            )
+    if publisher["max"] >= SATURATED_CPU:
+        warnings.append(f"the publisher reached {publisher['max']:.0%} of a core: the publish rate is the tool's limit")
+    achieved = ledger.accepted / max(publish_seconds, 1e-6)
+    if ledger.accepted + ledger.refused + ledger.uncertain < 0.95 * config.rate * config.duration:
+        warnings.append(
+            f"published {achieved:,.0f} events/s of the {config.rate:,.0f} asked: "
+            "the target (or the publisher) could not keep up"
+        )
+    if lag.percentile(99) > 50_000:
+        warnings.append(f"subscriber event loops lagged {lag.percentile(99) / 1000:.0f} ms (p99): the tool is busy")
+    if any(r["fd_exhausted"] for r in aggregate.results):
+        warnings.append(
+            f"ran out of file descriptors (open-files limit {open_files[0]}, hard limit {open_files[1]}): "
+            "raise it (ulimit -n) or spread subscribers with --procs"
+        )
+
+    fault_reports = [_fault_report(f, subscribers, ledger, t0_ns) for f in faults]
+    reasons = []
+    if lost:
+        reasons.append(f"{lost:,} accepted events lost")
+    if duplicated:
+        reasons.append(f"{duplicated:,} events delivered twice")
+    if out_of_order:
+        reasons.append(f"{out_of_order:,} events out of order")
+    if never:
+        reasons.append(f"{never:,} subscribers never connected")
+    if late:
+        reasons.append(f"{late:,} subscribers connected only after publishing started")
+    if ledger.accepted == 0:
+        reasons.append("no event was accepted")
+
+    return {
+        "schema": SCHEMA_ID,
+        "started_at": started_at,
+        "config": config.to_json(),
+        "verdict": {"pass": not reasons, "reasons": reasons},
+        "publish": {
+            "attempted": sum(ledger.last().values()),
+            "accepted": ledger.accepted,
+            "refused": ledger.refused,
+            "uncertain": ledger.uncertain,
+            "requests": ledger.requests,
+            "seconds": round(publish_seconds, 3),
+            "rate": round(achieved, 1),
+            "errors": dict(sorted(ledger.errors.items())),
+            "latency_ms": ledger.latency.summary_ms(),
+        },
+        "delivery": {
+            "expected": expected,
+            "delivered": delivered,
+            "lost": lost,
+            "duplicated": duplicated,
+            "out_of_order": out_of_order,
+            "unexpected_topic": sum(s["unknown"] for s in subscribers),
+            "subscribers_with_loss": sum(1 for s in counted if s["lost"]),
+            "seconds": round(delivery_seconds, 3),
+            "per_second": round(delivered / delivery_seconds, 1),
+        },
+        "latency_ms": aggregate.latency.summary_ms(),
+        "latency_cdf": [[v / 1000, round(f, 6)] for v, f in aggregate.latency.cumulative()],
+        "connections": {
+            "subscribers": config.subscribers,
+            "connected": sum(1 for s in subscribers if s["connected"]),
+            "never_connected": never,
+            "late": late,
+            "connects": sum(connects.values()),
+            "reconnects": sum(s["reconnects"] for s in subscribers),
+            "resets": dict(sorted(reset_reasons.items())),
+            "errors": dict(sorted(connect_errors.items())),
+            "connect_ms": connect_time.summary_ms(),
+        },
+        "nodes": nodes,
+        "timeline": timeline,
+        "faults": fault_reports,
+        "tool": {
+            "procs": config.procs,
+            "publisher_cpu": publisher,
+            "worker_cpu": worker_cpu,
+            "loop_lag_ms": lag.summary_ms(),
+            "open_files": {"soft": open_files[0], "hard": open_files[1]},
+            "warnings": warnings,
+        },
+        "subscribers": [{k: v for k, v in s.items() if k not in ("gaps", "down_at")} for s in subscribers],
+    }
+
+
+def _fault_report(fault: Fault, subscribers: list[dict[str, Any]], ledger: Ledger, t0_ns: int) -> dict[str, Any]:
+    at = fault.began if fault.began is not None else fault.at
+    start = t0_ns / 1e9 + at
+    downs = [(a, b) for s in subscribers for a, b in s["gaps"] if a >= start - 0.5]
+    still_down = sum(1 for s in subscribers if s["down_at"] and s["down_at"] >= start - 0.5)
+    failures = [t for t, ok in ledger.outcomes if not ok and t >= at]
+    publish_back = None
+    if failures:
+        later = [t for t, ok in ledger.outcomes if ok and t > failures[-1]]
+        publish_back = round(later[0] - at, 3) if later else None
+    return {
+        "kind": fault.kind,
+        "at_s": round(at, 3),
+        "steps": [{"what": what, "at_s": t} for what, t in fault.done],
+        "subscribers_disconnected": len(downs) + still_down,
+        "subscribers_not_back": still_down,
+        "subscribers_back_after_s": round(max(b for _, b in downs) - start, 3) if downs else None,
+        "publish_errors": len(failures),
+        "publishing_back_after_s": publish_back if failures else 0.0,
+    }
+
+
+def _ms(value: float) -> str:
+    return f"{value:,.1f}"
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    """The table printed at the end of a run."""
+    c, p, d = result["config"], result["publish"], result["delivery"]
+    lat, conn = result["latency_ms"], result["connections"]
+    topics = c["topics"]
+    lines = [
+        f"Herald load test {result['started_at']}  run {c['run_id']}",
+        f"  target        {', '.join(c['targets'])}   publish via {c['publish']}",
+        f"  load          {c['subscribers']:,} subscribers, {topics:,} topic(s), {c['per_conn']} per connection, "
+        f"{c['rate']:,.0f} events/s for {c['duration']:g} s, {c['payload']} B payload",
+        "",
+        f"  published     {p['accepted']:,} accepted ({p['rate']:,.0f}/s), {p['refused']:,} refused, "
+        f"{p['uncertain']:,} uncertain, {p['requests']:,} requests, errors {p['errors'] or 'none'}",
+        f"  publish time  p50 {_ms(p['latency_ms']['p50'])} ms  p99 {_ms(p['latency_ms']['p99'])} ms",
+        f"  delivered     {d['delivered']:,} of {d['expected']:,} expected, {d['per_second']:,.0f} events/s",
+        f"  lost          {d['lost']:,}   duplicated {d['duplicated']:,}   out of order {d['out_of_order']:,}"
+        f"   (subscribers with loss: {d['subscribers_with_loss']:,})",
+        "",
+        "  latency ms    p50      p90      p99      p99.9    max",
+        f"  publish->deliver {lat['p50']:<8.1f} {lat['p90']:<8.1f} {lat['p99']:<8.1f} {lat['p99_9']:<8.1f} "
+        f"{lat['max']:.1f}",
+        f"  connect      {conn['connect_ms']['p50']:<8.1f} {conn['connect_ms']['p90']:<8.1f} "
+        f"{conn['connect_ms']['p99']:<8.1f} {conn['connect_ms']['p99_9']:<8.1f} {conn['connect_ms']['max']:.1f}",
+        "",
+        f"  connections   {conn['connected']:,}/{conn['subscribers']:,} connected, {conn['reconnects']:,} reconnects, "
+        f"resets {conn['resets'] or 'none'}, errors {conn['errors'] or 'none'}",
+        "",
+        "  node            connects  at end   deliveries   p50 ms   p99 ms   max ms",
+    ]
+    for node in result["nodes"]:
+        nl = node["latency_ms"]
+        lines.append(
+            f"  {node['node']:<15} {node['connects']:>8,} {node['subscribers_at_end']:>7,} {node['deliveries']:>12,}"
+            f" {nl['p50']:>8.1f} {nl['p99']:>8.1f} {nl['max']:>8.1f}"
+        )
+    for fault in result["faults"]:
+        steps = ", ".join(f"{s['what']} at {s['at_s']:.1f}s" for s in fault["steps"])
+        back = fault["subscribers_back_after_s"]
+        lines += [
+            "",
+            f"  fault         {steps}",
+            f"                {fault['subscribers_disconnected']:,} subscribers disconnected, "
+            f"back after {back if back is not None else '-'} s; {fault['publish_errors']:,} publish errors, "
+            f"publishing back after {fault['publishing_back_after_s']} s",
+        ]
+    tool = result["tool"]
+    cpu = ", ".join(f"{w['max']:.0%}" for w in tool["worker_cpu"])
+    lines += [
+        "",
+        f"  tool          {tool['procs']} worker(s), peak cpu {cpu}; publisher {tool['publisher_cpu']['max']:.0%}; "
+        f"loop lag p99 {tool['loop_lag_ms']['p99']:.1f} ms",
+    ]
+    lines += [f"  WARNING       {w}" for w in tool["warnings"]]
+    verdict = result["verdict"]
+    lines += ["", "  PASS: no accepted event lost" if verdict["pass"] else f"  FAIL: {'; '.join(verdict['reasons'])}"]
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(result, indent=1) + "\n")

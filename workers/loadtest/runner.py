@@ -1,0 +1,233 @@
+"""One load run, start to end: workers up, subscribers in, publish, faults, drain, add up.
+
+Every phase has a bound, so a run always ends by itself: connecting within
+``ramp + connect_timeout``, publishing for ``duration`` (plus ``retry_for``
+for a request still being retried), draining for at most ``drain``, and
+the workers' final reports within :data:`FINISH_TIMEOUT`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from broker.base import RetentionPolicy
+from workers.loadtest.config import LoadConfig, raise_open_files
+from workers.loadtest.faults import Fault, inject, load_cluster
+from workers.loadtest.publisher import HttpSender, Lane, Ledger, RedisSender, Sender, lanes_for
+from workers.loadtest.results import Aggregate, build, progress_line
+from workers.loadtest.worker import CpuMeter
+
+FINISH_TIMEOUT = 30.0
+FILES_PER_SUBSCRIBER = 1
+SPARE_FILES = 256
+
+
+class WorkerProcess:
+    """A ``workers.loadtest.worker`` child: its subscribers, its pipe, its messages."""
+
+    def __init__(self, index: int, process: asyncio.subprocess.Process, aggregate: Aggregate) -> None:
+        self.index = index
+        self.process = process
+        self.aggregate = aggregate
+        self.ready = asyncio.Event()
+        self.caught_up = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.reader = asyncio.create_task(self._read())
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        await self.process.stdin.drain()
+
+    async def _read(self) -> None:
+        assert self.process.stdout is not None
+        try:
+            while line := await self.process.stdout.readline():
+                message = json.loads(line)
+                self.aggregate.on_message(self.index, message)
+                kind = message["type"]
+                if kind == "ready":
+                    self.ready.set()
+                elif kind == "caught_up":
+                    self.caught_up.set()
+                elif kind == "result":
+                    self.finished.set()
+        finally:
+            # A worker that dies sets everything, so the run does not wait for it.
+            self.ready.set()
+            self.caught_up.set()
+            self.finished.set()
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.process.wait(), 5)
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        self.reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.reader
+
+
+async def _spawn(config: LoadConfig, aggregate: Aggregate) -> list[WorkerProcess]:
+    workers = []
+    for index in range(config.procs):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "workers.loadtest.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=1 << 26,
+        )
+        worker = WorkerProcess(index, process, aggregate)
+        subscribers = []
+        for i in range(index, config.subscribers, config.procs):
+            target = config.targets[i % len(config.targets)].removeprefix("http://")
+            topics = config.topics_of(i)
+            path = "/events?" + "&".join(f"topic={config.topic_name(t)}" for t in topics)
+            subscribers.append([i, target, path, topics])
+        setup = {
+            "worker": index,
+            "subscribers": subscribers,
+            "ramp": config.ramp,
+            "connect_timeout": config.connect_timeout,
+        }
+        await worker.send({"setup": setup})
+        workers.append(worker)
+    return workers
+
+
+def _faults(config: LoadConfig) -> list[Fault]:
+    faults = []
+    if config.kill_node_at is not None:
+        faults.append(Fault("kill-node", config.kill_node_at, config.kill_node, config.restart_node_after))
+    if config.restart_redis_at is not None:
+        faults.append(Fault("restart-redis", config.restart_redis_at))
+    return faults
+
+
+def _sender(config: LoadConfig, lane: int) -> Sender:
+    names = [config.topic_name(t) for t in range(config.topics)]
+    if config.publish == "redis":
+        assert config.redis_url is not None
+        return RedisSender(config.redis_url, names, config.payload, RetentionPolicy())
+    return HttpSender(config.targets, names, config.payload, lane)
+
+
+async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``config`` and return the result (see :func:`workers.loadtest.results.build`)."""
+    open_files = raise_open_files(config.subscribers * FILES_PER_SUBSCRIBER + SPARE_FILES)
+    per_proc = -(-config.subscribers // config.procs)
+    if per_proc + SPARE_FILES > open_files[0]:
+        raise SystemExit(
+            f"cannot open {per_proc:,} connections in one process: the open-files limit is {open_files[0]:,} "
+            f"(hard limit {open_files[1]:,}); raise it (ulimit -n) or use more --procs"
+        )
+    faults = _faults(config)
+    cluster = load_cluster(config.cluster_dir) if faults else None
+    started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    aggregate = Aggregate(config.procs)
+    ledger = Ledger(config.topics)
+    workers = await _spawn(config, aggregate)
+    senders: list[Sender] = []
+    try:
+        say(f"connecting {config.subscribers:,} subscribers to {', '.join(config.targets)} ...")
+        wait = config.ramp + config.connect_timeout + 10
+        await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in workers)), wait)
+        ready = aggregate.total("ready")
+        if ready < config.subscribers:
+            say(f"only {ready:,} of {config.subscribers:,} subscribers connected; publishing anyway")
+
+        # Publishing starts: the timeline's zero, for the workers and the faults alike.
+        t0_ns = time.time_ns()
+        ledger.t0 = time.monotonic()
+        for worker in workers:
+            await worker.send({"cmd": "go", "t0_ns": t0_ns})
+        topic_lanes = lanes_for(config.topics, config.publishers)
+        lanes = []
+        for index, topics in enumerate(topic_lanes):
+            send = _sender(config, index)
+            senders.append(send)
+            rate = config.rate * len(topics) / config.topics
+            lanes.append(
+                Lane(
+                    index=index,
+                    topics=topics,
+                    rate=rate,
+                    duration=config.duration,
+                    batch=config.batch,
+                    retry_for=config.retry_for,
+                    run_id=config.run_id,
+                    seed=config.seed,
+                    ledger=ledger,
+                    send=send,
+                )
+            )
+        cpu = CpuMeter()
+        publisher_cpu: list[float] = []
+        assert cluster is not None or not faults
+        fault_tasks = [asyncio.create_task(inject(cluster, f, ledger.t0)) for f in faults if cluster is not None]
+        publishing = asyncio.gather(*(lane.run() for lane in lanes))
+        shown: dict[str, float] = {}
+
+        def show(note: str = "") -> None:
+            elapsed = time.monotonic() - ledger.t0
+            if config.progress and elapsed - shown.get("t", 0.0) >= 0.9:
+                say(progress_line(elapsed, ledger, aggregate, shown) + note)
+
+        while True:
+            done, _ = await asyncio.wait([publishing], timeout=1.0)
+            publisher_cpu.append(cpu.take())
+            show()
+            if done:
+                break
+        publishing.result()
+        publish_seconds = time.monotonic() - ledger.t0
+        for task in fault_tasks:
+            await task  # a fault set after the end of publishing still happens, and is waited for
+
+        # Drain: every subscriber should get the last accepted event of each of its topics.
+        last = ledger.last()
+        for worker in workers:
+            await worker.send({"cmd": "expect", "last": ledger.last_accepted()})
+        drain_until = time.monotonic() + config.drain
+        draining = asyncio.gather(*(w.caught_up.wait() for w in workers))
+        while True:
+            drained, _ = await asyncio.wait([draining], timeout=min(1.0, max(0.0, drain_until - time.monotonic())))
+            show("  (draining)")
+            if drained or time.monotonic() >= drain_until:
+                break
+        draining.cancel()
+
+        unaccepted = {t: sorted(s) for t, s in ledger.unaccepted.items()}
+        for worker in workers:
+            await worker.send({"cmd": "finish", "last": last, "unaccepted": unaccepted})
+        await asyncio.wait_for(asyncio.gather(*(w.finished.wait() for w in workers)), FINISH_TIMEOUT)
+        if len(aggregate.results) < len(workers):
+            raise RuntimeError("a subscriber worker died before reporting; see its error above")
+        return build(
+            config,
+            ledger,
+            aggregate,
+            faults,
+            started_at=started_at,
+            t0_ns=t0_ns,
+            publish_seconds=publish_seconds,
+            publisher_cpu=publisher_cpu,
+            open_files=open_files,
+        )
+    finally:
+        for send in senders:
+            with contextlib.suppress(Exception):
+                await send.close()
+        for worker in workers:
+            await worker.stop()

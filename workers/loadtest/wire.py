@@ -1,0 +1,113 @@
+"""What the load tool puts on the wire and reads back: HTTP/1.1 framing and its event payload.
+
+Everything here works on bytes in bulk. A subscriber gets many events per
+read (the server coalesces them), so it splits whole frames off with
+``rfind`` and pulls every payload out of a block with one compiled regex:
+the per-event Python work is three ``int()`` calls.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PAYLOAD = re.compile(rb"^data: (\d+) (\d+) (\d+)", re.M)
+"""A load event's data line: ``<topic index> <sequence> <publish time, ns since the epoch> <padding>``."""
+
+_FIELD_END = re.compile(rb"[\r\n]")
+
+
+def payload(topic: int, seq: int, sent_ns: int, size: int) -> str:
+    """The data of one load event, padded with ``x`` to ``size`` bytes (never shorter than its fields)."""
+    head = f"{topic} {seq} {sent_ns} "
+    return head + "x" * max(0, size - len(head))
+
+
+class ChunkedDecoder:
+    """Incremental HTTP/1.1 chunked transfer decoding: feed raw bytes, get body bytes."""
+
+    __slots__ = ("_left", "_raw", "_skip", "done")
+
+    def __init__(self) -> None:
+        self._raw = b""
+        self._left = 0  # body bytes left in the current chunk
+        self._skip = 0  # CRLF bytes after a chunk still to drop
+        self.done = False  # the last (zero-size) chunk arrived
+
+    def feed(self, raw: bytes) -> bytes:
+        data = self._raw + raw if self._raw else raw
+        out: list[bytes] = []
+        pos = 0
+        end = len(data)
+        while pos < end and not self.done:
+            if self._skip:
+                dropped = min(self._skip, end - pos)
+                pos += dropped
+                self._skip -= dropped
+            elif self._left:
+                take = min(self._left, end - pos)
+                out.append(data[pos : pos + take])
+                pos += take
+                self._left -= take
+                if not self._left:
+                    self._skip = 2
+            else:
+                line_end = data.find(b"\r\n", pos)
+                if line_end < 0:
+                    break
+                self._left = int(data[pos:line_end].split(b";")[0], 16)
+                pos = line_end + 2
+                if not self._left:
+                    self.done = True
+        self._raw = data[pos:] if not self.done else b""
+        return b"".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    headers: dict[str, str]
+
+    @property
+    def chunked(self) -> bool:
+        return "chunked" in self.headers.get("transfer-encoding", "").lower()
+
+
+def parse_head(raw: bytes) -> ResponseHead:
+    """The status and headers (lower-cased names) of an HTTP/1.x response head, without its blank line."""
+    lines = raw.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP response: {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return ResponseHead(int(parts[1]), headers)
+
+
+def last_field(block: bytes, name: bytes) -> bytes | None:
+    """The value of the last ``name: value`` line in ``block`` (complete frames), if any."""
+    at = block.rfind(b"\n" + name)
+    if at < 0:
+        if not block.startswith(name):
+            return None
+        at = -1
+    start = at + 1 + len(name)
+    match = _FIELD_END.search(block, start)
+    value = block[start : match.start() if match else len(block)]
+    return value[1:] if value.startswith(b" ") else value
+
+
+def get_request(host: str, path: str, last_event_id: str | None) -> bytes:
+    """An EventSource's request: ``Accept: text/event-stream``, ``Last-Event-ID`` when resuming."""
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: {host}",
+        "Accept: text/event-stream",
+        "Cache-Control: no-cache",
+    ]
+    if last_event_id is not None:
+        lines.append(f"Last-Event-ID: {last_event_id}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
