@@ -197,23 +197,23 @@ class Cluster:
         """Send ``sig`` to the named process (by its pid) and wait for it to exit."""
         process = self.processes.pop(name, None)
         pid_file = self.run_dir / f"{name}.pid"
-        if process is None:
-            if not pid_file.exists():
-                return
-            pid = int(pid_file.read_text())
-            # A pid file can outlive its process (a reboot, a crash) and the pid
-            # be reused: only signal a process that is still the one we started.
-            if _is_ours(pid, name):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-                    wait_until(lambda: not _alive(pid), name, timeout)
-        elif process.poll() is None:
+        if process is not None and process.poll() is None:
             process.send_signal(sig)
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        elif pid_file.exists():
+            # Started by another program (`make cluster`, or the load tool
+            # restarting a node), or restarted since our own child died.
+            pid = int(pid_file.read_text())
+            # A pid file can outlive its process (a reboot, a crash) and the pid
+            # be reused: only signal a process that is still the one we started.
+            if (process is None or pid != process.pid) and _is_ours(pid, name):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+                    wait_until(lambda: not _alive(pid), name, timeout)
         pid_file.unlink(missing_ok=True)
 
     def kill_node(self, index: int) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from ops.cluster import Cluster
@@ -19,3 +21,21 @@ def test_regression_stale_pid_file_never_signals_someone_elses_process(tmp_path:
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_regression_a_node_restarted_by_another_program_is_stopped_too(tmp_path: Path) -> None:
+    # The load tool's --restart-node-after starts a node again and writes its
+    # pid file; stopping the cluster used to forget it (our own child was dead).
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    restarted = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "-m", "api"])
+    try:
+        (tmp_path / "node-0.pid").write_text(f"{restarted.pid}\n")
+        cluster = Cluster(tmp_path, node_ports=[1], redis_port=1)
+        cluster.processes["node-0"] = dead
+        cluster.stop()  # returns once the node is gone (a zombie of this test counts as gone)
+        assert restarted.wait(10) == -signal.SIGTERM
+        assert not (tmp_path / "node-0.pid").exists()
+    finally:
+        restarted.kill()
+        restarted.wait()
