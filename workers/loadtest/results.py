@@ -112,6 +112,7 @@ def build(
     connect_time = Histogram()
     connects: Counter[str] = Counter()
     connect_errors: Counter[str] = Counter()
+    drops: Counter[str] = Counter()
     reset_reasons: Counter[str] = Counter()
     lag = Histogram()
     for r in aggregate.results:
@@ -119,6 +120,7 @@ def build(
         lag.merge(Histogram.from_json(r["lag"]))
         connects.update(r["connects"])
         connect_errors.update(r["connect_errors"])
+        drops.update(r["drops"])
         reset_reasons.update(r["reset_reasons"])
 
     nodes = [
@@ -229,6 +231,7 @@ def build(
             "reconnects": sum(s["reconnects"] for s in subscribers),
             "resets": dict(sorted(reset_reasons.items())),
             "errors": dict(sorted(connect_errors.items())),
+            "dropped": dict(sorted(drops.items())),
             "connect_ms": connect_time.summary_ms(),
         },
         "nodes": nodes,
@@ -297,7 +300,8 @@ def summary_table(result: dict[str, Any]) -> str:
         f"{conn['connect_ms']['p99']:<8.1f} {conn['connect_ms']['p99_9']:<8.1f} {conn['connect_ms']['max']:.1f}",
         "",
         f"  connections   {conn['connected']:,}/{conn['subscribers']:,} connected, {conn['reconnects']:,} reconnects, "
-        f"resets {conn['resets'] or 'none'}, errors {conn['errors'] or 'none'}",
+        f"resets {conn['resets'] or 'none'}",
+        f"                connect errors {conn['errors'] or 'none'}, open streams ended {conn['dropped'] or 'none'}",
         "",
         "  node            connects  at end   deliveries   p50 ms   p99 ms   max ms",
     ]

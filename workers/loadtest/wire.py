@@ -11,8 +11,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-PAYLOAD = re.compile(rb"^data: (\d+) (\d+) (\d+)", re.M)
-"""A load event's data line: ``<topic index> <sequence> <publish time, ns since the epoch> <padding>``."""
+DATA_LINE = b"\ndata: "
+"""What starts each data line (every frame starts with ``id:``, so a data line follows a line break).
+
+A load event's data is ``<topic index> <sequence> <publish time, ns since the epoch> <padding>``.
+"""
 
 _FIELD_END = re.compile(rb"[\r\n]")
 
@@ -35,6 +38,17 @@ class ChunkedDecoder:
         self.done = False  # the last (zero-size) chunk arrived
 
     def feed(self, raw: bytes) -> bytes:
+        if not (self._raw or self._left or self._skip):
+            # The common case, one whole chunk per read: a few slices, no loop.
+            line_end = raw.find(b"\r\n")
+            if 0 < line_end < 9:  # "1f40\r\n": no extensions, a sane size
+                try:
+                    size = int(raw[:line_end], 16)
+                except ValueError:
+                    size = 0
+                end = line_end + 2 + size
+                if size and len(raw) == end + 2 and raw.endswith(b"\r\n"):
+                    return raw[line_end + 2 : end]
         data = self._raw + raw if self._raw else raw
         out: list[bytes] = []
         pos = 0

@@ -171,6 +171,7 @@ class Worker:
             "connect_time": _hist_json(recorder.connect_time),
             "connects": dict(recorder.connects),
             "connect_errors": dict(recorder.connect_errors),
+            "drops": dict(recorder.drops),
             "reset_reasons": dict(recorder.reset_reasons),
             "reconnects": recorder.reconnects,
             "fd_exhausted": recorder.fd_exhausted,
