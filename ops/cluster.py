@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -45,6 +46,10 @@ def render_nginx(template: str, front_port: int, node_ports: list[int], run_dir:
     servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=5s;" for p in node_ports)
     text = re.sub(r"^\s*server api:8000[^\n]*$", servers, template, flags=re.M)
     text = re.sub(r"^(\s*)listen 8080;", rf"\1listen 127.0.0.1:{front_port};", text, flags=re.M)
+    # Workers may not raise their limit past this machine's hard limit.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY:
+        text = re.sub(r"worker_rlimit_nofile \d+;", f"worker_rlimit_nofile {min(65536, hard)};", text)
     text = text.replace("error_log /dev/stderr warn;", f"error_log {run_dir}/logs/nginx-error.log warn;")
     text = text.replace("pid /tmp/herald-nginx.pid;", f"pid {run_dir}/nginx.own-pid;")
     text = text.replace("/tmp/herald-nginx-body", f"{run_dir}/nginx-body")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import resource
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from ops.cluster import Cluster
+from ops.cluster import NGINX_TEMPLATE, Cluster, render_nginx
 
 
 def test_regression_stale_pid_file_never_signals_someone_elses_process(tmp_path: Path) -> None:
@@ -39,3 +41,11 @@ def test_regression_a_node_restarted_by_another_program_is_stopped_too(tmp_path:
     finally:
         restarted.kill()
         restarted.wait()
+
+
+def test_rendered_nginx_asks_for_no_more_open_files_than_this_machine_allows(tmp_path: Path) -> None:
+    text = render_nginx(NGINX_TEMPLATE.read_text(), 8080, [8001], tmp_path)
+    match = re.search(r"worker_rlimit_nofile (\d+);", text)
+    assert match is not None
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert int(match.group(1)) <= (hard if hard != resource.RLIM_INFINITY else 65536)
