@@ -13,6 +13,7 @@ from workers.loadtest.histogram import Histogram, bucket_bounds, bucket_of
 from workers.loadtest.publisher import Ledger, lanes_for
 from workers.loadtest.subscriber import Recorder, Subscriber
 from workers.loadtest.wire import ChunkedDecoder, last_field, parse_head, payload
+from workers.loadtest.worker import MachineCpu
 
 # -- histogram ---------------------------------------------------------------------------
 
@@ -187,3 +188,10 @@ def test_bad_options_exit_with_status_2(argv: list[str], capsys: pytest.CaptureF
         from_args(argv)
     assert exited.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_machine_cpu_is_a_share_of_all_cpus() -> None:
+    meter = MachineCpu()
+    sum(i * i for i in range(200_000))  # some work, so that time passes on the CPU counters
+    busy = meter.take()
+    assert busy is None or 0.0 <= busy <= 1.0

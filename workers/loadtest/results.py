@@ -94,6 +94,7 @@ def build(
     t0_ns: int,
     publish_seconds: float,
     publisher_cpu: list[float],
+    machine_cpu: list[float],
     open_files: tuple[int, int],
 ) -> dict[str, Any]:
     """The whole result, as written by ``--json``."""
@@ -170,8 +171,17 @@ def build(
             f"published {achieved:,.0f} events/s of the {config.rate:,.0f} asked: "
             "the target (or the publisher) could not keep up"
         )
+    machine = _cpu_summary(machine_cpu)
+    if machine["mean"] >= SATURATED_CPU:
+        warnings.append(
+            f"this machine's CPUs were {machine['mean']:.0%} busy on average while publishing: the servers and the "
+            "tool competed for cores, so these figures are this machine's, not the servers' alone"
+        )
     if lag.percentile(99) > 50_000:
-        warnings.append(f"subscriber event loops lagged {lag.percentile(99) / 1000:.0f} ms (p99): the tool is busy")
+        warnings.append(
+            f"the subscriber event loops woke up to {lag.percentile(99) / 1000:.0f} ms late (p99): latencies "
+            "include the tool's own delay (more --procs helps only where cores are free)"
+        )
     if any(r["fd_exhausted"] for r in aggregate.results):
         warnings.append(
             f"ran out of file descriptors (open-files limit {open_files[0]}, hard limit {open_files[1]}): "
@@ -240,6 +250,7 @@ def build(
         "tool": {
             "procs": config.procs,
             "publisher_cpu": publisher,
+            "machine_cpu_busy": machine,
             "worker_cpu": worker_cpu,
             "loop_lag_ms": lag.summary_ms(),
             "open_files": {"soft": open_files[0], "hard": open_files[1]},
@@ -326,7 +337,7 @@ def summary_table(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"  tool          {tool['procs']} worker(s), peak cpu {cpu}; publisher {tool['publisher_cpu']['max']:.0%}; "
-        f"loop lag p99 {tool['loop_lag_ms']['p99']:.1f} ms",
+        f"loop lag p99 {tool['loop_lag_ms']['p99']:.1f} ms; machine CPUs {tool['machine_cpu_busy']['mean']:.0%} busy",
     ]
     lines += [f"  WARNING       {w}" for w in tool["warnings"]]
     verdict = result["verdict"]

@@ -22,7 +22,7 @@ from workers.loadtest.config import LoadConfig, raise_open_files
 from workers.loadtest.faults import Fault, inject, load_cluster
 from workers.loadtest.publisher import HttpSender, Lane, Ledger, RedisSender, Sender, lanes_for
 from workers.loadtest.results import Aggregate, build, progress_line
-from workers.loadtest.worker import CpuMeter
+from workers.loadtest.worker import CpuMeter, MachineCpu
 
 FINISH_TIMEOUT = 30.0
 FILES_PER_SUBSCRIBER = 1
@@ -173,7 +173,9 @@ async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[st
                 )
             )
         cpu = CpuMeter()
+        machine = MachineCpu()
         publisher_cpu: list[float] = []
+        machine_cpu: list[float] = []
         assert cluster is not None or not faults
         fault_tasks = [asyncio.create_task(inject(cluster, f, ledger.t0)) for f in faults if cluster is not None]
         publishing = asyncio.gather(*(lane.run() for lane in lanes))
@@ -187,6 +189,9 @@ async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[st
         while True:
             done, _ = await asyncio.wait([publishing], timeout=1.0)
             publisher_cpu.append(cpu.take())
+            busy = machine.take()
+            if busy is not None:
+                machine_cpu.append(busy)
             show()
             if done:
                 break
@@ -223,6 +228,7 @@ async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[st
             t0_ns=t0_ns,
             publish_seconds=publish_seconds,
             publisher_cpu=publisher_cpu,
+            machine_cpu=machine_cpu,
             open_files=open_files,
         )
     finally:

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from workers.loadtest.histogram import Histogram
@@ -61,6 +62,34 @@ class CpuMeter:
         share = (cpu - self._cpu) / max(wall - self._wall, 1e-6)
         self._cpu, self._wall = cpu, wall
         return share
+
+
+class MachineCpu:
+    """How busy this machine's CPUs are (all of them, every program), from /proc/stat, between calls.
+
+    When the whole machine is busy, the tool and the servers share cores:
+    the figures are what this machine can do with both, not the servers alone.
+    """
+
+    def __init__(self) -> None:
+        self._last = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    def take(self) -> float | None:
+        """Busy share of all CPUs since the last call (0-1), or None where /proc/stat is missing."""
+        now = self._read()
+        last, self._last = self._last, now
+        if now is None or last is None or now[0] == last[0]:
+            return None
+        return 1 - (now[1] - last[1]) / (now[0] - last[0])
 
 
 async def measure_lag(histogram: Histogram, period: float = 0.05) -> None:
