@@ -15,6 +15,12 @@ from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_TARGET = "http://127.0.0.1:8080"
+SYSTEMS = {
+    "herald": "POST /publish (JSON batches), GET /events?topic=...",
+    "nchan": "POST /pub/<topic> (one event per request), GET /sub/<topic>",
+    "sse-starlette": "POST /publish?topic=<topic> (one event per request), GET /events?topic=<topic>",
+}
+"""Systems the tool can drive, and how it publishes and subscribes on each."""
 
 
 @dataclass
@@ -22,6 +28,7 @@ class LoadConfig:
     """One run. Subscriber ``i`` takes topics ``(i*per_conn + j) % topics`` and target ``i % len(targets)``."""
 
     targets: list[str] = field(default_factory=lambda: [DEFAULT_TARGET])
+    system: str = "herald"  # or a peer of `make bench`: "nchan", "sse-starlette"
     subscribers: int = 1000
     topics: int = 1
     per_conn: int = 1
@@ -51,6 +58,12 @@ class LoadConfig:
 
     def topic_name(self, index: int) -> str:
         return f"lt-{self.run_id}-{index}"
+
+    def subscribe_path(self, topics: list[int]) -> str:
+        """The subscription URL path of one connection, in the target system's shape."""
+        if self.system == "nchan":
+            return f"/sub/{self.topic_name(topics[0])}"
+        return "/events?" + "&".join(f"topic={self.topic_name(t)}" for t in topics)
 
     def topics_of(self, subscriber: int) -> list[int]:
         count = min(self.per_conn, self.topics)
@@ -130,6 +143,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="URL",
         help=f"the nginx front, or repeat for several nodes (default {DEFAULT_TARGET})",
     )
+    p.add_argument(
+        "--system",
+        choices=list(SYSTEMS),
+        default="herald",
+        help="what the target runs: herald, or a peer measured by `make bench` (default herald)",
+    )
     p.add_argument("--subscribers", type=int, default=1000, help="SSE connections (default 1000)")
     p.add_argument(
         "--topics", type=_topics, default="1", help="topics in the run, or 'each' for one per subscriber (default 1)"
@@ -198,6 +217,7 @@ def from_args(argv: list[str] | None = None) -> LoadConfig:
     topics = args.subscribers if args.topics == "each" else int(args.topics)
     config = LoadConfig(
         targets=[t.rstrip("/") for t in (args.targets or [DEFAULT_TARGET])],
+        system=args.system,
         subscribers=args.subscribers,
         topics=topics,
         per_conn=args.per_conn,
@@ -241,6 +261,12 @@ def from_args(argv: list[str] | None = None) -> LoadConfig:
     for option, ok in problems:
         if not ok:
             p.error(f"{option} is out of range")
+    if config.system != "herald":
+        if config.per_conn != 1:
+            p.error(f"{config.system} takes one topic per connection: --topics-per-conn 1")
+        if config.publish != "http":
+            p.error(f"{config.system} is published to over HTTP only")
+        config.batch = 1  # one event per request: neither peer takes batches
     if config.restart_node_after is not None and config.kill_node_at is None:
         p.error("--restart-node-after needs --kill-node-at")
     try:

@@ -119,25 +119,35 @@ class Ledger:
 
 
 class HttpSender:
-    """``POST /publish`` with a JSON array, round-robin over the targets, moving on when one is down."""
+    """Publishes over HTTP, round-robin over the targets, moving on when one is down.
 
-    def __init__(self, targets: list[str], names: list[str], size: int, lane: int) -> None:
+    Herald takes a JSON array (one atomic batch); the peers of ``make bench``
+    take one event per request, its data as the raw body.
+    """
+
+    def __init__(self, targets: list[str], names: list[str], size: int, lane: int, system: str = "herald") -> None:
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0))
         self.targets = targets
         self.names = names
         self.size = size
+        self.system = system
         self.at = lane % len(targets)
 
+    def _request(self, items: list[tuple[int, int]], sent_ns: int) -> tuple[str, str]:
+        if self.system == "herald":
+            body = [{"topic": self.names[t], "data": payload(t, seq, sent_ns, self.size)} for t, seq in items]
+            return "/publish", json.dumps(body, separators=(",", ":"))
+        (topic, seq), *rest = items
+        assert not rest, "one event per request"
+        path = f"/pub/{self.names[topic]}" if self.system == "nchan" else f"/publish?topic={self.names[topic]}"
+        return path, payload(topic, seq, sent_ns, self.size)
+
     async def __call__(self, items: list[tuple[int, int]], sent_ns: int, key: str) -> int | str:
-        body = json.dumps(
-            [{"topic": self.names[t], "data": payload(t, seq, sent_ns, self.size)} for t, seq in items],
-            separators=(",", ":"),
-        )
-        url = f"{self.targets[self.at]}/publish"
+        path, body = self._request(items, sent_ns)
+        headers = {"content-type": "application/json" if self.system == "herald" else "text/plain",
+                   "idempotency-key": key}  # fmt: skip
         try:
-            response = await self.client.post(
-                url, content=body, headers={"content-type": "application/json", "idempotency-key": key}
-            )
+            response = await self.client.post(f"{self.targets[self.at]}{path}", content=body, headers=headers)
         except httpx.HTTPError as exc:
             self.at = (self.at + 1) % len(self.targets)
             return type(exc).__name__

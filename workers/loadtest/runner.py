@@ -93,7 +93,7 @@ async def _spawn(config: LoadConfig, aggregate: Aggregate) -> list[WorkerProcess
         for i in range(index, config.subscribers, config.procs):
             target = config.targets[i % len(config.targets)].removeprefix("http://")
             topics = config.topics_of(i)
-            path = "/events?" + "&".join(f"topic={config.topic_name(t)}" for t in topics)
+            path = config.subscribe_path(topics)
             subscribers.append([i, target, path, topics])
         setup = {
             "worker": index,
@@ -120,7 +120,7 @@ def _sender(config: LoadConfig, lane: int) -> Sender:
     if config.publish == "redis":
         assert config.redis_url is not None
         return RedisSender(config.redis_url, names, config.payload, RetentionPolicy())
-    return HttpSender(config.targets, names, config.payload, lane)
+    return HttpSender(config.targets, names, config.payload, lane, config.system)
 
 
 async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[str, Any]:

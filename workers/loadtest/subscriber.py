@@ -274,7 +274,11 @@ class Subscriber:
         next_seq = self.next_seq
         delivered = 0
         lines = block.split(DATA_LINE)
-        for line in lines[1:] if len(lines) > 1 else ():
+        if lines[0].startswith(b"data: "):  # a frame without id: (a server with no resume)
+            lines[0] = lines[0][6:]
+        else:
+            del lines[0]
+        for line in lines:
             try:
                 topic_s, seq_s, sent_s, _ = line.split(b" ", 3)
                 topic = int(topic_s)

@@ -1,0 +1,180 @@
+"""The systems ``make bench`` measures, each started pinned to one core and stopped by pid.
+
+* **herald**: one node (``python -m api``), embedded broker; ``herald-redis``
+  the same node on the Redis broker, redis-server on the other core.
+* **nchan**: nginx with the nchan module (Debian's ``libnginx-mod-nchan``),
+  one worker process.
+* **sse-starlette**: sse-starlette + broadcaster (memory backend) on uvicorn,
+  from its own venv (``ops/bench/peer-requirements.txt``).
+
+Every server runs under ``taskset -c SERVER_CORE``; the load client runs on
+the other core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from ops.cluster import REDIS_SERVER, free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+BENCH_OPS = ROOT / "ops" / "bench"
+RUN_DIR = ROOT / ".run" / "bench"
+PEER_VENV = RUN_DIR / "peer-venv"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
+SERVER_CORE = 0
+CLIENT_CORE = 1
+
+
+def pinned(core: int, args: list[str]) -> list[str]:
+    taskset = shutil.which("taskset")
+    return [taskset, "-c", str(core), *args] if taskset else args
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("HERALD_") and k != "REDIS_URL"}
+
+
+def rss_bytes(pids: list[int]) -> int:
+    """Resident memory of these processes and all their descendants."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parts = stat.read_text().rpartition(")")[2].split()
+            children.setdefault(int(parts[1]), []).append(int(stat.parent.name))
+    total, todo, seen = 0, list(pids), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        todo += children.get(pid, [])
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
+@dataclass
+class System:
+    """A server under test: how to start it on a port, and how clients talk to it."""
+
+    name: str
+    loadtest_system: str  # the load tool's --system
+    port: int = 0
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.port = free_port()
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        args, env = self.command()
+        log = (RUN_DIR / f"{self.name}.log").open("ab")
+        self.processes.append(
+            subprocess.Popen(
+                pinned(SERVER_CORE, args),
+                cwd=ROOT,
+                env={**_clean_env(), **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        log.close()
+        wait_until(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, self.name, 30)
+
+    def server_pids(self) -> list[int]:
+        return [p.pid for p in self.processes[-1:]]
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        self.processes.clear()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[System]:
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+
+class Herald(System):
+    def __init__(self, redis: bool = False) -> None:
+        super().__init__("herald-redis" if redis else "herald", "herald")
+        self.redis = redis
+        self.redis_port = 0
+
+    def start(self) -> None:
+        if self.redis:
+            self.redis_port = free_port()
+            args = [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", "",
+                    "--appendonly", "no", "--daemonize", "no"]  # fmt: skip
+            # Redis on the client's core: the node keeps its core to itself.
+            self.processes.append(
+                subprocess.Popen(pinned(CLIENT_CORE, args), stdout=subprocess.DEVNULL, start_new_session=True)
+            )
+        super().start()
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        env = {"HERALD_HOST": "127.0.0.1", "HERALD_PORT": str(self.port), "HERALD_NODE_ID": self.name}
+        if self.redis:
+            env["REDIS_URL"] = f"redis://127.0.0.1:{self.redis_port}/0"
+        return [sys.executable, "-m", "api"], env
+
+
+class Nchan(System):
+    def __init__(self) -> None:
+        super().__init__("nchan", "nchan")
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        run_dir = RUN_DIR / "nchan"
+        (run_dir / "nchan-body").mkdir(parents=True, exist_ok=True)
+        conf = (BENCH_OPS / "nchan.conf").read_text()
+        conf = conf.replace("RUN_DIR", str(run_dir)).replace("PORT", str(self.port))
+        (run_dir / "nginx.conf").write_text(conf)
+        return [NGINX, "-p", str(run_dir), "-c", str(run_dir / "nginx.conf"), "-g", "daemon off;"], {}
+
+
+class SseStarlette(System):
+    def __init__(self) -> None:
+        super().__init__("sse-starlette", "sse-starlette")
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        python = str(PEER_VENV / "bin" / "python")
+        args = [python, "-m", "uvicorn", "peer_sse_starlette:app", "--app-dir", str(BENCH_OPS), "--host",
+                "127.0.0.1", "--port", str(self.port), "--loop", "uvloop", "--http", "httptools", "--log-level",
+                "warning", "--no-access-log"]  # fmt: skip
+        return args, {}
+
+
+def all_systems(with_redis: bool = True) -> list[System]:
+    systems: list[System] = [Herald(), Nchan(), SseStarlette()]
+    if with_redis:
+        systems.append(Herald(redis=True))
+    return systems
