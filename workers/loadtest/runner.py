@@ -147,16 +147,17 @@ async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[st
         if ready < config.subscribers:
             say(f"only {ready:,} of {config.subscribers:,} subscribers connected; publishing anyway")
 
+        topic_lanes = lanes_for(config.topics, config.publishers)
+        senders.extend(_sender(config, index) for index in range(len(topic_lanes)))
+        await asyncio.gather(*(send.warmup() for send in senders))
+
         # Publishing starts: the timeline's zero, for the workers and the faults alike.
         t0_ns = time.time_ns()
         ledger.t0 = time.monotonic()
         for worker in workers:
             await worker.send({"cmd": "go", "t0_ns": t0_ns})
-        topic_lanes = lanes_for(config.topics, config.publishers)
         lanes = []
-        for index, topics in enumerate(topic_lanes):
-            send = _sender(config, index)
-            senders.append(send)
+        for index, (topics, send) in enumerate(zip(topic_lanes, senders, strict=True)):
             rate = config.rate * len(topics) / config.topics
             lanes.append(
                 Lane(
