@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup system-deps lint demo bench loadtest cluster cluster-down clean
+.PHONY: run test setup system-deps lint demo bench bench-fanout loadtest cluster cluster-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV) || { ops/install-system-deps.sh && rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
@@ -35,8 +35,13 @@ lint: setup
 demo: setup
 	$(PY) -m workers.demo
 
-## Fan-out measurement: 1,000 subscribers on one topic of one node.
-bench: setup
+## Herald, nchan and sse-starlette side by side, each pinned to one core; writes docs/benchmarks.md.
+bench: system-deps setup
+	ops/bench/install.sh
+	$(PY) -m workers.bench
+
+## The quick fan-out measurement: 1,000 subscribers on one topic of one node.
+bench-fanout: setup
 	$(PY) -m workers.bench_fanout
 
 ## Load-test the cluster of `make cluster` (override with LOADTEST_ARGS="--subscribers 5000 ...").

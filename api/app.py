@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from api import errors
 from api.events import router as events_router
@@ -22,6 +23,7 @@ from api.middleware import NodeIdMiddleware
 from api.models import PublishEvent
 from api.publish import router as publish_router
 from api.settings import Settings
+from api.stream import DIRECT_WRITES
 from broker.base import Broker, BrokerUnavailable, IdempotencyConflict, RetentionPolicy
 from broker.factory import create_broker
 
@@ -50,7 +52,7 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
             await hub.close()
             await broker.close()
 
-    app = FastAPI(
+    app = HeraldApp(
         title="Herald",
         summary="Real-time push over Server-Sent Events",
         version="0.1.0",
@@ -66,6 +68,24 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
     app.include_router(health_router)
     _document_publish_body(app)
     return app
+
+
+class HeraldApp(FastAPI):
+    """The FastAPI app, noting per request whether streams may write to the socket directly.
+
+    The fast path of :mod:`api.connection` writes event bytes to the
+    server's transport without going through ``send``. That is only right
+    when every layer between the server and the stream leaves the body
+    alone. Inside this app that holds (its middleware only add headers); an
+    ASGI wrapper *around* the app might transform the body, and then its
+    ``send`` is not the server's own, which is what is checked here.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            server = getattr(receive, "__self__", None)
+            scope[DIRECT_WRITES] = server is not None and getattr(send, "__self__", None) is server
+        await super().__call__(scope, receive, send)
 
 
 def _document_publish_body(app: FastAPI) -> None:

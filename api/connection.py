@@ -5,6 +5,13 @@ Each client's own writer coroutine sends whatever has piled up as one write.
 So a slow client only grows its own queue; once that holds more than its byte
 budget the client is cut off (it can resume with ``Last-Event-ID``, the
 events are in the replay buffer) instead of holding memory or the hub back.
+
+The fast path (:class:`DirectWriter`): a live client whose socket is ready
+needs no writer task at all. Its queue is handed to the transport by the
+hub's flush, once per loop iteration for everything queued in it, so a
+batch of events is one write per client, and an event costs no task
+wake-up per client. The writer task only steps in when the socket pushes
+back (uvicorn pauses writing), so flow control is uvicorn's as before.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from enum import StrEnum
+from typing import Protocol
 
 from api.sse import HEARTBEAT
 
@@ -27,6 +35,16 @@ class Closed(StrEnum):
     """The node is shutting down; the client will reconnect elsewhere."""
 
 
+class DirectWriter(Protocol):
+    """Writes body bytes straight to a ready client socket, bypassing the ASGI ``send``."""
+
+    def ready(self) -> bool:
+        """Whether a write now would go out without waiting (connected, not paused)."""
+
+    def write(self, data: bytes) -> None:
+        """Write ``data`` as the next piece of the response body."""
+
+
 class Connection:
     """The hub's handle on one client.
 
@@ -39,9 +57,13 @@ class Connection:
 
     __slots__ = (
         "_chunks",
+        "_direct",
+        "_dirty",
         "_limit",
+        "_on_dirty",
         "_on_overflow",
         "_pending",
+        "_sending",
         "_size",
         "_wake",
         "active",
@@ -50,7 +72,13 @@ class Connection:
         "topics",
     )
 
-    def __init__(self, topics: tuple[str, ...], limit: int, on_overflow: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        topics: tuple[str, ...],
+        limit: int,
+        on_overflow: Callable[[], None] | None = None,
+        on_dirty: Callable[[Connection], None] | None = None,
+    ) -> None:
         self.topics = topics
         self.last_id = 0
         self.closed: Closed | None = None
@@ -61,6 +89,10 @@ class Connection:
         self._size = 0
         self._pending: list[tuple[int, bytes]] | None = []
         self._wake = asyncio.Event()
+        self._direct: DirectWriter | None = None  # set once live, when the server allows it
+        self._on_dirty = on_dirty  # the hub's "flush me this iteration"
+        self._dirty = False  # already in the hub's flush list
+        self._sending = False  # the writer task holds a chunk it has not written yet
 
     # -- fed by the hub (never awaits) -----------------------------------------
 
@@ -77,7 +109,41 @@ class Connection:
         self.last_id = event_id
         self._chunks.append(frame)
         self._grow(len(frame))
+        self._ready()
+
+    def _ready(self) -> None:
+        """Something is queued: have it written by the hub's flush, or else by the writer task."""
+        if self._direct is not None and self._on_dirty is not None:
+            if not self._dirty:
+                self._dirty = True
+                self._on_dirty(self)
+        else:
+            self._wake.set()
+
+    def flush(self) -> bool:
+        """Called by the hub once per loop iteration: write what is queued straight to the socket.
+
+        Only when nothing can be ahead of it: the writer task holds no chunk
+        and the socket takes writes now. Otherwise the writer task is woken
+        and sends through the server as usual (waiting for the socket).
+        Returns whether it wrote.
+        """
+        self._dirty = False
+        if self.closed is not None or not self._chunks:
+            return False
+        direct = self._direct
+        if direct is not None and not self._sending and direct.ready():
+            chunk = b"".join(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            direct.write(chunk)
+            return True
         self._wake.set()
+        return False
+
+    def go_direct(self, writer: DirectWriter) -> None:
+        """From now on (the stream is live) queued events may be written by :meth:`flush`."""
+        self._direct = writer
 
     def push(self, frame: bytes) -> None:
         """Queue bytes that carry no event id (a comment, a live-feed ``reset``)."""
@@ -130,12 +196,18 @@ class Connection:
             self.offer(event_id, frame)
 
     async def next_chunk(self) -> bytes | None:
-        """Wait for queued bytes and take them all as one chunk; None once closed."""
+        """Wait for queued bytes and take them all as one chunk; None once closed.
+
+        The caller must have sent the previous chunk before calling again:
+        until then, :meth:`flush` writes nothing (it would overtake it).
+        """
+        self._sending = False
         while self.closed is None:
             if self._chunks:
                 chunk = b"".join(self._chunks)
                 self._chunks.clear()
                 self._size = 0
+                self._sending = True
                 return chunk
             self._wake.clear()
             await self._wake.wait()

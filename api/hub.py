@@ -9,6 +9,11 @@ Per event the hub encodes the SSE frame once and hands the same bytes to each
 interested connection without awaiting anything (see
 :mod:`api.connection`). Events arrive from the broker in id order, so every
 connection's queue is in id order too, merged across its topics.
+
+Live connections that can be written to directly are flushed by the hub
+itself, once per event-loop iteration (``call_soon``): everything that
+arrived in one go (a published batch, a burst from the Redis feed) leaves
+as one write per client, with no task woken per client.
 """
 
 from __future__ import annotations
@@ -72,8 +77,10 @@ class Hub:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
         self._draining = False
+        self._dirty: list[Connection] = []  # connections with bytes for the next flush
         self.events_in = 0
         self.cutoffs = 0
+        self.direct_writes = 0  # writes made by the flush, not by a writer task
         self.connections_total = 0
 
     # -- lifecycle -------------------------------------------------------------
@@ -118,6 +125,18 @@ class Hub:
 
     # -- connections -----------------------------------------------------------
 
+    def _mark_dirty(self, connection: Connection) -> None:
+        if not self._dirty:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._dirty.append(connection)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        written = 0
+        for connection in dirty:
+            written += connection.flush()
+        self.direct_writes += written
+
     def _remember(self, event: Event) -> bytes:
         """The event's frame, encoded once and kept while the cache's byte budget allows."""
         frame = self._frames.get(event.id)
@@ -145,7 +164,7 @@ class Hub:
         """
         if self._draining:
             raise BrokerUnavailable("this node is shutting down")
-        connection = Connection(tuple(topics), self._client_buffer, on_overflow)
+        connection = Connection(tuple(topics), self._client_buffer, on_overflow, self._mark_dirty)
         self._attach(connection)
         try:
             await self._reconcile()
@@ -245,5 +264,6 @@ class Hub:
             "topics_subscribed": len(self._subscribed),
             "events_in": self.events_in,
             "cutoffs": self.cutoffs,
+            "direct_writes": self.direct_writes,
             "pending_tasks": len(self._tasks),
         }

@@ -45,6 +45,52 @@ def transport_aborter(receive: Receive) -> Callable[[], None] | None:
     return abort if callable(abort) else None
 
 
+class UvicornDirectWriter:
+    """Writes body chunks straight to uvicorn's transport, framed as uvicorn frames them.
+
+    Only built for uvicorn's httptools protocol once it has chosen chunked
+    encoding (it does for every stream: no Content-Length), so the bytes on
+    the wire are exactly what its ``send`` would have written. Readiness is
+    uvicorn's own flow control: a paused transport means the client is not
+    reading, and the writer task then sends (and waits) through ``send``.
+    """
+
+    __slots__ = ("_cycle", "_flow", "_transport")
+
+    def __init__(self, cycle: object) -> None:
+        self._cycle = cycle
+        self._transport = cycle.transport  # type: ignore[attr-defined]
+        self._flow = cycle.flow  # type: ignore[attr-defined]
+
+    def ready(self) -> bool:
+        return not (self._flow.write_paused or self._cycle.disconnected or self._transport.is_closing())  # type: ignore[attr-defined]
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+
+DIRECT_WRITES = "herald.direct_writes"
+"""Scope key: true when nothing outside the app wraps the server's ``send`` (set by :class:`api.app.HeraldApp`)."""
+
+
+def direct_writer(scope: Scope, receive: Receive) -> UvicornDirectWriter | None:
+    """A :class:`UvicornDirectWriter` when the server is uvicorn (httptools) streaming chunked, else None.
+
+    None too when something around the app wraps ``send`` (``herald.direct_writes``
+    unset): its changes to the body must not be bypassed.
+    """
+    if not scope.get(DIRECT_WRITES):
+        return None
+    cycle = getattr(receive, "__self__", None)
+    if cycle is None or type(cycle).__module__ != "uvicorn.protocols.http.httptools_impl":
+        return None
+    if getattr(cycle, "chunked_encoding", None) is not True or getattr(cycle, "response_complete", True):
+        return None
+    if not all(hasattr(cycle, name) for name in ("transport", "flow", "disconnected")):
+        return None
+    return UvicornDirectWriter(cycle)
+
+
 def _batches(frames: list[bytes]) -> Iterator[bytes]:
     batch: list[bytes] = []
     size = 0
@@ -96,6 +142,9 @@ class EventStreamResponse(Response):
                     break
                 await send({"type": "http.response.body", "body": batch, "more_body": True})
             connection.go_live(opened.position)
+            writer = direct_writer(scope, receive)
+            if writer is not None:
+                connection.go_direct(writer)
             while (chunk := await connection.next_chunk()) is not None:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if connection.closed is not Closed.DISCONNECTED:

@@ -154,3 +154,22 @@ def test_health_readiness_docs_and_page(node: Node) -> None:
     missing = httpx.get(f"{node.url}/no-such-page")
     assert missing.status_code == 404
     assert missing.headers["x-node-id"] == "test-node"
+
+
+async def _direct_writes(url: str) -> int:
+    async with httpx.AsyncClient() as client:
+        count: int = (await client.get(f"{url}/stats")).json()["hub"]["direct_writes"]
+        return count
+
+
+@pytest.mark.timeout(30)
+async def test_live_events_go_straight_to_the_socket_and_arrive_whole_and_in_order(node: Node, topic: str) -> None:
+    before = await _direct_writes(node.url)
+    async with await EventStream.open(node.url, [topic]) as stream:
+        for n in range(5):
+            batch = [{"topic": topic, "data": f"e{n}.{i}"} for i in range(3)]
+            assert (await publish(node.url, batch)).status_code == 201
+        events = await stream.take(15)
+    assert [e.data for e in events] == [f"e{n}.{i}" for n in range(5) for i in range(3)]
+    # Each published batch left as one write by the hub's flush, not by the stream's writer task.
+    assert await _direct_writes(node.url) >= before + 5
