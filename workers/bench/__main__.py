@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     wanted = args.systems.split(",")
     systems = [s for s in all_systems() if s.name in wanted]
-    plan = {1000: [50.0, 100.0, 150.0, 200.0, 300.0, 400.0], 5000: [10.0, 20.0, 30.0, 40.0, 60.0]}
+    plan = {1000: [50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0], 5000: [10.0, 20.0, 30.0, 40.0, 60.0, 80.0]}
     if args.quick:
         plan = {200: [20.0, 40.0]}
     results: dict[str, Any] = {

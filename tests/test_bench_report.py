@@ -1,0 +1,44 @@
+"""The benchmark's report (``make bench`` -> docs/benchmarks.md) is drawn from its results as measured."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from workers.bench.__main__ import ratio, render
+from workers.bench.systems import pinned
+
+
+def _system(delivered: float, p99: float, idle_kb: float) -> dict[str, Any]:
+    best = {"delivered_per_s": delivered, "p99_ms": p99}
+    return {
+        "throughput": {"1000": {"best": best, "steps": [{"rate": 100.0, **best, "ok": True}]}},
+        "latency": {"p99_ms": p99, "p50_ms": p99 / 2, "lost": 0},
+        "idle": {"kb_per_connection": idle_kb, "connect_all_s": 1.0},
+    }
+
+
+def test_ratios_say_how_many_times_better_herald_is() -> None:
+    assert ratio(300.0, 100.0) == "3.00x"
+    assert ratio(10.0, 40.0, higher_is_better=False) == "4.00x"  # a lower latency is better
+    assert ratio(None, 100.0) == "-"
+
+
+def test_the_table_puts_every_system_side_by_side_with_its_ratio() -> None:
+    results = {
+        "date": "2026-11-24 12:00 UTC",
+        "machine": "2 cores (test)",
+        "throughput_subscribers": [1000],
+        "systems": {"herald": _system(400_000, 50, 20), "nchan": _system(100_000, 100, 10)},
+    }
+    text = render(results)
+    row = next(line for line in text.splitlines() if line.startswith("| delivered events/s, 1,000"))
+    assert row == "| delivered events/s, 1,000 subscribers, zero loss | 400,000.0 | 100,000.0 | 4.00x |"
+    assert "| KB per idle connection | 20.0 | 10.0 | 0.50x |" in text
+    assert "2 cores (test)" in text
+
+
+def test_servers_and_client_are_pinned_to_their_own_cores() -> None:
+    taskset = shutil.which("taskset")
+    expected = [taskset, "-c", "0", "nginx"] if taskset else ["nginx"]
+    assert pinned(0, ["nginx"]) == expected
