@@ -8,9 +8,9 @@ events are in the replay buffer) instead of holding memory or the hub back.
 
 The fast path (:class:`DirectWriter`): a live client whose socket is ready
 needs no writer task at all. Its queue is handed to the transport by the
-hub's flush, once per loop iteration for everything queued in it, so a
-batch of events is one write per client, and an event costs no task
-wake-up per client. The writer task only steps in when the socket pushes
+hub's flush, everything queued since the last one in one write, so a batch
+of events is one write per client, and an event costs no task wake-up per
+client. The writer task only steps in when the socket pushes
 back (uvicorn pauses writing), so flow control is uvicorn's as before.
 """
 
@@ -121,7 +121,7 @@ class Connection:
             self._wake.set()
 
     def flush(self) -> bool:
-        """Called by the hub once per loop iteration: write what is queued straight to the socket.
+        """Called by the hub's flush: write what is queued straight to the socket.
 
         Only when nothing can be ahead of it: the writer task holds no chunk
         and the socket takes writes now. Otherwise the writer task is woken

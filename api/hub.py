@@ -11,9 +11,9 @@ interested connection without awaiting anything (see
 connection's queue is in id order too, merged across its topics.
 
 Live connections that can be written to directly are flushed by the hub
-itself, once per event-loop iteration (``call_soon``): everything that
-arrived in one go (a published batch, a burst from the Redis feed) leaves
-as one write per client, with no task woken per client.
+itself: everything queued since the last flush (a published batch, a burst
+from the Redis feed, or under load whatever arrived while the previous
+flush ran) leaves as one write per client, with no task woken per client.
 """
 
 from __future__ import annotations

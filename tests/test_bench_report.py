@@ -5,14 +5,19 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-from workers.bench.__main__ import ratio, render
+from workers.bench.__main__ import best_step, kept_up, ratio, render
 from workers.bench.systems import pinned
 
 
+def _step(rate: float, offered: float, delivered: float, p99: float, lost: int = 0) -> dict[str, Any]:
+    return {"rate": rate, "offered_per_s": offered, "delivered_per_s": delivered, "published_per_s": rate,
+            "lost": lost, "p99_ms": p99}  # fmt: skip
+
+
 def _system(delivered: float, p99: float, idle_kb: float) -> dict[str, Any]:
-    best = {"delivered_per_s": delivered, "p99_ms": p99}
+    steps = [_step(100, delivered, delivered, p99), _step(200, 2 * delivered, delivered, 10 * p99)]
     return {
-        "throughput": {"1000": {"best": best, "steps": [{"rate": 100.0, **best, "ok": True}]}},
+        "throughput": {"1000": {"steps": steps}},
         "latency": {"p99_ms": p99, "p50_ms": p99 / 2, "lost": 0},
         "idle": {"kb_per_connection": idle_kb, "connect_all_s": 1.0},
     }
@@ -36,6 +41,13 @@ def test_the_table_puts_every_system_side_by_side_with_its_ratio() -> None:
     assert row == "| delivered events/s, 1,000 subscribers, zero loss | 400,000.0 | 100,000.0 | 4.00x |"
     assert "| KB per idle connection | 20.0 | 10.0 | 0.50x |" in text
     assert "2 cores (test)" in text
+
+
+def test_a_step_that_fell_behind_or_lost_events_does_not_count() -> None:
+    steps = [_step(100, 1000, 1000, 5), _step(200, 2000, 1990, 6), _step(400, 4000, 3000, 9), _step(800, 8000, 8000, 9)]
+    assert best_step(steps) == steps[1]  # 3,000 of 4,000 offered: behind; what follows is not looked at
+    assert not kept_up(_step(100, 1000, 1000, 5, lost=1))
+    assert best_step([_step(100, 1000, 10, 5)]) is None
 
 
 def test_servers_and_client_are_pinned_to_their_own_cores() -> None:
