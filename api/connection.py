@@ -151,7 +151,7 @@ class Connection:
             return
         self._chunks.append(frame)
         self._grow(len(frame))
-        self._wake.set()
+        self._ready()
 
     def heartbeat(self) -> None:
         """Queue a comment unless something was queued since the last call."""

@@ -182,7 +182,12 @@ class Hub:
         connection = Connection(tuple(topics), self._client_buffer, on_overflow, self._mark_dirty)
         self._attach(connection)
         try:
-            await self._reconcile()
+            # Most clients join topics the broker already feeds: then there is
+            # nothing to reconcile, and no reason to queue on the lock (nor to
+            # walk every topic of the node) per connect. With the lock free no
+            # unsubscribe is under way, and any later one sees this client.
+            if self._sub_lock.locked() or not self._subscribed.issuperset(connection.topics):
+                await self._reconcile()
             opened = await self._open(connection, last_event_id)
         except BaseException:
             self.detach(connection)

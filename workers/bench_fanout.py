@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from ops.cluster import free_port, wait_until
+from workers.loadtest.wire import ChunkedDecoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,40 +71,6 @@ class Subscriber:
             self.tail = data[-3:]
         if self.target and self.events >= self.target:
             self.got.set()
-
-
-class ChunkedDecoder:
-    """Incremental HTTP/1.1 chunked transfer decoding (the body bytes only)."""
-
-    def __init__(self) -> None:
-        self._raw = b""
-        self._left = 0  # body bytes left in the current chunk
-        self._skip = 0  # CRLF bytes after a chunk still to drop
-
-    def feed(self, raw: bytes) -> bytes:
-        self._raw += raw
-        out = bytearray()
-        while self._raw:
-            if self._skip:
-                dropped = min(self._skip, len(self._raw))
-                self._raw = self._raw[dropped:]
-                self._skip -= dropped
-            elif self._left:
-                piece = self._raw[: self._left]
-                out += piece
-                self._raw = self._raw[len(piece) :]
-                self._left -= len(piece)
-                if not self._left:
-                    self._skip = 2
-            else:
-                line, sep, rest = self._raw.partition(b"\r\n")
-                if not sep:
-                    break
-                self._left = int(line.split(b";")[0], 16)
-                self._raw = rest
-                if not self._left:
-                    break
-        return bytes(out)
 
 
 async def subscribe(host: str, port: int, topic: str, sub: Subscriber, ready: asyncio.Event) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.bench.systems import CLIENT_CORE, ROOT, SERVER_CORE, System, all_systems, pinned, rss_bytes
+from workers.loadtest.config import subscribe_path
 from workers.loadtest.histogram import Histogram
 from workers.loadtest.subscriber import Recorder, Subscriber
 
@@ -75,9 +76,8 @@ def best_step(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def throughput(system: System, subscribers: int, rates: list[float], seconds: float) -> dict[str, Any]:
-    """Rising rates until one loses events or falls behind; the best sustained step."""
+    """Rising rates until one loses events or falls behind (:func:`best_step` picks the figure)."""
     steps = []
-    best: dict[str, Any] | None = None
     for rate in rates:
         with system.running():
             r = loadtest(system, ["--subscribers", str(subscribers), "--rate", str(rate), "--duration",
@@ -98,13 +98,12 @@ def throughput(system: System, subscribers: int, rates: list[float], seconds: fl
         print(f"  {system.name:14} {subscribers:>5} subs {rate:>6g} ev/s: {step}", flush=True)
         if not step["ok"]:
             break
-        best = step
-    return {"best": best, "steps": steps}
+    return {"steps": steps}
 
 
 async def _idle_connections(system: System, count: int) -> dict[str, Any]:
     recorder = Recorder()
-    path = "/sub/idle" if system.loadtest_system == "nchan" else "/events?topic=idle"
+    path = subscribe_path(system.loadtest_system, ["idle"])
     subs = [Subscriber(i, f"127.0.0.1:{system.port}", path, [0], recorder) for i in range(count)]
     ready = asyncio.Event()
     opened = 0

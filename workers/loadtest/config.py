@@ -9,7 +9,7 @@ import os
 import resource
 import secrets
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -60,10 +60,7 @@ class LoadConfig:
         return f"lt-{self.run_id}-{index}"
 
     def subscribe_path(self, topics: list[int]) -> str:
-        """The subscription URL path of one connection, in the target system's shape."""
-        if self.system == "nchan":
-            return f"/sub/{self.topic_name(topics[0])}"
-        return "/events?" + "&".join(f"topic={self.topic_name(t)}" for t in topics)
+        return subscribe_path(self.system, [self.topic_name(t) for t in topics])
 
     def topics_of(self, subscriber: int) -> list[int]:
         count = min(self.per_conn, self.topics)
@@ -78,6 +75,13 @@ class LoadConfig:
         for key in ("json_path", "report_path", "cluster_dir"):
             data[key] = None if data[key] is None else str(data[key])
         return data
+
+
+def subscribe_path(system: str, topics: list[str]) -> str:
+    """The subscription URL path of one connection to ``topics``, in the target system's shape."""
+    if system == "nchan":
+        return f"/sub/{topics[0]}"  # one topic per connection
+    return "/events?" + "&".join(f"topic={t}" for t in topics)
 
 
 def is_loopback(host: str) -> bool:
@@ -131,6 +135,8 @@ def _topics(value: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line; every default is :class:`LoadConfig`'s own, so the two cannot drift apart."""
+    d = LoadConfig()
     p = argparse.ArgumentParser(
         prog="python -m workers.loadtest",
         description="Load-test a Herald deployment: subscribers that check every event, a steady publisher, "
@@ -146,104 +152,95 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--system",
         choices=list(SYSTEMS),
-        default="herald",
-        help="what the target runs: herald, or a peer measured by `make bench` (default herald)",
+        default=d.system,
+        help="what the target runs: herald, or a peer measured by `make bench` (default %(default)s)",
     )
-    p.add_argument("--subscribers", type=int, default=1000, help="SSE connections (default 1000)")
+    p.add_argument("--subscribers", type=int, default=d.subscribers, help="SSE connections (default %(default)s)")
     p.add_argument(
-        "--topics", type=_topics, default="1", help="topics in the run, or 'each' for one per subscriber (default 1)"
+        "--topics",
+        type=_topics,
+        default=str(d.topics),
+        help="topics in the run, or 'each' for one per subscriber (default %(default)s)",
     )
     p.add_argument(
         "--topics-per-conn",
         type=int,
-        default=1,
+        default=d.per_conn,
         dest="per_conn",
-        help="topics each connection subscribes to (default 1)",
+        help="topics each connection subscribes to (default %(default)s)",
     )
-    p.add_argument("--rate", type=float, default=100.0, help="events published per second, all topics (default 100)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of publishing (default 10)")
-    p.add_argument("--payload", type=int, default=100, help="bytes of data per event (default 100)")
+    p.add_argument(
+        "--rate", type=float, default=d.rate, help="events published per second, all topics (default %(default)g)"
+    )
+    p.add_argument("--duration", type=float, default=d.duration, help="seconds of publishing (default %(default)g)")
+    p.add_argument("--payload", type=int, default=d.payload, help="bytes of data per event (default %(default)s)")
     p.add_argument(
         "--publish",
         choices=["http", "redis"],
-        default="http",
-        help="POST /publish on the target, or straight to Redis through the broker (default http)",
+        default=d.publish,
+        help="POST /publish on the target, or straight to Redis through the broker (default %(default)s)",
     )
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"), help="for --publish redis")
-    p.add_argument("--publishers", type=int, default=4, help="parallel publish lanes, each owning topics (default 4)")
-    p.add_argument("--batch", type=int, default=100, help="most events per publish request (default 100)")
-    p.add_argument("--ramp", type=float, default=1.0, help="seconds over which subscribers connect (default 1)")
+    p.add_argument(
+        "--publishers",
+        type=int,
+        default=d.publishers,
+        help="parallel publish lanes, each owning topics (default %(default)s)",
+    )
+    p.add_argument("--batch", type=int, default=d.batch, help="most events per publish request (default %(default)s)")
+    p.add_argument(
+        "--ramp", type=float, default=d.ramp, help="seconds over which subscribers connect (default %(default)g)"
+    )
     p.add_argument(
         "--connect-timeout",
         type=float,
-        default=30.0,
-        help="seconds to wait for every subscriber before publishing anyway (default 30)",
+        default=d.connect_timeout,
+        help="seconds to wait for every subscriber before publishing anyway (default %(default)g)",
     )
     p.add_argument(
         "--drain",
         type=float,
-        default=10.0,
-        help="seconds to wait after publishing for the last events to arrive (default 10)",
+        default=d.drain,
+        help="seconds to wait after publishing for the last events to arrive (default %(default)g)",
     )
     p.add_argument(
         "--retry-for",
         type=float,
-        default=30.0,
-        help="seconds a publish request is retried before its events count as uncertain (default 30)",
+        default=d.retry_for,
+        help="seconds a publish request is retried before its events count as uncertain (default %(default)g)",
     )
-    p.add_argument("--seed", type=int, default=1, help="seeds the topic choice of each event (default 1)")
-    p.add_argument("--procs", type=int, default=1, help="subscriber worker processes (default 1)")
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="seeds the topic choice of each event (default %(default)s)"
+    )
+    p.add_argument("--procs", type=int, default=d.procs, help="subscriber worker processes (default %(default)s)")
     p.add_argument("--json", type=Path, dest="json_path", metavar="PATH", help="write the full result as JSON")
     p.add_argument("--report", type=Path, dest="report_path", metavar="PATH", help="write an HTML report")
     p.add_argument("--kill-node-at", type=float, metavar="SECONDS", help="SIGKILL a node of the local cluster")
-    p.add_argument("--kill-node", type=int, default=0, metavar="INDEX", help="which node to kill (default 0)")
+    p.add_argument(
+        "--kill-node", type=int, default=d.kill_node, metavar="INDEX", help="which node to kill (default %(default)s)"
+    )
     p.add_argument("--restart-node-after", type=float, metavar="SECONDS", help="start the killed node again")
     p.add_argument("--restart-redis-at", type=float, metavar="SECONDS", help="restart the cluster's redis-server")
     p.add_argument(
         "--cluster-dir",
         type=Path,
-        default=ROOT / ".run" / "cluster",
+        default=d.cluster_dir,
         help="the local cluster's run directory, for faults (default .run/cluster)",
     )
     p.add_argument("--allow-remote", action="store_true", help="allow targets that are not this machine")
     p.add_argument("--quiet", action="store_true", help="no live progress on stderr")
-    return p  # fmt: skip
+    return p
 
 
 def from_args(argv: list[str] | None = None) -> LoadConfig:
     """A checked :class:`LoadConfig` from the command line; exits with status 2 and a message on bad input."""
     p = parser()
-    args = p.parse_args(argv)
-    topics = args.subscribers if args.topics == "each" else int(args.topics)
-    config = LoadConfig(
-        targets=[t.rstrip("/") for t in (args.targets or [DEFAULT_TARGET])],
-        system=args.system,
-        subscribers=args.subscribers,
-        topics=topics,
-        per_conn=args.per_conn,
-        rate=args.rate,
-        duration=args.duration,
-        payload=args.payload,
-        publish=args.publish,
-        redis_url=args.redis_url,
-        publishers=args.publishers,
-        batch=args.batch,
-        ramp=args.ramp,
-        connect_timeout=args.connect_timeout,
-        drain=args.drain,
-        retry_for=args.retry_for,
-        seed=args.seed,
-        procs=args.procs,
-        json_path=args.json_path,
-        report_path=args.report_path,
-        kill_node_at=args.kill_node_at,
-        kill_node=args.kill_node,
-        restart_node_after=args.restart_node_after,
-        restart_redis_at=args.restart_redis_at,
-        cluster_dir=args.cluster_dir,
-        allow_remote=args.allow_remote,
-        progress=not args.quiet,
-    )
+    args = vars(p.parse_args(argv))
+    names = {f.name for f in fields(LoadConfig)}
+    config = LoadConfig(**{k: v for k, v in args.items() if k in names and k not in ("targets", "topics")})
+    config.targets = [t.rstrip("/") for t in (args["targets"] or [DEFAULT_TARGET])]
+    config.topics = config.subscribers if args["topics"] == "each" else int(args["topics"])
+    config.progress = not args["quiet"]
     problems = [
         ("--subscribers", config.subscribers >= 0),
         ("--topics-per-conn", 1 <= config.per_conn <= 64),

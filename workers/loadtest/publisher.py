@@ -137,25 +137,15 @@ class HttpSender:
         self.system = system
         self.at = lane % len(targets)
 
-    def _request(self, items: list[tuple[int, int]], sent_ns: int) -> tuple[str, str]:
+    def _request(self, events: list[tuple[str, str]]) -> tuple[str, str]:
+        """Path and body publishing ``(topic name, data)`` events in the target system's shape."""
         if self.system == "herald":
-            body = [{"topic": self.names[t], "data": payload(t, seq, sent_ns, self.size)} for t, seq in items]
-            return "/publish", json.dumps(body, separators=(",", ":"))
-        (topic, seq), *rest = items
-        assert not rest, "one event per request"
-        path = f"/pub/{self.names[topic]}" if self.system == "nchan" else f"/publish?topic={self.names[topic]}"
-        return path, payload(topic, seq, sent_ns, self.size)
+            return "/publish", json.dumps([{"topic": t, "data": d} for t, d in events], separators=(",", ":"))
+        ((topic, data),) = events  # one event per request
+        return (f"/pub/{topic}" if self.system == "nchan" else f"/publish?topic={topic}"), data
 
-    async def warmup(self) -> None:
-        # A topic of its own (no subscriber has it), so nothing measured sees it.
-        path, body = self._request([(0, 0)], time.time_ns())
-        path = path.replace(self.names[0], f"{self.names[0]}-warmup")
-        body = body.replace(self.names[0], f"{self.names[0]}-warmup") if self.system == "herald" else body
-        with contextlib.suppress(httpx.HTTPError):
-            await self.client.post(f"{self.targets[self.at]}{path}", content=body)
-
-    async def __call__(self, items: list[tuple[int, int]], sent_ns: int, key: str) -> int | str:
-        path, body = self._request(items, sent_ns)
+    async def _post(self, events: list[tuple[str, str]], key: str) -> int | str:
+        path, body = self._request(events)
         headers = {"content-type": "application/json" if self.system == "herald" else "text/plain",
                    "idempotency-key": key}  # fmt: skip
         try:
@@ -164,6 +154,14 @@ class HttpSender:
             self.at = (self.at + 1) % len(self.targets)
             return type(exc).__name__
         return response.status_code
+
+    async def warmup(self) -> None:
+        # A topic of its own (no subscriber has it), so nothing measured sees it.
+        topic = f"{self.names[0]}-warmup"
+        await self._post([(topic, payload(0, 0, time.time_ns(), self.size))], topic)
+
+    async def __call__(self, items: list[tuple[int, int]], sent_ns: int, key: str) -> int | str:
+        return await self._post([(self.names[t], payload(t, seq, sent_ns, self.size)) for t, seq in items], key)
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -27,20 +27,25 @@ class Aggregate:
     """Running totals from the workers' progress messages, and their final results."""
 
     def __init__(self, workers: int) -> None:
-        self.latency = Histogram()
-        self.by_node: dict[str, Histogram] = defaultdict(Histogram)
+        self.latency = Histogram()  # everything so far, for the live p99
         self.timeline: dict[int, dict[str, Histogram]] = defaultdict(lambda: defaultdict(Histogram))
         self.live: list[dict[str, Any]] = [{} for _ in range(workers)]
         self.cpu_samples: list[list[float]] = [[] for _ in range(workers)]
-        self.lag_p99_ms: list[float] = [0.0] * workers
         self.results: list[dict[str, Any]] = []
 
     def add_buckets(self, buckets: list[list[Any]]) -> None:
         for node, sec, data in buckets:
             histogram = Histogram.from_json(data)
             self.latency.merge(histogram)
-            self.by_node[node].merge(histogram)
             self.timeline[int(sec)][node].merge(histogram)
+
+    def by_node(self) -> dict[str, Histogram]:
+        """Each node's latencies over the whole run, from the per-second buckets."""
+        nodes: dict[str, Histogram] = defaultdict(Histogram)
+        for per_node in self.timeline.values():
+            for node, histogram in per_node.items():
+                nodes[node].merge(histogram)
+        return nodes
 
     def on_message(self, worker: int, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -49,7 +54,6 @@ class Aggregate:
             if kind == "progress":
                 self.add_buckets(message["buckets"])
                 self.cpu_samples[worker].append(message["cpu"])
-                self.lag_p99_ms[worker] = message["lag_p99_ms"]
         elif kind == "result":
             self.add_buckets(message["buckets"])
             self.results.append(message)
@@ -132,7 +136,7 @@ def build(
             "deliveries": histogram.count,
             "latency_ms": histogram.summary_ms(),
         }
-        for node, histogram in sorted(aggregate.by_node.items())
+        for node, histogram in sorted(aggregate.by_node().items())
     ]
     seconds = sorted(set(aggregate.timeline) | set(ledger.accepted_at) | set(ledger.errors_at))
     timeline = []

@@ -101,7 +101,7 @@ class StreamProtocol(asyncio.Protocol):
         self._started = time.monotonic()
         loop = asyncio.get_running_loop()
         self.opened: asyncio.Future[bool] = loop.create_future()  # True at a 200 head, False if none came
-        self.done: asyncio.Future[int | None] = loop.create_future()  # the connection ended
+        self.done: asyncio.Future[None] = loop.create_future()  # the connection ended
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -142,11 +142,11 @@ class StreamProtocol(asyncio.Protocol):
             parsed = parse_head(head[:end])
         except ValueError:
             sub.recorder.connect_errors["bad-response"] += 1
-            self._close(None)
+            self._close()
             return b""
         if parsed.status != 200:
             sub.recorder.connect_errors[f"http-{parsed.status}"] += 1
-            self._close(parsed.status)
+            self._close()
             return b""
         if parsed.chunked:
             self._decoder = ChunkedDecoder()
@@ -154,22 +154,22 @@ class StreamProtocol(asyncio.Protocol):
         self.opened.set_result(True)
         return head[end + 4 :]
 
-    def _close(self, status: int | None) -> None:
-        self._finish(status)
+    def _close(self) -> None:
+        self._finish()
         if self.transport is not None:
             self.transport.close()
 
-    def _finish(self, status: int | None) -> None:
+    def _finish(self) -> None:
         if not self.opened.done():
             self.opened.set_result(False)
         if not self.done.done():
-            self.done.set_result(status)
+            self.done.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._sub.streaming and not self._sub.stopping:
             # Why a stream ended: "eof" is the server (or a proxy) closing it.
             self._sub.recorder.drops["eof" if exc is None else type(exc).__name__] += 1
-        self._finish(None)
+        self._finish()
 
 
 class Subscriber:

@@ -100,10 +100,6 @@ async def measure_lag(histogram: Histogram, period: float = 0.05) -> None:
         histogram.record(int((time.monotonic() - start - period) * 1_000_000))
 
 
-def _hist_json(histogram: Histogram) -> dict[str, object]:
-    return histogram.to_json()
-
-
 class Worker:
     """Runs one :class:`Setup`'s subscribers and reports on them."""
 
@@ -119,7 +115,6 @@ class Worker:
         self.expect: dict[int, int] | None = None
         self.lag = Histogram()
         self.cpu = CpuMeter()
-        self.cpu_peak = 0.0
         self.tasks: list[asyncio.Task[None]] = []
 
     def _one_ready(self) -> None:
@@ -143,25 +138,24 @@ class Worker:
         await self.emit({"type": "ready", "ready": self.ready, "of": count, **self._totals()})
 
     def _totals(self) -> dict[str, Any]:
+        """The running totals of the live display (the final figures come with the result)."""
         recorder = self.recorder
         return {
             "connected": sum(1 for s in self.subscribers if s.streaming),
-            "delivered": sum(s.delivered for s in self.subscribers),
             "reconnects": recorder.reconnects,
             "resets": sum(recorder.reset_reasons.values()),
-            "connect_errors": dict(recorder.connect_errors),
-            "fd_exhausted": recorder.fd_exhausted,
         }
+
+    def _take_buckets(self) -> list[list[Any]]:
+        """The latency buckets since the last call, as ``[node, second, histogram]``; recording goes on in new ones."""
+        return [[node, sec, h.to_json()] for (node, sec), h in self.recorder.take_buckets().items()]
 
     async def report_progress(self) -> None:
         caught_up_sent = False
         while True:
             await asyncio.sleep(self.setup.tick)
-            cpu = self.cpu.take()
-            self.cpu_peak = max(self.cpu_peak, cpu)
-            buckets = [[node, sec, _hist_json(h)] for (node, sec), h in self.recorder.take_buckets().items()]
-            message = {"type": "progress", "cpu": round(cpu, 3), "lag_p99_ms": self.lag.percentile(99) / 1000}
-            await self.emit({**message, **self._totals(), "buckets": buckets})
+            message = {"type": "progress", "cpu": round(self.cpu.take(), 3), "buckets": self._take_buckets()}
+            await self.emit({**message, **self._totals()})
             if self.expect is not None and not caught_up_sent:
                 expect = self.expect
                 if all(s.caught_up(expect) for s in self.subscribers if s.first_ready):
@@ -196,17 +190,15 @@ class Worker:
             "type": "result",
             "worker": self.setup.worker,
             "subscribers": subscribers,
-            "buckets": [[node, sec, _hist_json(h)] for (node, sec), h in recorder.take_buckets().items()],
-            "connect_time": _hist_json(recorder.connect_time),
+            "buckets": self._take_buckets(),
+            "connect_time": recorder.connect_time.to_json(),
             "connects": dict(recorder.connects),
             "connect_errors": dict(recorder.connect_errors),
             "drops": dict(recorder.drops),
             "reset_reasons": dict(recorder.reset_reasons),
-            "reconnects": recorder.reconnects,
             "fd_exhausted": recorder.fd_exhausted,
             "last_delivery_ns": recorder.last_delivery_ns,
-            "lag": _hist_json(self.lag),
-            "cpu_peak": round(self.cpu_peak, 3),
+            "lag": self.lag.to_json(),
         }
 
     async def stop(self) -> None:
