@@ -10,6 +10,7 @@ for clients too stalled to take the end of their stream.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import resource
 import socket
@@ -18,9 +19,14 @@ import uvicorn
 from fastapi import FastAPI
 
 from api.app import create_app
+from api.protocol import HeraldHttpToolsProtocol
 from api.settings import Settings
 
 SHUTDOWN_GRACE_SECONDS = 2
+LISTEN_BACKLOG = 16384
+"""The accept queue. uvicorn's default (2048) overflows when thousands of clients connect at
+once (a node's failover, a deploy): dropped SYNs are retried after a second, so 5,000 connects
+took 2.2 s instead of 0.85 (``make bench``). The kernel caps it at ``net.core.somaxconn``."""
 
 
 class HeraldServer(uvicorn.Server):
@@ -56,18 +62,39 @@ def raise_open_files_limit() -> int:
     return soft
 
 
+GC_THRESHOLDS = (20_000, 50, 100)
+"""Collector thresholds for a node (Python's defaults: 700, 10, 10)."""
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector run less often, over fewer objects.
+
+    A node holds a few dozen objects per open stream, and a full collection
+    walks every one of them: with thousands of streams, the defaults spent
+    a fifth of a connect storm's CPU in the collector (5,000 connects at
+    once: 1.28 s with the defaults, 0.95 s with these; medians of three,
+    side by side). Streams make almost no reference cycles, so collecting
+    rarely costs little memory. ``gc.freeze()`` moves everything loaded at
+    start-up (modules, the app) out of the collector's sight for good.
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def main() -> None:
     raise_open_files_limit()
     settings = Settings()
     app = create_app(settings)
+    tune_gc()
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=HeraldHttpToolsProtocol,
         lifespan="on",
         timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+        backlog=LISTEN_BACKLOG,
         access_log=False,
         log_level="info",
     )

@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from api import errors
 from api.events import router as events_router
+from api.events import serve_events
 from api.health import router as health_router
 from api.hub import Hub
 from api.middleware import NodeIdMiddleware
@@ -73,6 +74,9 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
 class HeraldApp(FastAPI):
     """The FastAPI app, noting per request whether streams may write to the socket directly.
 
+    It also sends ``GET /events`` straight to :func:`api.events.serve_events`
+    (the SSE fast lane), ahead of FastAPI's routing.
+
     The fast path of :mod:`api.connection` writes event bytes to the
     server's transport without going through ``send``. That is only right
     when every layer between the server and the stream leaves the body
@@ -85,6 +89,10 @@ class HeraldApp(FastAPI):
         if scope["type"] == "http":
             server = getattr(receive, "__self__", None)
             scope[DIRECT_WRITES] = server is not None and getattr(send, "__self__", None) is server
+            # The SSE fast lane (see api.events): streams skip FastAPI's request path.
+            if scope["path"] == "/events" and scope["method"] == "GET" and not scope.get("root_path"):
+                await serve_events(self.state.hub, self.state.settings, scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
 

@@ -65,7 +65,7 @@ class Connection:
         "_pending",
         "_sending",
         "_size",
-        "_wake",
+        "_waiter",
         "active",
         "closed",
         "last_id",
@@ -88,7 +88,10 @@ class Connection:
         self._chunks: list[bytes] = []
         self._size = 0
         self._pending: list[tuple[int, bytes]] | None = []
-        self._wake = asyncio.Event()
+        # The writer task's wake-up, created only while it waits: an idle
+        # stream holds no Event (an Event and its deque cost about 700 bytes,
+        # per connection, for as long as it is open).
+        self._waiter: asyncio.Future[None] | None = None
         self._direct: DirectWriter | None = None  # set once live, when the server allows it
         self._on_dirty = on_dirty  # the hub's "flush me this iteration"
         self._dirty = False  # already in the hub's flush list
@@ -118,7 +121,7 @@ class Connection:
                 self._dirty = True
                 self._on_dirty(self)
         else:
-            self._wake.set()
+            self._wake()
 
     def flush(self) -> bool:
         """Called by the hub's flush: write what is queued straight to the socket.
@@ -138,7 +141,7 @@ class Connection:
             self._size = 0
             direct.write(chunk)
             return True
-        self._wake.set()
+        self._wake()
         return False
 
     def go_direct(self, writer: DirectWriter) -> None:
@@ -168,7 +171,7 @@ class Connection:
         self.closed = reason
         self._chunks.clear()
         self._pending = None
-        self._wake.set()
+        self._wake()
         if reason is Closed.OVERFLOW and self._on_overflow is not None:
             self._on_overflow()
 
@@ -209,6 +212,15 @@ class Connection:
                 self._size = 0
                 self._sending = True
                 return chunk
-            self._wake.clear()
-            await self._wake.wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         return None
+
+    def _wake(self) -> None:
+        """Wake the writer task if it waits (it rechecks the queue and ``closed`` before waiting again)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)

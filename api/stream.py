@@ -2,15 +2,17 @@
 
 It sends the stream's first bytes at once (reconnect hint and position),
 then the replay frames the hub worked out, then hands over to live events,
-sending everything queued since the last write as one chunk. A second task
-watches for the client going away, so a closed connection is released at
-once rather than at the next write.
+sending everything queued since the last write as one chunk. A closed
+connection is released at once rather than at the next write: Herald's own
+HTTP protocol (:mod:`api.protocol`) calls the stream back when its client
+goes away; under any other server a second task waits in ``receive()``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 
 from starlette.responses import Response
@@ -18,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from api.connection import Closed, Connection
 from api.hub import Hub, Opened
+from api.protocol import HeraldHttpToolsProtocol
 from api.sse import preamble
 
 STREAM_HEADERS = {
@@ -57,6 +60,11 @@ class UvicornDirectWriter:
 
     __slots__ = ("_cycle", "_flow", "_transport")
 
+    # The last chunk framed, and its framing: in a fan-out every client's
+    # chunk is the same bytes object (one event's frame, encoded once), so
+    # the hub's flush frames it once, not once per client.
+    _last: tuple[bytes, bytes] = (b"", b"")
+
     def __init__(self, cycle: object) -> None:
         self._cycle = cycle
         self._transport = cycle.transport  # type: ignore[attr-defined]
@@ -66,7 +74,11 @@ class UvicornDirectWriter:
         return not (self._flow.write_paused or self._cycle.disconnected or self._transport.is_closing())  # type: ignore[attr-defined]
 
     def write(self, data: bytes) -> None:
-        self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        last, framed = UvicornDirectWriter._last
+        if data is not last:
+            framed = b"%x\r\n%b\r\n" % (len(data), data)
+            UvicornDirectWriter._last = (data, framed)
+        self._transport.write(framed)
 
 
 DIRECT_WRITES = "herald.direct_writes"
@@ -104,6 +116,14 @@ def _batches(frames: list[bytes]) -> Iterator[bytes]:
         yield b"".join(batch)
 
 
+def disconnect_notifier(receive: Receive) -> HeraldHttpToolsProtocol | None:
+    """The server's protocol for this request when it can call back on a disconnect (Herald's own), else None."""
+    transport = getattr(getattr(receive, "__self__", None), "transport", None)
+    get_protocol = getattr(transport, "get_protocol", None)
+    protocol = get_protocol() if callable(get_protocol) else None
+    return protocol if isinstance(protocol, HeraldHttpToolsProtocol) else None
+
+
 async def _watch_disconnect(receive: Receive, connection: Connection) -> None:
     while True:
         message = await receive()
@@ -132,7 +152,14 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         opened = self._opened
         connection = opened.connection
-        watcher = asyncio.create_task(_watch_disconnect(receive, connection))
+        watcher: asyncio.Task[None] | None = None
+        notifier = disconnect_notifier(receive)
+        if notifier is not None:
+            notifier.on_lost = functools.partial(connection.close, Closed.DISCONNECTED)
+            if getattr(receive.__self__, "disconnected", False):  # type: ignore[attr-defined]
+                connection.close(Closed.DISCONNECTED)  # gone before the callback was in place
+        else:
+            watcher = asyncio.create_task(_watch_disconnect(receive, connection))
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             first = preamble(self._retry_ms, opened.position if opened.fresh else None)
@@ -152,7 +179,10 @@ class EventStreamResponse(Response):
                 # the client is gone.
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            if notifier is not None:
+                notifier.on_lost = None  # the connection may serve another request
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             self._hub.detach(connection)

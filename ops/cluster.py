@@ -45,7 +45,7 @@ def render_nginx(template: str, front_port: int, node_ports: list[int], run_dir:
     """ops/nginx.conf with loopback upstreams, listen address and paths under ``run_dir``."""
     servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=5s;" for p in node_ports)
     text = re.sub(r"^\s*server api:8000[^\n]*$", servers, template, flags=re.M)
-    text = re.sub(r"^(\s*)listen 8080;", rf"\1listen 127.0.0.1:{front_port};", text, flags=re.M)
+    text = re.sub(r"^(\s*)listen 8080( [^;]*)?;", rf"\1listen 127.0.0.1:{front_port}\2;", text, flags=re.M)
     # Workers may not raise their limit past this machine's hard limit.
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what Herald needs from Debian's packages, and only what is missing:
 # python3-venv (for the project's .venv), redis-server and nginx (used by the
-# Redis and cluster tests and by `make cluster`), and chromium (the test that
-# renders the load tool's HTML report in a real browser). Safe to run repeatedly.
+# Redis and cluster tests and by `make cluster`), chromium (the test that
+# renders the load tool's HTML report in a real browser), and gcc with cJSON
+# (the load tool's compiled worker). Safe to run repeatedly.
 set -euo pipefail
 
 missing=()
@@ -11,6 +12,9 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v make >/dev/null 2>&1 || missing+=(make)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+# The load tool's compiled subscriber worker (--client native, used by `make bench`).
+command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+[ -f /usr/include/cjson/cJSON.h ] || missing+=(libcjson-dev)
 
 [ ${#missing[@]} -eq 0 ] && exit 0
 

@@ -140,9 +140,12 @@ def test_the_html_report_renders_its_plots_in_headless_chromium(
 
 
 @pytest.mark.timeout(150)
-def test_a_node_killed_mid_run_loses_nothing_and_its_clients_reconnect(cluster: Cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", ["python", "native"])
+def test_a_node_killed_mid_run_loses_nothing_and_its_clients_reconnect(
+    cluster: Cluster, tmp_path: Path, client: str
+) -> None:
     code, result, printed = run_tool(
-        tmp_path / "result.json",
+        tmp_path / "result.json", "--client", client,
         "--target", cluster.front_url, "--subscribers", "200", "--rate", "100", "--duration", "5",
         "--kill-node-at", "1.5", "--kill-node", "0", "--restart-node-after", "1",
         "--cluster-dir", str(cluster.run_dir),
@@ -226,12 +229,15 @@ class DropEveryTenthEvent:
 
 
 @pytest.mark.timeout(120)
-async def test_a_node_that_drops_every_tenth_event_fails_with_exactly_those_events_lost(tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", ["python", "native"])
+async def test_a_node_that_drops_every_tenth_event_fails_with_exactly_those_events_lost(
+    tmp_path: Path, client: str
+) -> None:
     broken = DropEveryTenthEvent(create_app(Settings(node_id="broken")))
     out = tmp_path / "result.json"
     async with serve_app(broken) as url:  # type: ignore[arg-type]
         process = await asyncio.create_subprocess_exec(
-            *loadtest_args(out, "--target", url, "--subscribers", "30", "--topics", "3", "--rate", "100",
+            *loadtest_args(out, "--client", client, "--target", url, "--subscribers", "30", "--topics", "3", "--rate", "100",
                            "--duration", "2", "--drain", "3"),
             cwd=ROOT, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip

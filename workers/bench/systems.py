@@ -25,7 +25,8 @@ from pathlib import Path
 
 import httpx
 
-from ops.cluster import REDIS_SERVER, free_port, wait_until
+from ops.cluster import REDIS_SERVER, Cluster, free_port, wait_until
+from workers.bench.cpu import descendants, pin
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BENCH_OPS = ROOT / "ops" / "bench"
@@ -33,6 +34,8 @@ RUN_DIR = ROOT / ".run" / "bench"
 PEER_VENV = RUN_DIR / "peer-venv"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
+LISTEN_BACKLOG = 16384
+"""Every system gets this accept queue (the kernel caps it at net.core.somaxconn): Herald's own."""
 SERVER_CORE = 0
 CLIENT_CORE = 1
 
@@ -48,18 +51,8 @@ def _clean_env() -> dict[str, str]:
 
 def rss_bytes(pids: list[int]) -> int:
     """Resident memory of these processes and all their descendants."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            parts = stat.read_text().rpartition(")")[2].split()
-            children.setdefault(int(parts[1]), []).append(int(stat.parent.name))
-    total, todo, seen = 0, list(pids), set()
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        todo += children.get(pid, [])
+    total = 0
+    for pid in descendants(pids):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -104,6 +97,10 @@ class System:
     def server_pids(self) -> list[int]:
         return [p.pid for p in self.processes[-1:]]
 
+    def components(self) -> dict[str, list[int]]:
+        """The processes whose CPU is sampled, by component (descendants are included)."""
+        return {self.name: self.server_pids()}
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             if process.poll() is None:
@@ -141,6 +138,11 @@ class Herald(System):
             )
         super().start()
 
+    def components(self) -> dict[str, list[int]]:
+        if not self.redis:
+            return super().components()
+        return {"node": self.server_pids(), "redis": [self.processes[0].pid]}
+
     def command(self) -> tuple[list[str], dict[str, str]]:
         env = {"HERALD_HOST": "127.0.0.1", "HERALD_PORT": str(self.port), "HERALD_NODE_ID": self.name}
         if self.redis:
@@ -169,8 +171,41 @@ class SseStarlette(System):
         python = str(PEER_VENV / "bin" / "python")
         args = [python, "-m", "uvicorn", "peer_sse_starlette:app", "--app-dir", str(BENCH_OPS), "--host",
                 "127.0.0.1", "--port", str(self.port), "--loop", "uvloop", "--http", "httptools", "--log-level",
-                "warning", "--no-access-log"]  # fmt: skip
+                "warning", "--no-access-log", "--backlog", str(LISTEN_BACKLOG)]  # fmt: skip
         return args, {}
+
+
+class HeraldCluster(System):
+    """redis-server, ``nodes`` Herald nodes and nginx in front (``ops.cluster``), all on the server core.
+
+    The multi-node scenario: the same load through nginx with 1 node and
+    with 2, to show what adding a node buys and which component bounds it.
+    """
+
+    def __init__(self, nodes: int) -> None:
+        super().__init__(f"herald-cluster-{nodes}", "herald")
+        self.nodes = nodes
+        self.cluster: Cluster | None = None
+
+    def start(self) -> None:
+        self.port = free_port()
+        cluster = Cluster(RUN_DIR / self.name, nodes=self.nodes, front_port=self.port, appendonly=False)
+        cluster.start()
+        self.cluster = cluster
+        pin([p.pid for p in cluster.processes.values()], SERVER_CORE)
+
+    def components(self) -> dict[str, list[int]]:
+        assert self.cluster is not None
+        return {name: [p.pid] for name, p in self.cluster.processes.items()}
+
+    def server_pids(self) -> list[int]:
+        assert self.cluster is not None
+        return [p.pid for p in self.cluster.processes.values()]
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
 
 
 def all_systems(with_redis: bool = True) -> list[System]:

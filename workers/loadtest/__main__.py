@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from workers.loadtest import native
 from workers.loadtest.config import from_args
 from workers.loadtest.report import write_report
 from workers.loadtest.results import summary_table, write_json
@@ -20,6 +21,12 @@ def _say(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = from_args(argv)
+    if config.client == "native":
+        try:
+            native.build()
+        except native.NativeUnavailable as exc:
+            _say(f"--client native: {exc}")
+            return 2
     try:
         import uvloop
 

@@ -45,6 +45,7 @@ class LoadConfig:
     retry_for: float = 30.0
     seed: int = 1
     procs: int = 1
+    client: str = "python"  # or "native": the compiled worker (workers/loadtest/native.py)
     json_path: Path | None = None
     report_path: Path | None = None
     kill_node_at: float | None = None
@@ -213,6 +214,13 @@ def parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=d.seed, help="seeds the topic choice of each event (default %(default)s)"
     )
     p.add_argument("--procs", type=int, default=d.procs, help="subscriber worker processes (default %(default)s)")
+    p.add_argument(
+        "--client",
+        choices=["python", "native"],
+        default=d.client,
+        help="subscriber workers in Python, or compiled from C when Python cannot out-run the server "
+        "(default %(default)s)",
+    )
     p.add_argument("--json", type=Path, dest="json_path", metavar="PATH", help="write the full result as JSON")
     p.add_argument("--report", type=Path, dest="report_path", metavar="PATH", help="write an HTML report")
     p.add_argument("--kill-node-at", type=float, metavar="SECONDS", help="SIGKILL a node of the local cluster")

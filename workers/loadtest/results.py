@@ -218,6 +218,7 @@ def build(
             "refused": ledger.refused,
             "uncertain": ledger.uncertain,
             "requests": ledger.requests,
+            "started_ns": t0_ns,
             "seconds": round(publish_seconds, 3),
             "rate": round(achieved, 1),
             "errors": dict(sorted(ledger.errors.items())),

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.base import RetentionPolicy
+from workers.loadtest import native
 from workers.loadtest.config import LoadConfig, raise_open_files
 from workers.loadtest.faults import Fault, inject, load_cluster
 from workers.loadtest.publisher import HttpSender, Lane, Ledger, RedisSender, Sender, lanes_for
@@ -77,13 +78,19 @@ class WorkerProcess:
             await self.reader
 
 
+def worker_command(client: str) -> list[str]:
+    """How to start one subscriber worker: the Python module, or the compiled one (built if needed)."""
+    if client == "native":
+        return [str(native.build())]
+    return [sys.executable, "-m", "workers.loadtest.worker"]
+
+
 async def _spawn(config: LoadConfig, aggregate: Aggregate) -> list[WorkerProcess]:
     workers = []
+    command = worker_command(config.client)
     for index in range(config.procs):
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "workers.loadtest.worker",
+            *command,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=1 << 26,

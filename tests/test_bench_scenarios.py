@@ -1,0 +1,31 @@
+"""``make bench``'s own scenarios, small, against a real node: what they report is what happened.
+
+The figures they produce are only measured by ``make bench``; here they
+run on a few hundred connections to check that the storm and idle
+scenarios drive the compiled client correctly and account exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.bench import scenarios
+from workers.bench.systems import Herald
+
+
+@pytest.mark.timeout(90)
+def test_a_reconnect_storm_resumes_every_subscriber_exactly() -> None:
+    result = scenarios.storm(Herald(), count=200, missed=50)
+    assert result["exact"] is True
+    assert (result["lost"], result["duplicated"], result["resets"]) == (0, 0, 0)
+    assert result["resume_all_s"] is not None
+    assert result["connect_errors"] == {}
+
+
+@pytest.mark.timeout(90)
+def test_idle_connections_are_all_opened_and_their_memory_measured() -> None:
+    result = scenarios.idle(Herald(), count=200)
+    assert result["connected"] == 200
+    assert result["connect_errors"] == {}
+    assert result["rss_after_mb"] > result["rss_before_mb"] > 0
+    assert 0 < result["connect_p50_ms"] <= result["connect_p99_ms"]

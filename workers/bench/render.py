@@ -1,0 +1,213 @@
+"""``docs/benchmarks.md``, drawn from the results of one ``make bench`` run (never typed by hand)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from workers.bench.scenarios import best_step, kept_up
+from workers.bench.systems import CLIENT_CORE, SERVER_CORE
+
+
+def ratio(a: float | None, b: float | None, higher_is_better: bool = True) -> str:
+    """How many times better ``a`` (Herald) is than ``b`` (a peer): above 1.00x Herald is better."""
+    if not a or not b:
+        return "-"
+    return f"{(a / b if higher_is_better else b / a):.2f}x"
+
+
+def _first_failure(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((s for s in steps if not kept_up(s)), None)
+
+
+def _get(entry: dict[str, Any] | None, key: str) -> Any:
+    return None if entry is None else entry.get(key)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float | int):
+        return f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
+    return str(value)
+
+
+def _figures(results: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool | None]]:
+    """(label, value per system, higher is better; None where no ratio makes sense)."""
+    systems: dict[str, dict[str, Any]] = results["systems"]
+    rows: list[tuple[str, dict[str, Any], bool | None]] = []
+    for subs in results["throughput_subscribers"]:
+        runs = {n: e["throughput"][str(subs)]["steps"] for n, e in systems.items() if str(subs) in e["throughput"]}
+        best = {n: best_step(steps) for n, steps in runs.items()}
+        rows.append(
+            (
+                f"delivered events/s, {subs:,} subscribers, zero loss",
+                {n: _get(b, "delivered_per_s") for n, b in best.items()},
+                True,
+            )
+        )
+        rows.append(
+            (f"p99 ms at that rate, {subs:,} subscribers", {n: _get(b, "p99_ms") for n, b in best.items()}, False)
+        )
+        rows.append(
+            (
+                f"what stopped the next step, {subs:,} subscribers",
+                {n: _get(_first_failure(s), "bound") or "not reached" for n, s in runs.items()},
+                None,
+            )
+        )
+    if any("latency" in e for e in systems.values()):
+        rows.append(
+            (
+                "p99 ms, 5,000 subscribers, 20 events/s",
+                {n: _get(e.get("latency"), "p99_ms") for n, e in systems.items()},
+                False,
+            )
+        )
+    if any("many_topics" in e for e in systems.values()):
+        many = {n: e.get("many_topics") for n, e in systems.items()}
+        rows.append(("10,000 topics, 2,000 events/s: p99 ms", {n: _get(m, "p99_ms") for n, m in many.items()}, False))
+        rows.append(
+            ("10,000 topics: kept up with zero loss", {n: m is not None and kept_up(m) for n, m in many.items()}, None)
+        )
+    if any("idle" in e for e in systems.values()):
+        rows.append(
+            (
+                "KB per idle connection (5,000)",
+                {n: _get(e.get("idle"), "kb_per_connection") for n, e in systems.items()},
+                False,
+            )
+        )
+        rows.append(
+            (
+                "seconds for 5,000 connects at once",
+                {n: _get(e.get("idle"), "connect_all_s") for n, e in systems.items()},
+                False,
+            )
+        )
+    if any("storm" in e for e in systems.values()):
+        rows.append(
+            (
+                "reconnect storm: seconds until all 5,000 resumed",
+                {n: _get(e.get("storm"), "resume_all_s") for n, e in systems.items()},
+                False,
+            )
+        )
+        rows.append(
+            (
+                "reconnect storm: every missed event exactly once",
+                {n: _get(e.get("storm"), "exact") for n, e in systems.items()},
+                None,
+            )
+        )
+    return rows  # fmt: skip
+
+
+def targets(results: dict[str, Any]) -> list[str]:
+    """Issue 5's targets, each with the measured figures and whether it is met."""
+    systems = results["systems"]
+    herald = systems.get("herald")
+    out: list[str] = []
+    if herald is None:
+        return out
+
+    def best(name: str, subs: int) -> float | None:
+        run = systems.get(name, {}).get("throughput", {}).get(str(subs))
+        return _get(best_step(run["steps"]), "delivered_per_s") if run else None
+
+    def verdict(ok: bool | None) -> str:
+        return "-" if ok is None else ("met" if ok else "**not met**")
+
+    for subs in results["throughput_subscribers"]:
+        h, n, s = best("herald", subs), best("nchan", subs), best("sse-starlette", subs)
+        ok = None if h is None or n is None or s is None else h >= n and h >= 6 * s
+        out.append(
+            f"- delivered events/s, {subs:,} subscribers: at least nchan's and 6x sse-starlette's: "
+            f"{_cell(h)} vs {_cell(n)} ({ratio(h, n)}) and {_cell(s)} ({ratio(h, s)}): {verdict(ok)}"
+        )
+    lat = {n: _get(e.get("latency"), "p99_ms") for n, e in systems.items()}
+    if lat.get("herald") is not None and lat.get("nchan") is not None:
+        h, n = lat["herald"], lat["nchan"]
+        out.append(f"- p99 at 5,000 subscribers, 20 events/s, no worse than nchan: {h:,.1f} ms vs {n:,.1f} ms "
+                   f"({ratio(h, n, False)}): {verdict(h <= n)}")  # fmt: skip
+    many = herald.get("many_topics")
+    if many is not None:
+        ok = kept_up(many) and many["p99_ms"] < 50
+        out.append(f"- 10,000 topics at 2,000 events/s, zero loss, p99 under 50 ms: lost {many['lost']}, "
+                   f"p99 {many['p99_ms']:,.1f} ms: {verdict(ok)}")  # fmt: skip
+    idle = herald.get("idle")
+    if idle is not None:
+        out.append(f"- at most 20 KB per idle connection: {idle['kb_per_connection']:,.1f} KB: "
+                   f"{verdict(idle['kb_per_connection'] <= 20)}")  # fmt: skip
+        out.append(
+            f"- 5,000 connects within 1 s: {idle['connect_all_s']:,.2f} s: {verdict(idle['connect_all_s'] <= 1)}"
+        )
+    storm = herald.get("storm")
+    if storm is not None:
+        ok = storm["exact"] and storm["resume_all_s"] is not None and storm["resume_all_s"] <= 5
+        out.append(
+            f"- reconnect storm, all exactly resumed within 5 s: {_cell(storm['resume_all_s'])} s, "
+            f"lost {storm['lost']}, duplicated {storm['duplicated']}, resets {storm['resets']}: {verdict(ok)}"
+        )
+    return out
+
+
+def _cluster(results: dict[str, Any]) -> list[str]:
+    cluster = results.get("cluster")
+    if not cluster:
+        return []
+    lines = ["", "## Multi-node: Redis + nodes + nginx", "",
+             f"5,000 subscribers through nginx, rising rates; every process of the cluster on core {SERVER_CORE}.",
+             "CPU is each component's share of a core while publishing, at the best step.", "",
+             "| nodes | delivered events/s, zero loss | p99 ms | CPU at that step | what stopped the next step |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    figures = {}
+    for nodes, run in cluster.items():
+        best = best_step(run["steps"])
+        figures[nodes] = _get(best, "delivered_per_s")
+        cpu = ", ".join(f"{k} {v:.0%}" for k, v in (_get(best, "server_cpu") or {}).items())
+        failure = _first_failure(run["steps"])
+        lines.append(f"| {nodes} | {_cell(figures[nodes])} | {_cell(_get(best, 'p99_ms'))} | {cpu or '-'} | "
+                     f"{_get(failure, 'bound') or 'not reached'} |")  # fmt: skip
+    lines += ["", f"2 nodes vs 1: {ratio(figures.get('2'), figures.get('1'))}."]
+    return lines
+
+
+def render(results: dict[str, Any]) -> str:
+    systems = results["systems"]
+    names = list(systems)
+    peers = [n for n in names if not n.startswith("herald")]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `make bench` on {results['date']}: {results['machine']}.",
+        f"Each server pinned to core {SERVER_CORE}; the load client (`workers.loadtest --client native`, the",
+        f"compiled worker) on core {CLIENT_CORE}. 100-byte events; the publisher waits for each response. Ratios are",
+        "Herald (embedded broker) / peer: above 1.00x Herald is better. `herald-redis` is the same node on the",
+        'Redis broker (Redis on the client\'s core). "What stopped the next step" names what was saturated',
+        "(90 % of a core or more) on the first step that lost events or fell behind.",
+        "",
+    ]
+    if names:
+        header = "| figure | " + " | ".join(names) + " | " + " | ".join(f"herald vs {p}" for p in peers) + " |"
+        lines += [header, "|" + "---|" * (1 + len(names) + len(peers))]
+        for label, values, higher in _figures(results):
+            cells = [_cell(values.get(n)) for n in names]
+            ratios = [ratio(values.get("herald"), values.get(p), higher) if higher is not None else "" for p in peers]
+            lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    goals = targets(results)
+    if goals:
+        lines += ["", "## Targets (issue 5)", "", *goals]
+    lines += _cluster(results)
+    lines += ["", "## Steps", "", "Every step of every run (rate = events/s published):", ""]
+    for n in names:
+        for subs, run in systems[n]["throughput"].items():
+            lines += [f"- {n}, {subs} subscribers: {json.dumps(step)}" for step in run["steps"]]
+        for key in ("latency", "many_topics", "idle", "storm"):
+            if key in systems[n]:
+                lines.append(f"- {n}, {key}: {json.dumps(systems[n][key])}")
+    for nodes, run in (results.get("cluster") or {}).items():
+        lines += [f"- cluster of {nodes} node(s), 5000 subscribers: {json.dumps(step)}" for step in run["steps"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,46 @@
+"""The compiled subscriber worker (``csrc/sse_worker.c``): where it is built, and building it.
+
+``--client native`` runs it in place of ``python -m workers.loadtest.worker``:
+the same protocol and accounting, at a fraction of the CPU per read, so the
+tool can out-run a server that writes once per event per socket. It needs a
+C compiler and Debian's ``libcjson-dev`` (``ops/install-system-deps.sh``
+installs both); it is built on first use into ``.run/native`` and rebuilt
+whenever its source is newer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from workers.loadtest.config import ROOT
+
+SOURCE = Path(__file__).with_name("csrc") / "sse_worker.c"
+BINARY = ROOT / ".run" / "native" / "sse-worker"
+CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
+LIBS = ["-lcjson", "-lm"]
+
+
+class NativeUnavailable(RuntimeError):
+    """The native worker cannot be built here (no compiler, or no cJSON headers)."""
+
+
+def build(binary: Path = BINARY) -> Path:
+    """The worker's path, compiled first if missing or older than its source."""
+    if binary.exists() and binary.stat().st_mtime >= SOURCE.stat().st_mtime:
+        return binary
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise NativeUnavailable("no C compiler: install gcc (ops/install-system-deps.sh does)")
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    partial = binary.with_name(binary.name + ".partial")
+    done = subprocess.run(
+        [compiler, *CFLAGS, "-o", str(partial), str(SOURCE), *LIBS], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        hint = " (install libcjson-dev: ops/install-system-deps.sh does)" if "cJSON" in done.stderr else ""
+        raise NativeUnavailable(f"building {SOURCE.name} failed{hint}:\n{done.stderr.strip()}")
+    os.replace(partial, binary)  # atomic: a concurrent run never sees a half-written binary
+    return binary
