@@ -294,4 +294,6 @@ class Hub:
             "cutoffs": self.cutoffs,
             "direct_writes": self.direct_writes,
             "pending_tasks": len(self._tasks),
+            # Every task of the node's loop: an open stream costs one (uvicorn's, serving it).
+            "tasks": len(asyncio.all_tasks()),
         }

@@ -122,6 +122,33 @@ async def _churn(port: int, cycles: int, prefix: str) -> None:
     await asyncio.gather(*(one(i) for i in range(cycles)))
 
 
+async def test_idle_streams_cost_one_task_each_and_a_leaving_client_is_released_at_once() -> None:
+    """Regression: every stream held a second task, blocked in receive() to notice its client leaving.
+
+    Herald's HTTP protocol now calls the stream back instead. The heartbeat is
+    an hour away here, so nothing is written that could reveal the leaving
+    clients: only the disconnect callback can release them.
+    """
+    with run_server({"HERALD_HEARTBEAT": "3600"}) as node:
+        async with httpx.AsyncClient() as client:
+            before = (await client.get(f"{node.url}/stats")).json()["tasks"]
+            opened = []
+            for i in range(100):
+                reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+                writer.write(f"GET /events?topic=idle-{i % 5} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+                await reader.readuntil(b"\r\n\r\n")  # the head, then the stream's first frame
+                await reader.readuntil(b"\n\n")
+                opened.append(writer)
+            during = await wait_for_stats(node.url, connections=100)
+            for writer in opened:
+                writer.close()
+            after = await wait_for_stats(node.url, connections=0, topics=0)
+    assert during["connections"] == 100
+    assert during["tasks"] - before <= 100 + 5, (before, during["tasks"])
+    assert (after["connections"], after["topics"]) == (0, 0)
+    assert after["connections_total"] == 100
+
+
 async def test_connect_disconnect_cycles_leave_bookkeeping_and_memory_flat() -> None:
     with run_server() as node:
         async with httpx.AsyncClient() as client:

@@ -73,6 +73,9 @@ def test_a_step_names_what_was_saturated() -> None:
     assert _step(100, 1, 1, 1)["bound"] == "none"
     assert _step(100, 1, 1, 1, server_cpu={"node-0": 0.5, "nginx": 0.95})["bound"] == "nginx"
     assert _step(100, 1, 1, 1, server_cpu={"node-0": 0.5, "nginx": 0.45})["bound"] == "server core"
+    # Redis on the client's core does not add to the node's.
+    on_two_cores = _step(100, 1, 1, 1, server_cpu={"node": 0.85, "redis": 0.09}, core_components=["node"])
+    assert on_two_cores["bound"] == "none"
     assert _step(100, 1, 1, 1, client_cpu_max=0.97)["bound"] == "client"
     assert _step(100, 1, 1, 1, published_per_s=50)["bound"] == "publishing"
 

@@ -237,8 +237,8 @@ async def test_a_node_that_drops_every_tenth_event_fails_with_exactly_those_even
     out = tmp_path / "result.json"
     async with serve_app(broken) as url:  # type: ignore[arg-type]
         process = await asyncio.create_subprocess_exec(
-            *loadtest_args(out, "--client", client, "--target", url, "--subscribers", "30", "--topics", "3", "--rate", "100",
-                           "--duration", "2", "--drain", "3"),
+            *loadtest_args(out, "--client", client, "--target", url, "--subscribers", "30", "--topics", "3",
+                           "--rate", "100", "--duration", "2", "--drain", "3"),
             cwd=ROOT, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         printed, _ = await asyncio.wait_for(process.communicate(), 90)

@@ -30,8 +30,8 @@ DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / ".run" / "bench" / "results.json"
 SCENARIOS = ("throughput", "latency", "many-topics", "idle", "storm", "multi-node")
 PLAN = {
-    1000: [25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1200.0],
-    5000: [5.0, 10.0, 20.0, 30.0, 40.0, 60.0, 80.0, 120.0, 160.0],
+    1000: [5.0, 10.0, 25.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1200.0, 1600.0, 2400.0, 3200.0],
+    5000: [1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 240.0, 320.0, 480.0],
 }
 CLUSTER_PLAN = [5.0, 10.0, 20.0, 30.0, 40.0, 60.0, 80.0]
 """Events/s to 5,000 subscribers through nginx, for the multi-node scenario."""

@@ -101,6 +101,10 @@ class System:
         """The processes whose CPU is sampled, by component (descendants are included)."""
         return {self.name: self.server_pids()}
 
+    def core_components(self) -> list[str]:
+        """The components pinned to the server core (they share one core's time)."""
+        return list(self.components())
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             if process.poll() is None:
@@ -142,6 +146,9 @@ class Herald(System):
         if not self.redis:
             return super().components()
         return {"node": self.server_pids(), "redis": [self.processes[0].pid]}
+
+    def core_components(self) -> list[str]:
+        return ["node"] if self.redis else super().core_components()
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         env = {"HERALD_HOST": "127.0.0.1", "HERALD_PORT": str(self.port), "HERALD_NODE_ID": self.name}
