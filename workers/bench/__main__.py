@@ -90,19 +90,26 @@ def main(argv: list[str] | None = None) -> None:
         if "storm" in chosen:
             entry["storm"] = scenarios.storm(system, 500 if args.quick else 5000)
         results["systems"][system.name] = entry
+        save(results, args.quick)  # what is measured is kept, whatever happens later
     if "multi-node" in chosen:
         print("== multi-node (redis + nodes + nginx)", flush=True)
         results["cluster"] = {
             str(nodes): scenarios.throughput(HeraldCluster(nodes), 5000, cluster_plan, args.seconds) for nodes in (1, 2)
         }
-    text = render(results)
-    print(text)
+    print(render(results))
+    save(results, args.quick)
     if not args.quick:
-        DOC.parent.mkdir(exist_ok=True)
-        DOC.write_text(text)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1))
         print(f"written to {DOC} and {RESULTS}")
+
+
+def save(results: dict[str, Any], quick: bool) -> None:
+    """Write the results so far and the page drawn from them (not for a --quick smoke run)."""
+    if quick:
+        return
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1))
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(render(results))
 
 
 if __name__ == "__main__":

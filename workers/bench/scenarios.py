@@ -111,6 +111,7 @@ def _step(system: System, subscribers: int, rate: float, args: list[str], fanout
     """One load-tool run on a fresh start of ``system``; ``fanout``: subscribers per event (all, by default)."""
     with system.running():
         r = loadtest(system, ["--subscribers", str(subscribers), "--rate", str(rate), *args])
+        core = system.core_components()
     step = {
         "rate": rate,
         "offered_per_s": rate * (subscribers if fanout is None else fanout),
@@ -122,7 +123,7 @@ def _step(system: System, subscribers: int, rate: float, args: list[str], fanout
         "p99_ms": r["latency_ms"]["p99"],
         "client_cpu_max": max(w["max"] for w in r["tool"]["worker_cpu"]),
         "server_cpu": r["server_cpu"],
-        "core_components": system.core_components(),
+        "core_components": core,
         "passed": r["verdict"]["pass"],
     }
     step["ok"] = kept_up(step)
