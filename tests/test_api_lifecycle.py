@@ -130,19 +130,18 @@ async def test_idle_streams_cost_one_task_each_and_a_leaving_client_is_released_
     clients: only the disconnect callback can release them.
     """
     with run_server({"HERALD_HEARTBEAT": "3600"}) as node:
-        async with httpx.AsyncClient() as client:
-            before = (await client.get(f"{node.url}/stats")).json()["tasks"]
-            opened = []
-            for i in range(100):
-                reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
-                writer.write(f"GET /events?topic=idle-{i % 5} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
-                await reader.readuntil(b"\r\n\r\n")  # the head, then the stream's first frame
-                await reader.readuntil(b"\n\n")
-                opened.append(writer)
-            during = await wait_for_stats(node.url, connections=100)
-            for writer in opened:
-                writer.close()
-            after = await wait_for_stats(node.url, connections=0, topics=0)
+        before = (await stats(node.url))["tasks"]
+        opened = []
+        for i in range(100):
+            reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+            writer.write(f"GET /events?topic=idle-{i % 5} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+            await reader.readuntil(b"\r\n\r\n")  # the head, then the stream's first frame
+            await reader.readuntil(b"\n\n")
+            opened.append(writer)
+        during = await wait_for_stats(node.url, connections=100)
+        for writer in opened:
+            writer.close()
+        after = await wait_for_stats(node.url, connections=0, topics=0)
     assert during["connections"] == 100
     assert during["tasks"] - before <= 100 + 5, (before, during["tasks"])
     assert (after["connections"], after["topics"]) == (0, 0)

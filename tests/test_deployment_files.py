@@ -49,7 +49,8 @@ def test_compose_addresses_agree_with_nginx_and_settings() -> None:
     assert port == api_env["HERALD_PORT"]
     assert f"{port}" in services["api"]["expose"]
     assert api_env["REDIS_URL"].startswith("redis://redis:6379")
-    (listen,) = directives("listen")
+    (listen_directive,) = directives("listen")
+    listen = listen_directive.split()[0]  # the port, before parameters such as backlog=
     published = services["nginx"]["ports"][0].split(":")
     assert published[-1] == listen
     assert "./ops/nginx.conf:/etc/nginx/nginx.conf:ro" in services["nginx"]["volumes"]

@@ -212,22 +212,34 @@ class Lane:
         start = self.ledger.t0
         sent = 0
         requests = 0
+        quota = int(self.rate * self.duration)
         while True:
             elapsed = time.monotonic() - start
-            if elapsed >= self.duration or self.stopping.is_set():
+            if self.stopping.is_set():
                 return
-            due = min(int(self.rate * elapsed) + 1, int(self.rate * self.duration)) - sent
+            if elapsed >= self.duration:
+                # Time is up. A lane a little behind (its last requests were
+                # slow) sends what it still owes as one last batch, so a run
+                # publishes rate x duration events, not one fewer by chance;
+                # one far behind does not: the target could not keep up.
+                owed = min(quota - sent, self.batch)
+                if owed > 0:
+                    await self.publish(self._take(rng, owed), f"{self.run_id}-{self.index}-{requests + 1}")
+                return
+            due = min(int(self.rate * elapsed) + 1, quota) - sent
             if due <= 0:
-                if sent >= int(self.rate * self.duration):
+                if sent >= quota:
                     return
                 await asyncio.sleep(max(0.0, sent / self.rate - elapsed))
                 continue
             count = min(due, self.batch)
-            topics = self.topics
-            items = [(t, self.ledger.take(t)) for t in (rng.choice(topics) for _ in range(count))]
             requests += 1
-            await self.publish(items, f"{self.run_id}-{self.index}-{requests}")
+            await self.publish(self._take(rng, count), f"{self.run_id}-{self.index}-{requests}")
             sent += count
+
+    def _take(self, rng: random.Random, count: int) -> list[tuple[int, int]]:
+        """The next ``count`` events: (topic, its next sequence number), topics drawn from this lane's."""
+        return [(t, self.ledger.take(t)) for t in (rng.choice(self.topics) for _ in range(count))]
 
     async def publish(self, items: list[tuple[int, int]], key: str) -> None:
         """Until accepted, refused, or ``retry_for`` is up; the events keep their first attempt's time."""
