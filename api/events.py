@@ -63,7 +63,7 @@ async def open_stream(
     return EventStreamResponse(hub, opened, settings.retry_ms)
 
 
-async def _refuse(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]]) -> None:
+async def _refuse(send: Send, status: int, detail: object, headers: list[tuple[bytes, bytes]]) -> None:
     body = json.dumps({"detail": detail}).encode()
     head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
     await send({"type": "http.response.start", "status": status, "headers": head})
@@ -81,7 +81,7 @@ async def serve_events(hub: Hub, settings: Settings, scope: Scope, receive: Rece
     try:
         response = await open_stream(hub, settings, topics, resume, transport_aborter(receive))
     except RequestRejected as exc:
-        await _refuse(send, exc.status_code, str(exc.detail), [node])
+        await _refuse(send, exc.status_code, exc.detail, [node])
         return
     except BrokerUnavailable as exc:
         retry = (b"retry-after", str(RETRY_AFTER_SECONDS).encode())

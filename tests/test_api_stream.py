@@ -6,8 +6,11 @@ import asyncio
 
 import httpx
 import pytest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tests.server import Node
+from api.app import create_app
+from api.settings import Settings
+from tests.server import Node, serve_app
 from tests.sse_client import EventStream, publish
 
 
@@ -173,3 +176,31 @@ async def test_live_events_go_straight_to_the_socket_and_arrive_whole_and_in_ord
     assert [e.data for e in events] == [f"e{n}.{i}" for n in range(5) for i in range(3)]
     # Each published batch left as one write by the hub's flush, not by the stream's writer task.
     assert await _direct_writes(node.url) >= before + 5
+
+
+class UnderRootPath:
+    """Herald mounted under a path prefix (``root_path``), where the SSE fast lane does not apply."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "root_path": "/herald", "path": "/herald" + scope["path"]}
+        await self.app(scope, receive, send)
+
+
+async def test_the_fastapi_events_route_serves_the_same_stream_and_errors_as_the_fast_lane(topic: str) -> None:
+    async with serve_app(UnderRootPath(create_app(Settings(node_id="mounted")))) as url:  # type: ignore[arg-type]
+        async with httpx.AsyncClient() as client:
+            bad = await client.get(f"{url}/events?topic=a%20b")
+        assert bad.status_code == 400
+        assert "invalid topic" in bad.json()["detail"]
+        assert bad.headers["x-node-id"] == "mounted"
+        async with await EventStream.open(url, [topic]) as stream:
+            assert stream.response.headers["content-type"].startswith("text/event-stream")
+            assert (
+                await publish(url, [{"topic": topic, "data": "one"}, {"topic": topic, "data": "two"}])
+            ).status_code == 201
+            events = await stream.take(2, timeout=10)
+    assert [e.data for e in events] == ["one", "two"]

@@ -1023,7 +1023,8 @@ int main(void) {
             sub_t *s = &W.subs[id];
             if (s->fd < 0) continue;
             if (s->state == S_CONNECTING) {
-                send_request(s);
+                /* only the connect's own readiness: a stale event of a socket closed in this batch is not it */
+                if (events[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) send_request(s);
             } else if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
                 on_readable(s);
             }
