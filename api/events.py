@@ -16,7 +16,6 @@ Two entrances, one implementation (:func:`open_stream`):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Annotated
 from urllib.parse import parse_qsl
@@ -24,8 +23,9 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.types import Receive, Scope, Send
 
+from api import errors
 from api.deps import HubDep, SettingsDep
-from api.errors import RETRY_AFTER_SECONDS, RequestRejected
+from api.errors import RequestRejected
 from api.hub import Hub
 from api.models import is_topic
 from api.settings import Settings
@@ -63,13 +63,6 @@ async def open_stream(
     return EventStreamResponse(hub, opened, settings.retry_ms)
 
 
-async def _refuse(send: Send, status: int, detail: object, headers: list[tuple[bytes, bytes]]) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
-    await send({"type": "http.response.start", "status": status, "headers": head})
-    await send({"type": "http.response.body", "body": body})
-
-
 async def serve_events(hub: Hub, settings: Settings, scope: Scope, receive: Receive, send: Send) -> None:
     """``GET /events`` as plain ASGI: the route's behaviour, errors included, without FastAPI's request path."""
     node = (b"x-node-id", settings.node_id.encode("ascii"))
@@ -78,15 +71,13 @@ async def serve_events(hub: Hub, settings: Settings, scope: Scope, receive: Rece
     resume = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"last-event-id"), None)
     if resume is None:
         resume = next((value for name, value in query if name == "last_event_id"), None)
+    response: Response
     try:
         response = await open_stream(hub, settings, topics, resume, transport_aborter(receive))
-    except RequestRejected as exc:
-        await _refuse(send, exc.status_code, exc.detail, [node])
-        return
+    except RequestRejected as exc:  # the app's own error answers, as the FastAPI route gives them
+        response = await errors.request_rejected(Request(scope, receive), exc)
     except BrokerUnavailable as exc:
-        retry = (b"retry-after", str(RETRY_AFTER_SECONDS).encode())
-        await _refuse(send, 503, f"broker unavailable: {exc}", [retry, node])
-        return
+        response = await errors.broker_unavailable(Request(scope, receive), exc)
     response.raw_headers.append(node)
     await response(scope, receive, send)
 

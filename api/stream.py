@@ -23,11 +23,18 @@ from api.hub import Hub, Opened
 from api.protocol import HeraldHttpToolsProtocol
 from api.sse import preamble
 
+MEDIA_TYPE = "text/event-stream"
 STREAM_HEADERS = {
     "Cache-Control": "no-cache",
     # nginx honours this per response: never buffer the stream.
     "X-Accel-Buffering": "no",
 }
+
+_RAW_HEADERS = (
+    (b"content-type", MEDIA_TYPE.encode("latin-1")),
+    *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in STREAM_HEADERS.items()),
+)
+"""The stream's response headers, encoded once (not per connect)."""
 
 _REPLAY_CHUNK = 64 * 1024
 """Replayed frames are sent in writes of about this many bytes."""
@@ -135,16 +142,13 @@ async def _watch_disconnect(receive: Receive, connection: Connection) -> None:
 class EventStreamResponse(Response):
     """Streams an :class:`~api.hub.Opened` connection until it closes, then detaches it."""
 
-    media_type = "text/event-stream"
+    media_type = MEDIA_TYPE
 
     def __init__(self, hub: Hub, opened: Opened, retry_ms: int) -> None:
         # Not Response.__init__: it would add a Content-Length for an empty body.
         self.status_code = 200
         self.background = None
-        self.raw_headers = [
-            (b"content-type", self.media_type.encode("latin-1")),
-            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in STREAM_HEADERS.items()),
-        ]
+        self.raw_headers = list(_RAW_HEADERS)  # a copy: the caller may add its own
         self._hub = hub
         self._opened = opened
         self._retry_ms = retry_ms

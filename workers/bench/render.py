@@ -34,6 +34,25 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+_SCENARIO_ROWS: list[tuple[str, str, str, bool | None]] = [
+    # (scenario, field, label, higher is better; None where no ratio makes sense)
+    ("latency", "p99_ms", "p99 ms, 5,000 subscribers, 20 events/s", False),
+    ("many_topics", "p99_ms", "10,000 topics, 2,000 events/s: p99 ms", False),
+    ("many_topics", "kept_up", "10,000 topics: kept up with zero loss", None),
+    ("idle", "kb_per_connection", "KB per idle connection (5,000)", False),
+    ("idle", "connect_all_s", "seconds for 5,000 connects at once", False),
+    ("storm", "resume_all_s", "reconnect storm: seconds until all 5,000 resumed", False),
+    ("storm", "exact", "reconnect storm: every missed event exactly once", None),
+]
+"""The table's rows after the throughput ones: one figure of one scenario each."""
+
+
+def _scenario_value(entry: dict[str, Any] | None, field: str) -> Any:
+    if field == "kept_up":  # derived: the step's own verdict
+        return entry is not None and kept_up(entry)
+    return _get(entry, field)
+
+
 def _figures(results: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool | None]]:
     """(label, value per system, higher is better; None where no ratio makes sense)."""
     systems: dict[str, dict[str, Any]] = results["systems"]
@@ -58,51 +77,10 @@ def _figures(results: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool | 
                 None,
             )
         )
-    if any("latency" in e for e in systems.values()):
-        rows.append(
-            (
-                "p99 ms, 5,000 subscribers, 20 events/s",
-                {n: _get(e.get("latency"), "p99_ms") for n, e in systems.items()},
-                False,
-            )
-        )
-    if any("many_topics" in e for e in systems.values()):
-        many = {n: e.get("many_topics") for n, e in systems.items()}
-        rows.append(("10,000 topics, 2,000 events/s: p99 ms", {n: _get(m, "p99_ms") for n, m in many.items()}, False))
-        rows.append(
-            ("10,000 topics: kept up with zero loss", {n: m is not None and kept_up(m) for n, m in many.items()}, None)
-        )
-    if any("idle" in e for e in systems.values()):
-        rows.append(
-            (
-                "KB per idle connection (5,000)",
-                {n: _get(e.get("idle"), "kb_per_connection") for n, e in systems.items()},
-                False,
-            )
-        )
-        rows.append(
-            (
-                "seconds for 5,000 connects at once",
-                {n: _get(e.get("idle"), "connect_all_s") for n, e in systems.items()},
-                False,
-            )
-        )
-    if any("storm" in e for e in systems.values()):
-        rows.append(
-            (
-                "reconnect storm: seconds until all 5,000 resumed",
-                {n: _get(e.get("storm"), "resume_all_s") for n, e in systems.items()},
-                False,
-            )
-        )
-        rows.append(
-            (
-                "reconnect storm: every missed event exactly once",
-                {n: _get(e.get("storm"), "exact") for n, e in systems.items()},
-                None,
-            )
-        )
-    return rows  # fmt: skip
+    for key, field, label, higher in _SCENARIO_ROWS:
+        if any(key in e for e in systems.values()):
+            rows.append((label, {n: _scenario_value(e.get(key), field) for n, e in systems.items()}, higher))
+    return rows
 
 
 def targets(results: dict[str, Any]) -> list[str]:

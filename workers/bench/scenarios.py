@@ -163,7 +163,7 @@ def idle(system: System, count: int = 5000) -> dict[str, Any]:
     with system.running():
         time.sleep(1)  # the server's own start-up allocations settle first
         before = rss_bytes(system.server_pids())
-        with NativeClient([(i, f"127.0.0.1:{system.port}", path, [0]) for i in range(count)]) as client:
+        with NativeClient([(i, system.address, path, [0]) for i in range(count)]) as client:
             ready = client.ready()
             time.sleep(2)  # buffers settle before memory is read
             after = rss_bytes(system.server_pids())
@@ -205,7 +205,7 @@ def storm(system: System, count: int = 5000, missed: int = 100) -> dict[str, Any
     first = 10
     with (
         system.running(),
-        NativeClient([(i, system.url.removeprefix("http://"), path, [0]) for i in range(count)], ramp=2) as client,
+        NativeClient([(i, system.address, path, [0]) for i in range(count)], ramp=2) as client,
     ):
         client.ready()
         publish(system, topic, range(1, first + 1))

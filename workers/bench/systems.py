@@ -70,8 +70,13 @@ class System:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
+    def address(self) -> str:
+        """``host:port``, as the load client's subscribers take it."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.address}"
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         raise NotImplementedError

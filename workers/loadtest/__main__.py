@@ -6,7 +6,10 @@ once and in order, 1 when not (the summary says why), 2 for bad options.
 
 from __future__ import annotations
 
+import asyncio
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from workers.loadtest import native
 from workers.loadtest.config import from_args
@@ -21,20 +24,17 @@ def _say(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = from_args(argv)
-    if config.client == "native":
-        try:
-            native.build()
-        except native.NativeUnavailable as exc:
-            _say(f"--client native: {exc}")
-            return 2
     try:
         import uvloop
 
-        result = uvloop.run(run(config, _say))
+        run_loop: Callable[[Coroutine[Any, Any, dict[str, Any]]], dict[str, Any]] = uvloop.run
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
-        import asyncio
-
-        result = asyncio.run(run(config, _say))
+        run_loop = asyncio.run
+    try:
+        result = run_loop(run(config, _say))
+    except native.NativeUnavailable as exc:  # --client native, where it cannot be built
+        _say(f"--client native: {exc}")
+        return 2
     print(summary_table(result), flush=True)
     if config.json_path is not None:
         write_json(result, config.json_path)

@@ -129,7 +129,8 @@ static void emit(sbuf *b) {
         if (n <= 0) exit(4); /* the parent is gone */
         off += (size_t)n;
     }
-    b->len = 0;
+    free(b->p); /* every message is built in its own buffer, sent once */
+    *b = (sbuf){0};
 }
 
 /* ------------------------------------------- the histogram of histogram.py */
@@ -338,6 +339,19 @@ static void sb_totals(sbuf *b) {
               (long long)counter_sum(&W.reset_reasons));
 }
 
+static void check_caught_up(void);
+
+/* Recount which subscribers (of those that ever connected) have what "expect" named, then report if all do. */
+static void recount_caught(void) {
+    W.caught = 0;
+    for (int i = 0; i < W.nsubs; i++) {
+        sub_t *s = &W.subs[i];
+        s->caught = s->first_ready > 0 && sub_caught_up(s);
+        W.caught += s->caught;
+    }
+    check_caught_up();
+}
+
 static void check_caught_up(void) {
     /* Every subscriber that ever connected (W.ready of them) must have caught up. */
     if (!W.expecting || W.caught_sent || W.caught < W.ready) return;
@@ -345,7 +359,6 @@ static void check_caught_up(void) {
     sbuf b = {0};
     sb_printf(&b, "{\"type\":\"caught_up\",\"at_ns\":%lld}", (long long)wall_ns());
     emit(&b);
-    free(b.p);
 }
 
 /* One data line of an event. Load events are "<topic> <seq> <sent ns> <pad>". */
@@ -439,27 +452,28 @@ static void on_line(sub_t *s, const char *p, size_t n, int64_t now_ns) {
     } /* event:, comments and anything else: nothing to count */
 }
 
+/* Keep the start of a line that a read split. */
+static void line_append(sub_t *s, const char *p, size_t n) {
+    if (s->line_len + n > s->line_cap) {
+        s->line_cap = (s->line_len + n) * 2;
+        s->line = xrealloc(s->line, s->line_cap);
+    }
+    memcpy(s->line + s->line_len, p, n);
+    s->line_len += n;
+}
+
 /* Event-stream bytes (after any chunked decoding). */
 static void on_body(sub_t *s, const char *p, size_t n, int64_t now_ns) {
     while (n) {
         const char *nl = memchr(p, '\n', n);
         if (!nl) {
-            if (s->line_len + n > s->line_cap) {
-                s->line_cap = (s->line_len + n) * 2;
-                s->line = xrealloc(s->line, s->line_cap);
-            }
-            memcpy(s->line + s->line_len, p, n);
-            s->line_len += n;
+            line_append(s, p, n);
             return;
         }
         size_t len = (size_t)(nl - p);
         if (s->line_len) {
-            if (s->line_len + len > s->line_cap) {
-                s->line_cap = (s->line_len + len) * 2;
-                s->line = xrealloc(s->line, s->line_cap);
-            }
-            memcpy(s->line + s->line_len, p, len);
-            on_line(s, s->line, s->line_len + len, now_ns);
+            line_append(s, p, len);
+            on_line(s, s->line, s->line_len, now_ns);
             s->line_len = 0;
         } else {
             on_line(s, p, len, now_ns);
@@ -725,7 +739,6 @@ static void emit_ready(void) {
     sb_totals(&b);
     sb_add(&b, "}", 1);
     emit(&b);
-    free(b.p);
 }
 
 static void emit_progress(void) {
@@ -739,16 +752,7 @@ static void emit_progress(void) {
     sb_totals(&b);
     sb_add(&b, "}", 1);
     emit(&b);
-    free(b.p);
-    if (W.expecting && !W.caught_sent) { /* recount: covers subscribers that came late */
-        W.caught = 0;
-        for (int i = 0; i < W.nsubs; i++) {
-            sub_t *s = &W.subs[i];
-            s->caught = s->first_ready > 0 && sub_caught_up(s);
-            W.caught += s->caught;
-        }
-        check_caught_up();
-    }
+    if (W.expecting && !W.caught_sent) recount_caught(); /* covers subscribers that came late */
 }
 
 static void read_last(cJSON *obj, int64_t *out) {
@@ -908,13 +912,7 @@ static void on_command(char *line) {
         read_last(cJSON_GetObjectItem(msg, "last"), W.expect);
         W.expecting = 1;
         W.caught_sent = 0;
-        W.caught = 0;
-        for (int i = 0; i < W.nsubs; i++) {
-            sub_t *s = &W.subs[i];
-            s->caught = s->first_ready > 0 && sub_caught_up(s);
-            W.caught += s->caught;
-        }
-        check_caught_up();
+        recount_caught();
     } else if (strcmp(cmd, "disconnect") == 0) {
         for (int i = 0; i < W.nsubs; i++) {
             sub_t *s = &W.subs[i];
@@ -925,7 +923,6 @@ static void on_command(char *line) {
         sbuf b = {0};
         sb_add(&b, "{\"type\":\"disconnected\"}", 23);
         emit(&b);
-        free(b.p);
     } else if (strcmp(cmd, "reconnect") == 0) {
         for (int i = 0; i < W.nsubs; i++)
             if (W.subs[i].state == S_PAUSED) {
