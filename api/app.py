@@ -32,7 +32,14 @@ BrokerFactory = Callable[[Settings], Broker]
 
 
 def _default_broker(settings: Settings) -> Broker:
-    return create_broker(settings.redis_url, RetentionPolicy(settings.replay_size, settings.replay_ttl))
+    return create_broker(
+        settings.redis_url,
+        RetentionPolicy(settings.replay_size, settings.replay_ttl),
+        sentinels=settings.redis_sentinels,
+        sentinel_master=settings.redis_sentinel_master,
+        pool=settings.redis_pool,
+        replicas_ack=settings.redis_replicas_ack,
+    )
 
 
 def create_app(settings: Settings | None = None, broker_factory: BrokerFactory = _default_broker) -> FastAPI:
@@ -42,7 +49,12 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         broker = broker_factory(settings)
-        hub = Hub(broker, client_buffer=settings.client_buffer, heartbeat=settings.heartbeat)
+        hub = Hub(
+            broker,
+            client_buffer=settings.client_buffer,
+            heartbeat=settings.heartbeat,
+            max_connections=settings.max_connections,
+        )
         await broker.start(hub)
         await hub.start()
         app.state.broker = broker

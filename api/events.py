@@ -26,10 +26,10 @@ from starlette.types import Receive, Scope, Send
 from api import errors
 from api.deps import HubDep, SettingsDep
 from api.errors import RequestRejected
-from api.hub import Hub
+from api.hub import Hub, Opened, Refused
 from api.models import is_topic
 from api.settings import Settings
-from api.stream import EventStreamResponse, transport_aborter
+from api.stream import EventStreamResponse, RetryLaterResponse, transport_aborter
 from broker.base import BrokerUnavailable
 
 router = APIRouter()
@@ -54,13 +54,31 @@ async def open_stream(
     topics: list[str],
     resume: str | None,
     on_overflow: Callable[[], None] | None,
-) -> EventStreamResponse:
-    """The stream response for a subscription; RequestRejected or BrokerUnavailable before anything is sent."""
+) -> Response:
+    """The response for a subscription. Only the client's own mistakes raise (RequestRejected, 4xx).
+
+    Every passing cause is answered ``200 text/event-stream``, the only
+    answer a browser's EventSource retries: a node that can't take the
+    stream (draining, full) tells the client to come back; a broker that is
+    unavailable makes the stream wait for it (see :class:`EventStreamResponse`).
+    """
     topics = check_topics(topics, settings.max_topics)
     if resume is not None and not resume.strip():
         resume = None  # an empty id means "no id yet", as EventSource sends it
-    opened = await hub.connect(topics, resume, on_overflow=on_overflow)
-    return EventStreamResponse(hub, opened, settings.retry_ms)
+    try:
+        connection = hub.admit(topics, on_overflow=on_overflow)
+    except Refused as exc:
+        return RetryLaterResponse(settings.retry_ms, str(exc))
+    try:
+        opened: Opened | None = await hub.open(connection, resume)
+    except BrokerUnavailable:
+        opened = None
+    except BaseException:
+        hub.detach(connection)
+        raise
+    return EventStreamResponse(
+        hub, connection, opened, resume=resume, retry_ms=settings.retry_ms, heartbeat=settings.heartbeat
+    )
 
 
 async def serve_events(hub: Hub, settings: Settings, scope: Scope, receive: Receive, send: Send) -> None:
@@ -76,8 +94,6 @@ async def serve_events(hub: Hub, settings: Settings, scope: Scope, receive: Rece
         response = await open_stream(hub, settings, topics, resume, transport_aborter(receive))
     except RequestRejected as exc:  # the app's own error answers, as the FastAPI route gives them
         response = await errors.request_rejected(Request(scope, receive), exc)
-    except BrokerUnavailable as exc:
-        response = await errors.broker_unavailable(Request(scope, receive), exc)
     response.raw_headers.append(node)
     await response(scope, receive, send)
 
@@ -89,7 +105,6 @@ async def serve_events(hub: Hub, settings: Settings, scope: Scope, receive: Rece
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "The event stream."},
         400: {"description": "No topic, an invalid topic name or too many topics."},
-        503: {"description": "The broker is unavailable."},
     },
 )
 async def events(

@@ -46,6 +46,10 @@ def parse_event_id(text: str) -> int | None:
     return int(text) if _EVENT_ID.fullmatch(text) else None
 
 
+class Refused(Exception):
+    """The node can't take a new stream now (draining, or at its connection limit); the client should retry."""
+
+
 @dataclass(slots=True)
 class Opened:
     """A connection ready to stream: what to send before going live, and where it ends.
@@ -66,9 +70,21 @@ class Hub:
     """Fan-out of broker events to this node's SSE connections."""
 
     def __init__(
-        self, broker: Broker, *, client_buffer: int, heartbeat: float, frame_cache_bytes: int = 8 * 1024 * 1024
+        self,
+        broker: Broker,
+        *,
+        client_buffer: int,
+        heartbeat: float,
+        frame_cache_bytes: int = 8 * 1024 * 1024,
+        max_connections: int = 0,
     ) -> None:
         self._broker = broker
+        self._max_connections = max_connections
+        # Set while the broker answers; streams waiting for it wait on this
+        # (one probe for all of them, not one retry loop per client).
+        self._broker_up = asyncio.Event()
+        self._broker_up.set()
+        self._probe: asyncio.Task[None] | None = None
         self._client_buffer = client_buffer
         self._heartbeat = heartbeat
         self._by_topic: dict[str, set[Connection]] = {}
@@ -91,6 +107,8 @@ class Hub:
         self.cutoffs = 0
         self.direct_writes = 0  # writes made by the flush, not by a writer task
         self.connections_total = 0
+        self.refused = {"draining": 0, "full": 0}  # streams told to retry instead of served
+        self.waited_for_broker = 0  # streams that had to wait for the broker before they could start
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -105,7 +123,7 @@ class Hub:
 
     async def close(self) -> None:
         self.drain()
-        tasks = [t for t in (self._ticker, *self._tasks) if t is not None]
+        tasks = [t for t in (self._ticker, self._probe, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -170,25 +188,34 @@ class Hub:
                 self._frames_size -= len(self._frames.pop(next(iter(self._frames))))
         return frame
 
-    async def connect(
-        self,
-        topics: Sequence[str],
-        last_event_id: str | None,
-        on_overflow: Callable[[], None] | None = None,
-    ) -> Opened:
-        """Register a client and work out what it gets before live events.
+    def admit(self, topics: Sequence[str], on_overflow: Callable[[], None] | None = None) -> Connection:
+        """Register a new client of ``topics`` (pending: it gets nothing until :meth:`open`).
+
+        Raises :class:`Refused` when the node is draining or at its connection
+        limit: passing causes, so the client is told to come back, not failed.
+        """
+        if self._draining:
+            self.refused["draining"] += 1
+            raise Refused("this node is shutting down")
+        if self._max_connections and len(self._connections) >= self._max_connections:
+            self.refused["full"] += 1
+            raise Refused(f"this node serves its limit of {self._max_connections} streams")
+        connection = Connection(tuple(topics), self._client_buffer, on_overflow, self._mark_dirty)
+        self._attach(connection)
+        return connection
+
+    async def open(self, connection: Connection, last_event_id: str | None) -> Opened:
+        """Work out what an admitted client gets before live events.
 
         The order is what makes resume exact: the connection is registered
         and the broker subscribed *before* history is read, so every event is
         either in the history (id up to ``head``) or arrives live afterwards,
         and :meth:`Connection.go_live` drops the overlap.
 
-        Raises BrokerUnavailable (nothing is left registered then).
+        Raises BrokerUnavailable; the connection stays registered (live events
+        keep being held aside for it), so the caller may call again once the
+        broker is back (:meth:`wait_for_broker`) or :meth:`detach` it.
         """
-        if self._draining:
-            raise BrokerUnavailable("this node is shutting down")
-        connection = Connection(tuple(topics), self._client_buffer, on_overflow, self._mark_dirty)
-        self._attach(connection)
         try:
             # Most clients join topics the broker already feeds: then there is
             # nothing to reconcile, and no reason to queue on the lock (nor to
@@ -197,26 +224,65 @@ class Hub:
             if self._sub_lock.locked() or not self._subscribed.issuperset(connection.topics):
                 await self._reconcile()
             opened = await self._open(connection, last_event_id)
-        except BaseException:
-            self.detach(connection)
+        except BrokerUnavailable:
+            self._broker_up.clear()
             raise
         self.connections_total += 1
         return opened
 
+    async def connect(
+        self,
+        topics: Sequence[str],
+        last_event_id: str | None,
+        on_overflow: Callable[[], None] | None = None,
+    ) -> Opened:
+        """:meth:`admit` and :meth:`open` in one; nothing stays registered when it raises."""
+        connection = self.admit(topics, on_overflow)
+        try:
+            return await self.open(connection, last_event_id)
+        except BaseException:
+            self.detach(connection)
+            raise
+
+    async def wait_for_broker(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) until the broker answers again; whether it does.
+
+        One probe task pings the broker for every waiting stream, so an
+        outage with thousands of clients waiting costs a ping every quarter
+        of a second, not one failing call per client.
+        """
+        if self._broker_up.is_set():
+            return True
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._probe_broker(), name="herald-broker-probe")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._broker_up.wait(), timeout)
+        return self._broker_up.is_set()
+
+    async def _probe_broker(self) -> None:
+        while not self._broker_up.is_set():
+            try:
+                if await self._broker.ping():
+                    self._broker_up.set()
+                    return
+            except BrokerUnavailable:
+                pass
+            await asyncio.sleep(0.25)
+
     async def _open(self, connection: Connection, last_event_id: str | None) -> Opened:
         topics = connection.topics
         if last_event_id is None:
-            head = await self._broker.head()
-            return Opened(connection, [], head, fresh=True)
+            position = await self._broker.position(topics)
+            return Opened(connection, [], position, fresh=True)
         after = parse_event_id(last_event_id)
         if after is None:
-            head = await self._broker.head()
-            return Opened(connection, [reset_frame(ResetReason.INVALID_ID, topics, head)], head, fresh=False)
+            position = await self._broker.position(topics)
+            return Opened(connection, [reset_frame(ResetReason.INVALID_ID, topics, position)], position, fresh=False)
         history = await self._broker.history(topics, after)
         frames: list[bytes] = []
         if history.reset is not None:
-            position = None if history.events else history.head
-            frames.append(reset_frame(history.reset.reason, history.reset.topics, position))
+            marker = None if history.events else history.head
+            frames.append(reset_frame(history.reset.reason, history.reset.topics, marker))
         # Clients resuming together replay the same events: encode each once.
         frames.extend(self._remember(event) for event in history.events)
         return Opened(connection, frames, history.head, fresh=False)
@@ -294,6 +360,9 @@ class Hub:
             "cutoffs": self.cutoffs,
             "direct_writes": self.direct_writes,
             "pending_tasks": len(self._tasks),
+            "refused_draining": self.refused["draining"],
+            "refused_full": self.refused["full"],
+            "waited_for_broker": self.waited_for_broker,
             # Every task of the node's loop: an open stream costs one (uvicorn's, serving it).
             "tasks": len(asyncio.all_tasks()),
         }

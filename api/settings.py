@@ -14,7 +14,7 @@ def _default_node_id() -> str:
 
 
 class Settings(BaseSettings):
-    """Everything a node can be told. Each field is ``HERALD_<NAME>`` except ``REDIS_URL``."""
+    """Everything a node can be told. Each field is ``HERALD_<NAME>`` except the ``REDIS_*`` connection ones."""
 
     model_config = SettingsConfigDict(env_prefix="HERALD_", extra="ignore", frozen=True)
 
@@ -35,8 +35,33 @@ class Settings(BaseSettings):
         1024 * 1024, ge=1024, description="Bytes of unsent events one client may hold before it is cut off."
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest publish request body, in bytes.")
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="Open streams this node serves at most (0: no limit); past it, clients are told to retry.",
+    )
     redis_url: str | None = Field(
         None,
         validation_alias=AliasChoices("REDIS_URL"),
-        description="Redis to use as the broker; unset runs the embedded broker.",
+        description="Redis to use as the broker; unset (and no REDIS_SENTINELS) runs the embedded broker.",
+    )
+    redis_sentinels: str | None = Field(
+        None,
+        validation_alias=AliasChoices("REDIS_SENTINELS"),
+        pattern=r"^\s*[^,:\s]+:[0-9]+\s*(,\s*[^,:\s]+:[0-9]+\s*)*$",
+        description="Sentinels (host:port,host:port,...) that name the Redis primary; wins over REDIS_URL.",
+    )
+    redis_sentinel_master: str = Field(
+        "herald",
+        validation_alias=AliasChoices("REDIS_SENTINEL_MASTER"),
+        min_length=1,
+        description="The master name the sentinels monitor.",
+    )
+    redis_pool: int = Field(
+        50, ge=1, description="Redis connections for commands; more concurrent commands wait for one."
+    )
+    redis_replicas_ack: int = Field(
+        0,
+        ge=0,
+        description="Replicas that must have an event before its publish is answered 201 (Redis WAIT).",
     )

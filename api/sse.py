@@ -62,6 +62,27 @@ def preamble(retry_ms: int, position: int | None) -> bytes:
     return f"retry: {retry_ms}\n{marker}\n".encode()
 
 
+def retry_notice(retry_ms: int, why: str) -> bytes:
+    """The reconnect hint and a comment saying why: how a stream that can't be served now begins.
+
+    Followed by the end of the stream, it tells EventSource to come back in
+    ``retry_ms`` (with its ``Last-Event-ID``): a 200 it retries, where any
+    error status would end it for good. Followed by more, it opens a stream
+    that waits; no ``id:`` then, the position comes once the stream knows it
+    (:func:`position_frame`).
+    """
+    return f"retry: {retry_ms}\n: {_one_line(why)}\n\n".encode()
+
+
+def position_frame(position: int) -> bytes:
+    """``id:`` without data: the client records its position and nothing is dispatched (see :func:`preamble`)."""
+    return f"id: {position}\n\n".encode()
+
+
+def _one_line(text: str) -> str:
+    return _LINE_BREAK.sub(" ", text)
+
+
 def reset_frame(reason: str, topics: tuple[str, ...], position: int | None) -> bytes:
     """The ``reset`` event: the client's resume cannot be exact for ``topics``.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Iterator
 
 from starlette.responses import Response
@@ -21,7 +22,8 @@ from starlette.types import Receive, Scope, Send
 from api.connection import Closed, Connection
 from api.hub import Hub, Opened
 from api.protocol import HeraldHttpToolsProtocol
-from api.sse import preamble
+from api.sse import HEARTBEAT, position_frame, preamble, retry_notice
+from broker.base import BrokerUnavailable
 
 MEDIA_TYPE = "text/event-stream"
 STREAM_HEADERS = {
@@ -35,6 +37,9 @@ _RAW_HEADERS = (
     *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in STREAM_HEADERS.items()),
 )
 """The stream's response headers, encoded once (not per connect)."""
+
+_WAIT_STEP = 0.5
+"""Seconds between looks at a waiting stream (closed by its client, or by a drain?)."""
 
 _REPLAY_CHUNK = 64 * 1024
 """Replayed frames are sent in writes of about this many bytes."""
@@ -139,23 +144,56 @@ async def _watch_disconnect(receive: Receive, connection: Connection) -> None:
             return
 
 
-class EventStreamResponse(Response):
-    """Streams an :class:`~api.hub.Opened` connection until it closes, then detaches it."""
+class RetryLaterResponse(Response):
+    """A ``200 text/event-stream`` that only says "come back in ``retry_ms``", then ends.
+
+    For a stream the node can't take now (draining, at its connection limit):
+    EventSource reconnects after ``retry_ms`` (with its ``Last-Event-ID``,
+    behind a proxy most likely to another node), where a 503 would end it for good.
+    """
 
     media_type = MEDIA_TYPE
 
-    def __init__(self, hub: Hub, opened: Opened, retry_ms: int) -> None:
+    def __init__(self, retry_ms: int, why: str) -> None:
+        super().__init__(retry_notice(retry_ms, why), headers=STREAM_HEADERS, media_type=MEDIA_TYPE)
+
+
+class EventStreamResponse(Response):
+    """Streams an admitted connection until it closes, then detaches it.
+
+    ``opened`` is what :meth:`Hub.open` answered before the response started;
+    None when the broker was unavailable. Then the stream starts anyway (a
+    ``200`` the browser keeps, with ``retry:`` and a comment), waits for the
+    broker with the connection registered (live events are held aside for
+    it), opens it once the broker is back, and goes on as any stream: the
+    client gets what it is owed, exactly once, without reconnecting.
+    """
+
+    media_type = MEDIA_TYPE
+
+    def __init__(
+        self,
+        hub: Hub,
+        connection: Connection,
+        opened: Opened | None,
+        *,
+        resume: str | None,
+        retry_ms: int,
+        heartbeat: float,
+    ) -> None:
         # Not Response.__init__: it would add a Content-Length for an empty body.
         self.status_code = 200
         self.background = None
         self.raw_headers = list(_RAW_HEADERS)  # a copy: the caller may add its own
         self._hub = hub
+        self._connection = connection
         self._opened = opened
+        self._resume = resume
         self._retry_ms = retry_ms
+        self._heartbeat = heartbeat
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        opened = self._opened
-        connection = opened.connection
+        connection = self._connection
         watcher: asyncio.Task[None] | None = None
         notifier = disconnect_notifier(receive)
         if notifier is not None:
@@ -166,18 +204,18 @@ class EventStreamResponse(Response):
             watcher = asyncio.create_task(_watch_disconnect(receive, connection))
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            first = preamble(self._retry_ms, opened.position if opened.fresh else None)
-            await send({"type": "http.response.body", "body": first, "more_body": True})
-            for batch in _batches(opened.frames):
-                if connection.closed is not None:
-                    break
-                await send({"type": "http.response.body", "body": batch, "more_body": True})
-            connection.go_live(opened.position)
-            writer = direct_writer(scope, receive)
-            if writer is not None:
-                connection.go_direct(writer)
-            while (chunk := await connection.next_chunk()) is not None:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            opened = self._opened
+            if opened is None:
+                notice = retry_notice(self._retry_ms, "waiting for the broker")
+                await send({"type": "http.response.body", "body": notice, "more_body": True})
+                opened = await self._wait_and_open(send)
+                first = position_frame(opened.position) if opened is not None and opened.fresh else b""
+            else:
+                first = preamble(self._retry_ms, opened.position if opened.fresh else None)
+            if opened is not None:
+                if first:
+                    await send({"type": "http.response.body", "body": first, "more_body": True})
+                await self._stream(scope, receive, send, opened)
             if connection.closed is not Closed.DISCONNECTED:
                 # After an abort (overflow) this returns at once: uvicorn knows
                 # the client is gone.
@@ -190,3 +228,32 @@ class EventStreamResponse(Response):
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             self._hub.detach(connection)
+
+    async def _wait_and_open(self, send: Send) -> Opened | None:
+        """Keep the stream (and its heartbeats) up until the hub can open it; None if it closed first."""
+        hub, connection = self._hub, self._connection
+        hub.waited_for_broker += 1
+        quiet_since = time.monotonic()
+        while connection.closed is None:
+            if await hub.wait_for_broker(min(_WAIT_STEP, self._heartbeat)) and connection.closed is None:
+                try:
+                    return await hub.open(connection, self._resume)
+                except BrokerUnavailable:
+                    pass  # down again: wait for it again
+            if time.monotonic() - quiet_since >= self._heartbeat and connection.closed is None:
+                await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
+                quiet_since = time.monotonic()
+        return None
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send, opened: Opened) -> None:
+        connection = self._connection
+        for batch in _batches(opened.frames):
+            if connection.closed is not None:
+                break
+            await send({"type": "http.response.body", "body": batch, "more_body": True})
+        connection.go_live(opened.position)
+        writer = direct_writer(scope, receive)
+        if writer is not None:
+            connection.go_direct(writer)
+        while (chunk := await connection.next_chunk()) is not None:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})

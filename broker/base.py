@@ -196,6 +196,21 @@ class Broker(Protocol):
 
         Once it returns, every event published on these topics afterwards
         reaches the sink. Subscribing to an already subscribed topic is a no-op.
+        A broker whose feed is down (reconnecting) still takes the topics: the
+        feed catches up on them when it is back, so this need not fail then.
+        """
+
+    async def position(self, topics: Collection[str]) -> int:
+        """Where a new client of ``topics`` (subscribed, see :meth:`subscribe`) starts.
+
+        An id ``p`` such that every event of ``topics`` with an id above ``p``
+        reaches the sink after this call began, and every event at or below it
+        was published before the call returned. A client registered with the
+        sink before the call, told ``p`` as its position, so gets exactly the
+        events after ``p``. It need not be the deployment's head: a broker
+        that feeds this node from elsewhere may answer from where its feed is
+        (without a round trip, and while the source is unreachable), so long as
+        the feed will deliver everything after it.
         """
 
     async def unsubscribe(self, topics: Collection[str]) -> None:

@@ -6,10 +6,27 @@ from broker.base import Broker, RetentionPolicy
 from broker.memory import MemoryBroker
 
 
-def create_broker(redis_url: str | None, retention: RetentionPolicy) -> Broker:
-    """The embedded broker when ``redis_url`` is None, else the Redis broker."""
-    if redis_url is None:
-        return MemoryBroker(retention)
-    from broker.redis import RedisBroker  # only when asked for: the embedded broker needs no Redis client
+def create_broker(
+    redis_url: str | None,
+    retention: RetentionPolicy,
+    *,
+    sentinels: str | None = None,
+    sentinel_master: str = "herald",
+    pool: int = 50,
+    replicas_ack: int = 0,
+) -> Broker:
+    """The embedded broker when neither ``redis_url`` nor ``sentinels`` is set, else the Redis broker.
 
-    return RedisBroker(redis_url, retention)
+    ``sentinels`` (``host:port,host:port``) win over ``redis_url``: the
+    broker then follows the primary that the sentinels name ``sentinel_master``.
+    """
+    if redis_url is None and not sentinels:
+        return MemoryBroker(retention)
+    # Only when asked for: the embedded broker needs no Redis client.
+    from broker.redis import RedisBroker, RedisTarget
+
+    if sentinels:
+        target = RedisTarget(sentinels=RedisTarget.parse_sentinels(sentinels), master=sentinel_master)
+    else:
+        target = RedisTarget(url=redis_url)
+    return RedisBroker(target, retention, pool=pool, replicas_ack=replicas_ack)

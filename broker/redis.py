@@ -22,22 +22,48 @@ its data, or the events expired meanwhile), the sink gets a ``reset``.
 Because every publish runs as one script, ids are issued in the order the
 messages are published, and one pub/sub connection receives them in that
 order: the node's feed is in id order across all its topics.
+
+Passing faults (what makes a Redis restart or failover heal by itself):
+
+* Connections are checked when taken from the pool: RESP2, because redis-py's
+  RESP3 pool skips its check for a connection the server closed, so after a
+  Redis restart every pooled connection failed once ("Connection closed by
+  server"). Reads are retried once on a connection error (they are
+  idempotent); a publish never is: it may have run before its answer was
+  lost, and sending it again would publish it twice.
+* At most ``pool`` commands are in flight; more wait their turn (up to
+  ``POOL_WAIT`` seconds) instead of failing with "Too many connections".
+* The feed's subscriptions survive an outage: :meth:`RedisBroker.subscribe`
+  takes topics while the feed is down, and the reconnect subscribes and
+  backfills them from the feed's position, so clients can start at that
+  position without Redis (:meth:`RedisBroker.position`).
+* With Sentinel, a failover can lose what asynchronous replication had not
+  copied yet. A node that finds the new primary's head below an id it has
+  already delivered or published raises the data set's epoch above it
+  (``mark_lost.lua``), and every resume from before it gets ``reset``
+  (``lost``) instead of a silent hole. ``replicas_ack`` makes a publish wait
+  (``WAIT``) until that many replicas have it, so nothing accepted is lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import time
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from broker.base import (
@@ -60,8 +86,66 @@ log = logging.getLogger("herald.redis")
 STORM_WINDOW = 0.05
 """Seconds between two replay reads of the same topics while clients keep resuming."""
 
+POOL_WAIT = 5.0
+"""Seconds a command waits for one of the ``pool`` connections before the broker counts as unavailable."""
+
+ACK_TIMEOUT_MS = 2000
+"""How long a publish waits for ``replicas_ack`` replicas (``WAIT``), in milliseconds."""
+
 PUBLISH_SCRIPT = resources.files("broker").joinpath("lua/publish.lua").read_text(encoding="utf-8")
 HISTORY_SCRIPT = resources.files("broker").joinpath("lua/history.lua").read_text(encoding="utf-8")
+MARK_LOST_SCRIPT = resources.files("broker").joinpath("lua/mark_lost.lua").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Which Redis to use: one server by URL, or the primary that Sentinel names.
+
+    ``sentinels`` (``host:port`` each) win over ``url``; ``master`` is the
+    name the sentinels monitor (database 0 of that primary).
+    """
+
+    url: str | None = None
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str = "herald"
+
+    @classmethod
+    def parse_sentinels(cls, text: str) -> tuple[tuple[str, int], ...]:
+        """``host:port,host:port`` as pairs; ValueError on a malformed entry."""
+        pairs = []
+        for item in text.split(","):
+            host, sep, port = item.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"a sentinel is host:port, got {item.strip()!r}")
+            pairs.append((host.strip("[]"), int(port)))
+        return tuple(pairs)
+
+    def describe(self) -> str:
+        if self.sentinels:
+            return f"sentinel master {self.master!r} via " + ",".join(f"{h}:{p}" for h, p in self.sentinels)
+        return str(self.url)
+
+
+def _client(target: RedisTarget, pool: int, timeout: float | None, connect_timeout: float) -> aioredis.Redis:
+    """A client with Herald's connection policy (see the module docstring)."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "encoding_errors": "replace",
+        "socket_timeout": timeout,
+        "socket_connect_timeout": connect_timeout,
+        "protocol": 2,
+        "retry": Retry(NoBackoff(), 0),
+        "max_connections": pool,
+    }
+    if target.sentinels:
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.sentinels),
+            sentinel_kwargs={"socket_timeout": connect_timeout, "socket_connect_timeout": connect_timeout},
+        )
+        client: aioredis.Redis = sentinel.master_for(target.master, redis_class=aioredis.Redis, **options)
+        return client
+    assert target.url is not None
+    return aioredis.Redis.from_url(target.url, **options)
 
 
 @dataclass(slots=True)
@@ -73,50 +157,63 @@ class _SharedRead:
 
 
 class RedisBroker:
-    """A :class:`~broker.base.Broker` on one Redis server (not Redis Cluster).
+    """A :class:`~broker.base.Broker` on one Redis server or a Sentinel-managed primary (not Redis Cluster).
 
     ``publish`` works without :meth:`start` (a producer needs no feed).
     Time (the ids' seed and retention by age) comes from Redis's own clock,
     one clock for every node and producer; tests pass ``clock`` instead.
+    ``pool`` bounds the commands in flight (more wait, see :data:`POOL_WAIT`);
+    ``replicas_ack`` is how many replicas must have a publish before it returns.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | RedisTarget,
         retention: RetentionPolicy | None = None,
         *,
         prefix: str = "herald",
         clock: Clock | None = None,
         timeout: float = 2.0,
         client: aioredis.Redis | None = None,
+        pool: int = 50,
+        replicas_ack: int = 0,
     ) -> None:
+        target = url if isinstance(url, RedisTarget) else RedisTarget(url=url)
+        self.target = target
         self._retention = retention or RetentionPolicy()
         self._prefix = prefix
         self._clock = clock
-        self._redis: aioredis.Redis = client or aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            encoding_errors="replace",
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-        )
+        self._replicas_ack = replicas_ack
+        self._redis: aioredis.Redis = client or _client(target, pool, timeout, timeout)
         # The feed has its own client: its connection blocks reading, and must
         # not time out while the channels are quiet (a health ping keeps it honest).
-        self._feed_redis: aioredis.Redis = client or aioredis.Redis.from_url(
-            url, decode_responses=True, encoding_errors="replace", socket_connect_timeout=timeout
-        )
+        self._feed_redis: aioredis.Redis = client or _client(target, 2, None, timeout)
+        self._slots = asyncio.Semaphore(pool)
         self._publish_script = self._redis.register_script(PUBLISH_SCRIPT)
         self._history_script = self._redis.register_script(HISTORY_SCRIPT)
+        self._mark_lost_script = self._redis.register_script(MARK_LOST_SCRIPT)
         self._channel_prefix = f"{prefix}:c:"
         # This node's own control channel: its health pings come back on it.
         self._control = f"{prefix}:ctl:{uuid.uuid4().hex}"
+        # Every node's: a node that raised the epoch (a failover lost events) says so here.
+        self._epoch_channel = f"{prefix}:ctl:epoch"
         self._sink: EventSink | None = None
         self._topics: set[str] = set()
+        # Topics whose every event above the feed's position reaches the sink:
+        # those the last (re)connect subscribed and backfilled, and those taken
+        # while the feed was down (the next connect backfills them). A topic
+        # subscribed on a live feed joins once the feed has passed the head
+        # read after its subscription (``_exact_at``).
+        self._exact: set[str] = set()
+        self._exact_at: dict[str, int] = {}
         self._pubsub: Any = None
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._feed_up = asyncio.Event()
+        self._connecting: asyncio.Future[None] | None = None
         self._feed: asyncio.Task[None] | None = None
         self._last_seen = 0
+        self._last_published = 0
+        self._positioned = False  # the feed has connected once: _last_seen is a real position
         self._epoch = -1
         self._closed = False
         self._reads: dict[tuple[str, ...], _SharedRead] = {}
@@ -128,8 +225,12 @@ class RedisBroker:
             "backfilled_events": 0,
             "history_requests": 0,
             "history_reads": 0,
+            "head_requests": 0,
+            "positions_from_feed": 0,
             "duplicates_dropped": 0,
             "bad_messages": 0,
+            "read_retries": 0,
+            "lost_marked": 0,
         }
 
     # -- lifecycle -------------------------------------------------------------
@@ -161,10 +262,37 @@ class RedisBroker:
         if self._closed:
             return False
         try:
-            pong = await self._redis.ping()
-        except (RedisError, OSError):
+            pong = await self._call(self._redis.ping)
+        except BrokerUnavailable:
             return False
         return bool(pong) and (self._sink is None or self._feed_up.is_set())
+
+    # -- commands --------------------------------------------------------------
+
+    async def _call(self, command: Callable[[], Awaitable[Any]], *, idempotent: bool = True) -> Any:
+        """Run one command on a pooled connection, waiting for a free one; BrokerUnavailable on failure.
+
+        An idempotent command is sent once more after a connection error (the
+        connection may have died with a restarted Redis just before it was
+        taken); anything else is sent exactly once.
+        """
+        try:
+            async with asyncio.timeout(POOL_WAIT):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise BrokerUnavailable("redis: every pooled connection stayed busy") from None
+        try:
+            try:
+                return await command()
+            except RedisConnectionError:
+                if not idempotent or self._closed:
+                    raise
+                self.counters["read_retries"] += 1
+                return await command()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"redis: {exc}") from exc
+        finally:
+            self._slots.release()
 
     # -- publishing ------------------------------------------------------------
 
@@ -180,26 +308,76 @@ class RedisBroker:
         ]
         for message in messages:
             args += [message.topic, message.type or "", message.data]
-        try:
-            _, joined = await self._publish_script(args=args)
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(f"redis: {exc}") from exc
+        if self._replicas_ack:
+            _, joined = await self._call(lambda: self._publish_and_wait(args), idempotent=False)
+        else:
+            _, joined = await self._call(lambda: self._publish_script(args=args), idempotent=False)
         ids = [int(i) for i in str(joined).split(",")]
         if len(ids) != len(messages):
             raise IdempotencyConflict(f"idempotency key {idempotency_key!r} was used for a different request")
+        self._last_published = max(self._last_published, ids[-1])
         return [Event(i, m.topic, m.data, m.type) for i, m in zip(ids, messages, strict=True)]
+
+    async def _publish_and_wait(self, args: list[str | int]) -> Any:
+        # WAIT counts the replicas that have everything this connection wrote,
+        # so it must follow the script on the same connection: one pipeline.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._publish_script(args=args, client=pipe)
+            pipe.wait(self._replicas_ack, ACK_TIMEOUT_MS)
+            result, acked = await pipe.execute()
+        if int(acked) < self._replicas_ack:
+            # Published on the primary (subscribers may have it), but a
+            # failover now could lose it: not accepted. A retry with the same
+            # Idempotency-Key waits for the replicas again, publishing nothing twice.
+            raise BrokerUnavailable(f"only {acked} of {self._replicas_ack} replicas acknowledged the publish in time")
+        return result
 
     # -- replay ----------------------------------------------------------------
 
     async def head(self) -> int:
         self._check_open()
-        return (await self._read((), 0)).head
+        self.counters["head_requests"] += 1
+        return (await self._shared((), 0)).head
+
+    async def position(self, topics: Collection[str]) -> int:
+        self._check_open()
+        # While the feed is connecting, its position and its subscriptions are
+        # in flux: wait for that attempt to end, then answer from what it left.
+        while self._connecting is not None:
+            await asyncio.wait([self._connecting])
+        if self._positioned and self._is_exact(topics):
+            self.counters["positions_from_feed"] += 1
+            return self._last_seen
+        # A topic subscribed on the live feed since its last connect: events
+        # before its subscription was confirmed never passed the feed, so start
+        # at the head read after it (shared by everyone asking meanwhile).
+        head = await self.head()
+        for topic in topics:
+            if topic in self._topics and topic not in self._exact:
+                self._exact_at[topic] = min(self._exact_at.get(topic, head), head)
+        return head
+
+    def _is_exact(self, topics: Collection[str]) -> bool:
+        for topic in topics:
+            if topic in self._exact:
+                continue
+            at = self._exact_at.get(topic)
+            if at is None or at > self._last_seen or topic not in self._topics:
+                return False
+            del self._exact_at[topic]
+            self._exact.add(topic)
+        return True
 
     async def history(self, topics: Collection[str], after: int) -> History:
         """Concurrent calls for the same topics share one script call (reconnect storms)."""
         self._check_open()
         self.counters["history_requests"] += 1
         key = tuple(topics)
+        snapshot = await self._shared(key, after)
+        return snapshot.judge(key, after)
+
+    async def _shared(self, key: tuple[str, ...], after: int) -> Snapshot:
+        """A snapshot of ``key`` read after this call began, shared with concurrent callers of the same key."""
         shared = self._reads.get(key)
         if shared is None:
             shared = self._reads[key] = _SharedRead(after)
@@ -208,8 +386,7 @@ class RedisBroker:
             task.add_done_callback(self._tasks.discard)
         else:
             shared.after = min(shared.after, after)
-        snapshot = await asyncio.shield(shared.future)
-        return snapshot.judge(key, after)
+        return await asyncio.shield(shared.future)
 
     async def _serve_shared(self, key: tuple[str, ...], shared: _SharedRead) -> None:
         # Requests keep joining this read until it is sent; later requests
@@ -262,10 +439,7 @@ class RedisBroker:
             len(topics),
             *topics,
         ]
-        try:
-            head, epoch, per_topic = await self._history_script(args=args)
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(f"redis: {exc}") from exc
+        head, epoch, per_topic = await self._call(lambda: self._history_script(args=args))
         floors: dict[str, int] = {}
         streams: list[list[Event]] = []
         for topic, (floor, flat) in zip(topics, per_topic, strict=True):
@@ -284,11 +458,24 @@ class RedisBroker:
 
     async def subscribe(self, topics: Collection[str]) -> None:
         self._check_open()
-        new = [t for t in topics if t not in self._topics]
-        if not new:
+        while True:
+            new = [t for t in topics if t not in self._topics]
+            if not new:
+                return
+            if self._connecting is not None:
+                await asyncio.wait([self._connecting])  # then look again: it may have taken them
+                continue
+            if not self._feed_up.is_set():
+                # The feed is down: the next connect subscribes these and
+                # backfills them from the feed's position, so they are exact
+                # from that position on (see position()).
+                self._topics.update(new)
+                self._exact.update(new)
+                return
+            await self._subscribe_live(new)
             return
-        if not self._feed_up.is_set():
-            raise BrokerUnavailable("redis feed is reconnecting")
+
+    async def _subscribe_live(self, new: list[str]) -> None:
         loop = asyncio.get_running_loop()
         waiting = []
         for topic in new:
@@ -302,15 +489,22 @@ class RedisBroker:
             await self._pubsub.subscribe(*(self._channel_prefix + t for t in new))
             await asyncio.wait_for(asyncio.gather(*(asyncio.shield(f) for f in waiting)), 5)
         except (RedisError, OSError, TimeoutError, BrokerUnavailable) as exc:
+            if not self._feed_up.is_set():
+                # The feed went down meanwhile: the reconnect takes these
+                # topics (they are in _topics), as if subscribed while down.
+                self._exact.update(new)
+                return
             self._topics.difference_update(new)
-            if self._feed_up.is_set():  # don't leave a half-made subscription behind
-                with contextlib.suppress(RedisError, OSError):
-                    await self._pubsub.unsubscribe(*(self._channel_prefix + t for t in new))
+            with contextlib.suppress(RedisError, OSError):  # don't leave a half-made subscription behind
+                await self._pubsub.unsubscribe(*(self._channel_prefix + t for t in new))
             raise BrokerUnavailable(f"redis subscribe: {exc}") from exc
 
     async def unsubscribe(self, topics: Collection[str]) -> None:
         gone = [t for t in topics if t in self._topics]
         self._topics.difference_update(gone)
+        self._exact.difference_update(gone)
+        for topic in gone:
+            self._exact_at.pop(topic, None)
         if gone and self._feed_up.is_set():
             with contextlib.suppress(RedisError, OSError):
                 await self._pubsub.unsubscribe(*(self._channel_prefix + t for t in gone))
@@ -320,10 +514,12 @@ class RedisBroker:
         resync = False
         while not self._closed:
             pubsub = self._feed_redis.pubsub()
+            self._connecting = asyncio.get_running_loop().create_future()
             try:
                 await self._connect_feed(pubsub, resync)
                 backoff = 0.05
                 resync = True  # any later reconnect must backfill
+                self._end_connecting()
                 await self._read_feed(pubsub)
             except Exception as exc:
                 # Whatever went wrong, the feed must come back: a dead feed
@@ -332,21 +528,36 @@ class RedisBroker:
                     log.exception("redis feed failed; reconnecting")
                 elif self._feed_up.is_set():
                     log.warning("redis feed lost (%s); reconnecting", exc)
-                self._feed_up.clear()
-                for future in self._confirmations.values():
-                    if not future.done():
-                        future.set_exception(BrokerUnavailable("redis feed lost"))
-                self._confirmations.clear()
+                self._feed_down()
             finally:
+                self._end_connecting()
                 with contextlib.suppress(RedisError, OSError, RuntimeError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             if not self._closed:
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                # Short: a node should notice that Redis is back within a
+                # fraction of a second, not after a long backoff.
+                backoff = min(backoff * 2, 0.5)
+
+    def _end_connecting(self) -> None:
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None and not connecting.done():
+            connecting.set_result(None)
+
+    def _feed_down(self) -> None:
+        self._feed_up.clear()
+        for future in self._confirmations.values():
+            if not future.done():
+                future.set_exception(BrokerUnavailable("redis feed lost"))
+        self._confirmations.clear()
+        # Every topic is backfilled from the feed's position when it is back.
+        self._exact = set(self._topics)
+        self._exact_at.clear()
 
     async def _connect_feed(self, pubsub: Any, resync: bool) -> None:
         """Subscribe everything wanted, backfill what the feed missed, then go live."""
-        channels = [self._control, *(self._channel_prefix + t for t in self._topics)]
+        topics = tuple(self._topics)  # subscribe() waits while this runs, so this stays the set
+        channels = [self._control, self._epoch_channel, *(self._channel_prefix + t for t in topics)]
         await pubsub.subscribe(*channels)
         pending = set(channels)
         while pending:
@@ -359,8 +570,15 @@ class RedisBroker:
         self.counters["feed_connects"] += 1
         # Everything up to the snapshot's head is now either backfilled or
         # irrelevant; live messages at or below it are duplicates.
-        topics = tuple(self._topics)
         snapshot = await self._read(topics, self._last_seen if resync else 0)
+        if resync and snapshot.epoch == self._epoch:
+            known = max(self._last_seen, self._last_published)
+            if snapshot.head < known:
+                # The new primary is behind what this node already delivered
+                # or published: a failover lost those events. Mark the data
+                # set so every resume from before them is reset, not holed.
+                await self._mark_lost(known)
+                snapshot = await self._read(topics, self._last_seen)
         if not resync:
             self._epoch = snapshot.epoch
         elif snapshot.epoch != self._epoch:
@@ -380,12 +598,19 @@ class RedisBroker:
                 self._sink.on_event(event)
             self.counters["backfilled_events"] += len(history.events)
         self._last_seen = max(self._last_seen, snapshot.head)
-        # Topics dropped while this connection was being made (unsubscribe had
-        # no feed to tell) must not stay subscribed on it.
-        stale = [c for c in channels if c != self._control and c[len(self._channel_prefix) :] not in self._topics]
-        if stale:
-            await pubsub.unsubscribe(*stale)
+        self._positioned = True
+        self._exact = set(topics)
+        self._exact_at.clear()
         self._feed_up.set()
+
+    async def _mark_lost(self, lost: int) -> None:
+        self.counters["lost_marked"] += 1
+        log.error(
+            "redis lost events up to id %d (a failover before replicas had them): resumes from before it get a reset",
+            lost,
+        )
+        args: list[str | int] = [self._prefix, lost, self._epoch_channel]
+        await self._call(lambda: self._mark_lost_script(args=args))
 
     async def _read_feed(self, pubsub: Any) -> None:
         quiet_since = time.monotonic()
@@ -402,11 +627,17 @@ class RedisBroker:
                     # has passed this connection, so the feed's position moves
                     # on while its topics are quiet (else a later backfill would
                     # judge from a stale position). It also proves the feed alive.
-                    head = await self._redis.get(f"{self._prefix}:id")
-                    await self._redis.publish(self._control, head or "0")
+                    head = await self._call(functools.partial(self._redis.get, f"{self._prefix}:id"))
+                    await self._call(functools.partial(self._redis.publish, self._control, head or "0"))
                     pinged = True
                 continue
             quiet_since, pinged = now, False
+            if message["type"] == "message" and message["channel"] == self._epoch_channel:
+                if message["data"] != str(self._epoch):
+                    # A node marked lost events: reconnect, so the backfill sees
+                    # the new epoch and resets the clients who may miss them.
+                    raise BrokerUnavailable("the data set's epoch moved (a failover lost events)")
+                continue
             self._on_message(message)
 
     def _on_message(self, message: dict[str, Any]) -> None:

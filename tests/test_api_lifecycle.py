@@ -188,14 +188,20 @@ class SwitchableBroker(MemoryBroker):
         return not self.down and await super().ping()
 
 
-async def test_broker_outage_gives_503_with_retry_after_and_recovers(topic: str) -> None:
+async def test_regression_events_answered_503_while_the_broker_was_down(topic: str) -> None:
+    """A 503 ends a browser's EventSource for good: during an outage /events answers 200 and waits.
+
+    Publishing still gets its honest 503 (producers retry); an open stream
+    stays open; a new stream starts at once with ``retry:``, waits, and gets
+    its position and every event once the broker is back, without reconnecting.
+    """
     brokers: list[SwitchableBroker] = []
 
     def factory(settings: Settings) -> Broker:
         brokers.append(SwitchableBroker(RetentionPolicy(settings.replay_size, settings.replay_ttl)))
         return brokers[-1]
 
-    app = create_app(Settings(node_id="outage"), broker_factory=factory)
+    app = create_app(Settings(node_id="outage", heartbeat=0.2), broker_factory=factory)
     async with (
         serve_app(app) as url,
         httpx.AsyncClient(base_url=url) as client,
@@ -209,14 +215,31 @@ async def test_broker_outage_gives_503_with_retry_after_and_recovers(topic: str)
         ready = await client.get("/readyz")
         assert ready.status_code == 503
         assert (await client.get("/healthz")).status_code == 200
-        assert (await client.get("/events", params={"topic": topic + "-new"})).status_code == 503
-        # The open stream stays open through the outage, and gets events again after it.
-        brokers[0].down = False
-        assert (await client.get("/readyz")).status_code == 200
-        accepted = await client.post("/publish", json={"topic": topic, "data": 2})
-        assert accepted.status_code == 201
-        event = await stream.next_event()
-        assert (event.last_event_id, event.data) == (accepted.json()["id"], "2")
+        async with await EventStream.open(url, [topic + "-new"]) as waiting:
+            assert waiting.response.status_code == 200
+            assert waiting.response.headers["content-type"] == "text/event-stream"
+            await asyncio.wait_for(waiting.comment_seen.wait(), 5)  # the notice, then heartbeats
+            assert bytes(waiting.raw).startswith(b"retry: ")
+            assert b"id:" not in waiting.raw  # no position until the broker can give one
+            # The open stream stays open through the outage, and gets events again after it.
+            brokers[0].down = False
+            assert (await client.get("/readyz")).status_code == 200
+            accepted = await client.post("/publish", json={"topic": topic, "data": 2})
+            assert accepted.status_code == 201
+            event = await stream.next_event()
+            assert (event.last_event_id, event.data) == (accepted.json()["id"], "2")
+            # The waiting stream got its position; it gets what is published after it.
+            await wait_for_bytes(waiting, b"\nid: ")
+            later = await client.post("/publish", json={"topic": topic + "-new", "data": 3})
+            got = await waiting.next_event()
+            assert (got.last_event_id, got.data) == (later.json()["id"], "3")
+
+
+async def wait_for_bytes(stream: EventStream, needle: bytes, timeout: float = 5) -> None:
+    """Until ``needle`` is in what the stream has read (it reads in the background)."""
+    async with asyncio.timeout(timeout):
+        while needle not in stream.raw:
+            await asyncio.sleep(0.01)  # polling the stream's own buffer, filled by its reader task
 
 
 async def test_sigterm_ends_every_stream_and_exits_cleanly(topic: str) -> None:

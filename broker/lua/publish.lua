@@ -44,6 +44,10 @@ if idem ~= '' then
   if previous then
     local sep = string.find(previous, ':', 1, true)
     if tonumber(string.sub(previous, 1, sep - 1)) > now then
+      -- A write, so that a WAIT after this answer counts the replicas that
+      -- have the replication stream up to here, which holds the first publish.
+      local left = redis.call('PTTL', idem_key)
+      if left > 0 then redis.call('PEXPIRE', idem_key, left) end
       return {1, string.sub(previous, sep + 1)}
     end
   end
