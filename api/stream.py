@@ -152,10 +152,9 @@ class RetryLaterResponse(Response):
     behind a proxy most likely to another node), where a 503 would end it for good.
     """
 
-    media_type = MEDIA_TYPE
-
     def __init__(self, retry_ms: int, why: str) -> None:
-        super().__init__(retry_notice(retry_ms, why), headers=STREAM_HEADERS, media_type=MEDIA_TYPE)
+        # The content type exactly as on a stream (Response would add a charset to it).
+        super().__init__(retry_notice(retry_ms, why), headers={"Content-Type": MEDIA_TYPE, **STREAM_HEADERS})
 
 
 class EventStreamResponse(Response):

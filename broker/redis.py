@@ -214,6 +214,7 @@ class RedisBroker:
         self._last_seen = 0
         self._last_published = 0
         self._positioned = False  # the feed has connected once: _last_seen is a real position
+        self._echoing = False  # a head is on its way round the feed (see position())
         self._epoch = -1
         self._closed = False
         self._reads: dict[tuple[str, ...], _SharedRead] = {}
@@ -352,10 +353,26 @@ class RedisBroker:
         # before its subscription was confirmed never passed the feed, so start
         # at the head read after it (shared by everyone asking meanwhile).
         head = await self.head()
-        for topic in topics:
-            if topic in self._topics and topic not in self._exact:
-                self._exact_at[topic] = min(self._exact_at.get(topic, head), head)
+        waiting = [t for t in topics if t in self._topics and t not in self._exact]
+        for topic in waiting:
+            self._exact_at[topic] = min(self._exact_at.get(topic, head), head)
+        if waiting and self._feed_up.is_set() and not self._echoing:
+            # Send the head round the feed (this node's control channel): once
+            # it is back, the feed has passed it, and the next clients of
+            # these topics start at the feed's position with no read at all.
+            self._echoing = True
+            task = asyncio.create_task(self._echo_position(head))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return head
+
+    async def _echo_position(self, head: int) -> None:
+        try:
+            await self._call(functools.partial(self._redis.publish, self._control, str(head)))
+        except BrokerUnavailable:
+            pass
+        finally:
+            self._echoing = False
 
     def _is_exact(self, topics: Collection[str]) -> bool:
         for topic in topics:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Sequence
 from types import TracebackType
 
@@ -131,6 +132,18 @@ async def publish(base_url: str, body: object, client: httpx.AsyncClient | None 
         return await own.post(f"{base_url}/publish", json=body)
 
 
+async def publish_reliably(client: httpx.AsyncClient, url: str, body: object) -> str:
+    """Publish until a 201, retrying with one idempotency key: never twice, never lost."""
+    key = uuid.uuid4().hex
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            response = await client.post(f"{url}/publish", json=body, headers={"Idempotency-Key": key}, timeout=5)
+            if response.status_code == 201:
+                event_id: str = response.json()["id"]
+                return event_id
+        await asyncio.sleep(0.05)  # a producer's retry delay
+
+
 class ResumingClient:
     """Behaves like a browser's EventSource: whenever the stream ends, reconnect with Last-Event-ID.
 
@@ -147,6 +160,9 @@ class ResumingClient:
         self.connected = asyncio.Event()
         self.stop = asyncio.Event()
         self.last_event_id: str | None = None
+        # Answers a browser's EventSource would have given up on for good:
+        # any status but 200, or a 200 that is not text/event-stream.
+        self.fatal_answers: list[str] = []
 
     @property
     def reconnects(self) -> int:
@@ -163,7 +179,9 @@ class ResumingClient:
                 await asyncio.sleep(self.retry_delay)  # the reconnect delay, like EventSource's retry
                 continue
             try:
-                if stream.response.status_code != 200:
+                media_type = stream.response.headers.get("content-type", "").split(";")[0]
+                if stream.response.status_code != 200 or media_type != "text/event-stream":
+                    self.fatal_answers.append(f"{stream.response.status_code} {media_type}")
                     await asyncio.sleep(self.retry_delay)
                     continue
                 self.nodes.append(stream.response.headers.get("x-node-id", "?"))

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from broker.base import Message
 from ops.cluster import Cluster, free_port
 from tests import redis_server
-from tests.sse_client import EventStream, ResumingClient, publish
+from tests.sse_client import EventStream, ResumingClient, publish, publish_reliably
 from workers.produce import publish_direct
 
 pytestmark = pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed")
@@ -47,18 +47,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 def new_topic() -> str:
     return f"c-{uuid.uuid4().hex[:10]}"
-
-
-async def publish_reliably(client: httpx.AsyncClient, url: str, body: object) -> str:
-    """Publish until a 201, retrying with one idempotency key: never twice, never lost."""
-    key = uuid.uuid4().hex
-    while True:
-        with contextlib.suppress(httpx.HTTPError):
-            response = await client.post(f"{url}/publish", json=body, headers={"Idempotency-Key": key}, timeout=5)
-            if response.status_code == 201:
-                event_id: str = response.json()["id"]
-                return event_id
-        await asyncio.sleep(0.05)  # a producer's retry delay
 
 
 @contextlib.asynccontextmanager
