@@ -53,11 +53,14 @@ loadtest: setup
 		--json .run/loadtest.json --report .run/loadtest-report.html $(LOADTEST_ARGS)
 
 ## Start redis-server + NODES API nodes (default 3) + nginx on loopback; front at http://127.0.0.1:8080.
+## SENTINEL=1: Redis as primary + replica + three sentinels (master name "herald"), for failover.
+## Then: .venv/bin/python -m ops.cluster status|restart|stop-node node-1|... (see ops/cluster.py).
 NODES ?= 3
+SENTINEL ?=
 cluster: system-deps setup
-	NODES=$(NODES) $(PY) -m ops.cluster start --nodes $(NODES)
+	NODES=$(NODES) $(PY) -m ops.cluster start --nodes $(NODES) $(if $(SENTINEL),--sentinel)
 
-## Stop exactly what `make cluster` started (by its pid files in .run/cluster).
+## Stop exactly what `make cluster` started, sentinels and replica included (pid files in .run/cluster).
 cluster-down: setup
 	$(PY) -m ops.cluster stop
 

@@ -1,9 +1,23 @@
 """A Herald cluster on this machine, without Docker: redis-server, N API nodes, nginx.
 
-``python -m ops.cluster start [--nodes 3] [--front 8080]`` starts everything
-on loopback, writes pid files and logs under ``.run/cluster/`` and prints
-what runs where; ``python -m ops.cluster stop`` stops exactly the processes
-named in those pid files. The tests drive the same :class:`Cluster` on free
+``python -m ops.cluster start [--nodes 3] [--front 8080] [--sentinel]`` starts
+everything on loopback, writes ``cluster.json``, pid files and logs under
+``.run/cluster/`` and prints what runs where. Every other command acts on
+that cluster through those files, from any process::
+
+    python -m ops.cluster status [--json]          what runs, and whether it is ready
+    python -m ops.cluster restart                  rolling restart of the nodes, one at a time
+    python -m ops.cluster stop-node node-1 [--kill]
+    python -m ops.cluster start-node node-1
+    python -m ops.cluster stop-redis [NAME]        SIGTERM (default: the process named "redis")
+    python -m ops.cluster start-redis [NAME]
+    python -m ops.cluster failover                 --sentinel clusters: SIGKILL the current primary
+    python -m ops.cluster stop                     stops exactly the processes named in the pid files
+
+With ``--sentinel`` Redis runs as a primary (``redis``), a replica
+(``redis-1``) and three sentinels (``sentinel-0..2``) watching master name
+``herald``; the nodes get ``REDIS_SENTINELS``/``REDIS_SENTINEL_MASTER``
+instead of ``REDIS_URL``. The tests drive the same :class:`Cluster` on free
 ports, so what they check is what ``make cluster`` runs.
 """
 
@@ -11,13 +25,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
-import re
-import resource
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,49 +38,44 @@ from pathlib import Path
 
 import httpx
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-ROOT = Path(__file__).resolve().parent.parent
-NGINX_TEMPLATE = ROOT / "ops" / "nginx.conf"
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+from ops import launch
+from ops.launch import NGINX, REDIS_SERVER, ROOT, SENTINEL_MASTER
+from ops.nginx import render_local
 
+# Re-exported: tests/test_loadtest.py and older callers import them from here.
+from ops.probe import free_port, wait_until
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+__all__ = [
+    "NGINX",
+    "REDIS_SERVER",
+    "ROOT",
+    "SENTINEL_MASTER",
+    "Cluster",
+    "free_port",
+    "main",
+    "wait_until",
+]
 
-
-def render_nginx(template: str, front_port: int, node_ports: list[int], run_dir: Path) -> str:
-    """ops/nginx.conf with loopback upstreams, listen address and paths under ``run_dir``."""
-    servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=5s;" for p in node_ports)
-    text = re.sub(r"^\s*server api:8000[^\n]*$", servers, template, flags=re.M)
-    text = re.sub(r"^(\s*)listen 8080( [^;]*)?;", rf"\1listen 127.0.0.1:{front_port}\2;", text, flags=re.M)
-    # Workers may not raise their limit past this machine's hard limit.
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if hard != resource.RLIM_INFINITY:
-        text = re.sub(r"worker_rlimit_nofile \d+;", f"worker_rlimit_nofile {min(65536, hard)};", text)
-    text = text.replace("error_log /dev/stderr warn;", f"error_log {run_dir}/logs/nginx-error.log warn;")
-    text = text.replace("pid /tmp/herald-nginx.pid;", f"pid {run_dir}/nginx.own-pid;")
-    text = text.replace("/tmp/herald-nginx-body", f"{run_dir}/nginx-body")
-    return text.replace("/tmp/herald-nginx-proxy", f"{run_dir}/nginx-proxy")
-
-
-def wait_until(check: Callable[[], object], what: str, timeout: float = 15) -> None:
-    """Poll ``check`` (errors count as "not yet") until it is true; RuntimeError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if check():
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not come up within {timeout}s")
+READY = "ready"
+NOT_READY = "not-ready"
+STOPPED = "stopped"
 
 
 @dataclass
 class Cluster:
-    """redis-server + API nodes + nginx, each a child process tracked by pid file."""
+    """redis-server + API nodes + nginx (+ a replica and sentinels), each a child process tracked by pid file.
+
+    Every process has a name (``node-0``, ``redis``, ``redis-1``,
+    ``sentinel-0``, ``nginx``), a log ``logs/<name>.log`` and a pid file
+    ``<name>.pid`` in ``run_dir``. Methods act on a process through the
+    ``Popen`` in :attr:`processes` when this object started it, and through
+    its pid file otherwise (a cluster started by another program: the CLI,
+    ``make cluster``), signalling a pid only while it still runs the program
+    its file was written for.
+    """
 
     run_dir: Path
     nodes: int = 3
@@ -79,12 +85,22 @@ class Cluster:
     appendonly: bool = True
     env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    sentinel: bool = False
+    replica_ports: list[int] = field(default_factory=list)
+    sentinel_ports: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.run_dir = self.run_dir.resolve()
         self.redis_port = self.redis_port or free_port()
         if not self.node_ports:
             self.node_ports = [free_port() for _ in range(self.nodes)]
+        if self.sentinel:
+            if not self.replica_ports:
+                self.replica_ports = [free_port()]
+            if not self.sentinel_ports:
+                self.sentinel_ports = [free_port() for _ in range(3)]
+
+    # -- where things are ------------------------------------------------------
 
     @property
     def front_url(self) -> str:
@@ -92,6 +108,7 @@ class Cluster:
 
     @property
     def redis_url(self) -> str:
+        """The process named ``redis``: with sentinels, the primary at start (not necessarily now)."""
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
     def node_url(self, index: int) -> str:
@@ -100,6 +117,23 @@ class Cluster:
     @property
     def logs(self) -> Path:
         return self.run_dir / "logs"
+
+    @property
+    def node_names(self) -> list[str]:
+        return [f"node-{i}" for i in range(len(self.node_ports))]
+
+    @property
+    def redis_names(self) -> list[str]:
+        """``redis`` (the primary at start), then ``redis-1``... (its replicas at start)."""
+        return ["redis", *(f"redis-{i + 1}" for i in range(len(self.replica_ports)))]
+
+    @property
+    def sentinel_names(self) -> list[str]:
+        return [f"sentinel-{i}" for i in range(len(self.sentinel_ports))]
+
+    def redis_port_of(self, name: str) -> int:
+        """The port of the redis-server process ``name``; KeyError for another name."""
+        return dict(zip(self.redis_names, [self.redis_port, *self.replica_ports], strict=True))[name]
 
     STATE_FILE = "cluster.json"
 
@@ -111,6 +145,9 @@ class Cluster:
             "node_ports": self.node_ports,
             "appendonly": self.appendonly,
             "env": self.env,
+            "sentinel": self.sentinel,
+            "replica_ports": self.replica_ports,
+            "sentinel_ports": self.sentinel_ports,
         }
         (self.run_dir / self.STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
@@ -128,78 +165,152 @@ class Cluster:
             node_ports=state["node_ports"],
             appendonly=state["appendonly"],
             env=state["env"],
+            sentinel=state.get("sentinel", False),
+            replica_ports=state.get("replica_ports", []),
+            sentinel_ports=state.get("sentinel_ports", []),
         )
 
     # -- starting ----------------------------------------------------------------
 
     def start(self) -> None:
-        for sub in ("logs", "redis", "nginx-body", "nginx-proxy"):
+        """Start everything and return once each part answers; on any failure, stop what started."""
+        for sub in ("logs", "nginx-body", "nginx-proxy", *self.redis_names, *self.sentinel_names):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
         for sub in ("nginx-body", "nginx-proxy"):
             (self.run_dir / sub).chmod(0o777)  # nginx workers drop root privileges
         self.save_state()
         try:
-            self.start_redis()
+            for name in self.redis_names:
+                self.start_redis_process(name)
+            if self.sentinel:
+                self._start_sentinels()
+            # Nodes start side by side (each takes about a second to import):
+            # the cluster is up as soon as the slowest one is.
             for index in range(len(self.node_ports)):
-                self.start_node(index)
+                self._spawn_node(index)
+            for index in range(len(self.node_ports)):
+                self._wait_node(index)
             self.start_nginx()
         except BaseException:
             self.stop()
             raise
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("ab")
-        process = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
+        process = launch.spawn(args, self.logs / f"{name}.log", env)
         self.processes[name] = process
         (self.run_dir / f"{name}.pid").write_text(f"{process.pid}\n")
         return process
 
+    def _wait_started(self, name: str, check: Callable[[], object], timeout: float = 15) -> None:
+        """Poll ``check`` until true; fail at once (with the log's tail) if the process exits."""
+        process = self.processes[name]
+
+        def started() -> object:
+            if process.poll() is not None:
+                raise _Exited(process.returncode)
+            return check()
+
+        try:
+            _poll(started, name, timeout)
+        except (_Exited, RuntimeError) as error:
+            log = self.logs / f"{name}.log"
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else ""
+            raise RuntimeError(f"{name} did not start ({error}); end of {log}:\n{tail}") from None
+
+    def _refuse_if_running(self, name: str) -> None:
+        # A second process could not bind the port, but the first one would
+        # answer the readiness check and the pid file would name the dead one.
+        pid = self.pid_of(name)
+        if pid is not None:
+            raise RuntimeError(f"{name} is already running (pid {pid})")
+
     def start_redis(self) -> None:
-        args = [
-            REDIS_SERVER,
-            "--bind", "127.0.0.1",
-            "--port", str(self.redis_port),
-            "--dir", str(self.run_dir / "redis"),
-            "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "always",
-            "--daemonize", "no",
-        ]  # fmt: skip
-        self._spawn("redis", args)
-        client = redis.Redis(port=self.redis_port, socket_connect_timeout=0.5)
-        wait_until(client.ping, "redis-server")
-        client.close()
+        """Start the process named ``redis`` again (see :meth:`start_redis_process`)."""
+        self.start_redis_process("redis")
+
+    def start_redis_process(self, name: str) -> None:
+        """Start redis-server ``name`` (``redis``, ``redis-1``...) on its port and data directory.
+
+        Without sentinels it is a primary. With sentinels it comes back as a
+        replica of whichever process the sentinels name as primary now (so a
+        primary killed by :meth:`failover_redis` rejoins as a replica of its
+        successor); when no sentinel answers (the cluster is starting), the
+        process ``redis`` is the primary.
+        """
+        self._refuse_if_running(name)
+        port = self.redis_port_of(name)
+        primary_port = self.redis_port
+        if self.sentinel:
+            primary = self.primary()
+            primary_port = self.redis_port_of(primary) if primary is not None else self.redis_port
+        args = launch.redis_args(
+            port,
+            data_dir=self.run_dir / name,
+            appendonly=self.appendonly,
+            replicaof=primary_port if primary_port != port else None,
+        )
+        (self.run_dir / name).mkdir(parents=True, exist_ok=True)
+        self._spawn(name, args)
+        client = _redis_client(port)
+        try:
+            self._wait_started(name, client.ping)
+        finally:
+            client.close()
+
+    def _start_sentinels(self) -> None:
+        for name, port in zip(self.sentinel_names, self.sentinel_ports, strict=True):
+            self._refuse_if_running(name)
+            config = self.run_dir / f"{name}.conf"
+            config.write_text(launch.sentinel_config(port, self.redis_port, self.run_dir / name))
+            self._spawn(name, launch.sentinel_args(config))
+        # A failover needs a quorum of sentinels that know each other and the
+        # replica; they find out through the primary (INFO and hello messages,
+        # within a few seconds of starting).
+        for name, port in zip(self.sentinel_names, self.sentinel_ports, strict=True):
+            self._wait_started(name, functools.partial(self._sentinel_knows_everyone, port), timeout=30)
+
+    def _sentinel_knows_everyone(self, port: int) -> bool:
+        info = _sentinel_master(port)
+        return int(info["num-other-sentinels"]) >= len(self.sentinel_ports) - 1 and int(info["num-slaves"]) >= len(
+            self.replica_ports
+        )
+
+    def _node_env(self, index: int) -> dict[str, str]:
+        if self.sentinel:
+            broker = {
+                "REDIS_SENTINELS": ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports),
+                "REDIS_SENTINEL_MASTER": SENTINEL_MASTER,
+            }
+        else:
+            broker = {"REDIS_URL": self.redis_url}
+        return launch.node_env(self.node_ports[index], f"node-{index}", {**broker, **self.env})
+
+    def _spawn_node(self, index: int) -> None:
+        name = f"node-{index}"
+        self._refuse_if_running(name)
+        self._spawn(name, launch.node_command(), self._node_env(index))
+
+    def _wait_node(self, index: int) -> None:
+        url = self.node_url(index)
+        self._wait_started(f"node-{index}", lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200)
 
     def start_node(self, index: int) -> None:
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("HERALD_")},
-            "HERALD_HOST": "127.0.0.1",
-            "HERALD_PORT": str(self.node_ports[index]),
-            "HERALD_NODE_ID": f"node-{index}",
-            "REDIS_URL": self.redis_url,
-            "PYTHONUNBUFFERED": "1",
-            **self.env,
-        }
-        self._spawn(f"node-{index}", [sys.executable, "-m", "api"], env)
-        url = self.node_url(index)
-        wait_until(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200, f"node-{index}")
+        """Start node ``index`` and return once its ``/readyz`` answers 200; RuntimeError if it is running."""
+        self._spawn_node(index)
+        self._wait_node(index)
 
     def start_nginx(self) -> None:
         conf = self.run_dir / "nginx.conf"
-        template = NGINX_TEMPLATE.read_text()
-        conf.write_text(render_nginx(template, self.front_port, self.node_ports, self.run_dir))
+        conf.write_text(render_local(self.front_port, self.node_ports, self.run_dir))
         args = [NGINX, "-p", str(self.run_dir), "-c", str(conf), "-e", str(self.logs / "nginx-error.log"),
                 "-g", "daemon off;"]  # fmt: skip
         self._spawn("nginx", args)
-        wait_until(lambda: httpx.get(f"{self.front_url}/healthz", timeout=1).status_code == 200, "nginx")
+        self._wait_started("nginx", lambda: httpx.get(f"{self.front_url}/healthz", timeout=1).status_code == 200)
 
     # -- stopping ----------------------------------------------------------------
 
     def signal(self, name: str, sig: signal.Signals = signal.SIGTERM, timeout: float = 10) -> None:
-        """Send ``sig`` to the named process (by its pid) and wait for it to exit."""
+        """Send ``sig`` to the named process (by its pid) and wait for it to exit (SIGKILL after ``timeout``)."""
         process = self.processes.pop(name, None)
         pid_file = self.run_dir / f"{name}.pid"
         if process is not None and process.poll() is None:
@@ -218,31 +329,259 @@ class Cluster:
             if (process is None or pid != process.pid) and _is_ours(pid, name):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-                    wait_until(lambda: not _alive(pid), name, timeout)
+                    try:
+                        _poll(lambda: not _alive(pid), name, timeout)
+                    except RuntimeError:
+                        os.kill(pid, signal.SIGKILL)
+                        _poll(lambda: not _alive(pid), name, timeout)
         pid_file.unlink(missing_ok=True)
 
     def kill_node(self, index: int) -> None:
         self.signal(f"node-{index}", signal.SIGKILL)
 
+    def stop_node(self, index: int, kill: bool = False) -> None:
+        """SIGTERM node ``index`` (its streams end, clients resume elsewhere) and wait until it is gone.
+
+        ``kill``: SIGKILL instead, no goodbye to anyone.
+        """
+        self.signal(f"node-{index}", signal.SIGKILL if kill else signal.SIGTERM)
+
     def stop_redis(self) -> None:
+        """SIGTERM the process named ``redis`` (with sentinels: whatever its role is now)."""
         self.signal("redis")
 
+    def stop_redis_process(self, name: str, kill: bool = False) -> None:
+        """SIGTERM (or SIGKILL) redis-server ``name`` and wait until it is gone."""
+        self.redis_port_of(name)  # KeyError for a name that is no redis process
+        self.signal(name, signal.SIGKILL if kill else signal.SIGTERM)
+
+    def failover_redis(self) -> str:
+        """SIGKILL the current primary (as a sentinel names it) and return its name.
+
+        The sentinels then promote a replica (within a few seconds: the
+        primary is down after 1 s of silence); :meth:`status` shows when.
+        Start the killed one again with :meth:`start_redis_process`: it
+        rejoins as a replica. RuntimeError without sentinels, or when no
+        sentinel answers.
+        """
+        if not self.sentinel:
+            raise RuntimeError("failover needs a cluster started with sentinels (--sentinel)")
+        primary = self.primary()
+        if primary is None:
+            raise RuntimeError("no sentinel named a primary")
+        self.signal(primary, signal.SIGKILL)
+        return primary
+
+    def restart_nodes(self, on_step: Callable[[str], None] | None = None) -> None:
+        """Rolling restart: one node at a time, the others keep serving.
+
+        For each node: SIGTERM (its streams end; clients reconnect through
+        nginx to the other nodes and resume), wait until the process is gone,
+        start it, wait for its ``/readyz``, then, when nginx runs, wait until
+        nginx sends it requests again (it skips a node for ``fail_timeout``
+        after a refused connection), so two nodes are never out at once.
+        ``on_step`` gets a short text after each step.
+        """
+        step = on_step or (lambda _text: None)
+        nginx_up = self.pid_of("nginx") is not None
+        for index, name in enumerate(self.node_names):
+            self.stop_node(index)
+            step(f"stopped {name}")
+            self.start_node(index)
+            step(f"{name} ready")
+            if nginx_up:
+                self._wait_fronted(name)
+                step(f"nginx sends to {name} again")
+
+    def _wait_fronted(self, name: str, timeout: float = 15) -> None:
+        def answered_by_node() -> bool:
+            # A new connection each time: nginx picks a node per request
+            # (least connections; a restarted node has none).
+            response = httpx.get(f"{self.front_url}/healthz", timeout=1, headers={"Connection": "close"})
+            node: str | None = response.headers.get("x-node-id")
+            return node == name
+
+        _poll(answered_by_node, f"nginx sending requests to {name}", timeout)
+
     def stop(self) -> None:
-        names = ["nginx", *(f"node-{i}" for i in range(len(self.node_ports))), "redis"]
+        """Stop nginx, the nodes, the sentinels, the replicas and redis, in that order, then any other pid file.
+
+        Front first, so no client is sent to a node on its way out; Redis last,
+        so nodes shut down with their broker still there.
+        """
+        # Replicas before the primary: a primary stopping with a replica still
+        # attached waits (up to redis' shutdown-timeout, 10 s) for it to catch up.
+        primary = self.primary() if self.sentinel else None
+        redis_order = [name for name in self.redis_names[::-1] if name != primary]
+        redis_order += [name for name in self.redis_names if name == primary]
+        names = ["nginx", *self.node_names, *self.sentinel_names, *redis_order]
+        names += sorted(p.stem for p in self.run_dir.glob("*.pid") if p.stem not in names)
         for name in names:
             with contextlib.suppress(Exception):
                 self.signal(name)
 
+    # -- looking -----------------------------------------------------------------
+
+    def pid_of(self, name: str) -> int | None:
+        """The pid of the running process ``name`` (ours, or by its pid file), None when it is not running."""
+        process = self.processes.get(name)
+        if process is not None and process.poll() is None:
+            return process.pid
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((self.run_dir / f"{name}.pid").read_text())
+            if _alive(pid) and _is_ours(pid, name):
+                return pid
+        return None
+
+    def primary(self) -> str | None:
+        """The redis process the sentinels name as primary now; None without sentinels or an answer."""
+        for port in self.sentinel_ports:
+            try:
+                address = _sentinel_command(port, "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER)
+            except redis.RedisError:
+                continue
+            if isinstance(address, list | tuple) and len(address) == 2:
+                by_port = dict(zip([self.redis_port, *self.replica_ports], self.redis_names, strict=True))
+                return by_port.get(int(address[1]))
+        return None
+
+    def _process_status(self, name: str, url: str, probe: Callable[[], bool]) -> dict[str, object]:
+        pid = self.pid_of(name)
+        if pid is None:
+            state = STOPPED
+        else:
+            try:
+                state = READY if probe() else NOT_READY
+            except Exception:
+                state = NOT_READY
+        return {"name": name, "url": url, "pid": pid, "state": state}
+
+    def _redis_status(self, name: str, port: int) -> dict[str, object]:
+        def ping() -> bool:
+            client = _redis_client(port)
+            try:
+                return client.ping() is True
+            finally:
+                client.close()
+
+        return self._process_status(name, f"redis://127.0.0.1:{port}/0", ping)
+
+    def status(self) -> dict[str, object]:
+        """What runs and whether it answers, from this or any other process (by pid file).
+
+        ``{"front": url, "redis": {...}, "nginx": {...}, "nodes": [...]}``; each
+        process entry is ``{"name", "url", "pid", "state"}``, ``pid`` None and
+        ``state`` ``"stopped"`` when it does not run, else ``"ready"`` (a node's
+        ``/readyz`` is 200; redis answers PING; nginx answers HTTP at all) or
+        ``"not-ready"``. ``redis`` is the process named ``redis``; with
+        sentinels it also holds ``"master_name"``, ``"primary"`` (the name the
+        sentinels give, or None), ``"replicas"`` (every other redis process)
+        and ``"sentinels"`` (each answering PING).
+        """
+
+        def node_ready(url: str) -> Callable[[], bool]:
+            return lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+
+        nodes = [
+            self._process_status(name, self.node_url(i), node_ready(self.node_url(i)))
+            for i, name in enumerate(self.node_names)
+        ]
+        nginx = self._process_status(
+            "nginx", self.front_url, lambda: httpx.get(f"{self.front_url}/healthz", timeout=1).status_code > 0
+        )
+        redis_status = self._redis_status("redis", self.redis_port)
+        del redis_status["name"]
+        if self.sentinel:
+            primary = self.primary()
+            redis_status["master_name"] = SENTINEL_MASTER
+            redis_status["primary"] = primary
+            redis_status["replicas"] = [
+                self._redis_status(name, self.redis_port_of(name)) for name in self.redis_names if name != primary
+            ]
+            redis_status["sentinels"] = [
+                self._redis_status(name, port) | {"url": f"redis://127.0.0.1:{port}"}
+                for name, port in zip(self.sentinel_names, self.sentinel_ports, strict=True)
+            ]
+        del nginx["name"]
+        return {"front": self.front_url, "redis": redis_status, "nginx": nginx, "nodes": nodes}
+
     def describe(self) -> str:
+        """Where everything runs and logs, for people."""
         lines = [f"front (nginx)   {self.front_url}   logs {self.logs}/nginx-error.log"]
         lines += [
-            f"node-{i}          {self.node_url(i)}   logs {self.logs}/node-{i}.log" for i in range(len(self.node_ports))
+            f"{name:<15} {self.node_url(i)}   logs {self.logs}/{name}.log" for i, name in enumerate(self.node_names)
         ]
-        lines.append(f"redis           {self.redis_url}   logs {self.logs}/redis.log  (AOF in {self.run_dir}/redis)")
+        aof = f"  (AOF in {self.run_dir}/redis)" if self.appendonly else ""
+        lines.append(f"redis           {self.redis_url}   logs {self.logs}/redis.log{aof}")
+        for name, port in zip(self.redis_names[1:], self.replica_ports, strict=True):
+            lines.append(f"{name:<15} redis://127.0.0.1:{port}/0   replica   logs {self.logs}/{name}.log")
+        for name, port in zip(self.sentinel_names, self.sentinel_ports, strict=True):
+            lines.append(f"{name:<15} 127.0.0.1:{port}   sentinel (master {SENTINEL_MASTER!r})")
         return "\n".join(lines)
 
 
-_EXPECTED = {"redis": "redis-server", "nginx": "nginx"}
+def _redis_client(port: int, decode_responses: bool = False) -> redis.Redis:
+    """A client for one quick question to 127.0.0.1:``port``.
+
+    No retries: redis-py retries a refused connection with backoff by
+    default, which turns every "is it up yet?" into seconds of waiting.
+    """
+    return redis.Redis(
+        port=port,
+        socket_connect_timeout=0.5,
+        socket_timeout=2,
+        decode_responses=decode_responses,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+class _Exited(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(f"exited with {code}")
+
+
+def _poll(check: Callable[[], object], what: str, timeout: float) -> None:
+    """Like :func:`ops.probe.wait_until`, but a :class:`_Exited` from ``check`` ends the wait at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except _Exited:
+            raise
+        except Exception:
+            pass  # not up yet
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not come up within {timeout}s")
+
+
+def _sentinel_command(port: int, *args: str) -> object:
+    """``SENTINEL <args>`` sent to the sentinel on ``port``, its reply as decoded strings."""
+    client = _redis_client(port, decode_responses=True)
+    try:
+        reply: object = client.execute_command("SENTINEL", *args)  # type: ignore[no-untyped-call]
+        return reply
+    finally:
+        client.close()
+
+
+def _sentinel_master(port: int) -> dict[str, str]:
+    """``SENTINEL MASTER herald`` as a dict of strings (a flat list of names and values on the wire)."""
+    reply = _sentinel_command(port, "MASTER", SENTINEL_MASTER)
+    if isinstance(reply, dict):
+        return {str(k): str(v) for k, v in reply.items()}
+    assert isinstance(reply, list), reply
+    items = [str(x) for x in reply]
+    return dict(zip(items[::2], items[1::2], strict=True))
+
+
+def _expected_program(name: str) -> str:
+    """What the command line of process ``name`` contains (redis-server retitles itself, keeping its name)."""
+    if name.startswith(("redis", "sentinel")):
+        return "redis-server"
+    if name == "nginx":
+        return "nginx"
+    return "-m api"
 
 
 def _is_ours(pid: int, name: str) -> bool:
@@ -251,8 +590,7 @@ def _is_ours(pid: int, name: str) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    expected = _EXPECTED.get(name, "-m api")
-    return expected in cmdline
+    return _expected_program(name) in cmdline
 
 
 def _alive(pid: int) -> bool:
@@ -265,30 +603,148 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
+# -- command line ------------------------------------------------------------------
+
+
+def _node_index(cluster: Cluster, name: str) -> int:
+    if name not in cluster.node_names:
+        sys.exit(f"no node {name!r} in this cluster (nodes: {', '.join(cluster.node_names)})")
+    return cluster.node_names.index(name)
+
+
+def _print_status(cluster: Cluster, status: dict[str, object]) -> None:
+    """``status`` as a table: one line per process, redis processes with their role."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def row(name: str, entry: object, note: str = "") -> None:
+        assert isinstance(entry, dict)
+        pid = entry["pid"]
+        rows.append((name, str(entry["state"]), "-" if pid is None else str(pid), f"{entry['url']}{note}"))
+
+    row("nginx", status["nginx"])
+    nodes = status["nodes"]
+    assert isinstance(nodes, list)
+    for node in nodes:
+        row(node["name"], node)
+    redis_status = status["redis"]
+    assert isinstance(redis_status, dict)
+    if not cluster.sentinel:
+        row("redis", redis_status)
+    else:
+        primary = redis_status["primary"]
+        for name in cluster.redis_names:  # the primary is not among the "replicas": list them all
+            role = "primary" if name == primary else "replica"
+            row(name, cluster._redis_status(name, cluster.redis_port_of(name)), f"   {role}")
+        for sentinel in redis_status["sentinels"]:
+            row(sentinel["name"], sentinel, f"   sentinel, master {redis_status['master_name']!r}")
+    print(f"front {status['front']}")
+    print(f"{'NAME':<12} {'STATE':<10} {'PID':<8} URL")
+    for name, state, pid, url in rows:
+        print(f"{name:<12} {state:<10} {pid:<8} {url}")
+
+
+def _running_names(run_dir: Path) -> list[str]:
+    """Processes named by pid files in ``run_dir`` that still run what they were started as."""
+    names = []
+    for pid_file in sorted(run_dir.glob("*.pid")):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text())
+            if _alive(pid) and _is_ours(pid, pid_file.stem):
+                names.append(pid_file.stem)
+    return names
+
+
 def main(argv: list[str] | None = None) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--run-dir", type=Path, default=ROOT / ".run" / "cluster", help="pid files, logs, state")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["start", "stop"])
-    parser.add_argument("--nodes", type=int, default=int(os.environ.get("NODES", "3")))
-    parser.add_argument("--front", type=int, default=8080, help="nginx port")
-    parser.add_argument("--first-node-port", type=int, default=8001)
-    parser.add_argument("--redis-port", type=int, default=6380)
-    parser.add_argument("--run-dir", type=Path, default=ROOT / ".run" / "cluster")
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("start", parents=[common], help="start redis, the nodes and nginx")
+    start.add_argument("--nodes", type=int, default=int(os.environ.get("NODES", "3")))
+    start.add_argument("--front", type=int, default=8080, help="nginx port")
+    start.add_argument("--first-node-port", type=int, default=8001, help="node i listens on this + i")
+    start.add_argument("--redis-port", type=int, default=6380)
+    start.add_argument("--no-appendonly", action="store_true", help="run Redis without AOF")
+    start.add_argument("--sentinel", action="store_true", help="a replica and three sentinels too")
+    start.add_argument("--replica-port", type=int, default=0, help="default: the redis port + 1")
+    start.add_argument("--first-sentinel-port", type=int, default=26380, help="sentinel i listens on this + i")
+    commands.add_parser("stop", parents=[common], help="stop every process of the cluster")
+    commands.add_parser("restart", parents=[common], help="rolling restart of the nodes")
+    status = commands.add_parser("status", parents=[common], help="what runs, and whether it is ready")
+    status.add_argument("--json", action="store_true")
+    stop_node = commands.add_parser("stop-node", parents=[common], help="SIGTERM (or SIGKILL) one node")
+    stop_node.add_argument("name", help="node-0, node-1, ...")
+    stop_node.add_argument("--kill", action="store_true", help="SIGKILL: no goodbye to its clients")
+    start_node = commands.add_parser("start-node", parents=[common], help="start one node again")
+    start_node.add_argument("name")
+    for verb in ("stop", "start"):
+        redis_command = commands.add_parser(f"{verb}-redis", parents=[common], help=f"{verb} a redis-server")
+        redis_command.add_argument("name", nargs="?", default="redis", help="redis (default), redis-1, ...")
+    commands.add_parser("failover", parents=[common], help="--sentinel clusters: SIGKILL the current primary")
     args = parser.parse_args(argv)
-    ports = [args.first_node_port + i for i in range(args.nodes)]
-    if args.action == "stop":
-        names = sorted(p.stem for p in args.run_dir.glob("*.pid"))
-        nodes = [n for n in names if n.startswith("node-")]
-        cluster = Cluster(args.run_dir, node_ports=[0] * len(nodes), redis_port=1)
+    run_dir: Path = args.run_dir
+
+    if args.command == "start":
+        running = _running_names(run_dir)
+        if running:
+            sys.exit(f"a cluster is already running from {run_dir} ({', '.join(running)}): stop it first")
+        for stale in run_dir.glob("*.pid"):
+            stale.unlink()
+        cluster = Cluster(
+            run_dir,
+            front_port=args.front,
+            redis_port=args.redis_port,
+            node_ports=[args.first_node_port + i for i in range(args.nodes)],
+            appendonly=not args.no_appendonly,
+            sentinel=args.sentinel,
+            replica_ports=[args.replica_port or args.redis_port + 1] if args.sentinel else [],
+            sentinel_ports=[args.first_sentinel_port + i for i in range(3)] if args.sentinel else [],
+        )
+        cluster.start()
+        # The processes outlive this command; the other commands find them by their pid files.
+        cluster.processes.clear()
+        print(cluster.describe())
+        return
+    try:
+        cluster = Cluster.load(run_dir)
+    except FileNotFoundError:
+        if args.command != "stop":
+            sys.exit(f"no cluster was started from {run_dir} (no {Cluster.STATE_FILE})")
+        cluster = Cluster(run_dir, nodes=0, redis_port=1)  # stops whatever pid files name
+    if args.command == "stop":
+        names = _running_names(run_dir)
         cluster.stop()
         print(f"stopped: {', '.join(names) or 'nothing was running'}")
-        return
-    if any(args.run_dir.glob("*.pid")):
-        sys.exit(f"a cluster is already running from {args.run_dir}: make cluster-down first")
-    cluster = Cluster(args.run_dir, front_port=args.front, redis_port=args.redis_port, node_ports=ports)
-    cluster.start()
-    # The processes outlive this command; `stop` finds them by their pid files.
+    elif args.command == "restart":
+        cluster.restart_nodes(on_step=lambda text: print(text, flush=True))
+    elif args.command == "status":
+        state = cluster.status()
+        if args.json:
+            print(json.dumps(state, indent=2))
+        else:
+            _print_status(cluster, state)
+    elif args.command == "stop-node":
+        cluster.stop_node(_node_index(cluster, args.name), kill=args.kill)
+        print(f"{'killed' if args.kill else 'stopped'} {args.name}")
+    elif args.command == "start-node":
+        cluster.start_node(_node_index(cluster, args.name))
+        print(f"{args.name} ready at {cluster.node_url(_node_index(cluster, args.name))}")
+    elif args.command in ("stop-redis", "start-redis"):
+        if args.name not in cluster.redis_names:
+            sys.exit(f"no redis process {args.name!r} (this cluster has: {', '.join(cluster.redis_names)})")
+        if args.command == "stop-redis":
+            cluster.stop_redis_process(args.name)
+            print(f"stopped {args.name}")
+        else:
+            cluster.start_redis_process(args.name)
+            print(f"{args.name} ready at redis://127.0.0.1:{cluster.redis_port_of(args.name)}/0")
+    elif args.command == "failover":
+        try:
+            killed = cluster.failover_redis()
+        except RuntimeError as error:
+            sys.exit(str(error))
+        print(f"killed the primary {killed}; the sentinels promote a replica (see `status`)")
     cluster.processes.clear()
-    print(cluster.describe())
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import redis
 
-from ops.cluster import free_port
-
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+from ops import launch
+from ops.launch import REDIS_SERVER
+from ops.probe import free_port
 
 
 def available() -> bool:
@@ -40,18 +40,10 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10) -> None:
-        args = [
-            REDIS_SERVER,
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.dir),
-            "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "always",
-            "--daemonize", "no",
-            "--logfile", str(self.dir / "redis.log"),
-        ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        args = launch.redis_args(
+            self.port, data_dir=self.dir, appendonly=self.appendonly, logfile=self.dir / "redis.log"
+        )
+        self.process = launch.spawn(args, new_session=False)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,9 +21,8 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from ops.cluster import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from ops import launch
+from ops.probe import free_port
 
 
 @dataclass
@@ -62,14 +59,11 @@ class Node:
 def start_node(env: dict[str, str] | None = None, port: int | None = None, timeout: float = 15) -> Node:
     """Start ``python -m api`` and wait until it answers /healthz."""
     port = port or free_port()
-    log_file = tempfile.NamedTemporaryFile(prefix="herald-node-", suffix=".log", delete=False)  # noqa: SIM115
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_") and k != "REDIS_URL"}
-    full_env.update({"HERALD_HOST": "127.0.0.1", "HERALD_PORT": str(port), "PYTHONUNBUFFERED": "1"})
-    full_env.update(env or {})
-    process = subprocess.Popen(
-        [sys.executable, "-m", "api"], cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT
-    )
-    node = Node(process, port, Path(log_file.name))
+    with tempfile.NamedTemporaryFile(prefix="herald-node-", suffix=".log", delete=False) as log_file:
+        log_path = Path(log_file.name)
+    # Same session as the test run: an interrupted run takes its nodes with it.
+    process = launch.spawn(launch.node_command(), log_path, launch.node_env(port, extra=env), new_session=False)
+    node = Node(process, port, log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -1,9 +1,10 @@
 """compose.yaml, ops/nginx.conf and the Dockerfile agree with each other and with the settings.
 
 No Docker engine runs here, so compose is checked as far as it can be without
-one: parsed, and cross-checked against the nginx config it mounts. The nginx
-config itself is syntax-checked by the real nginx (and served through by the
-cluster tests).
+one: parsed, and cross-checked against the nginx config it mounts (the
+rendering of ops/nginx.conf.template; tests/test_ops_cluster.py checks it is
+up to date). Both renderings are syntax-checked by the real nginx, and served
+through by the cluster tests.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import pytest
 import yaml
 
 from api.settings import Settings
-from ops.cluster import NGINX, render_nginx
+from ops.launch import NGINX
+from ops.nginx import render_compose, render_local
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
@@ -66,6 +68,7 @@ def test_nginx_is_set_up_for_sse() -> None:
     assert 'Connection ""' in directives("proxy_set_header")
     assert int(directives("keepalive")[0]) > 0
     assert "error" in directives("proxy_next_upstream")[0]
+    assert "non_idempotent" not in directives("proxy_next_upstream")[0]  # a publish is never sent twice
     read_timeout = directives("proxy_read_timeout")[0]
     assert read_timeout.endswith("h")
     assert int(read_timeout[:-1]) * 3600 > 10 * Settings().heartbeat
@@ -77,12 +80,34 @@ def test_nginx_is_set_up_for_sse() -> None:
             assert "#" in line or above.startswith("#") or above.endswith(";"), line
 
 
+def test_nginx_never_hands_its_own_failures_to_clients_as_is() -> None:
+    """EventSource gives up for good on anything but 200 text/event-stream; producers need JSON and Retry-After."""
+    blocks = dict(re.findall(r"^ *location ([^{\n]+?) \{(.*?)\n *\}", NGINX_CONF, flags=re.S | re.M))
+    events, other = blocks["= /events"], blocks["/"]
+    assert re.search(r"error_page 502 503 504 =200 @events_retry;", events)
+    retry = blocks["@events_retry"]
+    assert "default_type text/event-stream;" in retry
+    assert re.search(r'return 200 "[^"]*retry: \d+\\n\\n";', retry)
+    assert "add_header Cache-Control no-cache always;" in retry
+    assert re.search(r"error_page 502 503 504 =503 @unavailable;", other)
+    assert "add_header Retry-After 2 always;" in blocks["@unavailable"]
+    assert "default_type application/json;" in blocks["@unavailable"]
+    assert re.search(r"error_page 413 =413 @too_large;", other)
+    # A node's own 4xx/5xx must pass through: error_page only for nginx's own answers.
+    assert not directives("proxy_intercept_errors")
+
+
 @pytest.mark.skipif(not shutil.which("nginx") and not Path(NGINX).exists(), reason="nginx is not installed")
-def test_rendered_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["compose", "local"])
+def test_rendered_nginx_config_passes_nginx_t(tmp_path: Path, where: str) -> None:
     for sub in ("logs", "nginx-body", "nginx-proxy"):
         (tmp_path / sub).mkdir()
     conf = tmp_path / "nginx.conf"
-    conf.write_text(render_nginx(NGINX_CONF, 18080, [18001, 18002, 18003], tmp_path))
+    if where == "local":
+        conf.write_text(render_local(18080, [18001, 18002, 18003], tmp_path))
+    else:
+        # compose's upstream host "api" only resolves inside compose: check the rest as is.
+        conf.write_text(render_compose().replace("server api:8000 ", "server 127.0.0.1:8000 "))
     result = subprocess.run(
         [NGINX, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "logs" / "error.log")],
         capture_output=True,
@@ -90,7 +115,8 @@ def test_rendered_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
         timeout=30,
     )
     assert result.returncode == 0, result.stderr
-    assert conf.read_text().count("server 127.0.0.1:1800") == 3
+    if where == "local":
+        assert conf.read_text().count("server 127.0.0.1:1800") == 3
 
 
 def test_dockerfile_runs_a_node() -> None:

@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.loadtest.config import LoadConfig, check_targets, from_args
+from tests.test_loadtest import validate
+from workers.loadtest.config import LoadConfig, check_targets, from_args, parser
+from workers.loadtest.faults import Fault, inject
 from workers.loadtest.histogram import Histogram, bucket_bounds, bucket_of
 from workers.loadtest.publisher import Ledger, lanes_for
+from workers.loadtest.report import render
+from workers.loadtest.results import Aggregate, build, summary_table
+from workers.loadtest.runner import faults_of
 from workers.loadtest.subscriber import Recorder, Subscriber
-from workers.loadtest.wire import ChunkedDecoder, last_field, parse_head, payload
+from workers.loadtest.wire import (
+    NOT_EVENT_STREAM,
+    ChunkedDecoder,
+    answer_cause,
+    errno_cause,
+    is_event_stream,
+    last_field,
+    parse_head,
+    payload,
+)
 from workers.loadtest.worker import MachineCpu
 
 # -- histogram ---------------------------------------------------------------------------
@@ -195,3 +215,213 @@ def test_machine_cpu_is_a_share_of_all_cpus() -> None:
     sum(i * i for i in range(200_000))  # some work, so that time passes on the CPU counters
     busy = meter.take()
     assert busy is None or 0.0 <= busy <= 1.0
+
+
+# -- faults: options, injection, the report ------------------------------------------------
+
+
+def test_fault_options_parse_into_faults_in_time_order() -> None:
+    config = from_args(["--stop-all-nodes-at", "5", "--for", "2.5", "--failover-redis-at", "1"])
+    assert (config.stop_all_nodes_at, config.stop_all_for, config.failover_redis_at) == (5, 2.5, 1)
+    assert config.has_faults
+    faults = faults_of(config)
+    assert [(f.kind, f.at, f.restart_after) for f in faults] == [
+        ("failover-redis", 1, None),
+        ("stop-all-nodes", 5, 2.5),
+    ]
+    assert [f.kind for f in faults_of(from_args(["--restart-nodes-at", "2"]))] == ["restart-nodes"]
+    assert not from_args([]).has_faults
+    assert "SIGKILL every node" in parser().format_help()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--for", "2"], "--for needs --stop-all-nodes-at"),
+        (["--stop-all-nodes-at", "2"], "needs --for"),
+        (["--stop-all-nodes-at", "2", "--for", "-1"], "--for is out of range"),
+        (["--restart-nodes-at", "-1"], "--restart-nodes-at is out of range"),
+        (["--kill-node-at", "1", "--restart-nodes-at", "2"], "same processes"),
+        (["--restart-redis-at", "1", "--failover-redis-at", "2"], "same processes"),
+        (["--system", "nchan", "--restart-nodes-at", "1"], "local Herald cluster"),
+    ],
+)
+def test_bad_fault_options_exit_with_status_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        from_args(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+class FakeCluster:
+    """Records what a fault asked of the cluster, as :class:`ops.cluster.Cluster` would be asked."""
+
+    def __init__(self, nodes: int = 2, sentinel: bool = False) -> None:
+        self.node_ports = list(range(nodes))
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.sentinel = sentinel
+        self.calls: list[str] = []
+
+    def kill_node(self, index: int) -> None:
+        self.calls.append(f"kill {index}")
+
+    def stop_node(self, index: int, kill: bool = False) -> None:
+        self.calls.append(f"{'kill' if kill else 'stop'} {index}")
+
+    def start_node(self, index: int) -> None:
+        self.calls.append(f"start {index}")
+
+    def stop_redis(self) -> None:
+        self.calls.append("stop redis")
+
+    def start_redis(self) -> None:
+        self.calls.append("start redis")
+
+    def restart_nodes(self, on_step: Callable[[str], None] | None = None) -> None:
+        assert on_step is not None
+        for index in self.node_ports:
+            on_step(f"stopped node-{index}")
+            on_step(f"node-{index} ready")
+
+    def failover_redis(self) -> str:
+        if not self.sentinel:
+            raise RuntimeError("failover needs a cluster started with sentinels (--sentinel)")
+        return "redis"
+
+
+async def test_faults_run_their_steps_and_record_them() -> None:
+    t0 = time.monotonic()
+    rolling, outage, failover, refused = (
+        Fault("restart-nodes", 0),
+        Fault("stop-all-nodes", 0, restart_after=0.05),
+        Fault("failover-redis", 0),
+        Fault("failover-redis", 0),
+    )
+    cluster = FakeCluster(nodes=2)
+    await inject(cluster, rolling, t0)
+    await inject(cluster, outage, t0)
+    await inject(FakeCluster(sentinel=True), failover, t0)
+    await inject(FakeCluster(), refused, t0)
+    assert [w for w, _ in rolling.done] == ["rolling restart", "stopped node-0", "node-0 ready", "stopped node-1",
+                                            "node-1 ready", "rolling restart done"]  # fmt: skip
+    assert rolling.ended == rolling.done[-1][1]
+    assert cluster.calls == ["kill 0", "kill 1", "start 0", "start 1"]
+    steps = [w for w, _ in outage.done]
+    assert steps[:2] == ["killed all 2 nodes", "starting all 2 nodes"]
+    assert steps[-1] == "all nodes ready"
+    assert outage.done[1][1] - outage.done[0][1] >= 0.04  # down for restart_after
+    assert [w for w, _ in failover.done] == ["killed redis primary redis"]
+    assert failover.error is None
+    assert refused.error is not None
+    assert "sentinels" in refused.error
+
+
+def _result_with(fault: Fault, subscribers: list[dict[str, Any]], t0_ns: int) -> dict[str, Any]:
+    config = LoadConfig(subscribers=len(subscribers), duration=1, rate=1)
+    ledger = Ledger(topics=1)
+    ledger.ok([(0, ledger.take(0))], 0.001)
+    aggregate = Aggregate(1)
+    aggregate.results.append(
+        {"subscribers": subscribers, "buckets": [], "connect_time": Histogram().to_json(), "lag": Histogram().to_json(),
+         "connects": {"node-0": 3, "127.0.0.1:8080": 0}, "connect_errors": {"502 from the proxy": 2, "timeout": 1},
+         "drops": {"eof": 3}, "reset_reasons": {}, "told_to_retry": 4, "fd_exhausted": False, "last_delivery_ns": 0}
+    )  # fmt: skip
+    return build(config, ledger, aggregate, [fault], started_at="2026-01-01T00:00:00+00:00", t0_ns=t0_ns,
+                 publish_seconds=1.0, publisher_cpu=[], machine_cpu=[], open_files=(1024, 1024))  # fmt: skip
+
+
+def _sub(index: int, gaps: list[list[float]], down_at: float | None = None) -> dict[str, Any]:
+    return {"index": index, "node": "node-0", "topics": 1, "connected": True, "late": False, "delivered": 1,
+            "expected": 1, "lost": 0, "duplicated": 0, "out_of_order": 0, "unknown": 0,
+            "reconnects": len(gaps), "resets": 0, "gaps": gaps, "down_at": down_at}  # fmt: skip
+
+
+def test_a_rolling_restart_is_over_when_it_ends_and_everyone_is_back() -> None:
+    zero = 1000.0
+    fault = Fault("restart-nodes", 2.0, began=2.0)
+    fault.done = [("rolling restart", 2.0), ("stopped node-0", 2.2), ("node-0 ready", 3.0), ("stopped node-1", 4.0),
+                  ("node-1 ready", 5.0), ("rolling restart done", 6.0)]  # fmt: skip
+    # Subscriber 0 was moved twice; 1 once; 2 never. The last one back came back before the restart ended.
+    subscribers = [_sub(0, [[zero + 2.2, zero + 2.3], [zero + 4.0, zero + 4.1]]), _sub(1, [[zero + 4.0, zero + 4.4]]),
+                   _sub(2, [])]  # fmt: skip
+    result = _result_with(fault, subscribers, int(zero * 1e9))
+    validate(result)
+    [report] = result["faults"]
+    assert (report["subscribers_disconnected"], report["disconnections"]) == (2, 3)
+    assert report["subscribers_back_after_s"] == 4.0  # the end of the restart, not the last reconnect
+    assert report["ended_s"] == 6.0
+    assert result["connections"]["told_to_retry"] == 4
+    assert [n["node"] for n in result["nodes"]] == []  # no deliveries: and the proxy's "retry" is no node
+    table = summary_table(result)
+    assert "fault         restart-nodes at 2.0 s: rolling restart at 2.0 s, stopped node-0 at 2.2 s" in table
+    assert "2 subscribers cut off (3 times), all back after 4.0 s" in table
+    assert "not streamed  502 from the proxy 2, timeout 1; told to retry 4" in table
+    assert "all back (restart-nodes, 4.0 s)" in render(result)
+
+    # A subscriber still down at the end: nobody is "all back".
+    still_down = _result_with(fault, [_sub(0, [], down_at=zero + 4.0)], int(zero * 1e9))["faults"][0]
+    assert (still_down["subscribers_not_back"], still_down["subscribers_back_after_s"]) == (1, None)
+    failed = Fault("failover-redis", 1.0, began=1.0, error="RuntimeError: no sentinels")
+    failed.done = [("failover-redis failed", 1.0)]
+    verdict = _result_with(failed, [_sub(0, [])], int(zero * 1e9))["verdict"]
+    assert verdict == {
+        "pass": False,
+        "reasons": ["fault failover-redis was not carried out: RuntimeError: no sentinels"],
+    }
+
+
+def test_an_answer_that_is_no_stream_is_counted_by_cause() -> None:
+    json_503 = parse_head(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nX-Node-Id: node-1")
+    assert answer_cause(json_503, b'{"detail":"broker unavailable: Connection refused"}') == "503 broker unavailable"
+    nginx = parse_head(b"HTTP/1.1 502 Bad Gateway\r\nServer: nginx/1.22.1\r\nContent-Type: text/html")
+    assert answer_cause(nginx, b"<html>...</html>") == "502 from the proxy"
+    other = parse_head(b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain")
+    assert answer_cause(other, b"no") == "404 from the server"
+    html = parse_head(b"HTTP/1.1 200 OK\r\nContent-Type: text/html")
+    assert not is_event_stream(html)
+    assert answer_cause(html, b"") == NOT_EVENT_STREAM
+    assert is_event_stream(parse_head(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8"))
+    assert errno_cause("ECONNREFUSED") == "connection refused"
+    assert errno_cause("EPIPE") == "EPIPE"
+
+
+ANSWERS = {
+    b"/retry": b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"d\r\nretry: 100\n\n\n\r\n0\r\n\r\n",
+    b"/busy": b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nX-Node-Id: n\r\n"
+    b'Content-Length: 42\r\n\r\n{"detail":"broker unavailable: try again"}',
+    b"/page": b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 2\r\n\r\nhi",
+}
+"""What a small server answers per path, on kept-alive connections (the client must end each response)."""
+
+
+async def _answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    request = await reader.readuntil(b"\r\n\r\n")
+    writer.write(ANSWERS[request.split(b" ")[1]])
+    await writer.drain()
+    with contextlib.suppress(ConnectionError):
+        await reader.read()  # keep the connection open until the client closes it
+
+
+@pytest.mark.parametrize(
+    ("path", "errors", "told"),
+    [("/retry", set(), True), ("/busy", {"503 broker unavailable"}, False), ("/page", {NOT_EVENT_STREAM}, False)],
+)
+async def test_a_subscriber_counts_what_kept_it_from_streaming(path: str, errors: set[str], told: bool) -> None:
+    server = await asyncio.start_server(_answering, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    recorder = Recorder()
+    sub = Subscriber(0, f"127.0.0.1:{port}", path, [0], recorder, retry_s=0.1)
+    task = asyncio.create_task(sub.run(lambda: None))
+    await asyncio.sleep(0.6)
+    sub.stop()
+    await asyncio.wait_for(task, 5)
+    server.close()
+    await server.wait_closed()
+    assert set(recorder.connect_errors) == errors
+    assert sum(recorder.connect_errors.values()) >= (0 if told else 2)
+    assert (recorder.told_to_retry >= 2) is told
+    assert not recorder.drops  # a "retry later" is not a dropped stream
+    assert sub.gaps == []  # nor was the subscriber back

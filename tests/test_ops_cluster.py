@@ -1,21 +1,45 @@
-"""ops.cluster (behind ``make cluster-down``) stops only what it started."""
+"""ops.cluster (``make cluster``), its command line, and the nginx front it renders.
+
+Everything runs for real on free loopback ports: nginx, redis-server,
+sentinels and nodes, each stopped by pid.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import resource
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from ops.cluster import NGINX_TEMPLATE, Cluster, render_nginx
+import httpx
+import pytest
+import redis
+
+from ops import launch, nginx
+from ops.cluster import Cluster
+from ops.probe import free_port, free_port_range, wait_until
+from tests import redis_server
+from tests.server import run_server
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_nginx = pytest.mark.skipif(not Path(launch.NGINX).exists(), reason="nginx is not installed")
+needs_redis = pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed")
+
+
+# -- pid files ---------------------------------------------------------------------
 
 
 def test_regression_stale_pid_file_never_signals_someone_elses_process(tmp_path: Path) -> None:
     bystander = subprocess.Popen(["sleep", "30"])
     try:
-        for name in ("node-0", "redis", "nginx"):
+        for name in ("node-0", "redis", "nginx", "sentinel-0", "redis-1"):
             (tmp_path / f"{name}.pid").write_text(f"{bystander.pid}\n")
         Cluster(tmp_path, node_ports=[1], redis_port=1).stop()
         assert bystander.poll() is None  # still running: it is not a node, redis or nginx
@@ -32,6 +56,10 @@ def test_regression_a_node_restarted_by_another_program_is_stopped_too(tmp_path:
     dead.wait()
     restarted = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "-m", "api"])
     try:
+        # Popen can return before /proc shows the new program's command line
+        # (seen after other tests had run in this process): wait for it, as
+        # the pid file of a real node is read long after the node started.
+        wait_until(lambda: b"-m\0api" in Path(f"/proc/{restarted.pid}/cmdline").read_bytes(), "exec", 5)
         (tmp_path / "node-0.pid").write_text(f"{restarted.pid}\n")
         cluster = Cluster(tmp_path, node_ports=[1], redis_port=1)
         cluster.processes["node-0"] = dead
@@ -43,9 +71,242 @@ def test_regression_a_node_restarted_by_another_program_is_stopped_too(tmp_path:
         restarted.wait()
 
 
+# -- the nginx template ------------------------------------------------------------
+
+
+def test_committed_nginx_conf_is_the_rendering_of_the_template() -> None:
+    committed = nginx.COMPOSE_CONF.read_text()
+    assert committed == nginx.render_compose(), "ops/nginx.conf is stale: run `python -m ops.nginx > ops/nginx.conf`"
+
+
+def test_rendering_leaves_no_placeholder_and_keeps_nginx_variables(tmp_path: Path) -> None:
+    for text in (nginx.render_compose(), nginx.render_local(18080, [18001, 18002], tmp_path)):
+        assert "${" not in text
+        assert "proxy_set_header Host $host;" in text  # nginx's own variables pass through
+    local = nginx.render_local(18080, [18001, 18002], tmp_path)
+    assert "listen 127.0.0.1:18080 " in local
+    assert local.count("server 127.0.0.1:1800") == 2
+    assert "/tmp/herald-nginx" not in local  # every path is the cluster's own
+    assert f"pid {tmp_path}/nginx.own-pid;" in local
+
+
+def test_regression_a_reworded_template_line_fails_instead_of_keeping_the_wrong_path() -> None:
+    # The old renderer replaced exact lines: a reworded one silently kept /tmp paths.
+    template = nginx.TEMPLATE.read_text().replace("${pid}", "${pid_file}")
+    with pytest.raises(KeyError, match="pid_file"):
+        nginx.render(
+            servers=["a:1"], listen="1", error_log="e", pid="p", client_body_temp_path="b", proxy_temp_path="t",
+            template=template,
+        )  # fmt: skip
+
+
 def test_rendered_nginx_asks_for_no_more_open_files_than_this_machine_allows(tmp_path: Path) -> None:
-    text = render_nginx(NGINX_TEMPLATE.read_text(), 8080, [8001], tmp_path)
+    text = nginx.render_local(8080, [8001], tmp_path)
     match = re.search(r"worker_rlimit_nofile (\d+);", text)
     assert match is not None
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     assert int(match.group(1)) <= (hard if hard != resource.RLIM_INFINITY else 65536)
+
+
+# -- nginx in front of nodes that are down -------------------------------------------
+
+
+@contextlib.contextmanager
+def nginx_front(tmp_path: Path, node_ports: list[int]) -> Iterator[str]:
+    """The cluster's nginx alone, in front of ``node_ports`` (up or not); yields its URL."""
+    for sub in ("logs", "nginx-body", "nginx-proxy"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(nginx.render_local(port, node_ports, tmp_path))
+    args = [launch.NGINX, "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "logs" / "error.log"),
+            "-g", "daemon off;"]  # fmt: skip
+    process = launch.spawn(args, tmp_path / "logs" / "nginx.out", new_session=False)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(f"{url}/healthz", timeout=1), "nginx", 10)  # any answer will do
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@needs_nginx
+def test_regression_nginx_answered_502_to_events_when_no_node_was_up(tmp_path: Path) -> None:
+    # A native EventSource that gets a 502 gives up for good: the page never
+    # receives another event, even after the nodes are back.
+    with nginx_front(tmp_path, [free_port(), free_port()]) as front:
+        for _ in range(3):  # refused, then "no live upstreams": both are nginx's own failures
+            response = httpx.get(f"{front}/events", params={"topic": "x"}, headers={"Last-Event-ID": "42"})
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "text/event-stream"
+            assert response.headers["cache-control"] == "no-cache"
+            assert "\nretry: 1000\n\n" in response.text
+
+
+@needs_nginx
+def test_regression_nginx_answered_html_502_to_publish_when_no_node_was_up(tmp_path: Path) -> None:
+    with nginx_front(tmp_path, [free_port()]) as front:
+        for _ in range(2):
+            response = httpx.post(f"{front}/publish", json={"topic": "x", "data": 1})
+            assert response.status_code == 503
+            assert response.headers["content-type"] == "application/json"
+            assert response.headers["retry-after"] == "2"
+            assert response.json() == {"detail": "no Herald node can take the request now; retry"}
+        too_big = httpx.post(f"{front}/publish", content=b"x" * (17 * 1024 * 1024))
+        assert too_big.status_code == 413
+        assert too_big.headers["content-type"] == "application/json"
+        assert "over the limit" in too_big.json()["detail"]
+
+
+@needs_nginx
+def test_a_nodes_own_error_on_events_passes_through_nginx_unchanged(tmp_path: Path) -> None:
+    with run_server({"HERALD_NODE_ID": "own-errors"}) as node, nginx_front(tmp_path, [node.port]) as front:
+        direct = httpx.get(f"{node.url}/events")
+        proxied = httpx.get(f"{front}/events")  # no topic: the node's 400, not a retry hint
+        assert proxied.status_code == direct.status_code == 400
+        assert proxied.headers["x-node-id"] == "own-errors"
+        assert proxied.json() == direct.json()
+        node.terminate()
+        after = httpx.get(f"{front}/events", params={"topic": "x"})
+        assert after.status_code == 200
+        assert "retry: 1000" in after.text
+
+
+# -- the command line --------------------------------------------------------------
+
+
+def cli(run_dir: Path, *args: str, timeout: float = 60) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "ops.cluster", *args, "--run-dir", str(run_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def status(run_dir: Path) -> dict[str, Any]:
+    state: dict[str, Any] = json.loads(cli(run_dir, "status", "--json"))
+    return state
+
+
+def node_states(state: dict[str, Any]) -> dict[str, str]:
+    return {n["name"]: n["state"] for n in state["nodes"]}
+
+
+@needs_nginx
+@needs_redis
+@pytest.mark.timeout(120)
+def test_cli_starts_acts_on_and_stops_a_cluster_by_its_files(tmp_path: Path) -> None:
+    run_dir = tmp_path / "cluster"
+    front, first_node, redis_port = free_port(), free_port_range(2), free_port()
+    ports = ["--front", str(front), "--first-node-port", str(first_node), "--redis-port", str(redis_port)]
+    try:
+        started = cli(run_dir, "start", "--nodes", "2", *ports)
+        assert f"http://127.0.0.1:{front}" in started
+        state = status(run_dir)
+        assert set(state) == {"front", "redis", "nginx", "nodes"}
+        assert state["front"] == f"http://127.0.0.1:{front}"
+        assert [(n["name"], n["url"], n["state"]) for n in state["nodes"]] == [
+            ("node-0", f"http://127.0.0.1:{first_node}", "ready"),
+            ("node-1", f"http://127.0.0.1:{first_node + 1}", "ready"),
+        ]
+        assert all(isinstance(n["pid"], int) for n in state["nodes"])
+        assert state["redis"] == {"url": f"redis://127.0.0.1:{redis_port}/0", "pid": state["redis"]["pid"],
+                                  "state": "ready"}  # fmt: skip
+        assert state["nginx"]["state"] == "ready"
+
+        cli(run_dir, "stop-node", "node-1")
+        state = status(run_dir)
+        assert node_states(state) == {"node-0": "ready", "node-1": "stopped"}
+        assert state["nodes"][1]["pid"] is None
+        cli(run_dir, "start-node", "node-1")
+        assert node_states(status(run_dir)) == {"node-0": "ready", "node-1": "ready"}
+
+        cli(run_dir, "stop-redis")
+        state = status(run_dir)
+        assert state["redis"]["state"] == "stopped"
+        assert "stopped" in cli(run_dir, "status")  # the readable table
+        cli(run_dir, "start-redis")
+        wait_until(lambda: set(node_states(status(run_dir)).values()) == {"ready"}, "nodes ready again", 20)
+
+        steps = cli(run_dir, "restart").splitlines()
+        assert steps[:3] == ["stopped node-0", "node-0 ready", "nginx sends to node-0 again"]
+        assert steps[3:] == ["stopped node-1", "node-1 ready", "nginx sends to node-1 again"]
+        pids = [n["pid"] for n in status(run_dir)["nodes"]]
+        assert None not in pids
+    finally:
+        stopped = cli(run_dir, "stop")
+    assert stopped.startswith("stopped: ")
+    assert set(stopped.removeprefix("stopped: ").strip().split(", ")) == {"nginx", "node-0", "node-1", "redis"}
+    state = status(run_dir)
+    assert {n["state"] for n in state["nodes"]} == {"stopped"}
+    assert state["redis"]["state"] == state["nginx"]["state"] == "stopped"
+    assert not list(run_dir.glob("*.pid"))
+
+
+# -- sentinel ----------------------------------------------------------------------
+
+
+def redis_part(cluster: Cluster) -> dict[str, Any]:
+    state: dict[str, Any] = json.loads(json.dumps(cluster.status()))  # as the CLI's --json prints it
+    redis_state: dict[str, Any] = state["redis"]
+    return redis_state
+
+
+def role(port: int) -> str:
+    client = redis.Redis(port=port, socket_connect_timeout=0.5, decode_responses=True)
+    try:
+        return str(client.info("replication")["role"])
+    finally:
+        client.close()
+
+
+@needs_nginx
+@needs_redis
+@pytest.mark.timeout(120)
+def test_sentinel_cluster_fails_over_to_the_replica_and_the_old_primary_rejoins(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path / "cluster", nodes=1, front_port=free_port(), sentinel=True)
+    try:
+        cluster.start()
+        redis_state = redis_part(cluster)
+        assert redis_state["master_name"] == "herald"
+        assert redis_state["primary"] == "redis"
+        assert [r["name"] for r in redis_state["replicas"]] == ["redis-1"]
+        assert [s["state"] for s in redis_state["sentinels"]] == ["ready"] * 3
+        assert role(cluster.redis_port_of("redis-1")) == "slave"
+        saved = json.loads((cluster.run_dir / Cluster.STATE_FILE).read_text())
+        assert saved["sentinel"] is True
+        assert saved["sentinel_ports"] == cluster.sentinel_ports
+        node_pid = cluster.pid_of("node-0")
+        assert node_pid is not None
+        environ = dict(
+            item.split("=", 1) for item in Path(f"/proc/{node_pid}/environ").read_text().split("\0") if "=" in item
+        )
+        sentinels = ",".join(f"127.0.0.1:{p}" for p in cluster.sentinel_ports)
+        assert (environ["REDIS_SENTINELS"], environ["REDIS_SENTINEL_MASTER"]) == (sentinels, "herald")
+        assert "REDIS_URL" not in environ  # the node finds the primary through the sentinels
+
+        killed = cluster.failover_redis()
+        assert killed == "redis"
+        began = time.monotonic()
+        wait_until(lambda: cluster.primary() == "redis-1", "the sentinels promoting redis-1", 15)
+        took = time.monotonic() - began
+        assert role(cluster.redis_port_of("redis-1")) == "master"
+
+        cluster.start_redis_process("redis")  # comes back as a replica of its successor
+        assert role(cluster.redis_port) == "slave"
+        replicas = redis_part(cluster)["replicas"]
+        assert [(r["name"], r["state"]) for r in replicas] == [("redis", "ready")]
+        print(f"\nsentinel failover: the sentinels named redis-1 primary {took:.1f} s after the primary was killed")
+    finally:
+        cluster.stop()
+    assert not list(cluster.run_dir.glob("*.pid"))
+
+
+def test_failover_needs_sentinels(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="sentinel"):
+        Cluster(tmp_path, node_ports=[1], redis_port=1).failover_redis()

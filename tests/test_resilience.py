@@ -29,6 +29,7 @@ from tests import redis_server
 from tests.redis_server import RedisServer
 from tests.server import Node, run_server, serve_app
 from tests.sse_client import EventStream, ResumingClient, publish, publish_reliably
+from tests.tcp_proxy import TcpProxy
 
 needs_redis = pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed")
 
@@ -271,11 +272,11 @@ async def test_regression_a_publish_whose_answer_was_lost_was_sent_again() -> No
     retry with its Idempotency-Key), and it ran exactly once.
     """
     server = redis_server.shared_server()
-    async with DroppingProxy(server.port) as proxy:
+    async with TcpProxy(server.port) as proxy:
         broker = RedisBroker(f"redis://127.0.0.1:{proxy.port}/0", prefix=f"test-{uuid.uuid4().hex[:8]}")
         try:
             await broker.publish([Message("t", "warm-up")])
-            proxy.drop_next_answer_to(b"EVALSHA")
+            proxy.drop_answer_to(b"EVALSHA")
             with pytest.raises(BrokerUnavailable):
                 await broker.publish([Message("t", "once")])
             entries = await broker._redis.xrange(f"{broker._prefix}:s:t")  # the source of truth
@@ -284,57 +285,6 @@ async def test_regression_a_publish_whose_answer_was_lost_was_sent_again() -> No
             await broker.close()
     assert [fields["d"] for _, fields in entries or [] if fields] == ["warm-up", "once"]
     assert retried[0].data == "after"
-
-
-class DroppingProxy:
-    """A TCP proxy to Redis that can drop a connection right after forwarding a command (its answer is lost)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self._armed: bytes | None = None
-        self._server: asyncio.Server | None = None
-
-    def drop_next_answer_to(self, command: bytes) -> None:
-        self._armed = command
-
-    async def __aenter__(self) -> DroppingProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        dropped = asyncio.Event()
-
-        async def upstream() -> None:
-            while data := await client_r.read(65536):
-                if self._armed is not None and self._armed in data.upper():
-                    self._armed = None
-                    dropped.set()  # from here on, nothing reaches the client
-                    server_w.write(data)
-                    await server_w.drain()
-                    await asyncio.sleep(0.2)  # let Redis run it
-                    client_w.transport.abort()
-                    return
-                server_w.write(data)
-                await server_w.drain()
-
-        async def downstream() -> None:
-            while data := await server_r.read(65536):
-                if dropped.is_set() or client_w.is_closing():
-                    return
-                client_w.write(data)
-                await client_w.drain()
-
-        with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
-            await asyncio.gather(upstream(), downstream())
-        server_w.close()
-        client_w.close()
 
 
 async def test_a_full_node_tells_new_clients_to_come_back(topic: str) -> None:

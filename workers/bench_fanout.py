@@ -26,17 +26,15 @@ import os
 import resource
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
 
-from ops.cluster import free_port, wait_until
+from ops import launch
+from ops.probe import free_port, wait_until
 from workers.loadtest.wire import ChunkedDecoder
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -97,8 +95,7 @@ def percentile(values: list[float], q: float) -> float:
 @contextlib.contextmanager
 def own_node(env: dict[str, str]) -> Iterator[str]:
     port = free_port()
-    full = {**os.environ, "HERALD_HOST": "127.0.0.1", "HERALD_PORT": str(port), **env}
-    proc = subprocess.Popen([sys.executable, "-m", "api"], cwd=ROOT, env=full, stdout=subprocess.DEVNULL)
+    proc = launch.spawn(launch.node_command(), env=launch.node_env(port, extra=env), new_session=False)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200, "the node", 20)

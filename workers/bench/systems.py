@@ -14,25 +14,25 @@ the other core.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from ops.cluster import REDIS_SERVER, Cluster, free_port, wait_until
+from ops import launch
+from ops.cluster import Cluster
+from ops.launch import NGINX
+from ops.probe import free_port, wait_until
 from workers.bench.cpu import descendants, pin
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BENCH_OPS = ROOT / "ops" / "bench"
 RUN_DIR = ROOT / ".run" / "bench"
 PEER_VENV = RUN_DIR / "peer-venv"
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
 LISTEN_BACKLOG = 16384
 """Every system gets this accept queue (the kernel caps it at net.core.somaxconn): Herald's own."""
@@ -43,10 +43,6 @@ CLIENT_CORE = 1
 def pinned(core: int, args: list[str]) -> list[str]:
     taskset = shutil.which("taskset")
     return [taskset, "-c", str(core), *args] if taskset else args
-
-
-def _clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("HERALD_") and k != "REDIS_URL"}
 
 
 def rss_bytes(pids: list[int]) -> int:
@@ -85,18 +81,8 @@ class System:
         self.port = free_port()
         RUN_DIR.mkdir(parents=True, exist_ok=True)
         args, env = self.command()
-        log = (RUN_DIR / f"{self.name}.log").open("ab")
-        self.processes.append(
-            subprocess.Popen(
-                pinned(SERVER_CORE, args),
-                cwd=ROOT,
-                env={**_clean_env(), **env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-        log.close()
+        log = RUN_DIR / f"{self.name}.log"
+        self.processes.append(launch.spawn(pinned(SERVER_CORE, args), log, {**launch.clean_environ(), **env}))
         wait_until(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, self.name, 30)
 
     def server_pids(self) -> list[int]:
@@ -139,12 +125,8 @@ class Herald(System):
     def start(self) -> None:
         if self.redis:
             self.redis_port = free_port()
-            args = [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", "",
-                    "--appendonly", "no", "--daemonize", "no"]  # fmt: skip
             # Redis on the client's core: the node keeps its core to itself.
-            self.processes.append(
-                subprocess.Popen(pinned(CLIENT_CORE, args), stdout=subprocess.DEVNULL, start_new_session=True)
-            )
+            self.processes.append(launch.spawn(pinned(CLIENT_CORE, launch.redis_args(self.redis_port))))
         super().start()
 
     def components(self) -> dict[str, list[int]]:
@@ -156,10 +138,8 @@ class Herald(System):
         return ["node"] if self.redis else super().core_components()
 
     def command(self) -> tuple[list[str], dict[str, str]]:
-        env = {"HERALD_HOST": "127.0.0.1", "HERALD_PORT": str(self.port), "HERALD_NODE_ID": self.name}
-        if self.redis:
-            env["REDIS_URL"] = f"redis://127.0.0.1:{self.redis_port}/0"
-        return [sys.executable, "-m", "api"], env
+        broker = {"REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0"} if self.redis else {}
+        return launch.node_command(), launch.node_env(self.port, self.name, broker)
 
 
 class Nchan(System):

@@ -9,6 +9,7 @@ import os
 import resource
 import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,6 +22,19 @@ SYSTEMS = {
     "sse-starlette": "POST /publish?topic=<topic> (one event per request), GET /events?topic=<topic>",
 }
 """Systems the tool can drive, and how it publishes and subscribes on each."""
+
+FAULT_OPTIONS = {
+    "kill_node_at": "--kill-node-at",
+    "restart_nodes_at": "--restart-nodes-at",
+    "stop_all_nodes_at": "--stop-all-nodes-at",
+    "restart_redis_at": "--restart-redis-at",
+    "failover_redis_at": "--failover-redis-at",
+}
+"""The faults a run can inject (config field: option), each at a time in seconds after publishing started."""
+
+NODE_FAULTS = ("kill_node_at", "restart_nodes_at", "stop_all_nodes_at")
+REDIS_FAULTS = ("restart_redis_at", "failover_redis_at")
+"""Faults acting on the same processes: at most one of each group per run, so they never overlap."""
 
 
 @dataclass
@@ -52,6 +66,10 @@ class LoadConfig:
     kill_node: int = 0
     restart_node_after: float | None = None
     restart_redis_at: float | None = None
+    restart_nodes_at: float | None = None
+    stop_all_nodes_at: float | None = None
+    stop_all_for: float | None = None
+    failover_redis_at: float | None = None
     cluster_dir: Path = ROOT / ".run" / "cluster"
     allow_remote: bool = False
     progress: bool = True
@@ -69,7 +87,7 @@ class LoadConfig:
 
     @property
     def has_faults(self) -> bool:
-        return self.kill_node_at is not None or self.restart_redis_at is not None
+        return any(getattr(self, name) is not None for name in FAULT_OPTIONS)
 
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
@@ -127,6 +145,34 @@ def raise_open_files(needed: int) -> tuple[int, int]:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return soft, hard
+
+
+def check_faults(config: LoadConfig, error: Callable[[str], object]) -> None:
+    """Call ``error`` with the first problem of the fault options: negative times, ``--for`` alone or
+    missing, two faults on the same processes (nodes, or Redis), or any fault against a peer system."""
+    for name, option in FAULT_OPTIONS.items():
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            error(f"{option} is out of range")
+            return
+    for name, option in (("restart_node_after", "--restart-node-after"), ("stop_all_for", "--for")):
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            error(f"{option} is out of range")
+            return
+    if config.stop_all_for is not None and config.stop_all_nodes_at is None:
+        error("--for needs --stop-all-nodes-at")
+        return
+    if config.stop_all_nodes_at is not None and config.stop_all_for is None:
+        error("--stop-all-nodes-at needs --for SECONDS (how long the nodes stay down)")
+        return
+    for group in (NODE_FAULTS, REDIS_FAULTS):
+        given = [FAULT_OPTIONS[name] for name in group if getattr(config, name) is not None]
+        if len(given) > 1:
+            error(f"{' and '.join(given)} act on the same processes: give one of them per run")
+            return
+    if config.has_faults and config.system != "herald":
+        error("faults act on a local Herald cluster (make cluster): not with --system " + config.system)
 
 
 def _topics(value: str) -> str:
@@ -228,7 +274,38 @@ def parser() -> argparse.ArgumentParser:
         "--kill-node", type=int, default=d.kill_node, metavar="INDEX", help="which node to kill (default %(default)s)"
     )
     p.add_argument("--restart-node-after", type=float, metavar="SECONDS", help="start the killed node again")
-    p.add_argument("--restart-redis-at", type=float, metavar="SECONDS", help="restart the cluster's redis-server")
+    p.add_argument(
+        "--restart-nodes-at",
+        type=float,
+        metavar="SECONDS",
+        help="rolling restart of every node: one at a time, SIGTERM, wait until gone, start, wait for /readyz",
+    )
+    p.add_argument(
+        "--stop-all-nodes-at",
+        type=float,
+        metavar="SECONDS",
+        help="SIGKILL every node at once (no graceful shutdown), and start them all again after --for",
+    )
+    p.add_argument(
+        "--for",
+        type=float,
+        dest="stop_all_for",
+        metavar="SECONDS",
+        help="with --stop-all-nodes-at: how long every node stays down",
+    )
+    p.add_argument(
+        "--restart-redis-at",
+        type=float,
+        metavar="SECONDS",
+        help="stop the cluster's redis-server (SIGTERM) and start it again at once",
+    )
+    p.add_argument(
+        "--failover-redis-at",
+        type=float,
+        metavar="SECONDS",
+        help="SIGKILL the Redis primary, for Sentinel to promote a replica (a cluster started with "
+        "`make cluster SENTINEL=1`)",
+    )
     p.add_argument(
         "--cluster-dir",
         type=Path,
@@ -274,6 +351,7 @@ def from_args(argv: list[str] | None = None) -> LoadConfig:
         config.batch = 1  # one event per request: neither peer takes batches
     if config.restart_node_after is not None and config.kill_node_at is None:
         p.error("--restart-node-after needs --kill-node-at")
+    check_faults(config, p.error)
     try:
         check_targets(config)
     except ValueError as exc:

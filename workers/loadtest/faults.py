@@ -7,32 +7,76 @@ still runs the program its file was written for.
 
 * ``kill-node``: SIGKILL a node mid-run, no goodbye to its clients, and
   optionally start it again ``restart_after`` seconds later.
+* ``restart-nodes``: a rolling restart, as a deploy does it: one node at a
+  time, SIGTERM (a graceful shutdown), wait until it is gone, start it, wait
+  for its ``/readyz``, then the next node.
+* ``stop-all-nodes``: SIGKILL every node at once (a whole-site outage, no
+  graceful shutdown), then ``restart_after`` seconds later start them all
+  again (in parallel, each waited for until ready).
 * ``restart-redis``: stop redis-server (SIGTERM: with AOF, nothing
   acknowledged is lost) and start it again at once on the same port.
+* ``failover-redis``: SIGKILL the Redis primary of a Sentinel cluster
+  (``make cluster SENTINEL=1``), for Sentinel to promote a replica.
 
-Each fault is reported with when it happened; the run's result then says
-how many subscribers it disconnected and how long they, and publishing,
-took to recover.
+Each fault records what it did and when (:attr:`Fault.done`, seconds since
+publishing started); the blocking cluster calls run in a thread
+(:func:`asyncio.to_thread`), so the run goes on measuring meanwhile. A
+fault that cannot be carried out records why in :attr:`Fault.error`, and
+the run fails. The run's result then says how many subscribers each fault
+cut off and how long until every one of them was back, and publishing too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ops.cluster import Cluster
+
+KINDS = ("kill-node", "restart-nodes", "stop-all-nodes", "restart-redis", "failover-redis")
+
+LASTING = ("restart-nodes", "stop-all-nodes")
+"""Faults that last until their last step: nobody is "back" before the last node is up again."""
+
+
+class FaultTarget(Protocol):
+    """What the faults need of :class:`ops.cluster.Cluster` (a fake one in unit tests)."""
+
+    node_ports: list[int]
+    processes: dict[str, subprocess.Popen[bytes]]
+
+    def kill_node(self, index: int) -> None: ...
+    def stop_node(self, index: int, kill: bool = False) -> None: ...
+    def start_node(self, index: int) -> None: ...
+    def stop_redis(self) -> None: ...
+    def start_redis(self) -> None: ...
+    def restart_nodes(self, on_step: Callable[[str], None] | None = None) -> None: ...
+    def failover_redis(self) -> str: ...
 
 
 @dataclass
 class Fault:
-    kind: str  # "kill-node" or "restart-redis"
+    """One fault of a run: what, when, and (once run) what was done when."""
+
+    kind: str  # one of KINDS
     at: float  # seconds after publishing started
-    node: int = 0
-    restart_after: float | None = None
+    node: int = 0  # kill-node: which node
+    restart_after: float | None = None  # kill-node: start it again after; stop-all-nodes: down for
     began: float | None = None  # seconds into the run when the fault started
     done: list[tuple[str, float]] = field(default_factory=list)  # (what, seconds into the run)
+    error: str | None = None  # why the fault could not be carried out (the run then fails)
+
+    @property
+    def ended(self) -> float | None:
+        """When the fault was over: its last step for a lasting fault, its first for the others."""
+        if not self.done:
+            return None
+        return self.done[-1][1] if self.kind in LASTING else self.done[0][1]
 
 
 def load_cluster(run_dir: Path) -> Cluster:
@@ -46,14 +90,32 @@ def load_cluster(run_dir: Path) -> Cluster:
         ) from None
 
 
-async def inject(cluster: Cluster, fault: Fault, t0: float) -> None:
-    """Carry out ``fault`` at its time (``t0`` is time.monotonic() when publishing started)."""
+async def inject(cluster: FaultTarget, fault: Fault, t0: float) -> None:
+    """Carry out ``fault`` at its time (``t0`` is time.monotonic() when publishing started).
+
+    Never raises for a failed cluster call: the failure is kept in
+    ``fault.error`` (and the steps done before it in ``fault.done``), so the
+    run still ends, reports, and fails.
+    """
     await asyncio.sleep(max(0.0, t0 + fault.at - time.monotonic()))
     fault.began = round(time.monotonic() - t0, 3)
 
-    def mark(what: str) -> None:
+    def mark(what: str) -> None:  # also called from the cluster's thread: list.append is atomic
         fault.done.append((what, round(time.monotonic() - t0, 3)))
 
+    try:
+        await _carry_out(cluster, fault, mark)
+    except Exception as exc:  # any failure of the cluster call is the fault's result
+        fault.error = f"{type(exc).__name__}: {exc}"
+        mark(f"{fault.kind} failed")
+    finally:
+        # The restarted processes belong to the cluster, not to this run:
+        # `make cluster-down` stops them by their pid files.
+        cluster.processes.clear()
+
+
+async def _carry_out(cluster: FaultTarget, fault: Fault, mark: Callable[[str], None]) -> None:
+    nodes = range(len(cluster.node_ports))
     if fault.kind == "kill-node":
         name = f"node-{fault.node}"
         await asyncio.to_thread(cluster.kill_node, fault.node)
@@ -62,13 +124,34 @@ async def inject(cluster: Cluster, fault: Fault, t0: float) -> None:
             await asyncio.sleep(fault.restart_after)
             await asyncio.to_thread(cluster.start_node, fault.node)
             mark(f"restarted {name}")
+    elif fault.kind == "restart-nodes":
+        mark("rolling restart")
+        await asyncio.to_thread(cluster.restart_nodes, mark)
+        mark("rolling restart done")
+    elif fault.kind == "stop-all-nodes":
+
+        def kill_all() -> None:
+            for index in nodes:
+                cluster.stop_node(index, kill=True)
+
+        await asyncio.to_thread(kill_all)
+        mark(f"killed all {len(nodes)} nodes")
+        await asyncio.sleep(fault.restart_after or 0.0)
+        mark(f"starting all {len(nodes)} nodes")
+
+        async def start(index: int) -> None:
+            await asyncio.to_thread(cluster.start_node, index)
+            mark(f"node-{index} ready")
+
+        await asyncio.gather(*(start(i) for i in nodes))
+        mark("all nodes ready")
     elif fault.kind == "restart-redis":
         await asyncio.to_thread(cluster.stop_redis)
         mark("stopped redis")
         await asyncio.to_thread(cluster.start_redis)
         mark("started redis")
-    else:  # pragma: no cover - the command line only makes the two kinds
+    elif fault.kind == "failover-redis":
+        name = await asyncio.to_thread(cluster.failover_redis)
+        mark(f"killed redis primary {name}")
+    else:
         raise ValueError(f"unknown fault {fault.kind!r}")
-    # The restarted processes belong to the cluster, not to this run:
-    # `make cluster-down` stops them by their pid files.
-    cluster.processes.clear()

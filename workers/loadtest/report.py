@@ -20,6 +20,8 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
+from workers.loadtest.results import counts_text, fault_lines
+
 _LAYOUT: dict[str, Any] = {
     "template": "plotly_white",
     "height": 360,
@@ -29,11 +31,19 @@ _LAYOUT: dict[str, Any] = {
 
 
 def _fault_lines(fig: go.Figure, result: dict[str, Any]) -> None:
+    """Each fault on a timeline: a dashed line per step, its span shaded, and when all were back."""
     for fault in result["faults"]:
         for step in fault["steps"]:
             fig.add_vline(x=step["at_s"], line_dash="dash", line_color="#c0392b",
                           annotation_text=step["what"], annotation_position="top right",
                           annotation_font={"color": "#c0392b", "size": 11})  # fmt: skip
+        back = fault.get("subscribers_back_after_s")
+        if back is not None:
+            end = fault["at_s"] + back
+            fig.add_vrect(x0=fault["at_s"], x1=end, fillcolor="#c0392b", opacity=0.08, line_width=0)
+            fig.add_vline(x=end, line_dash="dot", line_color="#1e6b34",
+                          annotation_text=f"all back ({fault['kind']}, {back} s)", annotation_position="bottom right",
+                          annotation_font={"color": "#1e6b34", "size": 11})  # fmt: skip
 
 
 def latency_cdf(result: dict[str, Any]) -> go.Figure:
@@ -138,13 +148,13 @@ def _facts(result: dict[str, Any]) -> str:
          f"{lat['p50']:.1f} / {lat['p90']:.1f} / {lat['p99']:.1f} / {lat['p99_9']:.1f} / {lat['max']:.1f}"),
         ("connect ms p50 / p99", f"{conn['connect_ms']['p50']:.1f} / {conn['connect_ms']['p99']:.1f}"),
         ("connections", f"{conn['connected']:,}/{conn['subscribers']:,}, {conn['reconnects']:,} reconnects, "
-                        f"resets {conn['resets'] or 'none'}"),
+                        f"resets {counts_text(conn['resets'])}"),
+        ("not streamed (by cause)", f"{counts_text(conn['errors'])}; told to retry {conn['told_to_retry']:,}"),
+        ("streams ended", counts_text(conn["dropped"])),
     ]  # fmt: skip
     for fault in result["faults"]:
-        steps = ", ".join(f"{s['what']} at {s['at_s']:.1f} s" for s in fault["steps"])
-        rows.append(("fault", f"{steps}: {fault['subscribers_disconnected']:,} subscribers disconnected, back "
-                              f"after {fault['subscribers_back_after_s']} s; publishing back after "
-                              f"{fault['publishing_back_after_s']} s"))  # fmt: skip
+        done, effect = fault_lines(fault)
+        rows.append(("fault", f"{done}. {effect}"))
     rows += [("tool warning", w) for w in result["tool"]["warnings"]]
     return _table(rows)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.loadtest.config import LoadConfig
-from workers.loadtest.faults import Fault
+from workers.loadtest.faults import LASTING, Fault
 from workers.loadtest.histogram import Histogram
 from workers.loadtest.publisher import Ledger
 
@@ -119,14 +119,16 @@ def build(
     connect_errors: Counter[str] = Counter()
     drops: Counter[str] = Counter()
     reset_reasons: Counter[str] = Counter()
+    told_to_retry = 0
     lag = Histogram()
     for r in aggregate.results:
         connect_time.merge(Histogram.from_json(r["connect_time"]))
         lag.merge(Histogram.from_json(r["lag"]))
-        connects.update(r["connects"])
+        connects.update({node: n for node, n in r["connects"].items() if n > 0})
         connect_errors.update(r["connect_errors"])
         drops.update(r["drops"])
         reset_reasons.update(r["reset_reasons"])
+        told_to_retry += int(r.get("told_to_retry", 0))
 
     nodes = [
         {
@@ -137,6 +139,8 @@ def build(
             "latency_ms": histogram.summary_ms(),
         }
         for node, histogram in sorted(aggregate.by_node().items())
+        # Not a node that only said "retry later" (the proxy, while every node was down).
+        if connects.get(node, 0) or histogram.count
     ]
     seconds = sorted(set(aggregate.timeline) | set(ledger.accepted_at) | set(ledger.errors_at))
     timeline = []
@@ -192,8 +196,8 @@ def build(
             "raise it (ulimit -n) or spread subscribers with --procs"
         )
 
-    fault_reports = [_fault_report(f, subscribers, ledger, t0_ns) for f in faults]
-    reasons = []
+    fault_reports = fault_reports_of(faults, subscribers, ledger, t0_ns)
+    reasons = [f"fault {f.kind} was not carried out: {f.error}" for f in faults if f.error]
     if lost:
         reasons.append(f"{lost:,} accepted events lost")
     if duplicated:
@@ -246,6 +250,7 @@ def build(
             "reconnects": sum(s["reconnects"] for s in subscribers),
             "resets": dict(sorted(reset_reasons.items())),
             "errors": dict(sorted(connect_errors.items())),
+            "told_to_retry": told_to_retry,
             "dropped": dict(sorted(drops.items())),
             "connect_ms": connect_time.summary_ms(),
         },
@@ -265,23 +270,69 @@ def build(
     }
 
 
-def _fault_report(fault: Fault, subscribers: list[dict[str, Any]], ledger: Ledger, t0_ns: int) -> dict[str, Any]:
+SLACK_S = 0.5
+"""A disconnection up to this long before a fault's recorded start is its doing (the signal is sent first)."""
+
+
+def fault_reports_of(
+    faults: list[Fault], subscribers: list[dict[str, Any]], ledger: Ledger, t0_ns: int
+) -> list[dict[str, Any]]:
+    """Each fault's report; a disconnection counts for the latest fault started before it."""
+    starts = [f.began if f.began is not None else f.at for f in faults]
+    reports = []
+    for index, fault in enumerate(faults):
+        later = [s for s in starts[index + 1 :] if s > starts[index]]
+        until = min(later, default=float("inf"))
+        reports.append(fault_report(fault, subscribers, ledger, t0_ns, until))
+    return reports
+
+
+def fault_report(
+    fault: Fault, subscribers: list[dict[str, Any]], ledger: Ledger, t0_ns: int, until: float = float("inf")
+) -> dict[str, Any]:
+    """What ``fault`` did to the run: the subscribers it cut off, and when they (and publishing) were back.
+
+    A disconnection is the fault's when it began from ``SLACK_S`` before the
+    fault's start to ``SLACK_S`` before ``until`` (the next fault's start, in
+    seconds since publishing started). "All back" is the time from the fault's
+    start until the last of those subscribers was streaming again, and for a
+    fault that lasts (a rolling restart, every node down) at least until its
+    last step: ``None`` while any is still down at the end.
+    """
     at = fault.began if fault.began is not None else fault.at
-    start = t0_ns / 1e9 + at
-    downs = [(a, b) for s in subscribers for a, b in s["gaps"] if a >= start - 0.5]
-    still_down = sum(1 for s in subscribers if s["down_at"] and s["down_at"] >= start - 0.5)
+    zero = t0_ns / 1e9
+    start, stop = zero + at - SLACK_S, zero + until - SLACK_S
+    cut: set[int] = set()
+    downs: list[tuple[float, float]] = []
+    not_back = 0
+    for s in subscribers:
+        for a, b in s["gaps"]:
+            if start <= a < stop:
+                downs.append((a, b))
+                cut.add(s["index"])
+        if s["down_at"] and start <= s["down_at"] < stop:
+            not_back += 1
+            cut.add(s["index"])
     failures = [t for t, ok in ledger.outcomes if not ok and t >= at]
     publish_back = None
     if failures:
         later = [t for t, ok in ledger.outcomes if ok and t > failures[-1]]
         publish_back = round(later[0] - at, 3) if later else None
+    ended = fault.ended
+    back_after: float | None = None
+    if not not_back and (downs or fault.kind in LASTING) and ended is not None:
+        last_back = max((b - zero for _, b in downs), default=at)
+        back_after = round(max(last_back, ended if fault.kind in LASTING else at) - at, 3)
     return {
         "kind": fault.kind,
         "at_s": round(at, 3),
+        "ended_s": ended,
         "steps": [{"what": what, "at_s": t} for what, t in fault.done],
-        "subscribers_disconnected": len(downs) + still_down,
-        "subscribers_not_back": still_down,
-        "subscribers_back_after_s": round(max(b for _, b in downs) - start, 3) if downs else None,
+        "error": fault.error,
+        "subscribers_disconnected": len(cut),
+        "disconnections": len(downs) + not_back,
+        "subscribers_not_back": not_back,
+        "subscribers_back_after_s": back_after,
         "publish_errors": len(failures),
         "publishing_back_after_s": publish_back if failures else 0.0,
     }
@@ -289,6 +340,29 @@ def _fault_report(fault: Fault, subscribers: list[dict[str, Any]], ledger: Ledge
 
 def _ms(value: float) -> str:
     return f"{value:,.1f}"
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    """``{"connection refused": 12, "502 from the proxy": 3}`` as "connection refused 12, 502 from the proxy 3"."""
+    return ", ".join(f"{name} {n:,}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "none"
+
+
+def fault_lines(fault: dict[str, Any]) -> tuple[str, str]:
+    """A fault's two lines in the summary (and the report): what was done when, and what it did to the run."""
+    steps = ", ".join(f"{s['what']} at {s['at_s']:.1f} s" for s in fault["steps"])
+    back = fault["subscribers_back_after_s"]
+    if fault["subscribers_not_back"]:
+        back_text = f"{fault['subscribers_not_back']:,} not back at the end"
+    else:
+        back_text = f"all back after {back} s" if back is not None else "nobody to be back"
+    done = f"{fault['kind']} at {fault['at_s']:.1f} s: {steps or 'nothing done'}"
+    if fault["error"]:
+        done += f"; FAILED: {fault['error']}"
+    effect = (
+        f"{fault['subscribers_disconnected']:,} subscribers cut off ({fault['disconnections']:,} times), {back_text}; "
+        f"{fault['publish_errors']:,} publish errors, publishing back after {fault['publishing_back_after_s']} s"
+    )
+    return done, effect
 
 
 def summary_table(result: dict[str, Any]) -> str:
@@ -316,8 +390,9 @@ def summary_table(result: dict[str, Any]) -> str:
         f"{conn['connect_ms']['p99']:<8.1f} {conn['connect_ms']['p99_9']:<8.1f} {conn['connect_ms']['max']:.1f}",
         "",
         f"  connections   {conn['connected']:,}/{conn['subscribers']:,} connected, {conn['reconnects']:,} reconnects, "
-        f"resets {conn['resets'] or 'none'}",
-        f"                connect errors {conn['errors'] or 'none'}, open streams ended {conn['dropped'] or 'none'}",
+        f"resets {counts_text(conn['resets'])}",
+        f"  not streamed  {counts_text(conn['errors'])}; told to retry {conn['told_to_retry']:,}",
+        f"  streams ended {counts_text(conn['dropped'])}",
         "",
         "  node            connects  at end   deliveries   p50 ms   p99 ms   max ms",
     ]
@@ -328,15 +403,8 @@ def summary_table(result: dict[str, Any]) -> str:
             f" {nl['p50']:>8.1f} {nl['p99']:>8.1f} {nl['max']:>8.1f}"
         )
     for fault in result["faults"]:
-        steps = ", ".join(f"{s['what']} at {s['at_s']:.1f}s" for s in fault["steps"])
-        back = fault["subscribers_back_after_s"]
-        lines += [
-            "",
-            f"  fault         {steps}",
-            f"                {fault['subscribers_disconnected']:,} subscribers disconnected, "
-            f"back after {back if back is not None else '-'} s; {fault['publish_errors']:,} publish errors, "
-            f"publishing back after {fault['publishing_back_after_s']} s",
-        ]
+        done, effect = fault_lines(fault)
+        lines += ["", f"  fault         {done}", f"                {effect}"]
     tool = result["tool"]
     cpu = ", ".join(f"{w['max']:.0%}" for w in tool["worker_cpu"])
     lines += [

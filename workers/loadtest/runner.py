@@ -113,13 +113,20 @@ async def _spawn(config: LoadConfig, aggregate: Aggregate) -> list[WorkerProcess
     return workers
 
 
-def _faults(config: LoadConfig) -> list[Fault]:
+def faults_of(config: LoadConfig) -> list[Fault]:
+    """The faults ``config`` asks for, in the order of their times."""
     faults = []
     if config.kill_node_at is not None:
         faults.append(Fault("kill-node", config.kill_node_at, config.kill_node, config.restart_node_after))
+    if config.restart_nodes_at is not None:
+        faults.append(Fault("restart-nodes", config.restart_nodes_at))
+    if config.stop_all_nodes_at is not None:
+        faults.append(Fault("stop-all-nodes", config.stop_all_nodes_at, restart_after=config.stop_all_for))
     if config.restart_redis_at is not None:
         faults.append(Fault("restart-redis", config.restart_redis_at))
-    return faults
+    if config.failover_redis_at is not None:
+        faults.append(Fault("failover-redis", config.failover_redis_at))
+    return sorted(faults, key=lambda f: f.at)
 
 
 def _sender(config: LoadConfig, lane: int) -> Sender:
@@ -139,13 +146,20 @@ async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[st
             f"cannot open {per_proc:,} connections in one process: the open-files limit is {open_files[0]:,} "
             f"(hard limit {open_files[1]:,}); raise it (ulimit -n) or use more --procs"
         )
-    faults = _faults(config)
-    cluster = load_cluster(config.cluster_dir) if faults else None
+    faults = faults_of(config)
+    # One Cluster per fault: each tracks the processes it starts, and two faults may run at once.
+    clusters = [load_cluster(config.cluster_dir) for _ in faults]
+    if config.failover_redis_at is not None and not clusters[0].sentinel:
+        raise SystemExit(
+            f"--failover-redis-at needs a cluster with Redis Sentinel (make cluster SENTINEL=1); "
+            f"the one in {config.cluster_dir} has none"
+        )
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     aggregate = Aggregate(config.procs)
     ledger = Ledger(config.topics)
     workers = await _spawn(config, aggregate)
     senders: list[Sender] = []
+    fault_tasks: list[asyncio.Task[None]] = []
     try:
         say(f"connecting {config.subscribers:,} subscribers to {', '.join(config.targets)} ...")
         wait = config.ramp + config.connect_timeout + 10
@@ -184,8 +198,7 @@ async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[st
         machine = MachineCpu()
         publisher_cpu: list[float] = []
         machine_cpu: list[float] = []
-        assert cluster is not None or not faults
-        fault_tasks = [asyncio.create_task(inject(cluster, f, ledger.t0)) for f in faults if cluster is not None]
+        fault_tasks += [asyncio.create_task(inject(c, f, ledger.t0)) for c, f in zip(clusters, faults, strict=True)]
         publishing = asyncio.gather(*(lane.run() for lane in lanes))
         shown: dict[str, float] = {}
 
@@ -240,6 +253,8 @@ async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[st
             open_files=open_files,
         )
     finally:
+        for task in fault_tasks:
+            task.cancel()  # a run that failed part-way: no fault goes on after it
         for send in senders:
             with contextlib.suppress(Exception):
                 await send.close()

@@ -16,6 +16,15 @@ counts, per topic and exactly:
 * ``lost``: worked out at the end against what the publisher had accepted
   (:meth:`Subscriber.lost`): sequence numbers never seen.
 
+It also says why a connect did not give a stream, by cause
+(:func:`workers.loadtest.wire.answer_cause` and
+:func:`~workers.loadtest.wire.errno_cause`: ``"503 broker unavailable"``,
+``"502 from the proxy"``, ``"connection refused"``, ``"timeout"``,
+``"200 but not text/event-stream"`` ...), and counts apart the streams that
+were answered 200 and ended at once with nothing but ``retry:``: a server
+*telling the client to retry*, which EventSource obeys, and which is not an
+error. Such a stream does not count as the subscriber being back.
+
 The bookkeeping is one integer per topic (the next sequence number
 expected) plus the set of numbers skipped so far, which stays empty while
 nothing goes wrong: memory does not grow with the number of events.
@@ -33,10 +42,31 @@ from collections.abc import Callable
 from typing import cast
 
 from workers.loadtest.histogram import Histogram
-from workers.loadtest.wire import DATA_LINE, ChunkedDecoder, get_request, last_field, parse_head
+from workers.loadtest.wire import (
+    BAD_RESPONSE,
+    CLOSED_BEFORE_ANSWER,
+    DATA_LINE,
+    ERROR_BODY_LIMIT,
+    TIMEOUT,
+    ChunkedDecoder,
+    ResponseHead,
+    answer_cause,
+    errno_cause,
+    get_request,
+    is_event_stream,
+    last_field,
+    parse_head,
+)
 
 _RESET_REASON = re.compile(rb'\{"reason":"([a-z-]+)"')
 """The data of a ``reset`` event (the only JSON object on a load test's streams)."""
+
+ANSWER_TIMEOUT = 10.0
+"""Seconds from starting a connect to the response head; past them the attempt counts as a ``timeout``."""
+
+RETRY_ONLY_SECONDS = 1.0
+"""A 200 stream that ends cleanly within this long of its head with no event, only ``retry:``, was
+*told to retry* (a node or the proxy asking the client to come back): counted apart, not as an error."""
 
 
 class Recorder:
@@ -59,6 +89,7 @@ class Recorder:
         "reconnects",
         "reset_reasons",
         "t0_ns",
+        "told_to_retry",
     )
 
     def __init__(self) -> None:
@@ -67,7 +98,8 @@ class Recorder:
         self.generation = 0
         self.connect_time = Histogram()
         self.connects: Counter[str] = Counter()  # successful connects per node
-        self.connect_errors: Counter[str] = Counter()
+        self.connect_errors: Counter[str] = Counter()  # connects that gave no stream, by cause
+        self.told_to_retry = 0  # 200 streams that ended at once with only retry:
         self.drops: Counter[str] = Counter()  # streams that ended while open, by why
         self.reset_reasons: Counter[str] = Counter()
         self.reconnects = 0
@@ -88,21 +120,59 @@ class Recorder:
 
 
 class StreamProtocol(asyncio.Protocol):
-    """One HTTP connection of a subscriber: the response head, then the event stream."""
+    """One HTTP connection of a subscriber: the response head, then the event stream.
 
-    __slots__ = ("_buffer", "_decoder", "_head", "_request", "_started", "_sub", "done", "opened", "transport")
+    The connection ends, and :attr:`done` resolves, when the server closes
+    it, or when the response is over (the last chunk, or ``Content-Length``
+    bytes: EventSource then reconnects, even on a kept-alive connection).
+    Whatever kept it from streaming is counted once, by cause, in the
+    recorder's ``connect_errors``; a 200 stream that ended cleanly at once
+    with only ``retry:`` counts as ``told_to_retry``; any other end of an
+    open stream as a drop.
+    """
 
-    def __init__(self, sub: Subscriber, request: bytes) -> None:
+    __slots__ = (
+        "_answer",
+        "_body",
+        "_buffer",
+        "_clean",
+        "_decoder",
+        "_evented",
+        "_head",
+        "_left",
+        "_opened_at",
+        "_request",
+        "_retry",
+        "_settled",
+        "_started",
+        "_sub",
+        "_timer",
+        "done",
+        "opened",
+        "transport",
+    )
+
+    def __init__(self, sub: Subscriber, request: bytes, started: float | None = None) -> None:
         self._sub = sub
         self._request = request
         self._head = b""
         self._buffer = b""
         self._decoder: ChunkedDecoder | None = None
-        self._started = time.monotonic()
+        self._left: int | None = None  # body bytes still to come, for a response with Content-Length
+        self._answer: ResponseHead | None = None  # a non-200 (or not-SSE) head, while its body is read
+        self._body = b""
+        self._clean = False  # the response ended as HTTP says it may (not a cut connection)
+        self._evented = False  # an event (a data: line) arrived on this stream
+        self._retry = False  # the stream sent retry:
+        self._settled = False  # why this attempt gave no stream has been counted
+        self._started = time.monotonic() if started is None else started
+        self._opened_at = 0.0
         loop = asyncio.get_running_loop()
         self.opened: asyncio.Future[bool] = loop.create_future()  # True at a 200 head, False if none came
         self.done: asyncio.Future[None] = loop.create_future()  # the connection ended
         self.transport: asyncio.Transport | None = None
+        delay = max(0.0, self._started + ANSWER_TIMEOUT - time.monotonic())
+        self._timer: asyncio.TimerHandle | None = loop.call_later(delay, self._timed_out)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
@@ -116,22 +186,38 @@ class StreamProtocol(asyncio.Protocol):
             data = self._read_head(data)
             if not data:
                 return
+        if self._left is not None:
+            data = data[: self._left]
+            self._left -= len(data)
         if self._decoder is not None:
             data = self._decoder.feed(data)
         if self._buffer:
             data = self._buffer + data
         if data.endswith(b"\n\n"):
             self._buffer = b""
-            sub.on_block(data, time.time_ns())
-            return
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self._buffer = data
-            return
-        self._buffer = data[end + 2 :]
-        sub.on_block(data[: end + 2], time.time_ns())
+            self._block(data)
+        else:
+            end = data.rfind(b"\n\n")
+            if end < 0:
+                self._buffer = data
+            else:
+                self._buffer = data[end + 2 :]
+                self._block(data[: end + 2])
+        if self._left == 0 or (self._decoder is not None and self._decoder.done):
+            self._clean = True  # the response is over: EventSource reconnects
+            self._settle(None)
+            self._close()
+
+    def _block(self, block: bytes) -> None:
+        if not self._evented:  # until the first event: is this stream only a "retry later"?
+            self._evented = b"data:" in block
+            self._retry = self._retry or b"retry:" in block
+        self._sub.on_block(block, time.time_ns())
 
     def _read_head(self, data: bytes) -> bytes:
+        if self._answer is not None:
+            self._read_answer(data)
+            return b""
         head = self._head + data
         end = head.find(b"\r\n\r\n")
         if end < 0:
@@ -141,18 +227,51 @@ class StreamProtocol(asyncio.Protocol):
         try:
             parsed = parse_head(head[:end])
         except ValueError:
-            sub.recorder.connect_errors["bad-response"] += 1
-            self._close()
+            self._fail(BAD_RESPONSE)
             return b""
-        if parsed.status != 200:
-            sub.recorder.connect_errors[f"http-{parsed.status}"] += 1
-            self._close()
+        if parsed.status != 200 or not is_event_stream(parsed):
+            self._answer = parsed  # its cause is in its body: read some of it first
+            self._read_answer(head[end + 4 :])
             return b""
         if parsed.chunked:
             self._decoder = ChunkedDecoder()
-        sub.on_open(parsed.headers.get("x-node-id", sub.target), time.monotonic() - self._started)
+        elif "content-length" in parsed.headers:
+            self._left = int(parsed.headers["content-length"])
+        self._cancel_timer()
+        self._opened_at = time.monotonic()
+        sub.on_open(parsed.headers.get("x-node-id", sub.target), self._opened_at - self._started)
         self.opened.set_result(True)
         return head[end + 4 :]
+
+    def _read_answer(self, data: bytes) -> None:
+        """Collect a refused answer's body (up to its end, or ERROR_BODY_LIMIT), then count its cause."""
+        answer = self._answer
+        assert answer is not None
+        self._body += data
+        length = answer.headers.get("content-length")
+        if answer.chunked:
+            complete = b"\r\n0\r\n" in self._body or self._body.startswith(b"0\r\n")
+        else:
+            complete = length is not None and length.isdigit() and len(self._body) >= int(length)
+        if complete or len(self._body) >= ERROR_BODY_LIMIT:
+            self._fail(answer_cause(answer, self._body))
+
+    def _fail(self, cause: str) -> None:
+        """This attempt gave no stream, because of ``cause``: count it once, and close."""
+        if not self._settled and not self._sub.stopping:
+            self._sub.recorder.connect_errors[cause] += 1
+        self._settled = True
+        self._close()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if not self._sub.streaming:
+            self._fail(TIMEOUT)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _close(self) -> None:
         self._finish()
@@ -160,16 +279,44 @@ class StreamProtocol(asyncio.Protocol):
             self.transport.close()
 
     def _finish(self) -> None:
+        self._cancel_timer()
         if not self.opened.done():
             self.opened.set_result(False)
         if not self.done.done():
             self.done.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._sub.streaming and not self._sub.stopping:
-            # Why a stream ended: "eof" is the server (or a proxy) closing it.
-            self._sub.recorder.drops["eof" if exc is None else type(exc).__name__] += 1
+        self._settle(exc)
         self._finish()
+
+    def _settle(self, exc: BaseException | None) -> None:
+        """Count, once, how this connection ended (``exc``: why it was cut, None for a close)."""
+        if self._settled:
+            return
+        self._settled = True
+        sub = self._sub
+        if sub.stopping:
+            return
+        if self._opened_at:
+            clean = self._clean or (exc is None and self._decoder is None and self._left is None)
+            quick = time.monotonic() - self._opened_at < RETRY_ONLY_SECONDS
+            if clean and quick and self._retry and not self._evented:
+                sub.recorder.told_to_retry += 1
+                sub.recorder.connects[sub.node] -= 1  # not a connect to a node: a "come back later"
+                sub.told_to_retry()
+            else:
+                # Why a stream ended: "eof" is the server (or a proxy) closing it.
+                sub.recorder.drops["eof" if exc is None else type(exc).__name__] += 1
+        elif self._answer is not None:  # the body ended with the connection
+            sub.recorder.connect_errors[answer_cause(self._answer, self._body)] += 1
+        else:
+            sub.recorder.connect_errors[CLOSED_BEFORE_ANSWER if exc is None else errno_cause(_errno_name(exc))] += 1
+
+
+def _errno_name(exc: BaseException) -> str:
+    """The errno name of an OSError (``ECONNREFUSED``), else the exception's class name."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    return errno.errorcode.get(code or 0, type(exc).__name__)
 
 
 class Subscriber:
@@ -184,6 +331,7 @@ class Subscriber:
         "down_at",
         "duplicated",
         "first_ready",
+        "gap_opened",
         "gaps",
         "host",
         "index",
@@ -227,6 +375,7 @@ class Subscriber:
         self.first_ready = 0.0  # time.time() of the first 200, 0 until then
         self.down_at = 0.0
         self.gaps: list[tuple[float, float]] = []  # (connection lost, stream back), wall clock
+        self.gap_opened = False  # the last 200 closed a gap (undone if it was only "retry later")
         self.protocol: StreamProtocol | None = None
         # The latency histogram of the current (node, second), held to skip a lookup per read.
         self._histogram: Histogram | None = None
@@ -245,9 +394,16 @@ class Subscriber:
         recorder.connect_time.record(int(connect_seconds * 1_000_000))
         if not self.first_ready:
             self.first_ready = now
+        self.gap_opened = bool(self.down_at)
         if self.down_at:
             self.gaps.append((self.down_at, now))
             self.down_at = 0.0
+
+    def told_to_retry(self) -> None:
+        """The last 200 was only "retry later": the subscriber was not back, and is still down."""
+        if self.gap_opened:
+            self.gap_opened = False
+            self.down_at = self.gaps.pop()[0]
 
     def on_block(self, block: bytes, now_ns: int) -> None:
         """Account for a block of complete frames received at ``now_ns``.
@@ -333,14 +489,19 @@ class Subscriber:
         while not self.stopping:
             request = get_request(self.target, self.path, self.last_id)
             self.streaming = False
+            started = time.monotonic()
             try:
-                _, protocol = await loop.create_connection(
-                    functools.partial(StreamProtocol, self, request), self.host, self.port
+                _, protocol = await asyncio.wait_for(
+                    loop.create_connection(
+                        functools.partial(StreamProtocol, self, request, started), self.host, self.port
+                    ),
+                    ANSWER_TIMEOUT,
                 )
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
+            except (OSError, TimeoutError) as exc:
+                if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                     recorder.fd_exhausted = True
-                recorder.connect_errors[errno.errorcode.get(exc.errno or 0, type(exc).__name__)] += 1
+                no_answer = isinstance(exc, TimeoutError) and exc.errno is None  # ANSWER_TIMEOUT passed
+                recorder.connect_errors[TIMEOUT if no_answer else errno_cause(_errno_name(exc))] += 1
                 self.mark_down()
                 await asyncio.sleep(self.retry_s)
                 continue

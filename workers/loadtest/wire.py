@@ -125,3 +125,63 @@ def get_request(host: str, path: str, last_event_id: str | None) -> bytes:
     if last_event_id is not None:
         lines.append(f"Last-Event-ID: {last_event_id}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+ERROR_BODY_LIMIT = 4096
+"""Bytes of a non-200 answer's body read to find its cause (Herald's are small JSON documents)."""
+
+TIMEOUT = "timeout"
+CLOSED_BEFORE_ANSWER = "closed before answering"
+BAD_RESPONSE = "not an HTTP response"
+NOT_EVENT_STREAM = "200 but not text/event-stream"
+ERRNO_CAUSES = {
+    "ECONNREFUSED": "connection refused",
+    "ECONNRESET": "connection reset",
+    "ETIMEDOUT": TIMEOUT,
+    "EMFILE": "out of file descriptors",
+    "ENFILE": "out of file descriptors",
+    "EADDRNOTAVAIL": "no local port free",
+    "EHOSTUNREACH": "unreachable",
+    "ENETUNREACH": "unreachable",
+}
+"""Why a connect failed, by errno name: the causes a subscriber reports (the C worker has the same table)."""
+
+
+def errno_cause(name: str) -> str:
+    """The cause of a failed connect with errno ``name`` (an unknown one is reported as its name)."""
+    return ERRNO_CAUSES.get(name, name)
+
+
+def is_event_stream(head: ResponseHead) -> bool:
+    """Whether a response is an event stream (``text/event-stream``, any parameters)."""
+    return head.headers.get("content-type", "").split(";")[0].strip().lower() == "text/event-stream"
+
+
+def answer_cause(head: ResponseHead, body: bytes) -> str:
+    """The cause of an answer a subscriber cannot stream from: its status and a few words.
+
+    ``"503 broker unavailable"`` (a JSON ``detail``, up to its first colon,
+    as Herald answers), ``"502 from the proxy"`` (nginx's own page: no
+    ``X-Node-Id``), ``"404 from the server"`` (anything else), or
+    :data:`NOT_EVENT_STREAM` for a 200 of another type.
+    """
+    if head.status == 200:
+        return NOT_EVENT_STREAM
+    detail = _json_detail(body[:ERROR_BODY_LIMIT])
+    if detail:
+        return f"{head.status} {detail}"
+    if "x-node-id" not in head.headers and head.headers.get("server", "").lower().startswith("nginx"):
+        return f"{head.status} from the proxy"
+    return f"{head.status} from the server"
+
+
+_DETAIL = re.compile(rb'"detail"\s*:\s*"([^"\\]{1,200})')
+
+
+def _json_detail(body: bytes) -> str:
+    """A JSON error body's ``detail`` string, up to its first colon, lower case, at most 48 characters."""
+    match = _DETAIL.search(body)
+    if not match:
+        return ""
+    text = match.group(1).decode("utf-8", "replace").split(":", 1)[0].strip().lower()
+    return text[:48]

@@ -194,6 +194,7 @@ class Worker:
             "connect_time": recorder.connect_time.to_json(),
             "connects": dict(recorder.connects),
             "connect_errors": dict(recorder.connect_errors),
+            "told_to_retry": recorder.told_to_retry,
             "drops": dict(recorder.drops),
             "reset_reasons": dict(recorder.reset_reasons),
             "fd_exhausted": recorder.fd_exhausted,

@@ -22,7 +22,15 @@
  *   - commands beyond worker.py's: "disconnect" (close every stream, stay
  *     down) and "reconnect" (all reconnect at once with Last-Event-ID), for
  *     the reconnect-storm benchmark; "caught_up" is sent the moment the last
- *     subscriber has the events it expects, with the time ("at_ns").
+ *     subscriber has the events it expects, with the time ("at_ns");
+ *   - why a connect gave no stream is counted by cause, in the same words as
+ *     the Python worker (wire.py: answer_cause, errno_cause): "503 broker
+ *     unavailable" (a JSON detail, up to its first colon), "502 from the
+ *     proxy", "connection refused", "timeout" (no answer within 10 s),
+ *     "closed before answering", "200 but not text/event-stream"; a 200
+ *     stream that ends cleanly within 1 s with only retry: was "told to
+ *     retry" ("told_to_retry" in the result), not an error, and does not
+ *     count as the subscriber being back.
  *
  * Build: gcc -O2 -o sse-worker sse_worker.c -lcjson   (see native.py)
  */
@@ -46,6 +54,11 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <ctype.h>
+
+#define ANSWER_TIMEOUT 10.0    /* seconds from a connect's start to the response head (subscriber.py) */
+#define RETRY_ONLY_SECONDS 1.0 /* a 200 stream ending this soon with only retry: was told to retry */
+#define ERROR_BODY_LIMIT 4096  /* bytes of a refused answer read for its cause */
 
 /* ---------------------------------------------------------------- clocks */
 
@@ -213,7 +226,7 @@ static void sb_counter(sbuf *b, const counter_t *c) {
 
 /* ------------------------------------------------------------ subscribers */
 
-enum { S_NEW, S_CONNECTING, S_HEAD, S_BODY, S_WAITING, S_PAUSED, S_STOPPED };
+enum { S_NEW, S_CONNECTING, S_HEAD, S_ANSWER, S_BODY, S_WAITING, S_PAUSED, S_STOPPED };
 enum { CH_SIZE, CH_DATA, CH_CRLF, CH_DONE };
 
 typedef struct {
@@ -235,8 +248,11 @@ typedef struct {
     int ch_line_len;
     char *line; /* a line split across reads */
     size_t line_len, line_cap;
-    char *head;
-    size_t head_len;
+    char *head; /* the response head; for a refused answer, its body after it (from body_at) */
+    size_t head_len, body_at;
+    int64_t left;                         /* body bytes still to come (Content-Length), or -1 */
+    int evented, retry_seen, gap_opened; /* this stream: an event came; retry: came; its 200 closed a gap */
+    double opened_at;
     char frame_id[256];
     int frame_id_len, frame_has_id;
     double first_ready, down_at, connect_started, reconnect_at;
@@ -257,7 +273,8 @@ static struct {
     int worker, nsubs, ntopics_total, ready, epfd, go, expecting, caught, caught_sent;
     double ramp, connect_timeout, tick, connect_begin, ramp_done_at, last_ready_at, next_tick, next_lag;
     double counted_from, cpu_wall;
-    int64_t t0_ns, last_delivery_ns, reconnects;
+    int64_t t0_ns, last_delivery_ns, reconnects, told_to_retry;
+    double next_scan; /* the next look for connects without an answer (ANSWER_TIMEOUT) */
     int next_connect; /* subscribers below this index have been started */
     sub_t *subs;
     counter_t nodes, connects, connect_errors, drops, reset_reasons;
@@ -433,6 +450,7 @@ static void on_line(sub_t *s, const char *p, size_t n, int64_t now_ns) {
         return;
     }
     if (n >= 5 && memcmp(p, "data:", 5) == 0) {
+        s->evented = 1;
         size_t a = (n > 5 && p[5] == ' ') ? 6 : 5;
         on_data(s, p + a, n - a, now_ns);
     } else if (n >= 3 && memcmp(p, "id:", 3) == 0) {
@@ -449,6 +467,7 @@ static void on_line(sub_t *s, const char *p, size_t n, int64_t now_ns) {
             else v = v * 10 + (p[i] - '0');
         }
         if (ok) s->retry_ms = v;
+        s->retry_seen = 1;
     } /* event:, comments and anything else: nothing to count */
 }
 
@@ -522,18 +541,84 @@ static void on_chunked(sub_t *s, const char *p, size_t n, int64_t now_ns) {
 
 /* ------------------------------------------------------------- connections */
 
-static const char *errname(int e) {
+/* Why a connect failed, in wire.py's words (ERRNO_CAUSES). */
+static const char *errcause(int e) {
     switch (e) {
-    case ECONNREFUSED: return "ECONNREFUSED";
-    case ECONNRESET: return "ECONNRESET";
-    case ETIMEDOUT: return "ETIMEDOUT";
-    case EMFILE: return "EMFILE";
-    case ENFILE: return "ENFILE";
-    case EADDRNOTAVAIL: return "EADDRNOTAVAIL";
-    case EHOSTUNREACH: return "EHOSTUNREACH";
-    case ENETUNREACH: return "ENETUNREACH";
-    default: return "OSError";
+    case ECONNREFUSED: return "connection refused";
+    case ECONNRESET: return "connection reset";
+    case ETIMEDOUT: return "timeout";
+    case EMFILE:
+    case ENFILE: return "out of file descriptors";
+    case EADDRNOTAVAIL: return "no local port free";
+    case EHOSTUNREACH:
+    case ENETUNREACH: return "unreachable";
+    default: {
+        const char *name = strerrorname_np(e); /* as Python's errno.errorcode: "EPIPE" */
+        return name ? name : "OSError";
     }
+    }
+}
+
+static const char *header(const char *head, const char *name, size_t *len);
+
+/* The cause of a refused answer (wire.py's answer_cause): the status and a few words. */
+static void answer_cause(sub_t *s, char *out, size_t cap) {
+    int status = 0;
+    sscanf(s->head, "HTTP/%*s %d", &status);
+    if (status == 200) {
+        snprintf(out, cap, "200 but not text/event-stream");
+        return;
+    }
+    size_t n = s->head_len - s->body_at;
+    if (n > ERROR_BODY_LIMIT) n = ERROR_BODY_LIMIT;
+    char body[ERROR_BODY_LIMIT + 1];
+    memcpy(body, s->head + s->body_at, n);
+    body[n] = 0;
+    const char *d = strstr(body, "\"detail\"");
+    if (d) { /* "detail" : "text: more" -> "text", lower case, at most 48 characters */
+        d += 8;
+        while (*d == ' ' || *d == '\t' || *d == '\n' || *d == '\r') d++;
+        if (*d == ':') {
+            d++;
+            while (*d == ' ' || *d == '\t' || *d == '\n' || *d == '\r') d++;
+        } else {
+            d = NULL;
+        }
+        if (d && *d == '"') {
+            d++;
+            char text[201];
+            size_t k = 0;
+            while (k < 200 && d[k] && d[k] != '"' && d[k] != '\\') {
+                text[k] = d[k];
+                k++;
+            }
+            text[k] = 0;
+            char *colon = strchr(text, ':');
+            if (colon) *colon = 0;
+            char *a = text, *e = text + strlen(text);
+            while (*a && isspace((unsigned char)*a)) a++;
+            while (e > a && isspace((unsigned char)e[-1])) e--;
+            *e = 0;
+            if (strlen(a) > 48) a[48] = 0;
+            for (char *c = a; *c; c++) *c = (char)tolower((unsigned char)*c);
+            if (k > 0 && *a) {
+                snprintf(out, cap, "%d %s", status, a);
+                return;
+            }
+        }
+    }
+    size_t len = 0;
+    const char *server = header(s->head, "server", &len);
+    if (!header(s->head, "x-node-id", &len) && server && strncasecmp(server, "nginx", 5) == 0)
+        snprintf(out, cap, "%d from the proxy", status);
+    else
+        snprintf(out, cap, "%d from the server", status);
+}
+
+static void count_answer(sub_t *s) {
+    char why[128];
+    answer_cause(s, why, sizeof why);
+    count(&W.connect_errors, why);
 }
 
 static void mark_down(sub_t *s) {
@@ -558,9 +643,23 @@ static void wait_retry(sub_t *s) {
 
 static void start_connect(sub_t *s);
 
-/* The stream (or the attempt) ended; EventSource waits `retry` and reconnects. */
-static void ended(sub_t *s, const char *why) {
-    if (s->state == S_BODY && why) count(&W.drops, why);
+/* The stream (or the attempt) ended; EventSource waits `retry` and reconnects.
+ * `why`: an open stream's end ("eof", or the error); `clean`: the response ended as HTTP lets it
+ * (the last chunk, Content-Length bytes, or EOF of a body without either). */
+static void ended(sub_t *s, const char *why, int clean) {
+    if (s->state == S_BODY && why) {
+        if (clean && !s->evented && s->retry_seen && mono() - s->opened_at < RETRY_ONLY_SECONDS) {
+            W.told_to_retry++; /* "come back later", not an error: nor was the subscriber back */
+            W.connects.counts[name_index(&W.connects, W.nodes.names[s->node])]--; /* nor a connect to a node */
+            if (s->gap_opened) {
+                s->ngaps--;
+                s->down_at = s->gaps[2 * s->ngaps];
+                s->gap_opened = 0;
+            }
+        } else {
+            count(&W.drops, why);
+        }
+    }
     close_fd(s);
     if (s->state == S_STOPPED || s->state == S_PAUSED) return;
     mark_down(s);
@@ -570,7 +669,7 @@ static void ended(sub_t *s, const char *why) {
 
 static void connect_failed(sub_t *s, int e) {
     if (e == EMFILE || e == ENFILE) W.fd_exhausted = 1;
-    count(&W.connect_errors, errname(e));
+    count(&W.connect_errors, errcause(e));
     close_fd(s);
     mark_down(s);
     wait_retry(s);
@@ -641,23 +740,42 @@ static const char *header(const char *head, const char *name, size_t *len) {
     return NULL;
 }
 
-/* The response head is complete at `end` (its blank line excluded). */
+/* Whether a refused answer's body is all here (or as much as is read of it). */
+static int answer_complete(sub_t *s) {
+    size_t n = s->head_len - s->body_at, len = 0;
+    if (n >= ERROR_BODY_LIMIT) return 1;
+    const char *te = header(s->head, "transfer-encoding", &len);
+    if (te && memmem(te, len, "chunked", 7)) {
+        const char *body = s->head + s->body_at;
+        return (n >= 3 && memcmp(body, "0\r\n", 3) == 0) || memmem(body, n, "\r\n0\r\n", 5) != NULL;
+    }
+    const char *cl = header(s->head, "content-length", &len);
+    return cl && (size_t)strtoll(cl, NULL, 10) <= n;
+}
+
+/* The response head is complete at `end` (its blank line excluded).
+ * 1: a stream; 0: refused, counted; 2: refused, its body still to read for the cause. */
 static int on_head(sub_t *s, size_t end) {
     s->head[end] = 0;
     int status = 0;
     if (strncmp(s->head, "HTTP/", 5) != 0 || sscanf(s->head, "HTTP/%*s %d", &status) != 1) {
-        count(&W.connect_errors, "bad-response");
-        return 0;
-    }
-    if (status != 200) {
-        char why[32];
-        snprintf(why, sizeof why, "http-%d", status);
-        count(&W.connect_errors, why);
+        count(&W.connect_errors, "not an HTTP response");
         return 0;
     }
     size_t len = 0;
+    const char *ct = header(s->head, "content-type", &len);
+    int sse = ct && len >= 17 && strncasecmp(ct, "text/event-stream", 17) == 0 &&
+              (len == 17 || ct[17] == ';' || ct[17] == ' ');
+    if (status != 200 || !sse) {
+        s->body_at = end + 4;
+        return 2;
+    }
     const char *te = header(s->head, "transfer-encoding", &len);
     s->chunked = te && memmem(te, len, "chunked", 7) != NULL;
+    const char *cl = s->chunked ? NULL : header(s->head, "content-length", &len);
+    s->left = cl ? strtoll(cl, NULL, 10) : -1;
+    s->evented = s->retry_seen = 0;
+    s->opened_at = mono();
     s->ch_state = CH_SIZE;
     s->ch_line_len = 0;
     char node[128];
@@ -683,6 +801,7 @@ static int on_head(sub_t *s, size_t end) {
             W.caught++;
         }
     }
+    s->gap_opened = s->down_at > 0;
     if (s->down_at > 0) {
         s->gaps = xrealloc(s->gaps, sizeof(double) * 2 * (size_t)(s->ngaps + 1));
         s->gaps[2 * s->ngaps] = s->down_at;
@@ -699,33 +818,73 @@ static void on_readable(sub_t *s) {
     ssize_t n = read(s->fd, readbuf, sizeof readbuf);
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
     if (n <= 0) {
-        ended(s, n == 0 ? "eof" : (errno == ECONNRESET ? "ConnectionResetError" : "OSError"));
+        int e = n == 0 ? 0 : errno;
+        if (s->state == S_HEAD)
+            count(&W.connect_errors, e ? errcause(e) : "closed before answering");
+        else if (s->state == S_ANSWER)
+            count_answer(s); /* the body ended with the connection */
+        ended(s, n == 0 ? "eof" : (e == ECONNRESET ? "ConnectionResetError" : "OSError"),
+              n == 0 && !s->chunked && s->left < 0);
         return;
     }
     int64_t now_ns = wall_ns();
     const char *p = readbuf;
     size_t len = (size_t)n;
-    if (s->state == S_HEAD) {
+    if (s->state == S_HEAD || s->state == S_ANSWER) {
         s->head = xrealloc(s->head, s->head_len + len + 1);
         memcpy(s->head + s->head_len, p, len);
         s->head_len += len;
         s->head[s->head_len] = 0;
+        if (s->state == S_ANSWER) {
+            if (answer_complete(s)) {
+                count_answer(s);
+                ended(s, NULL, 0);
+            }
+            return;
+        }
         char *end = memmem(s->head, s->head_len, "\r\n\r\n", 4);
         if (!end) return;
         size_t head_end = (size_t)(end - s->head), rest = s->head_len - head_end - 4;
         memmove(readbuf, end + 4, rest); /* the first body bytes, after the head */
-        if (!on_head(s, head_end)) {
-            ended(s, NULL);
+        int opened = on_head(s, head_end);
+        if (opened == 2) { /* refused: its cause is in its body */
+            s->state = S_ANSWER;
+            if (answer_complete(s)) {
+                count_answer(s);
+                ended(s, NULL, 0);
+            }
+            return;
+        }
+        if (!opened) {
+            ended(s, NULL, 0);
             return;
         }
         s->head_len = 0;
         len = rest;
     }
+    if (s->left >= 0) {
+        if ((int64_t)len > s->left) len = (size_t)s->left;
+        s->left -= (int64_t)len;
+    }
     if (s->chunked) {
         on_chunked(s, p, len, now_ns);
-        if (s->ch_state == CH_DONE) ended(s, "eof");
+        if (s->ch_state == CH_DONE) ended(s, "eof", 1);
     } else {
         on_body(s, p, len, now_ns);
+        if (s->left == 0) ended(s, "eof", 1); /* Content-Length bytes: the response is over */
+    }
+}
+
+/* Connects without an answer after ANSWER_TIMEOUT give up, as "timeout" (a refused answer: its cause). */
+static void scan_timeouts(double now) {
+    for (int i = 0; i < W.nsubs; i++) {
+        sub_t *s = &W.subs[i];
+        if ((s->state != S_CONNECTING && s->state != S_HEAD && s->state != S_ANSWER) ||
+            now - s->connect_started < ANSWER_TIMEOUT)
+            continue;
+        if (s->state == S_ANSWER) count_answer(s);
+        else count(&W.connect_errors, "timeout");
+        ended(s, NULL, 0);
     }
 }
 
@@ -840,8 +999,8 @@ static void finish(cJSON *cmd) {
     sb_counter(&b, &W.drops);
     sb_add(&b, ",\"reset_reasons\":", 17);
     sb_counter(&b, &W.reset_reasons);
-    sb_printf(&b, ",\"fd_exhausted\":%s,\"last_delivery_ns\":%lld,\"lag\":", W.fd_exhausted ? "true" : "false",
-              (long long)W.last_delivery_ns);
+    sb_printf(&b, ",\"told_to_retry\":%lld,\"fd_exhausted\":%s,\"last_delivery_ns\":%lld,\"lag\":",
+              (long long)W.told_to_retry, W.fd_exhausted ? "true" : "false", (long long)W.last_delivery_ns);
     sb_hist(&b, &W.lag);
     sb_add(&b, "}", 1);
     emit(&b);
@@ -878,6 +1037,7 @@ static void setup(cJSON *raw) {
             if (s->topics[j] + 1 > W.ntopics_total) W.ntopics_total = s->topics[j] + 1;
         }
         s->fd = -1;
+        s->left = -1;
         s->retry_ms = 2000;
         s->state = S_NEW;
     }
@@ -992,6 +1152,11 @@ int main(void) {
             emit_progress();
         }
         if (W.go && W.next_tick < wake) wake = W.next_tick;
+        if (now >= W.next_scan) {
+            scan_timeouts(now);
+            W.next_scan = now + 0.5;
+        }
+        if (W.next_scan < wake) wake = W.next_scan;
         if (now >= W.next_lag) {
             hist_record(&W.lag, (int64_t)((now - W.next_lag) * 1e6));
             W.next_lag = now + 0.05;

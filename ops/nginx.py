@@ -1,0 +1,117 @@
+"""Renders ops/nginx.conf.template: for compose.yaml, and for a loopback cluster.
+
+``python -m ops.nginx > ops/nginx.conf`` writes the compose rendering
+(upstream ``api:8000``, port 8080, paths under /tmp), which compose.yaml
+mounts as is; a test fails when the committed file differs from it.
+:func:`render_local` is what ``ops.cluster`` writes into a cluster's run
+directory.
+
+Only ``${name}`` is a placeholder (nginx's own ``$host`` and the like are
+left alone), and every placeholder must be given a value: a reworded or
+misspelled one is an error, not a config that quietly keeps the wrong path.
+"""
+
+from __future__ import annotations
+
+import resource
+import string
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "ops" / "nginx.conf.template"
+COMPOSE_CONF = ROOT / "ops" / "nginx.conf"
+FAIL_TIMEOUT = "2s"
+"""How long nginx skips a node after a failed connection (see the template's comment)."""
+MAX_OPEN_FILES = 65536
+GENERATED_HEADER = (
+    "# GENERATED from ops/nginx.conf.template by `python -m ops.nginx > ops/nginx.conf`:\n"
+    "# edit the template, then regenerate (tests/test_ops_cluster.py checks they agree).\n"
+)
+
+
+_PLACEHOLDER = r"""
+    \$\{(?P<braced>[a-z_][a-z0-9_]*)\}   # ${name}: ours
+    | (?P<escaped>(?!))                  # no escape needed: a bare $ is never ours
+    | (?P<named>(?!))
+    | (?P<invalid>(?!))
+"""
+
+
+class NginxTemplate(string.Template):
+    """``${name}`` placeholders only: a bare ``$name`` is an nginx variable and stays."""
+
+    # string.Template compiles a str pattern when the subclass is created
+    # (typeshed only knows the compiled attribute).
+    pattern = _PLACEHOLDER  # type: ignore[assignment]
+
+
+def upstream_lines(servers: Sequence[str]) -> str:
+    """One ``server`` line per ``host:port``, each with the same passive health check."""
+    return "\n".join(f"        server {s} max_fails=1 fail_timeout={FAIL_TIMEOUT};" for s in servers)
+
+
+def render(
+    *,
+    servers: Sequence[str],
+    listen: str,
+    error_log: str,
+    pid: str,
+    client_body_temp_path: str,
+    proxy_temp_path: str,
+    worker_rlimit_nofile: int = MAX_OPEN_FILES,
+    template: str | None = None,
+) -> str:
+    """The template with every placeholder filled in; KeyError if it has one this function doesn't know."""
+    if not servers:
+        raise ValueError("nginx needs at least one upstream server")
+    text = template if template is not None else TEMPLATE.read_text()
+    return NginxTemplate(text).substitute(
+        upstream_servers=upstream_lines(servers),
+        listen=listen,
+        error_log=error_log,
+        pid=pid,
+        client_body_temp_path=client_body_temp_path,
+        proxy_temp_path=proxy_temp_path,
+        worker_rlimit_nofile=str(worker_rlimit_nofile),
+    )
+
+
+def render_compose() -> str:
+    """ops/nginx.conf as compose.yaml mounts it: the three ``api`` replicas behind port 8080."""
+    body = render(
+        servers=["api:8000"],
+        listen="8080",
+        error_log="/dev/stderr",
+        pid="/tmp/herald-nginx.pid",
+        client_body_temp_path="/tmp/herald-nginx-body",
+        proxy_temp_path="/tmp/herald-nginx-proxy",
+    )
+    return GENERATED_HEADER + body
+
+
+def render_local(front_port: int, node_ports: Sequence[int], run_dir: Path) -> str:
+    """A loopback cluster's config: nodes on 127.0.0.1, every path under ``run_dir``.
+
+    ``run_dir`` must hold ``logs/``, ``nginx-body/`` and ``nginx-proxy/``.
+    """
+    # Workers may not raise their limit past this machine's hard limit.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nofile = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(MAX_OPEN_FILES, hard)
+    return render(
+        servers=[f"127.0.0.1:{p}" for p in node_ports],
+        listen=f"127.0.0.1:{front_port}",
+        error_log=f"{run_dir}/logs/nginx-error.log",
+        pid=f"{run_dir}/nginx.own-pid",
+        client_body_temp_path=f"{run_dir}/nginx-body",
+        proxy_temp_path=f"{run_dir}/nginx-proxy",
+        worker_rlimit_nofile=nofile,
+    )
+
+
+def main() -> None:
+    print(render_compose(), end="")
+
+
+if __name__ == "__main__":
+    main()

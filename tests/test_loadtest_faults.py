@@ -1,0 +1,108 @@
+"""The load tool's whole-cluster faults for real: a rolling restart, and every node down at once.
+
+A 2-node cluster (redis-server, 2 nodes, nginx) on free loopback ports, the
+tool run as its own process, as an operator runs it; its ``--json`` result is
+read back. Each fault must lose no accepted event, and say when it happened
+and when every subscriber was back.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ops.cluster import Cluster, free_port, wait_until
+from tests import redis_server
+from tests.test_loadtest import fronted_nodes, run_tool, validate
+
+pytestmark = pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed")
+
+LOAD = ["--subscribers", "100", "--rate", "50", "--duration", "8"]
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """A fresh cluster per test: each fault here restarts every node.
+
+    Its run directory is not under pytest's tmp_path: that is mode 0700, and
+    nginx's workers (not root) could not write the request bodies they
+    buffer to disk there, so a large publish batch (as after an outage)
+    would be answered 500.
+    """
+    run_dir = Path(tempfile.mkdtemp(prefix="herald-lt-faults-"))
+    run_dir.chmod(0o755)
+    running = Cluster(run_dir / "cluster", nodes=2, front_port=free_port())
+    try:
+        running.start()
+        wait_until(lambda: fronted_nodes(running) == {"node-0", "node-1"}, "both nodes behind nginx", 20)
+        yield running
+    finally:
+        running.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def check_fault(code: int, result: dict[str, Any], kind: str) -> dict[str, Any]:
+    """What every fault run must show: a pass, no loss, the fault, and when all were back."""
+    assert result["delivery"]["lost"] == 0, result["connections"]
+    assert code == 0, (result["verdict"], result["connections"])
+    # Every accepted event reached every subscriber (what the outage kept from being published is not lost).
+    accepted = result["publish"]["accepted"]
+    assert accepted > 0
+    assert result["delivery"]["delivered"] == result["delivery"]["expected"] == 100 * accepted
+    [fault] = result["faults"]
+    assert isinstance(fault, dict)
+    assert fault["kind"] == kind
+    assert fault["error"] is None
+    assert fault["subscribers_disconnected"] > 0
+    assert fault["subscribers_not_back"] == 0
+    assert fault["subscribers_back_after_s"] is not None
+    assert fault["ended_s"] is not None
+    # "All back" is never before the fault was over: the last node up again.
+    assert fault["at_s"] + fault["subscribers_back_after_s"] >= fault["ended_s"] - 0.01
+    validate(result)
+    return fault
+
+
+@pytest.mark.timeout(150)
+def test_a_rolling_restart_loses_nothing_and_says_when_all_were_back(cluster: Cluster, tmp_path: Path) -> None:
+    code, result, printed = run_tool(
+        tmp_path / "result.json", "--target", cluster.front_url, *LOAD,
+        "--restart-nodes-at", "2", "--cluster-dir", str(cluster.run_dir), timeout=120,
+    )  # fmt: skip
+    print(printed)
+    fault = check_fault(code, result, "restart-nodes")
+    steps = [s["what"] for s in fault["steps"]]
+    assert steps[0] == "rolling restart"
+    assert steps[-1] == "rolling restart done"
+    assert steps.index("stopped node-0") < steps.index("node-0 ready") < steps.index("stopped node-1")
+    assert steps.index("stopped node-1") < steps.index("node-1 ready")
+    # Every subscriber was on one of the two nodes, and each node went away once.
+    assert fault["subscribers_disconnected"] == 100
+    assert "fault         restart-nodes at" in printed
+    assert "all back after" in printed
+
+
+@pytest.mark.timeout(150)
+def test_every_node_down_at_once_loses_nothing_and_says_when_all_were_back(cluster: Cluster, tmp_path: Path) -> None:
+    code, result, printed = run_tool(
+        tmp_path / "result.json", "--target", cluster.front_url, *LOAD,
+        "--stop-all-nodes-at", "2", "--for", "2", "--cluster-dir", str(cluster.run_dir), timeout=120,
+    )  # fmt: skip
+    print(printed)
+    fault = check_fault(code, result, "stop-all-nodes")
+    steps = [s["what"] for s in fault["steps"]]
+    assert steps[0] == "killed all 2 nodes"
+    assert steps[-1] == "all nodes ready"
+    assert {"node-0 ready", "node-1 ready"} <= set(steps)
+    assert fault["subscribers_disconnected"] == 100
+    # Down for 2 s: nobody can be back sooner.
+    assert fault["subscribers_back_after_s"] >= 2
+    # While every node was down, the reconnects were answered by the proxy, or not at all: counted, by cause.
+    connections = result["connections"]
+    assert connections["told_to_retry"] + sum(connections["errors"].values()) > 0, connections
+    assert "stop-all-nodes at" in printed
