@@ -315,3 +315,51 @@ async def test_lost_pubsub_connection_is_backfilled_from_the_streams(cluster: Cl
     backfilled = sum(s["backfilled_events"] for s in stats)
     print(f"\nfeed cut 3 times on 3 nodes during 300 publishes: {backfilled} events backfilled from the streams, "
           f"every client got all 300 once, in order")  # fmt: skip
+
+
+@pytest.mark.timeout(180)
+async def test_regression_redis_restart_then_node_kill_left_clients_missing_events(tmp_path: Path) -> None:
+    """300 clients through nginx; Redis restarted, then a node SIGKILLed, back to back in one run.
+
+    The run that found the bug: nodes answered 503 to /events during and
+    just after the Redis restart, nginx took them for failed upstreams and
+    answered 502 itself, and 76 of 90 clients ended missing events (p99 38 s).
+    Now every client ends with every accepted event once, in order, and no
+    answer a browser would give up on.
+    """
+    with cluster_running(tmp_path) as cluster:
+        topic = new_topic()
+        async with resuming_clients(cluster.front_url, [topic], 300) as clients:
+            accepted: list[str] = []
+            async with httpx.AsyncClient() as client:
+
+                async def producer() -> None:
+                    for i in range(300):
+                        accepted.append(await publish_reliably(client, cluster.front_url, {"topic": topic, "data": i}))
+                        await asyncio.sleep(0.01)  # a steady stream, not a flood
+
+                task = asyncio.create_task(producer())
+                while len(accepted) < 60:
+                    await asyncio.sleep(0.01)
+                started = time.monotonic()
+                await asyncio.to_thread(cluster.stop_redis)
+                await asyncio.to_thread(cluster.start_redis)
+                while len(accepted) < 150:
+                    await asyncio.sleep(0.01)
+                on_victim = sum(c.nodes[-1] == "node-0" for c in clients)
+                await asyncio.to_thread(cluster.kill_node, 0)  # SIGKILL: no goodbye to anyone
+                await asyncio.wait_for(task, 120)
+                took = time.monotonic() - started
+            await until_all_have(clients, len(accepted), timeout=60)
+        fatal = [a for c in clients for a in c.fatal_answers]
+        for c in clients:
+            assert c.ids() == accepted
+            assert all(e.type != "reset" for e in c.events)
+        assert fatal == []
+        moved = sum(c.reconnects > 0 for c in clients)
+        assert moved >= on_victim > 0
+    print(
+        f"\nredis restart + node kill: {len(clients)} clients via nginx, {on_victim} on the killed node, {moved} "
+        f"reconnected; {len(accepted)} events accepted over {took:.1f} s of faults; every client got all of them "
+        "once, in order; answers a browser would give up on: 0"
+    )
