@@ -378,8 +378,7 @@ class Cluster:
         For each node: SIGTERM (its streams end; clients reconnect through
         nginx to the other nodes and resume), wait until the process is gone,
         start it, wait for its ``/readyz``, then, when nginx runs, wait until
-        nginx sends it requests again (it skips a node for ``fail_timeout``
-        after a refused connection), so two nodes are never out at once.
+        nginx sends it requests again, so two nodes are never out at once.
         ``on_step`` gets a short text after each step.
         """
         step = on_step or (lambda _text: None)

@@ -21,8 +21,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "ops" / "nginx.conf.template"
 COMPOSE_CONF = ROOT / "ops" / "nginx.conf"
-FAIL_TIMEOUT = "2s"
-"""How long nginx skips a node after a failed connection (see the template's comment)."""
 MAX_OPEN_FILES = 65536
 GENERATED_HEADER = (
     "# GENERATED from ops/nginx.conf.template by `python -m ops.nginx > ops/nginx.conf`:\n"
@@ -47,8 +45,8 @@ class NginxTemplate(string.Template):
 
 
 def upstream_lines(servers: Sequence[str]) -> str:
-    """One ``server`` line per ``host:port``, each with the same passive health check."""
-    return "\n".join(f"        server {s} max_fails=1 fail_timeout={FAIL_TIMEOUT};" for s in servers)
+    """One ``server`` line per ``host:port``, never marked failed (see the template's comment)."""
+    return "\n".join(f"        server {s} max_fails=0;" for s in servers)
 
 
 def render(

@@ -150,8 +150,7 @@ def test_the_html_report_renders_its_plots_in_headless_chromium(
 def test_a_node_killed_mid_run_loses_nothing_and_its_clients_reconnect(
     cluster: Cluster, tmp_path: Path, client: str
 ) -> None:
-    # nginx passes over a node for 5 s after failing to reach it (max_fails=1, fail_timeout=5s):
-    # a node killed by an earlier test must be back in its rotation, or nobody is on it to cut off.
+    # A node killed by an earlier test must be back behind nginx, or nobody is on it to cut off.
     wait_until(lambda: fronted_nodes(cluster) == {"node-0", "node-1"}, "both nodes behind nginx", 20)
     code, result, printed = run_tool(
         tmp_path / "result.json", "--client", client,

@@ -100,8 +100,11 @@ def test_every_node_down_at_once_loses_nothing_and_says_when_all_were_back(clust
     assert steps[-1] == "all nodes ready"
     assert {"node-0 ready", "node-1 ready"} <= set(steps)
     assert fault["subscribers_disconnected"] == 100
-    # Down for 2 s: nobody can be back sooner.
-    assert fault["subscribers_back_after_s"] >= 2
+    # Down for 2 s: nobody can be back sooner. And not much later: nginx used
+    # to keep every node marked failed for ~30 s after they were back (a mark
+    # is cleared only when the one request let through ends, and a stream
+    # doesn't), answering its retry page meanwhile.
+    assert 2 <= fault["subscribers_back_after_s"] <= 10
     # While every node was down, the reconnects were answered by the proxy, or not at all: counted, by cause.
     connections = result["connections"]
     assert connections["told_to_retry"] + sum(connections["errors"].values()) > 0, connections
