@@ -616,8 +616,13 @@ class RedisBroker:
             self.counters["backfilled_events"] += len(history.events)
         self._last_seen = max(self._last_seen, snapshot.head)
         self._positioned = True
-        self._exact = set(topics)
+        self._exact = self._topics.intersection(topics)
         self._exact_at.clear()
+        # Topics dropped while this connection was being made (unsubscribe had
+        # no feed to tell) must not stay subscribed on it.
+        stale = [self._channel_prefix + t for t in topics if t not in self._topics]
+        if stale:
+            await pubsub.unsubscribe(*stale)
         self._feed_up.set()
 
     async def _mark_lost(self, lost: int) -> None:

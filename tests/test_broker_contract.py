@@ -299,6 +299,27 @@ async def test_subscribe_takes_effect_when_it_returns(bnode: Node) -> None:
     assert len(sink.events) == 5
 
 
+async def test_a_client_starting_at_the_position_gets_every_event_after_it(bnode: Node) -> None:
+    """``position`` after ``subscribe``: every event above it reaches the sink; it is never above what was issued.
+
+    Asked twice: for a topic just subscribed, and again once the feed has
+    carried events (a broker may then answer from its feed, not a read).
+    """
+    broker, sink = bnode.broker, bnode.sink
+    published: list[Event] = []
+    for round_ in range(2):
+        published += await broker.publish([msg("p", f"before {round_}")])
+        await broker.subscribe(["p"])
+        start = await broker.position(["p"])
+        after = await broker.publish([msg("p", f"after {round_} {i}") for i in range(3)])
+        published += after
+        received = await sink.wait_for_id(after[-1].id)
+        assert start < after[0].id  # a position issued before these were published
+        # Everything above it, once, in order (maybe an event published just before the call too).
+        assert [e for e in received if e.id > start] == [e for e in published if e.id > start]
+        await broker.publish([msg("other", "unsubscribed")])
+
+
 async def test_unsubscribe_stops_that_topic_only(bnode: Node) -> None:
     broker, sink = bnode.broker, bnode.sink
     await broker.subscribe(["a", "b"])
