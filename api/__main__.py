@@ -1,5 +1,9 @@
 """``python -m api``: run one Herald node with the settings from the environment.
 
+With ``HERALD_WORKERS`` > 1 and a Redis broker this process supervises that
+many worker processes sharing the node's port instead of serving (see
+:mod:`api.workers`); each worker runs this same module and serves as below.
+
 Uvicorn's graceful shutdown waits for open responses to finish, and an SSE
 stream never finishes by itself. So the server tells the hub to end every
 stream first (clients reconnect to another node and resume), and only then
@@ -14,10 +18,12 @@ import gc
 import logging
 import resource
 import socket
+import sys
 
 import uvicorn
 from fastapi import FastAPI
 
+from api import workers
 from api.app import create_app
 from api.protocol import HeraldHttpToolsProtocol
 from api.settings import Settings
@@ -81,9 +87,27 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+SUPERVISOR_STOP_TIMEOUT = SHUTDOWN_GRACE_SECONDS + 8
+"""Seconds a supervisor gives its workers to exit after a stop before it kills them: their own
+graceful shutdown (up to ``SHUTDOWN_GRACE_SECONDS``) plus closing the hub and the broker."""
+
+
 def main() -> None:
-    raise_open_files_limit()
+    """Serve the node in this process, or supervise its workers (``HERALD_WORKERS`` > 1, Redis broker)."""
     settings = Settings()
+    slot = workers.worker_slot()
+    if slot is not None:
+        workers.become_worker(slot)
+    elif settings.workers > 1:
+        if workers.shares_broker(settings):
+            sys.exit(workers.supervise(settings, SUPERVISOR_STOP_TIMEOUT))
+        workers.warn_single_process(settings)
+    serve(settings, slot)
+
+
+def serve(settings: Settings, slot: workers.WorkerSlot | None = None) -> None:
+    """Serve the node in this process until SIGTERM/SIGINT; as worker ``slot`` on a shared port when given."""
+    raise_open_files_limit()
     app = create_app(settings)
     tune_gc()
     config = uvicorn.Config(
@@ -99,7 +123,13 @@ def main() -> None:
         log_level="info",
     )
     logging.getLogger("herald").setLevel(logging.INFO)
-    HeraldServer(config, app).run()
+    server = HeraldServer(config, app)
+    if slot is None:
+        server.run()
+    else:
+        # A socket of its own on the node's port (SO_REUSEPORT): the kernel spreads connections over the
+        # workers' sockets. Uvicorn makes it listen, with LISTEN_BACKLOG, once the app has started.
+        server.run(sockets=workers.worker_sockets(settings, slot))
 
 
 if __name__ == "__main__":

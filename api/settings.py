@@ -40,6 +40,15 @@ class Settings(BaseSettings):
         ge=0,
         description="Open streams this node serves at most (0: no limit); past it, clients are told to retry.",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Processes serving this node's port (SO_REUSEPORT), each with its own hub and broker feed;"
+            " Redis broker only (with the embedded broker the node runs one)."
+        ),
+    )
     redis_url: str | None = Field(
         None,
         validation_alias=AliasChoices("REDIS_URL"),
