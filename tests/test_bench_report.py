@@ -6,7 +6,7 @@ import shutil
 from typing import Any
 
 from workers.bench.render import ratio, render, targets
-from workers.bench.scenarios import best_step, bound, kept_up
+from workers.bench.scenarios import best_step, bound, kept_up, publisher_bound
 from workers.bench.systems import pinned
 
 
@@ -24,7 +24,7 @@ def _system(delivered: int, p99: float, idle_kb: float) -> dict[str, Any]:
         _step(200, 2 * delivered, delivered, 10 * p99, server_cpu={"server": 0.99}),
     ]
     return {
-        "throughput": {"1000": {"steps": steps}},
+        "throughput": {"closed": {"1000": {"steps": steps}}},
         "latency": {"p99_ms": p99, "p50_ms": p99 / 2, "lost": 0},
         "idle": {"kb_per_connection": idle_kb, "connect_all_s": 1.5},
     }
@@ -41,13 +41,17 @@ def test_the_table_puts_every_system_side_by_side_with_its_ratio() -> None:
         "date": "2026-11-24 12:00 UTC",
         "machine": "2 cores (test)",
         "throughput_subscribers": [1000],
+        "modes": {"closed": "one event per request, closed loop"},
         "systems": {"herald": _system(400_000, 50, 20.0), "nchan": _system(100_000, 100, 10.0)},
     }
     text = render(results)
     row = next(line for line in text.splitlines() if line.startswith("| delivered events/s, 1,000"))
-    assert row == "| delivered events/s, 1,000 subscribers, zero loss | 400,000 | 100,000 | 4.00x |"
+    assert row == (
+        "| delivered events/s, 1,000 subscribers, zero loss (one event per request, closed loop) "
+        "| 400,000 | 100,000 | 4.00x |"
+    )
     assert "| KB per idle connection (5,000) | 20.0 | 10.0 | 0.50x |" in text
-    assert "| what stopped the next step, 1,000 subscribers | server | server |  |" in text
+    assert "| what stopped the next step, 1,000 subscribers (closed) | server | server |  |" in text
     assert "2 cores (test)" in text
 
 
@@ -77,10 +81,68 @@ def test_a_step_names_what_was_saturated() -> None:
     on_two_cores = _step(100, 1, 1, 1, server_cpu={"node": 0.85, "redis": 0.09}, core_components=["node"])
     assert on_two_cores["bound"] == "none"
     assert _step(100, 1, 1, 1, client_cpu_max=0.97)["bound"] == "client"
-    assert _step(100, 1, 1, 1, published_per_s=50)["bound"] == "publishing"
+    # Short of the asked rate with the server core busy: the server answered too slowly.
+    assert _step(100, 1, 1, 1, published_per_s=50, server_cpu={"server": 0.95})["bound"] == "server, publishing"
+    # Short of the asked rate with the server core idle: the publisher was the bound.
+    assert _step(100, 1, 1, 1, published_per_s=50)["bound"] == "publisher-bound"
+    assert _step(100, 1, 1, 1, publisher_cpu=0.95, server_cpu={"server": 0.95})["bound"] == "publisher-bound"
+    # The server core busy with other programs (a shared machine), not the server: said so.
+    noisy = _step(100, 1, 1, 1, published_per_s=50, server_core_busy=0.98, server_core_interrupts=0.1)
+    assert noisy["bound"] == "server core (other programs 38%), publishing"
 
 
 def test_servers_and_client_are_pinned_to_their_own_cores() -> None:
     taskset = shutil.which("taskset")
     expected = [taskset, "-c", "0", "nginx"] if taskset else ["nginx"]
     assert pinned(0, ["nginx"]) == expected
+
+
+def _peer_steps(publisher_cpu: float, published_at_top: float, server_at_top: float) -> list[dict[str, Any]]:
+    """A peer's ladder: two honest steps, then one at 300 events/s that kept up as far as deliveries go."""
+    return [
+        _step(100, 100_000, 100_000, 20, publisher_cpu=0.01, server_cpu={"server": 0.4}),
+        _step(200, 200_000, 200_000, 20, publisher_cpu=0.02, server_cpu={"server": 0.7}),
+        _step(300, 300_000, 300_000, 20, published_per_s=published_at_top, publisher_cpu=publisher_cpu,
+              server_cpu={"server": server_at_top}),
+    ]  # fmt: skip
+
+
+def test_a_peers_figure_never_comes_from_a_publisher_bound_step() -> None:
+    # The publisher used a full core: whatever the step delivered measured the publisher.
+    busy_publisher = _peer_steps(publisher_cpu=0.97, published_at_top=300, server_at_top=0.8)
+    # The publisher fell short of the asked rate while the server core had time to spare.
+    slow_publisher = _peer_steps(publisher_cpu=0.3, published_at_top=200, server_at_top=0.6)
+    for steps in (busy_publisher, slow_publisher):
+        assert publisher_bound(steps[2])
+        assert steps[2]["bound"] == "publisher-bound"
+        assert not kept_up(steps[2])
+        assert best_step(steps) is steps[1], "a publisher-bound step was taken as the peer's figure"
+    results = {
+        "throughput_subscribers": [1000],
+        "modes": {"closed": "one event per request, closed loop"},
+        "systems": {
+            "herald": {"throughput": {"closed": {"1000": {"steps": _peer_steps(0.01, 300, 0.5)}}}},
+            "nchan": {"throughput": {"closed": {"1000": {"steps": slow_publisher}}}},
+        },
+        "date": "-",
+        "machine": "-",
+    }
+    text = render(results)
+    assert "| delivered events/s, 1,000 subscribers, zero loss (one event per request, closed loop) " \
+           "| 300,000 | 200,000 | 1.50x |" in text  # fmt: skip
+    assert "| what stopped the next step, 1,000 subscribers (closed) | not reached | publisher-bound |  |" in text
+
+
+def test_a_step_the_server_bounded_is_not_publisher_bound() -> None:
+    # Short of the asked rate because the server core was full: the system's own limit, a legitimate stop.
+    step = _step(300, 300_000, 200_000, 20, published_per_s=200, publisher_cpu=0.02, server_cpu={"server": 0.99})
+    assert not publisher_bound(step)
+    assert step["bound"] == "server, publishing"
+    # A step that kept up with a quiet publisher counts.
+    assert kept_up(_step(300, 300_000, 300_000, 20, publisher_cpu=0.05, server_cpu={"server": 0.99}))
+
+
+def test_a_step_retried_on_a_noisy_machine_counts_by_its_retry() -> None:
+    noisy = _step(200, 200_000, 100_000, 20, published_per_s=100, server_core_busy=1.0, retried=True)
+    steps = [_step(100, 100_000, 100_000, 20), noisy, _step(200, 200_000, 200_000, 20)]
+    assert best_step(steps) is steps[2]

@@ -42,6 +42,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def core_jiffies() -> dict[int, tuple[int, int, int]]:
+    """Per core, (busy, interrupts, total) clock ticks so far, from ``/proc/stat``.
+
+    Busy is all but idle and iowait; interrupts (irq + softirq) are counted
+    apart because on loopback the kernel's network work for the server's
+    writes runs there, on the server's core, and belongs to no process.
+    """
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            ticks = [int(v) for v in values[:8]]
+            out[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], ticks[5] + ticks[6], sum(ticks))
+    return out
+
+
 def pin(pids: list[int], core: int) -> None:
     """Pin these processes and their descendants (nginx's workers, say) to one core."""
     for pid in descendants(pids):
@@ -61,12 +77,14 @@ class CpuSampler:
         self.groups = {name: descendants(pids) for name, pids in groups.items()}
         self.period = period
         self.samples: list[tuple[int, dict[str, float]]] = []
+        self.cores: list[tuple[int, dict[int, tuple[int, int, int]]]] = []  # (time, core_jiffies()) per sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _take(self) -> None:
         now = time.time_ns()
         self.samples.append((now, {n: sum(cpu_seconds(p) for p in pids) for n, pids in self.groups.items()}))
+        self.cores.append((now, core_jiffies()))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -90,3 +108,21 @@ class CpuSampler:
         (t0, a), (t1, b) = inside[0], inside[-1]
         seconds = (t1 - t0) / 1e9
         return {name: round((b[name] - a[name]) / seconds, 3) for name in self.groups}
+
+    def core_busy(self, start_ns: int, end_ns: int) -> dict[int, tuple[float, float]]:
+        """Per core, (busy, interrupts) shares between ``start_ns`` and ``end_ns`` (1.0: all the time).
+
+        Busy counts every process and the kernel's interrupt work. On a
+        shared machine other programs run on the cores too: a server core
+        that was busy while neither the server nor the interrupts used it
+        tells that the server was short of CPU, not of work.
+        """
+        inside = [c for c in self.cores if start_ns <= c[0] <= end_ns]
+        if len(inside) < 2:
+            return {}
+        a, b = inside[0][1], inside[-1][1]
+        out = {}
+        for core in a.keys() & b.keys():
+            total = max(b[core][2] - a[core][2], 1)
+            out[core] = (round((b[core][0] - a[core][0]) / total, 3), round((b[core][1] - a[core][1]) / total, 3))
+        return out

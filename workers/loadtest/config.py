@@ -53,6 +53,9 @@ class LoadConfig:
     redis_url: str | None = None
     publishers: int = 4
     batch: int = 100
+    publisher: str = "python"  # or "native": the compiled publisher (workers/loadtest/native_publisher.py)
+    pipeline: int = 1  # requests in flight per publish connection (--publisher native)
+    per_request: int = 1  # events in each publish request (--publisher native; more than 1: Herald only)
     ramp: float = 1.0
     connect_timeout: float = 30.0
     drain: float = 10.0
@@ -175,6 +178,30 @@ def check_faults(config: LoadConfig, error: Callable[[str], object]) -> None:
         error("faults act on a local Herald cluster (make cluster): not with --system " + config.system)
 
 
+def check_publisher(config: LoadConfig, error: Callable[[str], object]) -> None:
+    """Call ``error`` with the first option the chosen publisher cannot honour.
+
+    The compiled publisher sends over HTTP to one target, without faults
+    (its requests are not retried, so a fault's outage would only be counted
+    as uncertain events); ``--pipeline`` and ``--per-request`` are its own,
+    and a batch is Herald's API only.
+    """
+    if config.publisher == "python":
+        for option, value in (("--pipeline", config.pipeline), ("--per-request", config.per_request)):
+            if value != 1:
+                error(f"{option} needs --publisher native")
+                return
+        return
+    if config.publish != "http":
+        error("--publisher native publishes over HTTP: not with --publish redis")
+    elif len(config.targets) != 1:
+        error("--publisher native publishes to one --target")
+    elif config.has_faults:
+        error("faults need --publisher python (it retries through an outage)")
+    elif config.per_request > 1 and config.system != "herald":
+        error(f"{config.system} takes one event per request: --per-request 1")
+
+
 def _topics(value: str) -> str:
     if value != "each" and not (value.isdigit() and int(value) > 0):
         raise argparse.ArgumentTypeError("a positive number, or 'each' (one topic per subscriber)")
@@ -234,7 +261,36 @@ def parser() -> argparse.ArgumentParser:
         default=d.publishers,
         help="parallel publish lanes, each owning topics (default %(default)s)",
     )
-    p.add_argument("--batch", type=int, default=d.batch, help="most events per publish request (default %(default)s)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=d.batch,
+        help="most events per publish request of the Python publisher, which batches only what is overdue "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--publisher",
+        choices=["python", "native"],
+        default=d.publisher,
+        help="the Python lanes, or the compiled publisher: one event per request, paced, closed loop or "
+        "--pipeline, its own CPU reported; for when the publisher must not limit the server (default %(default)s)",
+    )
+    p.add_argument(
+        "--pipeline",
+        type=int,
+        default=d.pipeline,
+        metavar="K",
+        help="with --publisher native: requests in flight per connection; 1 is a closed loop, each request "
+        "waiting for the answer before it (default %(default)s)",
+    )
+    p.add_argument(
+        "--per-request",
+        type=int,
+        default=d.per_request,
+        metavar="N",
+        help="with --publisher native: exactly N events per request, a JSON array (Herald only); "
+        "default %(default)s, one event per request",
+    )
     p.add_argument(
         "--ramp", type=float, default=d.ramp, help="seconds over which subscribers connect (default %(default)g)"
     )
@@ -334,6 +390,8 @@ def from_args(argv: list[str] | None = None) -> LoadConfig:
         ("--payload", 0 <= config.payload <= 1_000_000),
         ("--publishers", config.publishers >= 1),
         ("--batch", 1 <= config.batch <= 1000),
+        ("--pipeline", 1 <= config.pipeline <= 256),
+        ("--per-request", 1 <= config.per_request <= 1000),
         ("--procs", 1 <= config.procs <= 64),
         ("--ramp", config.ramp >= 0),
         ("--drain", config.drain >= 0),
@@ -349,6 +407,7 @@ def from_args(argv: list[str] | None = None) -> LoadConfig:
         if config.publish != "http":
             p.error(f"{config.system} is published to over HTTP only")
         config.batch = 1  # one event per request: neither peer takes batches
+    check_publisher(config, p.error)
     if config.restart_node_after is not None and config.kill_node_at is None:
         p.error("--restart-node-after needs --kill-node-at")
     check_faults(config, p.error)

@@ -1,11 +1,17 @@
-"""The compiled subscriber worker (``csrc/sse_worker.c``): where it is built, and building it.
+"""The compiled parts of the load tool (``csrc/``): where they are built, and building them.
 
-``--client native`` runs it in place of ``python -m workers.loadtest.worker``:
-the same protocol and accounting, at a fraction of the CPU per read, so the
-tool can out-run a server that writes once per event per socket. It needs a
-C compiler and Debian's ``libcjson-dev`` (``ops/install-system-deps.sh``
-installs both); it is built on first use into ``.run/native`` and rebuilt
-whenever its source is newer.
+* ``sse_worker.c``: ``--client native`` runs it in place of
+  ``python -m workers.loadtest.worker``: the same protocol and accounting, at
+  a fraction of the CPU per read, so the tool can out-run a server that
+  writes once per event per socket.
+* ``sse_publisher.c``: ``--publisher native`` runs it in place of the
+  Python lanes (:mod:`workers.loadtest.publisher`): one event per request,
+  closed loop or pipelined (``--pipeline``), at a few microseconds of CPU
+  per request, so the publisher is never what limits a fast server.
+
+Both need a C compiler and Debian's ``libcjson-dev``
+(``ops/install-system-deps.sh`` installs both); each is built on first use
+into ``.run/native`` and rebuilt whenever its source is newer.
 """
 
 from __future__ import annotations
@@ -19,17 +25,24 @@ from workers.loadtest.config import ROOT
 
 SOURCE = Path(__file__).with_name("csrc") / "sse_worker.c"
 BINARY = ROOT / ".run" / "native" / "sse-worker"
+PUBLISHER_SOURCE = Path(__file__).with_name("csrc") / "sse_publisher.c"
+PUBLISHER_BINARY = ROOT / ".run" / "native" / "sse-publisher"
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
 LIBS = ["-lcjson", "-lm"]
 
 
 class NativeUnavailable(RuntimeError):
-    """The native worker cannot be built here (no compiler, or no cJSON headers)."""
+    """A native part cannot be built here (no compiler, or no cJSON headers)."""
 
 
-def build(binary: Path = BINARY) -> Path:
-    """The worker's path, compiled first if missing or older than its source."""
-    if binary.exists() and binary.stat().st_mtime >= SOURCE.stat().st_mtime:
+def build_publisher(binary: Path = PUBLISHER_BINARY) -> Path:
+    """The compiled publisher's path, compiled first if missing or older than its source."""
+    return build(binary, PUBLISHER_SOURCE)
+
+
+def build(binary: Path = BINARY, source: Path = SOURCE) -> Path:
+    """The subscriber worker's path (or ``source``'s, built as ``binary``), compiled first if missing or older."""
+    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
         return binary
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -37,10 +50,10 @@ def build(binary: Path = BINARY) -> Path:
     binary.parent.mkdir(parents=True, exist_ok=True)
     partial = binary.with_name(binary.name + ".partial")
     done = subprocess.run(
-        [compiler, *CFLAGS, "-o", str(partial), str(SOURCE), *LIBS], capture_output=True, text=True, check=False
+        [compiler, *CFLAGS, "-o", str(partial), str(source), *LIBS], capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
         hint = " (install libcjson-dev: ops/install-system-deps.sh does)" if "cJSON" in done.stderr else ""
-        raise NativeUnavailable(f"building {SOURCE.name} failed{hint}:\n{done.stderr.strip()}")
+        raise NativeUnavailable(f"building {source.name} failed{hint}:\n{done.stderr.strip()}")
     os.replace(partial, binary)  # atomic: a concurrent run never sees a half-written binary
     return binary
