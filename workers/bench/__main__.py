@@ -28,11 +28,11 @@ from typing import Any
 
 from workers.bench import scenarios
 from workers.bench.render import render
-from workers.bench.systems import ROOT, HeraldCluster, all_systems
+from workers.bench.systems import ROOT, HeraldCluster, HeraldWorkers, all_systems
 
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / ".run" / "bench" / "results.json"
-SCENARIOS = ("throughput", "latency", "many-topics", "idle", "storm", "multi-node")
+SCENARIOS = ("throughput", "latency", "many-topics", "idle", "storm", "multi-node", "cores")
 PLAN = {
     1000: [25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1200.0, 1600.0, 2400.0, 3200.0],
     5000: [5.0, 10.0, 20.0, 30.0, 40.0, 60.0, 80.0, 120.0, 160.0, 240.0, 320.0, 480.0],
@@ -40,6 +40,8 @@ PLAN = {
 """Events/s per subscriber count: steps about 1.5x apart, up to well past what any system here reaches
 (nchan's real capacity, about 300 events/s to 1,000 subscribers, is inside the 1,000 ladder)."""
 QUICK_PLAN = {1000: [100.0, 300.0]}
+CORES_PLAN = [400.0, 800.0, 1200.0, 1600.0, 2400.0, 3200.0, 4800.0]
+"""Events/s to 1,000 subscribers of one node on 1 and on 2 cores (HERALD_WORKERS), for the cores scenario."""
 CLUSTER_PLAN = [5.0, 10.0, 20.0, 30.0, 40.0, 60.0, 80.0]
 """Events/s to 5,000 subscribers through nginx, for the multi-node scenario."""
 
@@ -124,6 +126,13 @@ def main(argv: list[str] | None = None) -> None:
         results["cluster"] = {
             str(nodes): scenarios.throughput(HeraldCluster(nodes), 5000, cluster_plan, seconds) for nodes in (1, 2)
         }
+    if "cores" in chosen:
+        print("== one node on 1 and on 2 cores (HERALD_WORKERS, Redis broker)", flush=True)
+        rates = CORES_PLAN if not args.quick else CORES_PLAN[:2]
+        results["cores"] = {
+            str(workers): scenarios.throughput(HeraldWorkers(workers), 1000, rates, seconds) for workers in (1, 2)
+        }
+        save(results, args.quick)
     print(render(results))
     save(results, args.quick)
     if not args.quick:

@@ -176,25 +176,40 @@ def targets(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _ladders(runs: dict[str, Any], head: list[str], what: str, compare: str) -> list[str]:
+    """A section of one throughput ladder per row (``what`` names the rows' key), and the 2-vs-1 ratio."""
+    columns = "delivered events/s, zero loss | p99 ms | CPU at that step | what stopped the next step"
+    lines = [*head, "", f"| {what} | {columns} |", "|---|---|---|---|---|"]
+    figures = {}
+    for key, run in runs.items():
+        best = best_step(run["steps"])
+        figures[key] = _get(best, "delivered_per_s")
+        cpu = ", ".join(f"{k} {v:.0%}" for k, v in (_get(best, "server_cpu") or {}).items())
+        failure = _first_failure(run["steps"])
+        lines.append(f"| {key} | {_cell(figures[key])} | {_cell(_get(best, 'p99_ms'))} | {cpu or '-'} | "
+                     f"{_get(failure, 'bound') or 'not reached'} |")  # fmt: skip
+    return [*lines, "", f"{compare}: {ratio(figures.get('2'), figures.get('1'))}."]
+
+
 def _cluster(results: dict[str, Any]) -> list[str]:
     cluster = results.get("cluster")
     if not cluster:
         return []
-    lines = ["", "## Multi-node: Redis + nodes + nginx", "",
-             f"5,000 subscribers through nginx, rising rates; every process of the cluster on core {SERVER_CORE}.",
-             "CPU is each component's share of a core while publishing, at the best step.", "",
-             "| nodes | delivered events/s, zero loss | p99 ms | CPU at that step | what stopped the next step |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    figures = {}
-    for nodes, run in cluster.items():
-        best = best_step(run["steps"])
-        figures[nodes] = _get(best, "delivered_per_s")
-        cpu = ", ".join(f"{k} {v:.0%}" for k, v in (_get(best, "server_cpu") or {}).items())
-        failure = _first_failure(run["steps"])
-        lines.append(f"| {nodes} | {_cell(figures[nodes])} | {_cell(_get(best, 'p99_ms'))} | {cpu or '-'} | "
-                     f"{_get(failure, 'bound') or 'not reached'} |")  # fmt: skip
-    lines += ["", f"2 nodes vs 1: {ratio(figures.get('2'), figures.get('1'))}."]
-    return lines
+    head = ["", "## Multi-node: Redis + nodes + nginx", "",
+            f"5,000 subscribers through nginx, rising rates; every process of the cluster on core {SERVER_CORE}.",
+            "CPU is each component's share of a core while publishing, at the best step."]  # fmt: skip
+    return _ladders(cluster, head, "nodes", "2 nodes vs 1")
+
+
+def _cores(results: dict[str, Any]) -> list[str]:
+    cores = results.get("cores")
+    if not cores:
+        return []
+    head = ["", "## One node on 1 and on 2 cores (`HERALD_WORKERS`)", "",
+            "The Redis broker; 1,000 subscribers, one event per request, closed loop, rising rates. With 2 workers",
+            "the node's second worker shares core 1 with the load client (2 cores in all), so the 2-core figure is",
+            "bounded by what the client leaves of that core: read \"what stopped the next step\"."]  # fmt: skip
+    return _ladders(cores, head, "workers (cores)", "2 cores vs 1")
 
 
 def render(results: dict[str, Any]) -> str:
@@ -236,6 +251,7 @@ def render(results: dict[str, Any]) -> str:
     if goals:
         lines += ["", "## Targets (issue 5)", "", *goals]
     lines += _cluster(results)
+    lines += _cores(results)
     lines += ["", "## Steps", "", "Every step of every run (rate = events/s published):", ""]
     for n in names:
         for mode, runs in systems[n]["throughput"].items():

@@ -40,7 +40,7 @@ SERVER_CORE = 0
 CLIENT_CORE = 1
 
 
-def pinned(core: int, args: list[str]) -> list[str]:
+def pinned(core: int | str, args: list[str]) -> list[str]:
     taskset = shutil.which("taskset")
     return [taskset, "-c", str(core), *args] if taskset else args
 
@@ -82,8 +82,12 @@ class System:
         RUN_DIR.mkdir(parents=True, exist_ok=True)
         args, env = self.command()
         log = RUN_DIR / f"{self.name}.log"
-        self.processes.append(launch.spawn(pinned(SERVER_CORE, args), log, {**launch.clean_environ(), **env}))
+        self.processes.append(launch.spawn(pinned(self.server_cores(), args), log, {**launch.clean_environ(), **env}))
         wait_until(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, self.name, 30)
+
+    def server_cores(self) -> str:
+        """The cores the server runs on (``taskset -c``)."""
+        return str(SERVER_CORE)
 
     def server_pids(self) -> list[int]:
         return [p.pid for p in self.processes[-1:]]
@@ -140,6 +144,27 @@ class Herald(System):
     def command(self) -> tuple[list[str], dict[str, str]]:
         broker = {"REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0"} if self.redis else {}
         return launch.node_command(), launch.node_env(self.port, self.name, broker)
+
+
+class HeraldWorkers(Herald):
+    """One node on the Redis broker with ``HERALD_WORKERS=workers``, given that many cores (0, then 1).
+
+    With 2 workers the node shares core 1 with the load client (this
+    machine has two cores): the figure says what one node gains from a
+    second core, bounded by what the client leaves of it.
+    """
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(redis=True)
+        self.name = f"herald-redis-{workers}-workers"
+        self.workers = workers
+
+    def server_cores(self) -> str:
+        return ",".join(str(core) for core in range(self.workers))
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        args, env = super().command()
+        return args, {**env, "HERALD_WORKERS": str(self.workers)}
 
 
 class Nchan(System):
