@@ -144,6 +144,53 @@ async def publish_reliably(client: httpx.AsyncClient, url: str, body: object) ->
         await asyncio.sleep(0.05)  # a producer's retry delay
 
 
+class SteadyPublisher:
+    """Publishes ``count`` events (data = their index) one after another, each until it gets its 201.
+
+    A steady stream, not a flood (``pause`` seconds between events); every
+    event is retried with one idempotency key (:func:`publish_reliably`), so
+    :attr:`accepted` is exactly the ids published, in order. Use as an async
+    context manager; :meth:`reached` waits for a count, :meth:`finish` for the end.
+    """
+
+    def __init__(self, url: str, topic: str, count: int, pause: float = 0.01) -> None:
+        self.url = url
+        self.topic = topic
+        self.count = count
+        self.pause = pause
+        self.accepted: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+        self._client = httpx.AsyncClient()
+
+    async def _run(self) -> None:
+        for i in range(self.count):
+            self.accepted.append(await publish_reliably(self._client, self.url, {"topic": self.topic, "data": i}))
+            await asyncio.sleep(self.pause)
+
+    async def reached(self, count: int, timeout: float = 60) -> None:
+        """Until ``count`` events were accepted."""
+        async with asyncio.timeout(timeout):
+            while len(self.accepted) < count:
+                await asyncio.sleep(0.01)  # polling our own task's progress
+
+    async def finish(self, timeout: float = 60) -> list[str]:
+        """Until every event was accepted; the accepted ids."""
+        assert self._task is not None
+        await asyncio.wait_for(self._task, timeout)
+        return self.accepted
+
+    async def __aenter__(self) -> SteadyPublisher:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._client.aclose()
+
+
 class ResumingClient:
     """Behaves like a browser's EventSource: whenever the stream ends, reconnect with Last-Event-ID.
 

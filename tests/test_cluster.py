@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from broker.base import Message
 from ops.cluster import Cluster, free_port
 from tests import redis_server
-from tests.sse_client import EventStream, ResumingClient, publish, publish_reliably
+from tests.sse_client import EventStream, ResumingClient, SteadyPublisher, publish
 from workers.produce import publish_direct
 
 pytestmark = pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed")
@@ -183,20 +183,11 @@ async def test_node_killed_mid_stream_loses_and_repeats_nothing(tmp_path: Path) 
         topic = new_topic()
         async with resuming_clients(cluster.front_url, [topic], 90) as clients:
             on_victim = sum(c.nodes[0] == "node-0" for c in clients)
-            accepted: list[str] = []
-            async with httpx.AsyncClient() as client:
-
-                async def producer() -> None:
-                    for i in range(400):
-                        accepted.append(await publish_reliably(client, cluster.front_url, {"topic": topic, "data": i}))
-                        await asyncio.sleep(0.005)  # a steady stream, not a flood
-
-                task = asyncio.create_task(producer())
-                while len(accepted) < 100:
-                    await asyncio.sleep(0.01)
+            async with SteadyPublisher(cluster.front_url, topic, 400, pause=0.005) as publisher:
+                await publisher.reached(100)
                 await asyncio.to_thread(cluster.kill_node, 0)  # SIGKILL: no goodbye to anyone
-                killed_at = len(accepted)
-                await asyncio.wait_for(task, 60)
+                killed_at = len(publisher.accepted)
+                accepted = await publisher.finish()
             await until_all_have(clients, len(accepted), timeout=60)
         for c in clients:
             assert c.ids() == accepted, c.nodes
@@ -330,25 +321,15 @@ async def test_regression_redis_restart_then_node_kill_left_clients_missing_even
     with cluster_running(tmp_path) as cluster:
         topic = new_topic()
         async with resuming_clients(cluster.front_url, [topic], 300) as clients:
-            accepted: list[str] = []
-            async with httpx.AsyncClient() as client:
-
-                async def producer() -> None:
-                    for i in range(300):
-                        accepted.append(await publish_reliably(client, cluster.front_url, {"topic": topic, "data": i}))
-                        await asyncio.sleep(0.01)  # a steady stream, not a flood
-
-                task = asyncio.create_task(producer())
-                while len(accepted) < 60:
-                    await asyncio.sleep(0.01)
+            async with SteadyPublisher(cluster.front_url, topic, 300) as publisher:
+                await publisher.reached(60)
                 started = time.monotonic()
                 await asyncio.to_thread(cluster.stop_redis)
                 await asyncio.to_thread(cluster.start_redis)
-                while len(accepted) < 150:
-                    await asyncio.sleep(0.01)
+                await publisher.reached(150)
                 on_victim = sum(c.nodes[-1] == "node-0" for c in clients)
                 await asyncio.to_thread(cluster.kill_node, 0)  # SIGKILL: no goodbye to anyone
-                await asyncio.wait_for(task, 120)
+                accepted = await publisher.finish(120)
                 took = time.monotonic() - started
             await until_all_have(clients, len(accepted), timeout=60)
         fatal = [a for c in clients for a in c.fatal_answers]

@@ -28,7 +28,7 @@ from broker.redis import RedisBroker
 from tests import redis_server
 from tests.redis_server import RedisServer
 from tests.server import Node, run_server, serve_app
-from tests.sse_client import EventStream, ResumingClient, publish, publish_reliably
+from tests.sse_client import EventStream, ResumingClient, SteadyPublisher, publish
 from tests.tcp_proxy import TcpProxy
 
 needs_redis = pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed")
@@ -162,21 +162,14 @@ async def test_redis_stopped_while_clients_reconnect_and_arrive_loses_nothing(
     """Redis down for 3 s: resuming and new clients connect meanwhile; all get 200, then every event once."""
     server, node = redis_node
     topic = new_topic()
-    accepted: list[str] = []
     clients = [ResumingClient(node.url, [topic]) for _ in range(20)]
+    late: list[ResumingClient] = []
     tasks = [asyncio.create_task(c.run()) for c in clients]
     try:
         await asyncio.wait_for(asyncio.gather(*(c.connected.wait() for c in clients)), 30)
-        async with httpx.AsyncClient() as client:
-
-            async def producer() -> None:
-                for i in range(200):
-                    accepted.append(await publish_reliably(client, node.url, {"topic": topic, "data": i}))
-                    await asyncio.sleep(0.01)  # a steady stream, not a flood
-
-            publishing = asyncio.create_task(producer())
-            while len(accepted) < 50:
-                await asyncio.sleep(0.01)
+        async with SteadyPublisher(node.url, topic, 200) as publisher:
+            accepted = publisher.accepted
+            await publisher.reached(50)
             await asyncio.to_thread(server.stop)
             stopped_at = len(accepted)
             # Clients moving here from a dead node (resuming from where they
@@ -194,12 +187,10 @@ async def test_redis_stopped_while_clients_reconnect_and_arrive_loses_nothing(
             await asyncio.sleep(3)  # the outage's length: nothing to wait for, Redis is simply down
             during = len(accepted) - stopped_at
             await asyncio.to_thread(server.start)
-            await asyncio.wait_for(publishing, 60)
+            await publisher.finish()
             await until_all_have(clients + late, accepted[-1], 30)
     finally:
-        for c in clients:
-            c.stop.set()
-        for c in late:
+        for c in clients + late:
             c.stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
     assert during == 0  # nothing could be accepted while Redis was down
