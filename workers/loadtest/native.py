@@ -26,6 +26,8 @@ from workers.loadtest.config import ROOT
 SOURCE = Path(__file__).with_name("csrc") / "sse_worker.c"
 BINARY = ROOT / ".run" / "native" / "sse-worker"
 PUBLISHER_SOURCE = Path(__file__).with_name("csrc") / "sse_publisher.c"
+COMMON_HEADER = Path(__file__).with_name("csrc") / "common.h"
+"""What both programs include: a change to it rebuilds both."""
 PUBLISHER_BINARY = ROOT / ".run" / "native" / "sse-publisher"
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
 LIBS = ["-lcjson", "-lm"]
@@ -41,8 +43,12 @@ def build_publisher(binary: Path = PUBLISHER_BINARY) -> Path:
 
 
 def build(binary: Path = BINARY, source: Path = SOURCE) -> Path:
-    """The subscriber worker's path (or ``source``'s, built as ``binary``), compiled first if missing or older."""
-    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+    """The subscriber worker's path (or ``source``'s, built as ``binary``), compiled first if missing or older.
+
+    Older means older than its source or than ``csrc/common.h``, which both programs include.
+    """
+    newest = max(source.stat().st_mtime, COMMON_HEADER.stat().st_mtime)
+    if binary.exists() and binary.stat().st_mtime >= newest:
         return binary
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
