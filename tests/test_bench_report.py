@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-from workers.bench.render import ratio, render, targets
+from workers.bench.render import per_core_targets, ratio, render, targets
 from workers.bench.scenarios import best_step, bound, kept_up, publisher_bound
 from workers.bench.systems import pinned
 
@@ -64,6 +64,19 @@ def test_each_target_is_judged_from_the_measured_figures() -> None:
     assert any(line.startswith("- p99 at 5,000 subscribers") and line.endswith(": met") for line in lines)
     assert any(line.startswith("- at most 20 KB") and line.endswith(": met") for line in lines)
     assert any(line.startswith("- 5,000 connects within 1 s: 1.50 s") and "not met" in line for line in lines)
+
+
+def test_the_per_core_targets_are_judged_against_nchan_in_the_same_run() -> None:
+    herald, nchan = _system(400_000, 50, 20.0), _system(100_000, 100, 10.0)
+    nchan["idle"]["connect_all_s"] = 1.2  # herald's 1.5 s is within 1.5x (1.8 s)
+    lines = per_core_targets({"throughput_subscribers": [1000], "systems": {"herald": herald, "nchan": nchan}})
+    assert lines == [
+        "- single-event closed-loop throughput, 1,000 subscribers, at least 1.0x nchan: 400,000 vs 100,000 "
+        "(4.00x): met",
+        "- p99 at 5,000 subscribers and 20 events/s at most nchan's: 50.0 ms vs 100.0 ms (2.00x): met",
+        "- 5,000 connects at once within 1.5x nchan's time: 1.50 s vs 1.20 s (limit 1.80 s): met",
+        "- memory per idle connection at most nchan's: 20.0 KB vs 10.0 KB: **not met**",
+    ]
 
 
 def test_a_step_that_fell_behind_or_lost_events_does_not_count() -> None:

@@ -176,6 +176,41 @@ def targets(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def per_core_targets(results: dict[str, Any]) -> list[str]:
+    """Issue 11's targets, per core against nchan in the same run: throughput, p99, connects, memory."""
+    systems = results["systems"]
+    herald, nchan = systems.get("herald"), systems.get("nchan")
+    if herald is None or nchan is None:
+        return []
+
+    def verdict(ok: bool | None) -> str:
+        return "-" if ok is None else ("met" if ok else "**not met**")
+
+    def best(entry: dict[str, Any], subs: int) -> float | None:
+        run = entry.get("throughput", {}).get("closed", {}).get(str(subs))
+        return _get(best_step(run["steps"]), "delivered_per_s") if run else None
+
+    out = []
+    for subs in results["throughput_subscribers"]:
+        h, n = best(herald, subs), best(nchan, subs)
+        ok = None if h is None or n is None else h >= n
+        out.append(f"- single-event closed-loop throughput, {subs:,} subscribers, at least 1.0x nchan: "
+                   f"{_cell(h)} vs {_cell(n)} ({ratio(h, n)}): {verdict(ok)}")  # fmt: skip
+    hl, nl = herald.get("latency"), nchan.get("latency")
+    if hl and nl:
+        h, n = hl["p99_ms"], nl["p99_ms"]
+        out.append(f"- p99 at 5,000 subscribers and 20 events/s at most nchan's: {h:,.1f} ms vs {n:,.1f} ms "
+                   f"({ratio(h, n, False)}): {verdict(h <= n)}")  # fmt: skip
+    hi, ni = herald.get("idle"), nchan.get("idle")
+    if hi and ni:
+        h, n = hi["connect_all_s"], ni["connect_all_s"]
+        out.append(f"- 5,000 connects at once within 1.5x nchan's time: {h:,.2f} s vs {n:,.2f} s "
+                   f"(limit {1.5 * n:,.2f} s): {verdict(h <= 1.5 * n)}")  # fmt: skip
+        h, n = hi["kb_per_connection"], ni["kb_per_connection"]
+        out.append(f"- memory per idle connection at most nchan's: {h:,.1f} KB vs {n:,.1f} KB: {verdict(h <= n)}")
+    return out
+
+
 def _ladders(runs: dict[str, Any], head: list[str], what: str, compare: str) -> list[str]:
     """A section of one throughput ladder per row (``what`` names the rows' key), and the 2-vs-1 ratio."""
     columns = "delivered events/s, zero loss | p99 ms | CPU at that step | what stopped the next step"
@@ -250,6 +285,9 @@ def render(results: dict[str, Any]) -> str:
     goals = targets(results)
     if goals:
         lines += ["", "## Targets (issue 5)", "", *goals]
+    per_core = per_core_targets(results)
+    if per_core:
+        lines += ["", "## Targets (issue 11: per core, against nchan in the same run)", "", *per_core]
     lines += _cluster(results)
     lines += _cores(results)
     lines += ["", "## Steps", "", "Every step of every run (rate = events/s published):", ""]
