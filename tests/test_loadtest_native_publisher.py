@@ -53,24 +53,6 @@ def test_the_native_publisher_paces_single_events_and_every_accepted_one_arrives
     assert results["batches"]["publish"]["requests"] == 60  # exactly 5 per request
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--pipeline", "4"], "--pipeline needs --publisher native"),
-        (["--publisher", "native", "--system", "nchan", "--per-request", "5"], "nchan takes one event per request"),
-        (["--publisher", "native", "--publish", "redis", "--redis-url", "redis://127.0.0.1:1"], "over HTTP"),
-        (["--publisher", "native", "--kill-node-at", "1"], "faults need --publisher python"),
-    ],
-)
-def test_options_the_native_publisher_cannot_honour_are_refused(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with pytest.raises(SystemExit) as exc:
-        from_args(argv)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
-
-
 def test_the_python_publisher_stays_the_default() -> None:
     config = from_args([])
     assert (config.publisher, config.pipeline, config.per_request) == ("python", 1, 1)

@@ -244,9 +244,14 @@ def test_fault_options_parse_into_faults_in_time_order() -> None:
         (["--kill-node-at", "1", "--restart-nodes-at", "2"], "same processes"),
         (["--restart-redis-at", "1", "--failover-redis-at", "2"], "same processes"),
         (["--system", "nchan", "--restart-nodes-at", "1"], "local Herald cluster"),
+        # What the compiled publisher cannot honour.
+        (["--pipeline", "4"], "--pipeline needs --publisher native"),
+        (["--publisher", "native", "--system", "nchan", "--per-request", "5"], "nchan takes one event per request"),
+        (["--publisher", "native", "--publish", "redis", "--redis-url", "redis://127.0.0.1:1"], "over HTTP"),
+        (["--publisher", "native", "--kill-node-at", "1"], "faults need --publisher python"),
     ],
 )
-def test_bad_fault_options_exit_with_status_2(
+def test_bad_fault_and_publisher_options_exit_with_status_2(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exited:
