@@ -214,7 +214,18 @@ class EventStreamResponse(Response):
             if opened is not None:
                 if first:
                     await send({"type": "http.response.body", "body": first, "more_body": True})
-                await self._stream(scope, receive, send, opened)
+                # Inline, not a helper coroutine: every frame on this path is
+                # held for the stream's life (memory per idle connection).
+                for batch in _batches(opened.frames):
+                    if connection.closed is not None:
+                        break
+                    await send({"type": "http.response.body", "body": batch, "more_body": True})
+                connection.go_live(opened.position)
+                writer = direct_writer(scope, receive)
+                if writer is not None:
+                    connection.go_direct(writer)
+                while (chunk := await connection.next_chunk()) is not None:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if connection.closed is not Closed.DISCONNECTED:
                 # After an abort (overflow) this returns at once: uvicorn knows
                 # the client is gone.
@@ -243,16 +254,3 @@ class EventStreamResponse(Response):
                 await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
                 quiet_since = time.monotonic()
         return None
-
-    async def _stream(self, scope: Scope, receive: Receive, send: Send, opened: Opened) -> None:
-        connection = self._connection
-        for batch in _batches(opened.frames):
-            if connection.closed is not None:
-                break
-            await send({"type": "http.response.body", "body": batch, "more_body": True})
-        connection.go_live(opened.position)
-        writer = direct_writer(scope, receive)
-        if writer is not None:
-            connection.go_direct(writer)
-        while (chunk := await connection.next_chunk()) is not None:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})

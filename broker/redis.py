@@ -120,11 +120,6 @@ class RedisTarget:
             pairs.append((host.strip("[]"), int(port)))
         return tuple(pairs)
 
-    def describe(self) -> str:
-        if self.sentinels:
-            return f"sentinel master {self.master!r} via " + ",".join(f"{h}:{p}" for h, p in self.sentinels)
-        return str(self.url)
-
 
 def _client(target: RedisTarget, pool: int, timeout: float | None, connect_timeout: float) -> aioredis.Redis:
     """A client with Herald's connection policy (see the module docstring)."""
@@ -179,7 +174,6 @@ class RedisBroker:
         replicas_ack: int = 0,
     ) -> None:
         target = url if isinstance(url, RedisTarget) else RedisTarget(url=url)
-        self.target = target
         self._retention = retention or RetentionPolicy()
         self._prefix = prefix
         self._clock = clock
@@ -368,11 +362,15 @@ class RedisBroker:
 
     async def _echo_position(self, head: int) -> None:
         try:
-            await self._call(functools.partial(self._redis.publish, self._control, str(head)))
+            await self._send_round(str(head))
         except BrokerUnavailable:
             pass
         finally:
             self._echoing = False
+
+    async def _send_round(self, head: str) -> None:
+        """Publish ``head`` on this node's control channel: once it comes back, the feed has passed it."""
+        await self._call(functools.partial(self._redis.publish, self._control, head))
 
     def _is_exact(self, topics: Collection[str]) -> bool:
         for topic in topics:
@@ -650,7 +648,7 @@ class RedisBroker:
                     # on while its topics are quiet (else a later backfill would
                     # judge from a stale position). It also proves the feed alive.
                     head = await self._call(functools.partial(self._redis.get, f"{self._prefix}:id"))
-                    await self._call(functools.partial(self._redis.publish, self._control, head or "0"))
+                    await self._send_round(head or "0")
                     pinged = True
                 continue
             quiet_since, pinged = now, False

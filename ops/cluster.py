@@ -31,7 +31,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,7 +210,7 @@ class Cluster:
             return check()
 
         try:
-            _poll(started, name, timeout)
+            wait_until(started, name, timeout, fatal=(_Exited,))
         except (_Exited, RuntimeError) as error:
             log = self.logs / f"{name}.log"
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else ""
@@ -330,10 +329,10 @@ class Cluster:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
                     try:
-                        _poll(lambda: not _alive(pid), name, timeout)
+                        wait_until(lambda: not _alive(pid), name, timeout)
                     except RuntimeError:
                         os.kill(pid, signal.SIGKILL)
-                        _poll(lambda: not _alive(pid), name, timeout)
+                        wait_until(lambda: not _alive(pid), name, timeout)
         pid_file.unlink(missing_ok=True)
 
     def kill_node(self, index: int) -> None:
@@ -400,7 +399,7 @@ class Cluster:
             node: str | None = response.headers.get("x-node-id")
             return node == name
 
-        _poll(answered_by_node, f"nginx sending requests to {name}", timeout)
+        wait_until(answered_by_node, f"nginx sending requests to {name}", timeout)
 
     def stop(self) -> None:
         """Stop nginx, the nodes, the sentinels, the replicas and redis, in that order, then any other pid file.
@@ -537,21 +536,6 @@ def _redis_client(port: int, decode_responses: bool = False) -> redis.Redis:
 class _Exited(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(f"exited with {code}")
-
-
-def _poll(check: Callable[[], object], what: str, timeout: float) -> None:
-    """Like :func:`ops.probe.wait_until`, but a :class:`_Exited` from ``check`` ends the wait at once."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except _Exited:
-            raise
-        except Exception:
-            pass  # not up yet
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not come up within {timeout}s")
 
 
 def _sentinel_command(port: int, *args: str) -> object:

@@ -6,7 +6,6 @@ and the load tool use them without wanting a cluster.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import time
 from collections.abc import Callable
@@ -46,12 +45,22 @@ def free_port_range(count: int, attempts: int = 50) -> int:
     raise RuntimeError(f"found no {count} consecutive free ports")
 
 
-def wait_until(check: Callable[[], object], what: str, timeout: float = 15) -> None:
-    """Poll ``check`` (errors count as "not yet") until it is true; RuntimeError after ``timeout``."""
+def wait_until(
+    check: Callable[[], object], what: str, timeout: float = 15, fatal: tuple[type[BaseException], ...] = ()
+) -> None:
+    """Poll ``check`` (errors count as "not yet") until it is true; RuntimeError after ``timeout``.
+
+    An exception of a ``fatal`` type from ``check`` ends the wait at once (it
+    propagates): for a check that can tell "never", such as a process that exited.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
+        try:
             if check():
                 return
+        except fatal:
+            raise
+        except Exception:
+            pass  # not yet
         time.sleep(0.05)
     raise RuntimeError(f"{what} did not come up within {timeout}s")

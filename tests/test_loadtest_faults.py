@@ -68,15 +68,22 @@ def check_fault(code: int, result: dict[str, Any], kind: str) -> dict[str, Any]:
     return fault
 
 
-@pytest.mark.timeout(150)
-def test_a_rolling_restart_loses_nothing_and_says_when_all_were_back(cluster: Cluster, tmp_path: Path) -> None:
+def run_fault(
+    cluster: Cluster, tmp_path: Path, kind: str, *fault: str
+) -> tuple[dict[str, Any], list[str], dict[str, Any], str]:
+    """The load tool on ``cluster`` with one fault: the fault's report (checked), its steps, the result, the summary."""
     code, result, printed = run_tool(
         tmp_path / "result.json", "--target", cluster.front_url, *LOAD,
-        "--restart-nodes-at", "2", "--cluster-dir", str(cluster.run_dir), timeout=120,
+        *fault, "--cluster-dir", str(cluster.run_dir), timeout=120,
     )  # fmt: skip
     print(printed)
-    fault = check_fault(code, result, "restart-nodes")
-    steps = [s["what"] for s in fault["steps"]]
+    report = check_fault(code, result, kind)
+    return report, [s["what"] for s in report["steps"]], result, printed
+
+
+@pytest.mark.timeout(150)
+def test_a_rolling_restart_loses_nothing_and_says_when_all_were_back(cluster: Cluster, tmp_path: Path) -> None:
+    fault, steps, _, printed = run_fault(cluster, tmp_path, "restart-nodes", "--restart-nodes-at", "2")
     assert steps[0] == "rolling restart"
     assert steps[-1] == "rolling restart done"
     assert steps.index("stopped node-0") < steps.index("node-0 ready") < steps.index("stopped node-1")
@@ -89,13 +96,9 @@ def test_a_rolling_restart_loses_nothing_and_says_when_all_were_back(cluster: Cl
 
 @pytest.mark.timeout(150)
 def test_every_node_down_at_once_loses_nothing_and_says_when_all_were_back(cluster: Cluster, tmp_path: Path) -> None:
-    code, result, printed = run_tool(
-        tmp_path / "result.json", "--target", cluster.front_url, *LOAD,
-        "--stop-all-nodes-at", "2", "--for", "2", "--cluster-dir", str(cluster.run_dir), timeout=120,
-    )  # fmt: skip
-    print(printed)
-    fault = check_fault(code, result, "stop-all-nodes")
-    steps = [s["what"] for s in fault["steps"]]
+    fault, steps, result, printed = run_fault(
+        cluster, tmp_path, "stop-all-nodes", "--stop-all-nodes-at", "2", "--for", "2"
+    )
     assert steps[0] == "killed all 2 nodes"
     assert steps[-1] == "all nodes ready"
     assert {"node-0 ready", "node-1 ready"} <= set(steps)
