@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import ipaddress
 import logging
 import resource
 import socket
@@ -25,6 +26,8 @@ from fastapi import FastAPI
 
 from api import workers
 from api.app import create_app
+from api.auth.access import Access
+from api.auth.keys import KeyConfigError
 from api.protocol import HeraldHttpToolsProtocol
 from api.settings import Settings
 
@@ -92,10 +95,39 @@ SUPERVISOR_STOP_TIMEOUT = SHUTDOWN_GRACE_SECONDS + 8
 graceful shutdown (up to ``SHUTDOWN_GRACE_SECONDS``) plus closing the hub and the broker."""
 
 
+log = logging.getLogger("herald.node")
+
+
+def check_access(settings: Settings, *, warn: bool = True) -> None:
+    """Refuse a key configuration that can't be used; warn when the node is open to a network without auth."""
+    try:
+        access = Access.from_settings(settings)
+    except KeyConfigError as exc:
+        sys.exit(f"herald: refusing to start: {exc}")
+    if warn and not access.enabled and not is_loopback(settings.host):
+        logging.basicConfig(format="%(levelname)s:     %(message)s")
+        log.warning(
+            "access control is off and the node listens on %s: anyone who can reach it may publish and"
+            " subscribe to any topic. Set HERALD_JWT_SECRET (or HERALD_JWT_PUBLIC_KEY, HERALD_JWKS_URL)"
+            " to require tokens (README, Security).",
+            settings.host,
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def main() -> None:
     """Serve the node in this process, or supervise its workers (``HERALD_WORKERS`` > 1, Redis broker)."""
     settings = Settings()
     slot = workers.worker_slot()
+    check_access(settings, warn=slot is None)  # a worker's supervisor has warned already
     if slot is not None:
         workers.become_worker(slot)
     elif settings.workers > 1:

@@ -16,6 +16,9 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from api import errors
+from api.auth.access import Access, Denied
+from api.auth.cors import Cors, CorsMiddleware
+from api.auth.keys import KeysUnavailable
 from api.events import router as events_router
 from api.events import serve_events
 from api.health import router as health_router
@@ -45,6 +48,8 @@ def _default_broker(settings: Settings) -> Broker:
 def create_app(settings: Settings | None = None, broker_factory: BrokerFactory = _default_broker) -> FastAPI:
     """A Herald node. ``settings`` default to the environment."""
     settings = settings or Settings()
+    access = Access.from_settings(settings)  # refuses an unusable key configuration now, before serving
+    cors = Cors.parse(settings.cors_origins)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -55,6 +60,7 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
             heartbeat=settings.heartbeat,
             max_connections=settings.max_connections,
         )
+        await access.start()
         await broker.start(hub)
         await hub.start()
         app.state.broker = broker
@@ -64,6 +70,7 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
         finally:
             await hub.close()
             await broker.close()
+            await access.close()
 
     app = HeraldApp(
         title="Herald",
@@ -72,8 +79,13 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.access = access
+    app.state.cors = cors
+    app.add_middleware(CorsMiddleware, cors=cors)
     app.add_middleware(NodeIdMiddleware, node_id=settings.node_id)
     app.add_exception_handler(errors.RequestRejected, errors.request_rejected)
+    app.add_exception_handler(Denied, errors.denied)
+    app.add_exception_handler(KeysUnavailable, errors.keys_unavailable)
     app.add_exception_handler(BrokerUnavailable, errors.broker_unavailable)
     app.add_exception_handler(IdempotencyConflict, errors.idempotency_conflict)
     app.include_router(publish_router)
@@ -103,7 +115,8 @@ class HeraldApp(FastAPI):
             scope[DIRECT_WRITES] = server is not None and getattr(send, "__self__", None) is server
             # The SSE fast lane (see api.events): streams skip FastAPI's request path.
             if scope["path"] == "/events" and scope["method"] == "GET" and not scope.get("root_path"):
-                await serve_events(self.state.hub, self.state.settings, scope, receive, send)
+                state = self.state
+                await serve_events(state.hub, state.settings, state.access, state.cors, scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 

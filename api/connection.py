@@ -33,6 +33,8 @@ class Closed(StrEnum):
     """The client fell more than its byte budget behind and was cut off."""
     SHUTDOWN = "shutdown"
     """The node is shutting down; the client will reconnect elsewhere."""
+    EXPIRED = "expired"
+    """The token the stream was opened with expired; the client reconnects with a fresh one."""
 
 
 class DirectWriter(Protocol):

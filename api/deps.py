@@ -11,6 +11,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from api.auth.access import Access
+from api.auth.credentials import subscriber_token
 from api.hub import Hub
 from api.settings import Settings
 from broker.base import Broker
@@ -31,6 +33,25 @@ async def get_hub(request: Request) -> Hub:
     return hub
 
 
+async def get_access(request: Request) -> Access:
+    access: Access = request.app.state.access
+    return access
+
+
+async def require_admin(request: Request) -> None:
+    """Operational routes (/stats, ...): with access control on, a token with ``"admin": true``.
+
+    The token may come as for a subscriber (header, ``access_token``, cookie): an operator's browser reads these.
+    """
+    access: Access = request.app.state.access
+    if access.enabled:
+        settings: Settings = request.app.state.settings
+        token = subscriber_token(request.scope["headers"], request.query_params.multi_items(), settings.jwt_cookie)
+        await access.authorize_admin(token)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 BrokerDep = Annotated[Broker, Depends(get_broker)]
 HubDep = Annotated[Hub, Depends(get_hub)]
+AccessDep = Annotated[Access, Depends(get_access)]
+AdminOnly = Depends(require_admin)

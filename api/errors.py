@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from api.auth.access import Denied
+
 RETRY_AFTER_SECONDS = 2
 
 
@@ -20,6 +22,26 @@ class RequestRejected(Exception):
 async def request_rejected(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestRejected)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+
+def denied_response(exc: Denied) -> JSONResponse:
+    """401/403 with the RFC 6750 challenge; the body says what is missing (never echoes the token)."""
+    return JSONResponse(
+        {"detail": exc.detail}, status_code=exc.status_code, headers={"WWW-Authenticate": exc.challenge}
+    )
+
+
+async def denied(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Denied)
+    return denied_response(exc)
+
+
+async def keys_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(
+        {"detail": f"tokens can't be verified now: {exc}"},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 async def broker_unavailable(request: Request, exc: Exception) -> JSONResponse:

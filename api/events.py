@@ -16,6 +16,7 @@ Two entrances, one implementation (:func:`open_stream`):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Annotated
 from urllib.parse import parse_qsl
@@ -24,7 +25,12 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.types import Receive, Scope, Send
 
 from api import errors
-from api.deps import HubDep, SettingsDep
+from api.auth.access import Access, Denied
+from api.auth.cors import Cors
+from api.auth.credentials import subscriber_token
+from api.auth.keys import KeysUnavailable
+from api.auth.tokens import Grant
+from api.deps import AccessDep, HubDep, SettingsDep
 from api.errors import RequestRejected
 from api.hub import Hub, Opened, Refused
 from api.models import is_topic
@@ -51,20 +57,28 @@ def check_topics(topics: list[str], max_topics: int) -> list[str]:
 async def open_stream(
     hub: Hub,
     settings: Settings,
+    access: Access,
     topics: list[str],
     resume: str | None,
+    token: str | None,
     on_overflow: Callable[[], None] | None,
 ) -> Response:
-    """The response for a subscription. Only the client's own mistakes raise (RequestRejected, 4xx).
+    """The response for a subscription. Only the client's own mistakes raise (RequestRejected, Denied: 4xx).
 
     Every passing cause is answered ``200 text/event-stream``, the only
     answer a browser's EventSource retries: a node that can't take the
-    stream (draining, full) tells the client to come back; a broker that is
-    unavailable makes the stream wait for it (see :class:`EventStreamResponse`).
+    stream (draining, full) or can't verify tokens now (JWKS unreachable)
+    tells the client to come back; a broker that is unavailable makes the
+    stream wait for it (see :class:`EventStreamResponse`). A stream opened
+    with a token ends when the token expires.
     """
     topics = check_topics(topics, settings.max_topics)
     if resume is not None and not resume.strip():
         resume = None  # an empty id means "no id yet", as EventSource sends it
+    try:
+        grant = await access.authorize_subscribe(token, topics)
+    except KeysUnavailable as exc:
+        return RetryLaterResponse(settings.retry_ms, str(exc))
     try:
         connection = hub.admit(topics, on_overflow=on_overflow)
     except Refused as exc:
@@ -77,24 +91,42 @@ async def open_stream(
         hub.detach(connection)
         raise
     return EventStreamResponse(
-        hub, connection, opened, resume=resume, retry_ms=settings.retry_ms, heartbeat=settings.heartbeat
+        hub,
+        connection,
+        opened,
+        resume=resume,
+        retry_ms=settings.retry_ms,
+        heartbeat=settings.heartbeat,
+        expires_at=None if grant is None else stream_deadline(grant),
     )
 
 
-async def serve_events(hub: Hub, settings: Settings, scope: Scope, receive: Receive, send: Send) -> None:
-    """``GET /events`` as plain ASGI: the route's behaviour, errors included, without FastAPI's request path."""
-    node = (b"x-node-id", settings.node_id.encode("ascii"))
+def stream_deadline(grant: Grant) -> float:
+    """When a stream opened with ``grant`` ends: its ``exp``; one accepted only by the leeway gets the leeway."""
+    return grant.expires_at if grant.expires_at > time.time() else grant.valid_until
+
+
+async def serve_events(
+    hub: Hub, settings: Settings, access: Access, cors: Cors, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """``GET /events`` as plain ASGI: the route's behaviour (errors, CORS) without FastAPI's request path."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
     query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
     topics = [value for name, value in query if name == "topic"]
-    resume = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"last-event-id"), None)
+    resume = next((v.decode("latin-1") for k, v in headers if k == b"last-event-id"), None)
     if resume is None:
         resume = next((value for name, value in query if name == "last_event_id"), None)
+    token = subscriber_token(headers, query, settings.jwt_cookie) if access.enabled else None
     response: Response
     try:
-        response = await open_stream(hub, settings, topics, resume, transport_aborter(receive))
+        response = await open_stream(hub, settings, access, topics, resume, token, transport_aborter(receive))
     except RequestRejected as exc:  # the app's own error answers, as the FastAPI route gives them
         response = await errors.request_rejected(Request(scope, receive), exc)
-    response.raw_headers.append(node)
+    except Denied as exc:
+        response = errors.denied_response(exc)
+    response.raw_headers.append((b"x-node-id", settings.node_id.encode("ascii")))
+    if cors:
+        response.raw_headers.extend(cors.headers(headers))
     await response(scope, receive, send)
 
 
@@ -105,17 +137,27 @@ async def serve_events(hub: Hub, settings: Settings, scope: Scope, receive: Rece
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "The event stream."},
         400: {"description": "No topic, an invalid topic name or too many topics."},
+        401: {"description": "Access control is on and the topics need a token: none, or an unusable one."},
+        403: {"description": "The token does not allow subscribing to one of the topics (named in the body)."},
     },
 )
 async def events(
     request: Request,
     hub: HubDep,
     settings: SettingsDep,
+    access: AccessDep,
     topic: Annotated[list[str] | None, Query(description="Topic to subscribe to; repeat for more.")] = None,
     last_event_id: Annotated[
         str | None, Query(description="Resume after this id, when the Last-Event-ID header can't be set.")
     ] = None,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    access_token: Annotated[
+        str | None,
+        Query(
+            description="The subscriber's token, for a cross-origin EventSource that can't send headers"
+            " (Authorization: Bearer and the cookie are the other places; use short-lived tokens here)."
+        ),
+    ] = None,
 ) -> Response:
     """Stream the topics' events; with ``Last-Event-ID``, first everything missed since that id.
 
@@ -125,4 +167,9 @@ async def events(
     """
     topics = request.query_params.getlist("topic")
     resume = last_event_id_header if last_event_id_header is not None else last_event_id
-    return await open_stream(hub, settings, topics, resume, transport_aborter(request.receive))
+    token = (
+        subscriber_token(request.scope["headers"], request.query_params.multi_items(), settings.jwt_cookie)
+        if access.enabled
+        else None
+    )
+    return await open_stream(hub, settings, access, topics, resume, token, transport_aborter(request.receive))

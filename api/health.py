@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from api.deps import BrokerDep, HubDep, SettingsDep
+from api.deps import AdminOnly, BrokerDep, HubDep, SettingsDep
 from broker.base import BrokerUnavailable, ReportsStats
 
 router = APIRouter()
@@ -38,7 +38,15 @@ def _rss_bytes() -> int:
         return 0
 
 
-@router.get("/stats", summary="This node's counters: connections, topics, events, memory")
+@router.get(
+    "/stats",
+    summary="This node's counters: connections, topics, events, memory",
+    dependencies=[AdminOnly],
+    responses={
+        401: {"description": "Access control is on and there is no usable token."},
+        403: {"description": "The token has no admin rights."},
+    },
+)
 async def stats(hub: HubDep, broker: BrokerDep, settings: SettingsDep) -> dict[str, Any]:
     body: dict[str, Any] = {"node_id": settings.node_id, "rss_bytes": _rss_bytes(), "hub": hub.stats()}
     if isinstance(broker, ReportsStats):

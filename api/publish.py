@@ -14,7 +14,8 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 
-from api.deps import BrokerDep, SettingsDep
+from api.auth.credentials import bearer_token
+from api.deps import AccessDep, BrokerDep, SettingsDep
 from api.errors import RequestRejected
 from api.models import MAX_BATCH, PublishBatch, Published, PublishEvent
 from api.sse import encode_data, utf8_size
@@ -45,6 +46,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise RequestRejected(413, f"request body is over the limit of {limit} bytes")
     return bytes(body)
+
+
+def _check_content_type(request: Request) -> None:
+    """Only ``application/json``: a browser sends a cross-site ``text/plain`` (or form) POST without a
+    CORS preflight, so accepting one would let any page a user opens publish through their browser."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        shown = media_type or "none"
+        raise RequestRejected(415, f"send the events as Content-Type: application/json (got {shown})")
 
 
 def _parse(body: bytes) -> Any:
@@ -86,9 +96,12 @@ def _message(index: int, item: PublishEvent, max_bytes: int) -> Message:
     summary="Publish one event or a batch",
     responses={
         400: {"description": "The body is not JSON."},
+        401: {"description": "Access control is on and there is no usable Authorization: Bearer token."},
+        403: {"description": "The token does not allow publishing to one of the topics; nothing was published."},
         413: {"description": "The body, or one event's encoded data, is too large."},
+        415: {"description": "The body is not sent as application/json."},
         422: {"description": "A field is missing or invalid; nothing was published."},
-        503: {"description": "The broker is unavailable; retry after Retry-After seconds."},
+        503: {"description": "The broker (or the token keys) are unavailable; retry after Retry-After seconds."},
     },
     openapi_extra={
         "requestBody": {
@@ -115,6 +128,7 @@ async def publish(
     request: Request,
     broker: BrokerDep,
     settings: SettingsDep,
+    access: AccessDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -126,12 +140,17 @@ async def publish(
 ) -> JSONResponse:
     """Publish an event, or an array of up to 1000 events in order, atomically.
 
-    Answers 201 with ``{"id", "topic"}`` (an array of them for an array).
+    Answers 201 with ``{"id", "topic"}`` (an array of them for an array). With access
+    control on, the ``Authorization: Bearer`` token must allow publishing to every
+    topic of the request, or nothing of it is published.
     """
+    grant = await access.authenticate_publisher(bearer_token(request.scope["headers"]))
+    _check_content_type(request)
     if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
         raise RequestRejected(400, "Idempotency-Key must be 1-200 printable ASCII characters without spaces")
     payload = _parse(await _read_body(request, settings.max_body_bytes))
     items, many = _validate(payload)
+    access.check_publish(grant, list(dict.fromkeys(item.topic for item in items)))
     messages = [_message(i if many else -1, item, settings.max_event_bytes) for i, item in enumerate(items)]
     events = await broker.publish(messages, idempotency_key)
     published = [{"id": str(e.id), "topic": e.topic} for e in events]

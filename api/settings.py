@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -73,4 +73,36 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="Replicas that must have an event before its publish is answered 201 (Redis WAIT).",
+    )
+    # -- access control (api.auth): on when one key is configured -------------
+    jwt_secret: SecretStr | None = Field(
+        None, description="HMAC secret (at least 32 bytes) that signs access tokens; turns access control on."
+    )
+    jwt_public_key: str | None = Field(
+        None, description="PEM public key (or @/path/to/key.pem) that verifies access tokens; turns access control on."
+    )
+    jwks_url: str | None = Field(
+        None,
+        description="JSON Web Key Set URL (keys by kid, fetched again on an unknown kid); turns access control on.",
+    )
+    jwt_algorithms: str | None = Field(
+        None,
+        description="Accepted token algorithms, comma-separated (default HS256 with a secret, RS256,ES256,EdDSA"
+        " with public keys); never none, never HMAC with a public key.",
+    )
+    jwt_audience: str | None = Field(None, description="When set, tokens must carry this aud.")
+    jwt_issuer: str | None = Field(None, description="When set, tokens must carry this iss.")
+    jwt_leeway: float = Field(30, ge=0, le=300, description="Seconds of clock leeway for exp, nbf and iat.")
+    jwt_cookie: str = Field(
+        "herald_token",
+        pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}$",
+        description="Cookie a subscriber's token may come in (after the Authorization header and ?access_token=).",
+    )
+    public_topics: str = Field(
+        "",
+        description="Topic selectors anyone may subscribe to without a token, comma-separated (default: none).",
+    )
+    cors_origins: str = Field(
+        "",
+        description="Origins whose pages may use /events and /publish (CORS, with credentials), comma-separated.",
     )

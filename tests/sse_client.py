@@ -43,18 +43,25 @@ class EventStream:
         query_last_event_id: str | None = None,
         timeout: float = 10,
         client: httpx.AsyncClient | None = None,
+        headers: dict[str, str] | None = None,
+        params: Sequence[tuple[str, str]] = (),
     ) -> EventStream:
-        """Open a stream; pass ``client`` to share one connection pool among many streams."""
-        params: list[tuple[str, str | int | float | bool | None]] = [("topic", t) for t in topics]
+        """Open a stream; pass ``client`` to share one connection pool among many streams.
+
+        ``headers`` and ``params`` are sent besides the stream's own (a token, say).
+        The stream is open whatever the answer: check ``response.status_code``.
+        """
+        query: list[tuple[str, str | int | float | bool | None]] = [("topic", t) for t in topics]
+        query.extend(params)
         if query_last_event_id is not None:
-            params.append(("last_event_id", query_last_event_id))
-        headers = {"Accept": "text/event-stream"}
+            query.append(("last_event_id", query_last_event_id))
+        headers = {"Accept": "text/event-stream", **(headers or {})}
         if last_event_id is not None:
             headers["Last-Event-ID"] = last_event_id
         owns = client is None
         if client is None:
             client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, read=None))
-        request = client.build_request("GET", f"{base_url}/events", params=params, headers=headers)
+        request = client.build_request("GET", f"{base_url}/events", params=query, headers=headers)
         try:
             response = await asyncio.wait_for(client.send(request, stream=True), timeout)
         except BaseException:
@@ -124,12 +131,15 @@ class EventStream:
         await self.close()
 
 
-async def publish(base_url: str, body: object, client: httpx.AsyncClient | None = None) -> httpx.Response:
-    """POST /publish with a JSON body."""
+async def publish(
+    base_url: str, body: object, client: httpx.AsyncClient | None = None, token: str | None = None
+) -> httpx.Response:
+    """POST /publish with a JSON body (and ``Authorization: Bearer`` when given a token)."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else None
     if client is not None:
-        return await client.post(f"{base_url}/publish", json=body)
+        return await client.post(f"{base_url}/publish", json=body, headers=headers)
     async with httpx.AsyncClient(timeout=10) as own:
-        return await own.post(f"{base_url}/publish", json=body)
+        return await own.post(f"{base_url}/publish", json=body, headers=headers)
 
 
 async def publish_reliably(client: httpx.AsyncClient, url: str, body: object) -> str:
