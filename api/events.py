@@ -16,7 +16,6 @@ Two entrances, one implementation (:func:`open_stream`):
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Annotated
 from urllib.parse import parse_qsl
@@ -29,7 +28,6 @@ from api.auth.access import Access, Denied
 from api.auth.cors import Cors
 from api.auth.credentials import subscriber_token
 from api.auth.keys import KeysUnavailable
-from api.auth.tokens import Grant
 from api.deps import AccessDep, HubDep, SettingsDep
 from api.errors import RequestRejected
 from api.hub import Hub, Opened, Refused
@@ -97,13 +95,8 @@ async def open_stream(
         resume=resume,
         retry_ms=settings.retry_ms,
         heartbeat=settings.heartbeat,
-        expires_at=None if grant is None else stream_deadline(grant),
+        expires_at=None if grant is None else grant.expires_at,
     )
-
-
-def stream_deadline(grant: Grant) -> float:
-    """When a stream opened with ``grant`` ends: its ``exp``; one accepted only by the leeway gets the leeway."""
-    return grant.expires_at if grant.expires_at > time.time() else grant.valid_until
 
 
 async def serve_events(

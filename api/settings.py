@@ -92,7 +92,12 @@ class Settings(BaseSettings):
     )
     jwt_audience: str | None = Field(None, description="When set, tokens must carry this aud.")
     jwt_issuer: str | None = Field(None, description="When set, tokens must carry this iss.")
-    jwt_leeway: float = Field(30, ge=0, le=300, description="Seconds of clock leeway for exp, nbf and iat.")
+    jwt_leeway: float = Field(
+        30,
+        ge=0,
+        le=300,
+        description="Seconds of clock leeway for nbf and iat (exp is exact: streams end at it).",
+    )
     jwt_cookie: str = Field(
         "herald_token",
         pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}$",

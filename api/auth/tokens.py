@@ -3,8 +3,11 @@
 A token is checked the way the configuration says, never the way it says:
 the algorithm must be one the key source allows for the key it names,
 ``exp`` is required, ``nbf``, ``aud`` (``HERALD_JWT_AUDIENCE``) and ``iss``
-(``HERALD_JWT_ISSUER``) are checked, all with ``HERALD_JWT_LEEWAY`` seconds of
-clock leeway. What it allows is the ``herald`` claim::
+(``HERALD_JWT_ISSUER``) are checked. ``nbf`` and ``iat`` get
+``HERALD_JWT_LEEWAY`` seconds of leeway (an issuer whose clock runs ahead);
+``exp`` gets none: it is the moment a stream opened with the token ends, and a
+token past it must not open a new one (EventSource would loop on a stream
+that ends at once). What a token allows is the ``herald`` claim::
 
     {"sub": "42", "exp": ..., "herald": {"publish": ["orders/*"], "subscribe": ["user/{sub}/**"], "admin": false}}
 
@@ -43,12 +46,10 @@ class Grant:
     subscribe: TopicMatcher
     admin: bool
     expires_at: float
-    """The token's ``exp`` (seconds since the epoch)."""
-    valid_until: float
-    """When the node stops accepting it: ``exp`` plus the leeway."""
+    """The token's ``exp`` (seconds since the epoch): the node accepts it until then, and no stream outlives it."""
 
 
-def grant_from_claims(claims: dict[str, Any], leeway: float) -> Grant:
+def grant_from_claims(claims: dict[str, Any]) -> Grant:
     """The grant of a verified token's claims. Raises InvalidToken when the ``herald`` claim is malformed."""
     subject = claims.get("sub")
     if subject is not None and not isinstance(subject, str):
@@ -68,8 +69,7 @@ def grant_from_claims(claims: dict[str, Any], leeway: float) -> Grant:
     admin = rights.get("admin", False)
     if not isinstance(admin, bool):
         raise InvalidToken(f"{CLAIM}.admin must be true or false")
-    exp = float(claims["exp"])
-    return Grant(subject, lists["publish"], lists["subscribe"], admin, exp, exp + leeway)
+    return Grant(subject, lists["publish"], lists["subscribe"], admin, float(claims["exp"]))
 
 
 class TokenVerifier:
@@ -102,7 +102,7 @@ class TokenVerifier:
         grant = self._cache.get(token)
         now = time.time()
         if grant is not None:
-            if now <= grant.valid_until:
+            if now < grant.expires_at:
                 return grant
             del self._cache[token]
         try:
@@ -141,12 +141,15 @@ class TokenVerifier:
             )
         except jwt.PyJWTError as exc:
             raise InvalidToken(_describe(exc)) from None
-        return grant_from_claims(claims, self._leeway)
+        # PyJWT gave exp the leeway too; exp gets none (see the module's docstring).
+        if not isinstance(claims["exp"], int | float) or claims["exp"] <= time.time():
+            raise InvalidToken("the token has expired")
+        return grant_from_claims(claims)
 
     def _remember(self, token: str, grant: Grant, now: float) -> None:
         cache = self._cache
         if len(cache) >= self._cache_size:
-            for stale in [t for t, g in cache.items() if g.valid_until < now]:
+            for stale in [t for t, g in cache.items() if g.expires_at <= now]:
                 del cache[stale]
             while len(cache) >= self._cache_size:
                 del cache[next(iter(cache))]

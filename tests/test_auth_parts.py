@@ -1,0 +1,210 @@
+"""The parts of access control on their own: selectors, the verifier and its cache, where tokens are found."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+
+import jwt
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from api import token as tokens
+from api.__main__ import check_access, is_loopback
+from api.auth.credentials import bearer_token, cookie_token, subscriber_token
+from api.auth.keys import KeyConfigError, StaticKey, parse_algorithms
+from api.auth.selectors import TopicMatcher, selector_pattern
+from api.auth.tokens import InvalidToken, TokenVerifier
+from api.settings import Settings
+
+SECRET = secrets.token_urlsafe(48)
+
+# -- selectors ------------------------------------------------------------------
+
+SEGMENT = st.text(alphabet="abcxyz019_-.:@", min_size=1, max_size=6)
+
+
+@pytest.mark.parametrize(
+    ("selector", "sub", "topic", "covered"),
+    [
+        ("news", None, "news", True),
+        ("news", None, "news2", False),
+        ("user/1/*", None, "user/1/inbox", True),
+        ("user/1/*", None, "user/12/x", False),
+        ("user/1/*", None, "user/1/a/b", False),
+        ("user/1/**", None, "user/1/a/b", True),
+        ("user/1/**", None, "user/12/a", False),
+        ("orders/*-eu", None, "orders/7-eu", True),
+        ("orders/*-eu", None, "orders/7/x-eu", False),
+        ("user/{sub}/**", "42", "user/42/notes", True),
+        ("user/{sub}/**", "42", "user/4/notes", False),
+        ("user/{sub}/**", None, "user/{sub}/notes", False),
+        ("user/{sub}/**", "*", "user/anything/x", False),  # the subject is literal, never a pattern
+        ("user/{sub}/**", "1/x", "user/1/x/y", False),  # a subject holding / matches nothing
+        ("user/{sub}/**", "", "user//x", False),
+        ("a.b", None, "aXb", False),  # . is a character, not a regex wildcard
+        ("**", None, "any/thing/at/all", True),
+    ],
+)
+def test_selector_examples(selector: str, sub: str | None, topic: str, covered: bool) -> None:
+    assert TopicMatcher([selector], sub).covers(topic) is covered
+
+
+@settings(max_examples=300, deadline=None)
+@given(SEGMENT, SEGMENT, st.lists(SEGMENT, min_size=1, max_size=3))
+def test_a_single_star_never_crosses_a_slash_nor_extends_a_segment(user: str, other: str, rest: list[str]) -> None:
+    """``user/U/*`` matches exactly the topics one segment below ``user/U``: never ``user/U2/x``, never deeper."""
+    matcher = TopicMatcher([f"user/{user}/*"])
+    assert matcher.covers(f"user/{user}/{rest[0]}")
+    assert not matcher.covers(f"user/{user}/" + "/".join([*rest, "z"]))
+    if other != user:
+        assert not matcher.covers(f"user/{other}/{rest[0]}")
+        assert not matcher.covers(f"user/{user}{other}/{rest[0]}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(SEGMENT, SEGMENT, st.lists(SEGMENT, min_size=1, max_size=4))
+def test_sub_selector_covers_exactly_the_subjects_tree(sub: str, other: str, path: list[str]) -> None:
+    matcher = TopicMatcher(["user/{sub}/**"], sub)
+    assert matcher.covers(f"user/{sub}/" + "/".join(path))
+    if other != sub:
+        assert not matcher.covers(f"user/{other}/" + "/".join(path))
+        assert not matcher.covers(f"user/{sub}{other}/" + "/".join(path))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab/*{}sub.", min_size=1, max_size=12), st.text(alphabet="ab/.", min_size=1, max_size=12))
+def test_a_selector_without_wildcards_matches_only_itself(selector: str, topic: str) -> None:
+    literal = "*" not in selector and "{sub}" not in selector
+    if literal:
+        assert TopicMatcher([selector]).covers(topic) is (topic == selector)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=20))
+def test_any_subject_is_substituted_literally_or_not_at_all(sub: str) -> None:
+    pattern = selector_pattern("user/{sub}/x", sub)
+    if pattern is not None:
+        assert re.fullmatch(pattern, f"user/{sub}/x")
+        assert "/" not in sub
+        assert "*" not in sub
+
+
+# -- the verifier -----------------------------------------------------------------
+
+
+def verifier(**kwargs: object) -> TokenVerifier:
+    return TokenVerifier(StaticKey.from_secret(SECRET, None), **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_connect_storm_with_one_token_costs_one_verification() -> None:
+    check = verifier()
+    token = tokens.mint(SECRET, subscribe=["user/{sub}/**"], sub="42")
+    grants = await asyncio.wait_for(asyncio.gather(*(check.verify(token) for _ in range(5000))), 10)
+    assert check.verified == 1
+    assert all(g is grants[0] for g in grants)
+    assert grants[0].subscribe.covers("user/42/a")
+
+
+async def test_a_cached_token_stops_working_at_its_exp() -> None:
+    check = verifier()
+    token = tokens.mint(SECRET, subscribe=["**"], ttl=1)
+    grant = await check.verify(token)
+    assert grant.expires_at == pytest.approx(time.time() + 1, abs=1.5)
+    await asyncio.sleep(max(0.0, grant.expires_at - time.time()) + 0.01)  # the clock must pass exp itself
+    with pytest.raises(InvalidToken, match="expired"):
+        await check.verify(token)
+
+
+async def test_exp_gets_no_leeway_but_nbf_does() -> None:
+    check = verifier(leeway=30)
+    now = int(time.time())
+    late = jwt.encode({"exp": now - 5, "herald": {}}, SECRET, "HS256")
+    early = jwt.encode({"exp": now + 60, "nbf": now + 10, "herald": {}}, SECRET, "HS256")
+    with pytest.raises(InvalidToken, match="expired"):
+        await check.verify(late)
+    assert (await check.verify(early)).expires_at == now + 60
+
+
+async def test_failed_verifications_are_not_cached() -> None:
+    check = verifier()
+    token = jwt.encode({"exp": int(time.time()) + 60}, "y" * 40, "HS256")
+    for _ in range(3):
+        with pytest.raises(InvalidToken):
+            await check.verify(token)
+    assert (check.verified, check.rejected) == (0, 3)
+
+
+async def test_the_cache_is_bounded() -> None:
+    check = verifier(cache_size=10)
+    for i in range(50):
+        await check.verify(tokens.mint(SECRET, sub=str(i)))
+    assert len(check._cache) <= 10
+
+
+@pytest.mark.parametrize(
+    ("text", "secret", "error"),
+    [
+        ("none", True, "never accepted"),
+        ("None", False, "never accepted"),
+        ("HS256", False, "HMAC"),
+        ("RS256", True, "needs a public key"),
+        ("XX999", True, "unknown algorithm"),
+    ],
+)
+def test_algorithms_come_from_configuration_and_fit_the_key(text: str, secret: bool, error: str) -> None:
+    with pytest.raises(KeyConfigError, match=error):
+        parse_algorithms(text, secret=secret)
+
+
+def test_default_algorithms() -> None:
+    assert parse_algorithms(None, secret=True) == {"HS256"}
+    assert parse_algorithms("", secret=False) == {"RS256", "ES256", "EdDSA"}
+
+
+# -- where the token is -----------------------------------------------------------
+
+
+def test_token_locations_in_order() -> None:
+    header = [(b"authorization", b"Bearer H"), (b"cookie", b"herald_token=C")]
+    assert subscriber_token(header, [("access_token", "Q")], "herald_token") == "H"
+    assert subscriber_token(header[1:], [("access_token", "Q")], "herald_token") == "Q"
+    assert subscriber_token(header[1:], [], "herald_token") == "C"
+    assert subscriber_token([], [], "herald_token") is None
+
+
+def test_a_non_bearer_authorization_is_an_unusable_token_not_an_absent_one() -> None:
+    assert bearer_token([(b"authorization", b"Basic dXNlcjpwYXNz")]) == ""
+
+
+def test_cookie_is_found_among_others_and_by_its_configured_name() -> None:
+    headers = [(b"cookie", b"a=1; session=s; herald_token=T; z=2")]
+    assert cookie_token(headers, "herald_token") == "T"
+    assert cookie_token(headers, "session") == "s"
+    assert cookie_token(headers, "missing") is None
+
+
+# -- starting a node ----------------------------------------------------------------
+
+
+def test_a_node_open_to_the_network_without_auth_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="herald.node"):
+        check_access(Settings(host="127.0.0.1"))
+        assert not caplog.records
+        check_access(Settings(host="0.0.0.0"))
+        check_access(Settings(host="0.0.0.0", jwt_secret=SECRET))
+    assert len(caplog.records) == 1
+    assert "access control is off" in caplog.records[0].getMessage()
+
+
+def test_loopback_addresses() -> None:
+    assert is_loopback("127.0.0.1")
+    assert is_loopback("::1")
+    assert is_loopback("localhost")
+    assert not is_loopback("0.0.0.0")
+    assert not is_loopback("10.0.0.1")
+    assert not is_loopback("example.com")
