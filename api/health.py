@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from api.deps import AdminOnly, BrokerDep, HubDep, SettingsDep
+from api.deps import AccessDep, AdminOnly, BrokerDep, HubDep, SettingsDep
 from broker.base import BrokerUnavailable, ReportsStats
 
 router = APIRouter()
@@ -47,8 +47,10 @@ def _rss_bytes() -> int:
         403: {"description": "The token has no admin rights."},
     },
 )
-async def stats(hub: HubDep, broker: BrokerDep, settings: SettingsDep) -> dict[str, Any]:
+async def stats(hub: HubDep, broker: BrokerDep, settings: SettingsDep, access: AccessDep) -> dict[str, Any]:
     body: dict[str, Any] = {"node_id": settings.node_id, "rss_bytes": _rss_bytes(), "hub": hub.stats()}
+    if access.enabled:
+        body["auth"] = access.stats()
     if isinstance(broker, ReportsStats):
         body["broker"] = broker.stats()
     return body

@@ -108,6 +108,7 @@ class Hub:
         self._coalescing = False  # the last flush carried more than one event
         self.events_in = 0
         self.cutoffs = 0
+        self.expired = 0  # streams ended because their token expired
         self.direct_writes = 0  # writes made by the flush, not by a writer task
         self.connections_total = 0
         self.refused = {"draining": 0, "full": 0}  # streams told to retry instead of served
@@ -316,6 +317,8 @@ class Hub:
         self._connections.discard(connection)
         if connection.closed is Closed.OVERFLOW:
             self.cutoffs += 1
+        elif connection.closed is Closed.EXPIRED:
+            self.expired += 1
         orphaned = False
         for topic in connection.topics:
             connections = self._by_topic.get(topic)
@@ -375,6 +378,7 @@ class Hub:
             "topics_subscribed": len(self._subscribed),
             "events_in": self.events_in,
             "cutoffs": self.cutoffs,
+            "expired": self.expired,
             "direct_writes": self.direct_writes,
             "pending_tasks": len(self._tasks),
             "refused_draining": self.refused["draining"],

@@ -99,6 +99,16 @@ class Access:
     def enabled(self) -> bool:
         return self.verifier is not None
 
+    def stats(self) -> dict[str, int]:
+        """Tokens verified (cache misses that passed), refused, and held in the cache."""
+        if self.verifier is None:
+            return {}
+        return {
+            "tokens_verified": self.verifier.verified,
+            "tokens_rejected": self.verifier.rejected,
+            "tokens_cached": self.verifier.cached,
+        }
+
     async def start(self) -> None:
         if self.verifier is not None:
             await self.verifier.keys.start()

@@ -95,6 +95,10 @@ class TokenVerifier:
         """Tokens verified cryptographically (cache misses that succeeded)."""
         self.rejected = 0
 
+    @property
+    def cached(self) -> int:
+        return len(self._cache)
+
     async def verify(self, token: str) -> Grant:
         if self._generation != self.keys.generation:
             self._cache.clear()
