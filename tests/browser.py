@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import itertools
 import json
 import os
@@ -24,8 +25,9 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +217,20 @@ class Browser:
             raise JavaScriptError(str(description))
         return result["result"].get("value")
 
+    async def until(self, expression: str, done: Callable[[Any], bool] = bool, timeout: float = 10) -> Any:
+        """Evaluate ``expression`` until ``done(value)`` holds or ``timeout`` seconds passed; the last value.
+
+        For a page's own progress (an EventSource's events, its readyState),
+        which DevTools has no event for: the value is polled every 50 ms and
+        returned either way, so the caller's assertion can show it.
+        """
+        deadline = time.monotonic() + timeout
+        value = await self.evaluate(expression)
+        while not done(value) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # polling the page's own state: DevTools has nothing to await
+            value = await self.evaluate(expression)
+        return value
+
     def log(self) -> str:
         """What Chromium printed so far (its stdout and stderr)."""
         try:
@@ -272,6 +288,46 @@ def live_processes(group: int) -> list[int]:
         if int(fields[2]) == group and fields[0] != "Z":
             pids.append(int(stat.parent.name))
     return pids
+
+
+BLANK_PAGE = b"<!doctype html><meta charset=utf-8><title>herald test origin</title>"
+
+
+@contextlib.contextmanager
+def static_origin(page: bytes = BLANK_PAGE) -> Iterator[str]:
+    """An HTTP server on a free loopback port answering ``GET /`` with ``page``; yields its origin.
+
+    A page loaded from it is on an origin of its own (``http://127.0.0.1:PORT``),
+    so what it asks of a node on another port is cross-origin (CORS), though
+    same-site: cookies for ``127.0.0.1`` go with it. Other paths answer 404.
+    The server runs in a thread of this process; leaving the block shuts it
+    down and closes its socket.
+    """
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.partition("?")[0] != "/":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # quiet: a test's output is its own
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="static-origin", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
 
 
 @contextlib.asynccontextmanager
