@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from api.auth.access import Access
+from api.auth.cors import Cors
 from api.auth.credentials import subscriber_token
 from api.hub import Hub
 from api.settings import Settings
@@ -46,7 +47,11 @@ async def require_admin(request: Request) -> None:
     access: Access = request.app.state.access
     if access.enabled:
         settings: Settings = request.app.state.settings
-        token = subscriber_token(request.scope["headers"], request.query_params.multi_items(), settings.jwt_cookie)
+        headers = request.scope["headers"]
+        cors: Cors = request.app.state.cors
+        token = subscriber_token(
+            headers, request.query_params.multi_items(), settings.jwt_cookie, cors.trusts_ambient_credentials(headers)
+        )
         await access.authorize_admin(token)
 
 

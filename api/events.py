@@ -109,7 +109,11 @@ async def serve_events(
     resume = next((v.decode("latin-1") for k, v in headers if k == b"last-event-id"), None)
     if resume is None:
         resume = next((value for name, value in query if name == "last_event_id"), None)
-    token = subscriber_token(headers, query, settings.jwt_cookie) if access.enabled else None
+    token = (
+        subscriber_token(headers, query, settings.jwt_cookie, cors.trusts_ambient_credentials(headers))
+        if access.enabled
+        else None
+    )
     response: Response
     try:
         response = await open_stream(hub, settings, access, topics, resume, token, transport_aborter(receive))
@@ -160,8 +164,12 @@ async def events(
     """
     topics = request.query_params.getlist("topic")
     resume = last_event_id_header if last_event_id_header is not None else last_event_id
+    headers = request.scope["headers"]
+    cors: Cors = request.app.state.cors
     token = (
-        subscriber_token(request.scope["headers"], request.query_params.multi_items(), settings.jwt_cookie)
+        subscriber_token(
+            headers, request.query_params.multi_items(), settings.jwt_cookie, cors.trusts_ambient_credentials(headers)
+        )
         if access.enabled
         else None
     )

@@ -208,3 +208,18 @@ def test_loopback_addresses() -> None:
     assert not is_loopback("0.0.0.0")
     assert not is_loopback("10.0.0.1")
     assert not is_loopback("example.com")
+
+
+def test_a_cookie_from_a_page_of_an_unlisted_origin_is_not_the_users() -> None:
+    from api.auth.cors import Cors
+
+    cors = Cors.parse("https://app.example")
+    host = (b"host", b"push.example")
+    assert cors.trusts_ambient_credentials([host])  # no Origin: same-origin GET, or not a browser
+    assert cors.trusts_ambient_credentials([host, (b"origin", b"https://app.example")])
+    assert cors.trusts_ambient_credentials([host, (b"origin", b"https://push.example")])  # the node's own
+    assert not cors.trusts_ambient_credentials([host, (b"origin", b"https://evil.example")])
+    headers = [host, (b"origin", b"https://evil.example"), (b"cookie", b"herald_token=C")]
+    trusted = cors.trusts_ambient_credentials(headers)
+    assert subscriber_token(headers, [], "herald_token", trusted) is None
+    assert subscriber_token([*headers, (b"authorization", b"Bearer H")], [], "herald_token", trusted) == "H"

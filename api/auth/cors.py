@@ -54,6 +54,21 @@ class Cors:
             (b"vary", b"Origin"),
         ]
 
+    def trusts_ambient_credentials(self, request_headers: list[Header]) -> bool:
+        """May this request's cookie stand for the user? Not when it comes from a page of an unlisted origin.
+
+        A browser sends the cookie with a cross-origin GET whatever CORS says;
+        CORS only keeps the answer from the page. Ignoring the cookie then
+        means the node opens no stream for a page that may not read it. A
+        request without ``Origin`` (same-origin GET, non-browser clients) or
+        from the node's own origin is trusted.
+        """
+        origin = _origin(request_headers)
+        if origin is None or origin in self.origins:
+            return True
+        host = next((value for name, value in request_headers if name == b"host"), None)
+        return host is not None and origin.partition(b"://")[2] == host
+
     def preflight(self, request_headers: list[Header]) -> tuple[int, list[Header]]:
         """Status and headers of the answer to a preflight (``OPTIONS`` with ``Access-Control-Request-Method``)."""
         origin = _origin(request_headers)

@@ -52,8 +52,14 @@ def cookie_token(headers: Headers, cookie_name: str) -> str | None:
     return None
 
 
-def subscriber_token(headers: Headers, query: Iterable[tuple[str, str]], cookie_name: str) -> str | None:
-    """The token of a subscribing (or reading) request: header, then query parameter, then cookie."""
+def subscriber_token(
+    headers: Headers, query: Iterable[tuple[str, str]], cookie_name: str, cookie_trusted: bool = True
+) -> str | None:
+    """The token of a subscribing (or reading) request: header, then query parameter, then cookie.
+
+    ``cookie_trusted`` false (a page of an origin the node does not list, see
+    :meth:`api.auth.cors.Cors.trusts_ambient_credentials`) leaves the cookie out.
+    """
     headers = list(headers)
     token = bearer_token(headers)
     if token is not None:
@@ -61,4 +67,4 @@ def subscriber_token(headers: Headers, query: Iterable[tuple[str, str]], cookie_
     for name, value in query:
         if name == QUERY_PARAMETER:
             return value
-    return cookie_token(headers, cookie_name)
+    return cookie_token(headers, cookie_name) if cookie_trusted else None
