@@ -31,9 +31,16 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# While a cluster of `make cluster AUTH=1` runs, the tools below mint their tokens from its secret
+# (unless HERALD_JWT_SECRET is set already). A token sent to a node with access control off is ignored.
+CLUSTER_SECRET := .run/cluster/jwt-secret
+TOOL_AUTH = $(if $(and $(wildcard $(CLUSTER_SECRET)),$(if $(HERALD_JWT_SECRET),,yes)),HERALD_JWT_SECRET="$$(cat $(CLUSTER_SECRET))")
+
 ## Publish the demo streams (ticker and a token-by-token reply) to a running node.
+## Access control on: --token in DEMO_ARGS, or a token minted from HERALD_JWT_SECRET.
+DEMO_ARGS ?=
 demo: setup
-	$(PY) -m workers.demo
+	$(TOOL_AUTH) $(PY) -m workers.demo $(DEMO_ARGS)
 
 ## Herald, nchan and sse-starlette side by side, each pinned to one core; writes docs/benchmarks.md.
 bench: system-deps setup
@@ -49,16 +56,19 @@ LOADTEST_TARGET ?= http://127.0.0.1:8080
 LOADTEST_ARGS ?=
 loadtest: setup
 	@mkdir -p .run
-	$(PY) -m workers.loadtest --target $(LOADTEST_TARGET) --subscribers 1000 --rate 100 --duration 20 \
+	$(TOOL_AUTH) $(PY) -m workers.loadtest --target $(LOADTEST_TARGET) --subscribers 1000 --rate 100 --duration 20 \
 		--json .run/loadtest.json --report .run/loadtest-report.html $(LOADTEST_ARGS)
 
 ## Start redis-server + NODES API nodes (default 3) + nginx on loopback; front at http://127.0.0.1:8080.
 ## SENTINEL=1: Redis as primary + replica + three sentinels (master name "herald"), for failover.
-## Then: .venv/bin/python -m ops.cluster status|restart|stop-node node-1|... (see ops/cluster.py).
+## AUTH=1: access control on, a random HERALD_JWT_SECRET for every node (kept in .run/cluster/jwt-secret,
+## mode 0600); tokens from .venv/bin/python -m ops.cluster token [--publish SEL] [--subscribe SEL] [--admin].
+## Then: .venv/bin/python -m ops.cluster status|restart|stop-node node-1|token|... (see ops/cluster.py).
 NODES ?= 3
 SENTINEL ?=
+AUTH ?=
 cluster: system-deps setup
-	NODES=$(NODES) $(PY) -m ops.cluster start --nodes $(NODES) $(if $(SENTINEL),--sentinel)
+	NODES=$(NODES) $(PY) -m ops.cluster start --nodes $(NODES) $(if $(SENTINEL),--sentinel) $(if $(AUTH),--auth)
 
 ## Stop exactly what `make cluster` started, sentinels and replica included (pid files in .run/cluster).
 cluster-down: setup

@@ -24,7 +24,7 @@ from api.events import serve_events
 from api.health import router as health_router
 from api.hub import Hub
 from api.middleware import NodeIdMiddleware
-from api.models import PublishEvent
+from api.models import TOPIC_PATTERN, PublishEvent
 from api.publish import router as publish_router
 from api.settings import Settings
 from api.stream import DIRECT_WRITES
@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
     app.include_router(publish_router)
     app.include_router(events_router)
     app.include_router(health_router)
-    _document_publish_body(app)
+    _document_publish_body(app, settings)
     return app
 
 
@@ -121,16 +121,51 @@ class HeraldApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def _document_publish_body(app: FastAPI) -> None:
-    """Add the PublishEvent schema the publish route's body refers to (it parses the body itself)."""
+ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {"detail": {"description": "What is wrong, for a person to read."}},
+    "required": ["detail"],
+}
+
+
+ERROR_REF = {"$ref": "#/components/schemas/Error"}
+
+
+def _document_publish_body(app: FastAPI, settings: Settings) -> None:
+    """Complete the OpenAPI document where the routes parse their input themselves.
+
+    The publish route reads its body itself, and the ``/events`` route
+    checks its topics itself (with a 400, where FastAPI would say 422), so
+    their schemas are written here: the PublishEvent schema (its ``$defs``
+    hoisted into the components, or their references would dangle), the
+    topic list's constraints, and the JSON error body of every refusal.
+    """
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = generate()
-            schema.setdefault("components", {}).setdefault("schemas", {})["PublishEvent"] = (
-                PublishEvent.model_json_schema(ref_template="#/components/schemas/{model}")
-            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            publish_event = PublishEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(publish_event.pop("$defs", {}))
+            components["PublishEvent"] = publish_event
+            components["Error"] = ERROR_SCHEMA
+            for item in schema["paths"].values():
+                for operation in item.values():
+                    for status, response in operation.get("responses", {}).items():
+                        if status[0] in "45" and "content" not in response:
+                            response["content"] = {"application/json": {"schema": ERROR_REF}}
+            events = schema["paths"]["/events"]["get"]
+            events["responses"].pop("422", None)
+            for parameter in events.get("parameters", []):
+                if parameter["name"] == "topic" and parameter["in"] == "query":
+                    parameter["required"] = True
+                    parameter["schema"] = {
+                        "type": "array",
+                        "items": {"type": "string", "pattern": TOPIC_PATTERN},
+                        "minItems": 1,
+                        "maxItems": settings.max_topics,
+                    }
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -70,6 +70,7 @@ class Connection:
         "_waiter",
         "active",
         "closed",
+        "expires_at",
         "last_id",
         "topics",
     )
@@ -84,6 +85,7 @@ class Connection:
         self.topics = topics
         self.last_id = 0
         self.closed: Closed | None = None
+        self.expires_at = 0.0  # when the token it was opened with expires (0: never); see Hub.expire_at
         self.active = False
         self._limit = limit
         self._on_overflow = on_overflow

@@ -81,6 +81,8 @@ async def open_stream(
         connection = hub.admit(topics, on_overflow=on_overflow)
     except Refused as exc:
         return RetryLaterResponse(settings.retry_ms, str(exc))
+    if grant is not None:
+        hub.expire_at(connection, grant.expires_at)
     try:
         opened: Opened | None = await hub.open(connection, resume)
     except BrokerUnavailable:
@@ -95,7 +97,6 @@ async def open_stream(
         resume=resume,
         retry_ms=settings.retry_ms,
         heartbeat=settings.heartbeat,
-        expires_at=None if grant is None else grant.expires_at,
     )
 
 

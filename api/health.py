@@ -19,7 +19,11 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: 200 when the broker is usable, 503 otherwise")
+@router.get(
+    "/readyz",
+    summary="Readiness: 200 when the broker is usable, 503 otherwise",
+    responses={503: {"description": "The broker is unavailable; retry after Retry-After seconds."}},
+)
 async def readyz(broker: BrokerDep) -> JSONResponse:
     try:
         ready = await broker.ping()
@@ -45,6 +49,7 @@ def _rss_bytes() -> int:
     responses={
         401: {"description": "Access control is on and there is no usable token."},
         403: {"description": "The token has no admin rights."},
+        503: {"description": "Tokens can't be verified now (the JWKS is unreachable); retry later."},
     },
 )
 async def stats(hub: HubDep, broker: BrokerDep, settings: SettingsDep, access: AccessDep) -> dict[str, Any]:

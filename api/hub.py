@@ -102,6 +102,7 @@ class Hub:
         self._ticker: asyncio.Task[None] | None = None
         self._draining = False
         self._dirty: list[Connection] = []  # connections with bytes for the next flush
+        self._expiring: dict[float, set[Connection]] = {}  # streams by their token's exp (see expire_at)
         self._flush_cost = 0.0  # seconds the last flush took
         self._flush_ended = 0.0  # perf_counter() when it ended
         self._flushed_at_event = 0  # events_in when the last flush ran
@@ -222,6 +223,25 @@ class Hub:
         self._attach(connection)
         return connection
 
+    def expire_at(self, connection: Connection, deadline: float) -> None:
+        """End ``connection`` (:attr:`Closed.EXPIRED`) at ``deadline`` (seconds since the epoch), its token's ``exp``.
+
+        Connections are grouped by deadline, one timer per group: a token's
+        ``exp`` is a whole second, and a connect storm carries a few tokens,
+        so 5,000 streams cost a timer or a few, not 5,000 (about 670 bytes each).
+        """
+        connection.expires_at = deadline
+        group = self._expiring.get(deadline)
+        if group is None:
+            group = self._expiring[deadline] = set()
+            delay = max(0.0, deadline - time.time())
+            asyncio.get_running_loop().call_later(delay, self._expire, deadline)
+        group.add(connection)
+
+    def _expire(self, deadline: float) -> None:
+        for connection in self._expiring.pop(deadline, ()):
+            connection.close(Closed.EXPIRED)
+
     async def open(self, connection: Connection, last_event_id: str | None) -> Opened:
         """Work out what an admitted client gets before live events.
 
@@ -315,6 +335,10 @@ class Hub:
         if connection not in self._connections:
             return
         self._connections.discard(connection)
+        if connection.expires_at:
+            group = self._expiring.get(connection.expires_at)
+            if group is not None:
+                group.discard(connection)
         if connection.closed is Closed.OVERFLOW:
             self.cutoffs += 1
         elif connection.closed is Closed.EXPIRED:

@@ -95,12 +95,15 @@ def _message(index: int, item: PublishEvent, max_bytes: int) -> Message:
     response_model=Published | list[Published],
     summary="Publish one event or a batch",
     responses={
-        400: {"description": "The body is not JSON."},
         401: {"description": "Access control is on and there is no usable Authorization: Bearer token."},
         403: {"description": "The token does not allow publishing to one of the topics; nothing was published."},
         413: {"description": "The body, or one event's encoded data, is too large."},
         415: {"description": "The body is not sent as application/json."},
-        422: {"description": "A field is missing or invalid; nothing was published."},
+        400: {"description": "The body is not JSON, or the Idempotency-Key is malformed."},
+        422: {
+            "description": "A field is missing or invalid, or the Idempotency-Key was used for another request;"
+            " nothing was published."
+        },
         503: {"description": "The broker (or the token keys) are unavailable; retry after Retry-After seconds."},
     },
     openapi_extra={
@@ -133,6 +136,7 @@ async def publish(
         str | None,
         Header(
             alias="Idempotency-Key",
+            json_schema_extra={"pattern": _IDEMPOTENCY_KEY.pattern.join("^$")},
             description="Retry-safe publishing: a request repeated with the same key (within the replay TTL) "
             "publishes nothing again and answers the first request's ids.",
         ),

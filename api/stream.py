@@ -179,7 +179,6 @@ class EventStreamResponse(Response):
         resume: str | None,
         retry_ms: int,
         heartbeat: float,
-        expires_at: float | None = None,
     ) -> None:
         # Not Response.__init__: it would add a Content-Length for an empty body.
         self.status_code = 200
@@ -191,7 +190,6 @@ class EventStreamResponse(Response):
         self._resume = resume
         self._retry_ms = retry_ms
         self._heartbeat = heartbeat
-        self._expires_at = expires_at
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         connection = self._connection
@@ -203,12 +201,6 @@ class EventStreamResponse(Response):
                 connection.close(Closed.DISCONNECTED)  # gone before the callback was in place
         else:
             watcher = asyncio.create_task(_watch_disconnect(receive, connection))
-        # The stream lives as long as its credentials: ended (politely: the
-        # client reconnects, with a fresh token) when they expire.
-        expiry = None
-        if self._expires_at is not None:
-            delay = max(0.0, self._expires_at - time.time())
-            expiry = asyncio.get_running_loop().call_later(delay, connection.close, Closed.EXPIRED)
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             opened = self._opened
@@ -239,8 +231,6 @@ class EventStreamResponse(Response):
                 # the client is gone.
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            if expiry is not None:
-                expiry.cancel()
             if notifier is not None:
                 notifier.on_lost = None  # the connection may serve another request
             if watcher is not None:

@@ -74,8 +74,12 @@ def mint_from_environment(**kwargs: Any) -> str | None:
         return None
     kwargs.setdefault("audience", os.environ.get("HERALD_JWT_AUDIENCE"))
     kwargs.setdefault("issuer", os.environ.get("HERALD_JWT_ISSUER"))
-    algorithm = (os.environ.get("HERALD_JWT_ALGORITHMS") or "HS256").split(",")[0].strip()
-    return mint(secret, algorithm, **kwargs)
+    return mint(secret, _configured_algorithm(), **kwargs)
+
+
+def _configured_algorithm() -> str:
+    """The algorithm the node accepts first (``HERALD_JWT_ALGORITHMS``), HS256 by default."""
+    return (os.environ.get("HERALD_JWT_ALGORITHMS") or "HS256").split(",")[0].strip() or "HS256"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,7 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--secret", help="HMAC secret (default: $HERALD_JWT_SECRET)")
     parser.add_argument("--aud", help="audience (default: $HERALD_JWT_AUDIENCE)")
     parser.add_argument("--iss", help="issuer (default: $HERALD_JWT_ISSUER)")
-    parser.add_argument("--algorithm", default="HS256", choices=sorted(HMAC_ALGORITHMS))
+    parser.add_argument(
+        "--algorithm",
+        default=_configured_algorithm(),
+        choices=sorted(HMAC_ALGORITHMS),
+        help="default: the first of $HERALD_JWT_ALGORITHMS, else HS256",
+    )
     args = parser.parse_args(argv)
     secret = args.secret or os.environ.get("HERALD_JWT_SECRET")
     if not secret:

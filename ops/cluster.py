@@ -12,7 +12,16 @@ that cluster through those files, from any process::
     python -m ops.cluster stop-redis [NAME]        SIGTERM (default: the process named "redis")
     python -m ops.cluster start-redis [NAME]
     python -m ops.cluster failover                 --sentinel clusters: SIGKILL the current primary
+    python -m ops.cluster token [--publish SEL]... --auth clusters: print an access token
     python -m ops.cluster stop                     stops exactly the processes named in the pid files
+
+With ``--auth`` (``make cluster AUTH=1``) access control is on: ``start``
+generates a random ``HERALD_JWT_SECRET``, keeps it in ``jwt-secret`` (mode
+0600) in the run directory and gives it to every node, at start and at every
+restart; ``python -m ops.cluster token [--publish SEL] [--subscribe SEL]
+[--admin] [--sub ID] [--ttl S]`` prints a token signed with it (with no rights
+given, a development token that may do everything). ``stop`` deletes the
+secret: the next cluster gets a new one.
 
 With ``--sentinel`` Redis runs as a primary (``redis``), a replica
 (``redis-1``) and three sentinels (``sentinel-0..2``) watching master name
@@ -28,6 +37,7 @@ import contextlib
 import functools
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -40,6 +50,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from api.token import mint
 from ops import launch
 from ops.launch import NGINX, REDIS_SERVER, ROOT, SENTINEL_MASTER
 from ops.nginx import render_local
@@ -87,6 +98,8 @@ class Cluster:
     sentinel: bool = False
     replica_ports: list[int] = field(default_factory=list)
     sentinel_ports: list[int] = field(default_factory=list)
+    auth: bool = False
+    """Access control on: every node gets the cluster's ``HERALD_JWT_SECRET`` (:attr:`secret_file`)."""
 
     def __post_init__(self) -> None:
         self.run_dir = self.run_dir.resolve()
@@ -135,6 +148,41 @@ class Cluster:
         return dict(zip(self.redis_names, [self.redis_port, *self.replica_ports], strict=True))[name]
 
     STATE_FILE = "cluster.json"
+    SECRET_FILE = "jwt-secret"
+    """The cluster's HERALD_JWT_SECRET, readable by its owner only; never in ``cluster.json``."""
+
+    @property
+    def secret_file(self) -> Path:
+        return self.run_dir / self.SECRET_FILE
+
+    @property
+    def jwt_secret(self) -> str:
+        """The secret the nodes verify tokens with. RuntimeError for a cluster without access control."""
+        if not self.auth:
+            raise RuntimeError("this cluster runs without access control (start it with --auth, make cluster AUTH=1)")
+        try:
+            return self.secret_file.read_text().strip()
+        except FileNotFoundError:
+            raise RuntimeError(f"the cluster's secret is gone ({self.secret_file}): start the cluster again") from None
+
+    def _new_secret(self) -> None:
+        """A fresh random secret in :attr:`secret_file`, created readable by its owner only."""
+        self.secret_file.unlink(missing_ok=True)  # a file left by someone else keeps its mode: start afresh
+        descriptor = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(secrets.token_urlsafe(48) + "\n")
+
+    def token(
+        self,
+        *,
+        publish: list[str] | None = None,
+        subscribe: list[str] | None = None,
+        admin: bool = False,
+        sub: str | None = None,
+        ttl: float = 3600,
+    ) -> str:
+        """A token signed with the cluster's secret (RuntimeError without access control)."""
+        return mint(self.jwt_secret, publish=publish or [], subscribe=subscribe or [], admin=admin, sub=sub, ttl=ttl)
 
     def save_state(self) -> None:
         """Write where everything listens to ``cluster.json``, for tools that act on a running cluster."""
@@ -147,6 +195,7 @@ class Cluster:
             "sentinel": self.sentinel,
             "replica_ports": self.replica_ports,
             "sentinel_ports": self.sentinel_ports,
+            "auth": self.auth,
         }
         (self.run_dir / self.STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
@@ -167,6 +216,7 @@ class Cluster:
             sentinel=state.get("sentinel", False),
             replica_ports=state.get("replica_ports", []),
             sentinel_ports=state.get("sentinel_ports", []),
+            auth=state.get("auth", False),
         )
 
     # -- starting ----------------------------------------------------------------
@@ -177,6 +227,10 @@ class Cluster:
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
         for sub in ("nginx-body", "nginx-proxy"):
             (self.run_dir / sub).chmod(0o777)  # nginx workers drop root privileges
+        if self.auth:
+            self._new_secret()  # a new cluster, a new secret: tokens of an earlier one stop working
+        else:
+            self.secret_file.unlink(missing_ok=True)
         self.save_state()
         try:
             for name in self.redis_names:
@@ -282,7 +336,8 @@ class Cluster:
             }
         else:
             broker = {"REDIS_URL": self.redis_url}
-        return launch.node_env(self.node_ports[index], f"node-{index}", {**broker, **self.env})
+        auth = {"HERALD_JWT_SECRET": self.jwt_secret} if self.auth else {}
+        return launch.node_env(self.node_ports[index], f"node-{index}", {**broker, **auth, **self.env})
 
     def _spawn_node(self, index: int) -> None:
         name = f"node-{index}"
@@ -417,6 +472,7 @@ class Cluster:
         for name in names:
             with contextlib.suppress(Exception):
                 self.signal(name)
+        self.secret_file.unlink(missing_ok=True)  # no node uses it any more
 
     # -- looking -----------------------------------------------------------------
 
@@ -515,6 +571,16 @@ class Cluster:
             lines.append(f"{name:<15} redis://127.0.0.1:{port}/0   replica   logs {self.logs}/{name}.log")
         for name, port in zip(self.sentinel_names, self.sentinel_ports, strict=True):
             lines.append(f"{name:<15} 127.0.0.1:{port}   sentinel (master {SENTINEL_MASTER!r})")
+        if self.auth:
+            lines += [
+                f"access control  on: HERALD_JWT_SECRET in {self.secret_file} (mode 0600), given to every node",
+                "  a token:      .venv/bin/python -m ops.cluster token [--publish SEL] [--subscribe SEL] [--admin]"
+                " [--sub ID] [--ttl S]",
+                "                (no rights given: a development token that may publish, subscribe and read /stats)",
+                f'  e.g.          curl -H "Authorization: Bearer $(.venv/bin/python -m ops.cluster token --admin)"'
+                f" {self.front_url}/stats",
+                "  make loadtest and make demo mint their own tokens from it while it runs",
+            ]
         return "\n".join(lines)
 
 
@@ -624,6 +690,8 @@ def _print_status(cluster: Cluster, status: dict[str, object]) -> None:
     print(f"{'NAME':<12} {'STATE':<10} {'PID':<8} URL")
     for name, state, pid, url in rows:
         print(f"{name:<12} {state:<10} {pid:<8} {url}")
+    if cluster.auth:
+        print("access control on: tokens from `python -m ops.cluster token` (--help for their rights)")
 
 
 def _running_names(run_dir: Path) -> list[str]:
@@ -649,6 +717,9 @@ def main(argv: list[str] | None = None) -> None:
     start.add_argument("--redis-port", type=int, default=6380)
     start.add_argument("--no-appendonly", action="store_true", help="run Redis without AOF")
     start.add_argument("--sentinel", action="store_true", help="a replica and three sentinels too")
+    start.add_argument(
+        "--auth", action="store_true", help="access control on: a random HERALD_JWT_SECRET for every node"
+    )
     start.add_argument("--replica-port", type=int, default=0, help="default: the redis port + 1")
     start.add_argument("--first-sentinel-port", type=int, default=26380, help="sentinel i listens on this + i")
     commands.add_parser("stop", parents=[common], help="stop every process of the cluster")
@@ -664,6 +735,18 @@ def main(argv: list[str] | None = None) -> None:
         redis_command = commands.add_parser(f"{verb}-redis", parents=[common], help=f"{verb} a redis-server")
         redis_command.add_argument("name", nargs="?", default="redis", help="redis (default), redis-1, ...")
     commands.add_parser("failover", parents=[common], help="--sentinel clusters: SIGKILL the current primary")
+    token = commands.add_parser(
+        "token",
+        parents=[common],
+        help="--auth clusters: print an access token signed with the cluster's secret",
+        description="Print an access token for this cluster. With no --publish, --subscribe or --admin: a "
+        "development token that may publish and subscribe to every topic and read /stats.",
+    )
+    token.add_argument("--publish", action="append", metavar="SELECTOR", help="may publish to (repeat)")
+    token.add_argument("--subscribe", action="append", metavar="SELECTOR", help="may subscribe to (repeat)")
+    token.add_argument("--admin", action="store_true", help="may read /stats")
+    token.add_argument("--sub", help="the subject ({sub} in selectors)")
+    token.add_argument("--ttl", type=float, default=3600, help="seconds until it expires (default %(default)g)")
     args = parser.parse_args(argv)
     run_dir: Path = args.run_dir
 
@@ -682,6 +765,7 @@ def main(argv: list[str] | None = None) -> None:
             sentinel=args.sentinel,
             replica_ports=[args.replica_port or args.redis_port + 1] if args.sentinel else [],
             sentinel_ports=[args.first_sentinel_port + i for i in range(3)] if args.sentinel else [],
+            auth=args.auth,
         )
         cluster.start()
         # The processes outlive this command; the other commands find them by their pid files.
@@ -727,6 +811,16 @@ def main(argv: list[str] | None = None) -> None:
         except RuntimeError as error:
             sys.exit(str(error))
         print(f"killed the primary {killed}; the sentinels promote a replica (see `status`)")
+    elif args.command == "token":
+        if args.ttl <= 0:
+            sys.exit("--ttl must be positive")
+        if not (args.publish or args.subscribe or args.admin):
+            args.publish, args.subscribe, args.admin = ["**"], ["**"], True  # the development token
+        try:
+            print(cluster.token(publish=args.publish, subscribe=args.subscribe, admin=args.admin, sub=args.sub,
+                                ttl=args.ttl))  # fmt: skip
+        except RuntimeError as error:
+            sys.exit(str(error))
     cluster.processes.clear()
 
 

@@ -57,10 +57,15 @@ def render(
     pid: str,
     client_body_temp_path: str,
     proxy_temp_path: str,
+    access_log: str = "/dev/stdout",
     worker_rlimit_nofile: int = MAX_OPEN_FILES,
     template: str | None = None,
 ) -> str:
-    """The template with every placeholder filled in; KeyError if it has one this function doesn't know."""
+    """The template with every placeholder filled in; KeyError if it has one this function doesn't know.
+
+    ``access_log`` is a file path: the template logs to it in its own format,
+    which never holds a token (no query string, no Authorization or Cookie).
+    """
     if not servers:
         raise ValueError("nginx needs at least one upstream server")
     text = template if template is not None else TEMPLATE.read_text()
@@ -68,6 +73,7 @@ def render(
         upstream_servers=upstream_lines(servers),
         listen=listen,
         error_log=error_log,
+        access_log=access_log,
         pid=pid,
         client_body_temp_path=client_body_temp_path,
         proxy_temp_path=proxy_temp_path,
@@ -76,11 +82,12 @@ def render(
 
 
 def render_compose() -> str:
-    """ops/nginx.conf as compose.yaml mounts it: the three ``api`` replicas behind port 8080."""
+    """ops/nginx.conf as compose.yaml mounts it: the ``api`` replicas behind port 8080, logs to stdout/stderr."""
     body = render(
         servers=["api:8000"],
         listen="8080",
         error_log="/dev/stderr",
+        access_log="/dev/stdout",
         pid="/tmp/herald-nginx.pid",
         client_body_temp_path="/tmp/herald-nginx-body",
         proxy_temp_path="/tmp/herald-nginx-proxy",
@@ -100,6 +107,7 @@ def render_local(front_port: int, node_ports: Sequence[int], run_dir: Path) -> s
         servers=[f"127.0.0.1:{p}" for p in node_ports],
         listen=f"127.0.0.1:{front_port}",
         error_log=f"{run_dir}/logs/nginx-error.log",
+        access_log=f"{run_dir}/logs/nginx-access.log",
         pid=f"{run_dir}/nginx.own-pid",
         client_body_temp_path=f"{run_dir}/nginx-body",
         proxy_temp_path=f"{run_dir}/nginx-proxy",

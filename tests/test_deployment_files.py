@@ -10,17 +10,24 @@ through by the cluster tests.
 from __future__ import annotations
 
 import re
+import secrets
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
 from api.settings import Settings
+from api.token import mint
+from ops import launch
 from ops.launch import NGINX
 from ops.nginx import render_compose, render_local
+from ops.probe import free_port, wait_until
+from tests.server import run_server
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
@@ -60,6 +67,15 @@ def test_compose_addresses_agree_with_nginx_and_settings() -> None:
     assert demo_url == f"http://nginx:{listen}"
 
 
+def test_compose_gives_nodes_and_demo_one_secret_and_off_when_unset() -> None:
+    services = COMPOSE["services"]
+    secret = services["api"]["environment"]["HERALD_JWT_SECRET"]
+    assert secret == services["demo"]["environment"]["HERALD_JWT_SECRET"] == "${HERALD_JWT_SECRET:-}"
+    # With access control on, the demo page's topics stay readable without a token.
+    demo_topics = set(re.findall(r"topic=(\w+)", (ROOT / "compose.yaml").read_text()))
+    assert demo_topics == set(services["api"]["environment"]["HERALD_PUBLIC_TOPICS"].split(","))
+
+
 def test_nginx_is_set_up_for_sse() -> None:
     assert re.search(r"^\s*least_conn;", NGINX_CONF, flags=re.M)
     assert directives("proxy_http_version") == ["1.1"]
@@ -97,7 +113,12 @@ def test_nginx_never_hands_its_own_failures_to_clients_as_is() -> None:
     assert not directives("proxy_intercept_errors")
 
 
-@pytest.mark.skipif(not shutil.which("nginx") and not Path(NGINX).exists(), reason="nginx is not installed")
+needs_nginx = pytest.mark.skipif(
+    not shutil.which("nginx") and not Path(NGINX).exists(), reason="nginx is not installed"
+)
+
+
+@needs_nginx
 @pytest.mark.parametrize("where", ["compose", "local"])
 def test_rendered_nginx_config_passes_nginx_t(tmp_path: Path, where: str) -> None:
     for sub in ("logs", "nginx-body", "nginx-proxy"):
@@ -117,6 +138,171 @@ def test_rendered_nginx_config_passes_nginx_t(tmp_path: Path, where: str) -> Non
     assert result.returncode == 0, result.stderr
     if where == "local":
         assert conf.read_text().count("server 127.0.0.1:1800") == 3
+
+
+# -- access control behind nginx: tokens never logged, CORS untouched -------------------
+
+TOKEN_VARIABLES = re.compile(
+    r"\$(request|args|arg_\w+|query_string|request_uri|request_body|http_authorization|http_cookie|cookie_\w+"
+    r"|http_referer|remote_user)(?![A-Za-z0-9_])"
+)
+"""nginx variables that hold a token (the query string, Authorization, Cookie) or may (Referer, Basic auth)."""
+
+
+def log_formats(conf: str) -> dict[str, str]:
+    """Every ``log_format name '...' '...';``: its name and its whole format (the strings joined)."""
+    formats = {}
+    for name, body in re.findall(r"^\s*log_format\s+(\S+)\s+(.*?);", conf, flags=re.M | re.S):
+        formats[name] = "".join(re.findall(r"'([^']*)'", body))
+    return formats
+
+
+@pytest.mark.parametrize("where", ["compose", "local"])
+def test_nginx_never_logs_a_token(tmp_path: Path, where: str) -> None:
+    """Tokens come in the query string (?access_token=), Authorization and Cookie: no log may hold them."""
+    conf = render_compose() if where == "compose" else render_local(18080, [18001], tmp_path)
+    formats = log_formats(conf)
+    assert formats, "a log format of our own: nginx's default (combined) logs $request, query string and all"
+    for name, text in formats.items():
+        assert "$uri" in text, name
+        assert not TOKEN_VARIABLES.search(text), f"log_format {name} may log a token: {text}"
+    access_logs = re.findall(r"^\s*access_log\s+([^;]*);", conf, flags=re.M)
+    assert access_logs
+    for directive in access_logs:
+        words = directive.split()
+        # "access_log path;" alone would use the combined format.
+        assert words == ["off"] or (len(words) >= 2 and words[1] in formats), directive
+    # nginx's own per-request error lines quote the request line, query string included.
+    http = conf[conf.index("http {") :]
+    levels = re.findall(r"^\s*error_log\s+\S+\s+(\w+);", http, flags=re.M)
+    assert levels
+    assert set(levels) <= {"crit", "alert", "emerg"}, levels
+
+
+def test_nginx_leaves_cors_and_credentials_to_the_nodes() -> None:
+    """Preflights (OPTIONS), Origin, Authorization and Cookie reach the nodes, whose CORS answers come back."""
+    conf = re.sub(r"#.*", "", NGINX_CONF)  # directives only
+    for forbidden in ("limit_except", "proxy_hide_header", "proxy_pass_request_headers", "proxy_intercept_errors"):
+        assert forbidden not in conf, forbidden
+    assert not re.search(r"\bif\s*\(\s*\$request_method", conf)
+    for header in ("Origin", "Authorization", "Cookie", "Access-Control"):
+        assert not re.search(rf"proxy_set_header\s+{header}", conf, flags=re.I), header
+    # nginx adds CORS headers only to its own retry answer for streams (a node's answers carry the nodes' own).
+    assert not re.search(r"add_header\s+Access-Control", conf.split("location @events_retry")[0])
+    assert not re.search(r"add_header\s+Access-Control", conf.split("location @events_retry")[1].split("}", 1)[1])
+
+
+ORIGIN = "https://app.example.test"
+
+
+@needs_nginx
+def test_through_nginx_cors_and_tokens_work_and_no_log_holds_a_token(tmp_path: Path) -> None:
+    """A real node with auth and CORS on, behind the real rendered nginx; then every log nginx wrote is read."""
+    secret = secrets.token_urlsafe(48)
+    publisher = mint(secret, publish=["orders/**"])
+    subscriber = mint(secret, subscribe=["user/{sub}/**"], sub="42")
+    in_query = mint(secret, subscribe=["user/{sub}/**"], sub="42", ttl=60)
+    env = {"HERALD_JWT_SECRET": secret, "HERALD_CORS_ORIGINS": ORIGIN}
+    for sub in ("logs", "nginx-body", "nginx-proxy"):
+        (tmp_path / sub).mkdir()
+    front_port = free_port()
+    front = f"http://127.0.0.1:{front_port}"
+    with run_server(env) as node:
+        conf = tmp_path / "nginx.conf"
+        conf.write_text(render_local(front_port, [node.port], tmp_path))
+        args = [NGINX, "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "logs" / "nginx-error.log"),
+                "-g", "daemon off;"]  # fmt: skip
+        nginx = launch.spawn(args, new_session=False)
+        try:
+            wait_until(lambda: httpx.get(f"{front}/healthz", timeout=1).status_code == 200, "nginx", 10)
+            with httpx.Client(base_url=front, timeout=10) as client:
+                # A page of the allowed origin publishes with fetch and a header: the preflight passes through.
+                preflight = client.options(
+                    "/publish",
+                    headers={
+                        "Origin": ORIGIN,
+                        "Access-Control-Request-Method": "POST",
+                        "Access-Control-Request-Headers": "authorization, content-type",
+                    },
+                )
+                assert preflight.status_code == 204
+                assert preflight.headers["access-control-allow-origin"] == ORIGIN
+                assert preflight.headers["access-control-allow-credentials"] == "true"
+                assert "Authorization" in preflight.headers["access-control-allow-headers"]
+                other = client.options(
+                    "/events", headers={"Origin": "https://evil.test", "Access-Control-Request-Method": "GET"}
+                )
+                assert other.status_code == 403
+                assert "access-control-allow-origin" not in other.headers
+                published = client.post(
+                    "/publish",
+                    json={"topic": "orders/1", "data": {}},
+                    headers={"Authorization": f"Bearer {publisher}", "Origin": ORIGIN},
+                )
+                assert published.status_code == 201
+                assert published.headers["access-control-allow-origin"] == ORIGIN
+                # A refusal keeps its RFC 6750 challenge and its CORS headers (a page can tell 401 from a fault).
+                refused = client.get("/events", params={"topic": "user/42/n"}, headers={"Origin": ORIGIN})
+                assert refused.status_code == 401
+                assert refused.headers["www-authenticate"].startswith("Bearer ")
+                assert refused.headers["access-control-allow-origin"] == ORIGIN
+                for request in (
+                    {"headers": {"Origin": ORIGIN, "Cookie": f"herald_token={subscriber}"}},
+                    {"headers": {"Origin": ORIGIN}, "params": {"access_token": in_query}},
+                    {"headers": {"Authorization": f"Bearer {subscriber}"}},
+                ):
+                    params = {"topic": "user/42/notifications", **request.get("params", {})}
+                    with client.stream("GET", "/events", params=params, headers=request["headers"]) as stream:
+                        assert stream.status_code == 200, request
+                        assert stream.headers["content-type"].startswith("text/event-stream")
+                        if "Origin" in request["headers"]:
+                            assert stream.headers["access-control-allow-origin"] == ORIGIN
+                            assert stream.headers["access-control-allow-credentials"] == "true"
+        except BaseException:
+            nginx.kill()
+            nginx.wait()
+            raise
+    # No node now: nginx answers the stream itself, readable by the page's origin, so EventSource retries.
+    try:
+        answer = httpx.get(
+            f"{front}/events",
+            params={"topic": "user/42/notifications", "access_token": in_query},
+            headers={"Origin": ORIGIN, "Authorization": f"Bearer {subscriber}"},
+            timeout=10,
+        )
+        assert answer.status_code == 200
+        assert "retry: 1000" in answer.text
+        assert answer.headers["access-control-allow-origin"] == ORIGIN
+        assert answer.headers["access-control-allow-credentials"] == "true"
+        assert httpx.post(f"{front}/publish?access_token={publisher}", json={}, timeout=10).status_code == 503
+    finally:
+        nginx.send_signal(signal.SIGQUIT)  # graceful: the log buffers are written out
+        try:
+            nginx.wait(10)
+        except subprocess.TimeoutExpired:
+            nginx.kill()
+            nginx.wait()
+    logs = {path.name: path.read_text() for path in (tmp_path / "logs").iterdir()}
+    access = logs["nginx-access.log"]
+    assert '"GET /events HTTP/1.1" 401' in access
+    assert '"POST /publish HTTP/1.1" 201' in access
+    assert "upstream_status=502" in access  # what the error log no longer says, the access log does
+    for name, text in logs.items():
+        for token in (publisher, subscriber, in_query):
+            assert token not in text, f"{name} holds a token"
+        assert "access_token" not in text, name
+
+
+def test_readme_settings_table_names_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Settings") : readme.index("\n## ", readme.index("## Settings") + 1)]
+    documented = set(re.findall(r"^\| `([A-Z_]+)` \|", table, flags=re.M))
+    expected = set()
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        choices = getattr(alias, "choices", None)
+        expected.add(str(choices[0]) if choices else f"HERALD_{name.upper()}")
+    assert documented == expected
 
 
 def test_dockerfile_runs_a_node() -> None:

@@ -184,3 +184,20 @@ async def test_regression_frame_cache_is_bounded_in_bytes_not_count() -> None:
     assert 0 < hub._frames_size <= 100_000
     assert sum(map(len, hub._frames.values())) == hub._frames_size
     await broker.close()
+
+
+async def test_streams_of_one_token_share_one_expiry_timer(hub: Hub) -> None:
+    import time
+
+    deadline = time.time() + 0.2
+    connections = [hub.admit(["t"]) for _ in range(1000)]
+    for connection in connections:
+        hub.expire_at(connection, deadline)
+    assert len(hub._expiring) == 1
+    gone = connections.pop()
+    hub.detach(gone)
+    assert gone not in hub._expiring[deadline]
+    await asyncio.wait_for(connections[0].next_chunk(), 5)  # woken by the close, None once closed
+    assert {c.closed for c in connections} == {Closed.EXPIRED}
+    assert gone.closed is None
+    assert hub._expiring == {}

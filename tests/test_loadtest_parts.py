@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
 
+import jsonschema
+import jwt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from api.auth.selectors import TopicMatcher
 from tests.test_loadtest import validate
-from workers.loadtest.config import LoadConfig, check_targets, from_args, parser
+from workers.loadtest.config import TOKEN_MARGIN, LoadConfig, check_targets, from_args, parser
 from workers.loadtest.faults import Fault, inject
 from workers.loadtest.histogram import Histogram, bucket_bounds, bucket_of
 from workers.loadtest.publisher import Ledger, lanes_for
@@ -28,6 +32,7 @@ from workers.loadtest.wire import (
     ChunkedDecoder,
     answer_cause,
     errno_cause,
+    get_request,
     is_event_stream,
     last_field,
     parse_head,
@@ -430,3 +435,77 @@ async def test_a_subscriber_counts_what_kept_it_from_streaming(path: str, errors
     assert (recorder.told_to_retry >= 2) is told
     assert not recorder.drops  # a "retry later" is not a dropped stream
     assert sub.gaps == []  # nor was the subscriber back
+
+
+# -- access tokens --------------------------------------------------------------------------
+
+LOAD_SECRET = "s" * 48
+
+
+def test_a_token_is_minted_from_the_secret_for_this_runs_topics_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HERALD_JWT_SECRET", raising=False)
+    assert (from_args([]).token, from_args([]).auth) == (None, "none")
+    monkeypatch.setenv("HERALD_JWT_SECRET", LOAD_SECRET)
+    config = from_args(["--duration", "100", "--drain", "5"])
+    assert config.auth == "minted"
+    assert config.token is not None
+    claims = jwt.decode(config.token, LOAD_SECRET, algorithms=["HS256"])
+    assert claims["herald"] == {"publish": [config.topic_selector], "subscribe": [config.topic_selector]}
+    assert claims["exp"] - claims["iat"] >= config.longest_seconds + TOKEN_MARGIN - 1  # never expires mid-run
+    rights = TopicMatcher(claims["herald"]["subscribe"])
+    assert rights.covers(config.topic_name(0))
+    assert rights.covers(config.topic_name(9999))
+    assert rights.covers(f"{config.topic_name(0)}-warmup")  # the publishers' warm-up topic
+    assert not rights.covers("lt-000000-1")  # no other run's topics
+    assert not rights.covers("orders")  # nor anybody else's
+    given = from_args(["--token", "abc.def.ghi"])
+    assert (given.token, given.auth) == ("abc.def.ghi", "given")  # --token wins over the secret
+    assert from_args(["--system", "nchan"]).token is None  # the peers of make bench take none
+
+
+@pytest.mark.parametrize(
+    ("argv", "secret", "message"),
+    [
+        (["--token", "a.b.c", "--system", "nchan"], None, "nchan takes none"),
+        (["--token", "a b"], None, "the token itself"),
+        (["--token", ""], None, "the token itself"),
+        ([], "too-short", "cannot mint a token from HERALD_JWT_SECRET"),
+    ],
+)
+def test_a_token_the_run_cannot_use_exits_with_status_2(
+    argv: list[str],
+    secret: str | None,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if secret is None:
+        monkeypatch.delenv("HERALD_JWT_SECRET", raising=False)
+    else:
+        monkeypatch.setenv("HERALD_JWT_SECRET", secret)
+    with pytest.raises(SystemExit) as exited:
+        from_args(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_token_is_never_in_the_config_the_result_or_the_summary() -> None:
+    config = LoadConfig(subscribers=1, duration=1, rate=1, token="eyJ.secret-part.signature", auth="given")
+    assert "secret-part" not in repr(config)
+    assert "token" not in config.to_json()
+    assert config.to_json()["auth"] == "given"
+    result = _result_with(Fault("kill-node", 1.0), [_sub(0, [])], 0)
+    result["config"] = config.to_json()
+    validate(result)
+    assert "secret-part" not in json.dumps(result) + summary_table(result) + render(result)
+    assert "a token given with --token" in summary_table(result)
+    with pytest.raises(jsonschema.ValidationError):
+        validate({**result, "config": {**result["config"], "token": "eyJ..."}})  # the schema refuses one
+
+
+def test_a_subscriber_sends_its_token_as_a_bearer_header() -> None:
+    assert b"\r\nAuthorization: Bearer a.b.c\r\n" in get_request("h:1", "/events?topic=x", None, "a.b.c")
+    assert b"Authorization" not in get_request("h:1", "/events?topic=x", "7")
+    request = get_request("h:1", "/events?topic=x", "7", "a.b.c")
+    assert request.split(b"\r\n")[0] == b"GET /events?topic=x HTTP/1.1"  # the request line stays short
+    assert request.endswith(b"Last-Event-ID: 7\r\n\r\n")

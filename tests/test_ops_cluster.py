@@ -310,3 +310,73 @@ def test_sentinel_cluster_fails_over_to_the_replica_and_the_old_primary_rejoins(
 def test_failover_needs_sentinels(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="sentinel"):
         Cluster(tmp_path, node_ports=[1], redis_port=1).failover_redis()
+
+
+# -- access control (make cluster AUTH=1) ------------------------------------------------------
+
+
+def node_environ(pid: int) -> dict[str, str]:
+    items = Path(f"/proc/{pid}/environ").read_text().split("\0")
+    return dict(item.split("=", 1) for item in items if "=" in item)
+
+
+@needs_nginx
+@needs_redis
+@pytest.mark.timeout(120)
+def test_cli_auth_cluster_gives_every_node_its_secret_and_prints_tokens(tmp_path: Path) -> None:
+    run_dir = tmp_path / "cluster"
+    front, first_node, redis_port = free_port(), free_port_range(2), free_port()
+    ports = ["--front", str(front), "--first-node-port", str(first_node), "--redis-port", str(redis_port)]
+    front_url = f"http://127.0.0.1:{front}"
+    try:
+        started = cli(run_dir, "start", "--nodes", "2", "--auth", *ports)
+        secret_file = run_dir / "jwt-secret"
+        secret = secret_file.read_text().strip()
+        assert len(secret) >= 32
+        assert secret_file.stat().st_mode & 0o777 == 0o600
+        assert "access control" in started
+        assert "ops.cluster token" in started
+        assert secret not in started
+        saved = (run_dir / Cluster.STATE_FILE).read_text()
+        assert json.loads(saved)["auth"] is True
+        assert secret not in saved  # only in the 0600 file
+        for node in status(run_dir)["nodes"]:
+            assert node["state"] == "ready"
+            assert node_environ(node["pid"])["HERALD_JWT_SECRET"] == secret
+        assert "access control on" in cli(run_dir, "status")
+
+        def stats(url: str, token: str | None) -> int:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            return httpx.get(f"{url}/stats", headers=headers, timeout=5).status_code
+
+        admin = cli(run_dir, "token", "--admin").strip()
+        reader = cli(run_dir, "token", "--subscribe", "news/*").strip()
+        assert (stats(front_url, None), stats(front_url, admin), stats(front_url, reader)) == (401, 200, 403)
+        development = cli(run_dir, "token").strip()  # no rights given: may do everything
+        published = httpx.post(f"{front_url}/publish", json={"topic": "any/topic", "data": 1},
+                               headers={"Authorization": f"Bearer {development}"}, timeout=5)  # fmt: skip
+        assert published.status_code == 201
+        assert stats(front_url, development) == 200
+
+        # A node started again gets the same secret: the tokens handed out still work on it.
+        cli(run_dir, "stop-node", "node-1")
+        cli(run_dir, "start-node", "node-1")
+        node_1 = f"http://127.0.0.1:{first_node + 1}"
+        assert (stats(node_1, None), stats(node_1, admin)) == (401, 200)
+    finally:
+        cli(run_dir, "stop")
+    assert not (run_dir / "jwt-secret").exists()  # the next cluster gets a new secret
+
+
+def test_a_cluster_without_access_control_has_no_tokens(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, node_ports=[1], redis_port=1)
+    cluster.save_state()
+    with pytest.raises(RuntimeError, match="without access control"):
+        cluster.token(admin=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "ops.cluster", "token", "--run-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "AUTH=1" in done.stderr
+    assert done.stdout == ""

@@ -12,6 +12,12 @@ Run it with ``python -m workers.demo`` against a running node, then open
   as is), 30-120 ms apart, then ``reply.end`` with ``{"reply": k, "tokens": count}``.
   Replies cycle through :data:`CANNED_REPLIES`, about two seconds apart.
 
+With access control on, every request carries ``Authorization: Bearer``:
+the token of ``--token`` (it must allow publishing to both topics), or,
+without one, tokens minted from ``HERALD_JWT_SECRET`` for exactly the two
+topics, renewed before they expire (:class:`TokenSource`). The token is
+never logged.
+
 Both streams run concurrently on one HTTP client. A ``503`` (broker
 unavailable) is retried after its ``Retry-After`` delay; network errors and
 other 5xx answers are retried with a growing delay. Any other refusal (4xx)
@@ -35,11 +41,14 @@ import random
 import re
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import httpx
+
+from api.token import mint_from_environment
 
 log = logging.getLogger("herald.demo")
 
@@ -58,6 +67,8 @@ RETRY_AFTER_DEFAULT = 1.0
 RETRY_AFTER_MAX = 60.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 10.0
+MINTED_TTL = 3600.0
+"""Seconds a token minted from HERALD_JWT_SECRET is valid; a new one is minted halfway."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,13 +163,66 @@ def retry_after_seconds(value: str | None, default: float = RETRY_AFTER_DEFAULT)
     return min(max((when - datetime.now(UTC)).total_seconds(), 0.0), RETRY_AFTER_MAX)
 
 
+class TokenSource:
+    """The access token the demo publishes with: a fixed one, minted ones renewed halfway through, or none."""
+
+    def __init__(
+        self,
+        token: str | None = None,
+        minter: Callable[[], str | None] | None = None,
+        ttl: float = MINTED_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._token = token
+        self._minter = minter
+        self._ttl = ttl
+        self._clock = clock
+        self._renew_at = float("-inf")
+
+    @classmethod
+    def from_environment(cls, topics: Sequence[str], ttl: float = MINTED_TTL) -> TokenSource:
+        """Tokens minted from ``HERALD_JWT_SECRET`` that may publish to ``topics``; none when it is unset.
+
+        Raises ValueError for a secret that cannot sign (too short, or HERALD_JWT_ALGORITHMS not HMAC).
+        """
+
+        def minter() -> str | None:
+            return mint_from_environment(publish=list(topics), sub="demo", ttl=ttl)
+
+        source = cls(minter=minter, ttl=ttl)
+        source.current()  # a secret that cannot sign fails now, not at the first publish
+        return source
+
+    @property
+    def minted(self) -> bool:
+        return self._minter is not None and self._token is not None
+
+    def current(self) -> str | None:
+        """The token to send now (minting a fresh one when the last is half expired)."""
+        if self._minter is not None and self._clock() >= self._renew_at:
+            self._token = self._minter()
+            self._renew_at = self._clock() + self._ttl / 2
+        return self._token
+
+
 class Publisher:
     """Publishes events to one Herald node, retrying while the node or its broker is unavailable."""
 
-    def __init__(self, client: httpx.AsyncClient, url: str, stats: DemoStats | None = None) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        stats: DemoStats | None = None,
+        token: str | TokenSource | None = None,
+    ) -> None:
         self._client = client
         self._endpoint = f"{url.rstrip('/')}/publish"
         self.stats = stats if stats is not None else DemoStats()
+        self._token = token if isinstance(token, TokenSource) else TokenSource(token)
+
+    def _headers(self) -> dict[str, str] | None:
+        token = self._token.current()
+        return {"authorization": f"Bearer {token}"} if token else None
 
     async def publish(self, topic: str, event: str, data: object) -> str:
         """Publish one event and return its id once Herald accepted it.
@@ -171,7 +235,7 @@ class Publisher:
         backoff = BACKOFF_FIRST
         while True:
             try:
-                response = await self._client.post(self._endpoint, json=body)
+                response = await self._client.post(self._endpoint, json=body, headers=self._headers())
             except httpx.TransportError as exc:
                 log.warning("publish to %s failed (%s); retrying in %.1fs", self._endpoint, exc or type(exc), backoff)
                 await asyncio.sleep(backoff)
@@ -264,6 +328,7 @@ async def run(
     duration: float | None = None,
     seed: int | None = None,
     client: httpx.AsyncClient | None = None,
+    token: str | TokenSource | None = None,
 ) -> DemoStats:
     """Publish the ticker and the streamed chat replies to the node at ``url``, concurrently.
 
@@ -271,7 +336,8 @@ async def run(
     them), until ``duration`` seconds have passed, whichever comes first; with
     neither, until cancelled. ``seed`` makes the pauses between tokens
     reproducible. ``client`` replaces the HTTP client the run would open
-    (the caller then closes it).
+    (the caller then closes it). ``token``: what to publish with when access
+    control is on (a token, or a :class:`TokenSource`); none by default.
 
     Returns what was published. Raises :class:`PublishRejected` when Herald
     refuses a request for a reason other than its broker being unavailable.
@@ -287,7 +353,7 @@ async def run(
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
             client = await stack.enter_async_context(httpx.AsyncClient(timeout=REQUEST_TIMEOUT))
-        publisher = Publisher(client, url, stats)
+        publisher = Publisher(client, url, stats, token)
         tasks = [
             asyncio.create_task(stream_chat(publisher, chat_topic, replies, rng), name="demo-chat"),
             asyncio.create_task(stream_ticker(publisher, ticker_topic, tick_interval), name="demo-ticker"),
@@ -364,11 +430,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration", type=non_negative_float, metavar="SECONDS", help="stop after this long (default: run forever)"
     )
     parser.add_argument("--seed", type=int, help="seed for the pauses between tokens (default: random)")
+    parser.add_argument(
+        "--token",
+        help="access token for a node with access control on, allowed to publish to both topics "
+        "(default: minted from $HERALD_JWT_SECRET when set, else none)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="also log every tick")
     return parser
 
 
-async def _run_until_signalled(args: argparse.Namespace) -> DemoStats:
+async def _run_until_signalled(args: argparse.Namespace, token: TokenSource) -> DemoStats:
     """:func:`run` with the command line's arguments; SIGTERM cancels it like Ctrl-C."""
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
@@ -386,6 +457,7 @@ async def _run_until_signalled(args: argparse.Namespace) -> DemoStats:
             replies=args.replies,
             duration=args.duration,
             seed=args.seed,
+            token=token,
         )
     finally:
         if installed:
@@ -393,16 +465,33 @@ async def _run_until_signalled(args: argparse.Namespace) -> DemoStats:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point. Returns the exit status: 0 when stopped normally (or by Ctrl-C), 1 on a refusal."""
+    """Command-line entry point. Returns the exit status: 0 when stopped normally (or by Ctrl-C), 1 on a refusal,
+    2 when no token can be minted from HERALD_JWT_SECRET."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO
-    log.info("publishing to %s: topics %r and %r", args.url, args.chat_topic, args.ticker_topic)
+    if args.token is not None:
+        token, how = TokenSource(args.token), "with the token given"
+    else:
+        try:
+            token = TokenSource.from_environment([args.chat_topic, args.ticker_topic])
+        except ValueError as exc:
+            log.error("cannot mint a token from HERALD_JWT_SECRET: %s", exc)
+            return 2
+        how = "with tokens minted from HERALD_JWT_SECRET" if token.minted else "without a token"
+    log.info("publishing to %s: topics %r and %r, %s", args.url, args.chat_topic, args.ticker_topic, how)
     try:
-        stats = asyncio.run(_run_until_signalled(args))
+        stats = asyncio.run(_run_until_signalled(args, token))
     except PublishRejected as exc:
         log.error("stopping: %s", exc)
+        if exc.status_code in (401, 403):
+            log.error(
+                "the node has access control on: pass --token (allowed to publish to %r and %r), "
+                "or set HERALD_JWT_SECRET to the node's secret",
+                args.chat_topic,
+                args.ticker_topic,
+            )
         return 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         log.info("stopped")

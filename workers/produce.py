@@ -1,9 +1,18 @@
-"""Publish straight to Redis, without HTTP: the producer side of the Redis-level contract.
+"""Publish one event from the command line: straight to Redis (the Redis-level contract), or over HTTP.
 
 ``python -m workers.produce --topic orders --data '{"id": 42}' [--event created]``
 publishes one event through :class:`broker.redis.RedisBroker` (the same
 atomic script the API nodes use) and prints its id. Other languages publish
 the same way by running ``broker/lua/publish.lua`` (see the README).
+
+Straight to Redis, no access token is involved: whoever can write to Herald's
+Redis can publish anything, so Redis access *is* publish access (keep Redis
+private). ``--token`` is refused there rather than silently ignored.
+
+``--url http://host:port`` publishes the same event over HTTP instead
+(``POST /publish``), through the node's access control: with ``--token``,
+or with a token minted from ``HERALD_JWT_SECRET`` for that one topic when it
+is set. The token is never printed.
 """
 
 from __future__ import annotations
@@ -14,11 +23,19 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+import httpx
 
 from api.models import PublishEvent
 from api.sse import encode_data
+from api.token import mint_from_environment
 from broker.base import Event, Message, RetentionPolicy
 from broker.redis import RedisBroker
+
+HTTP_TIMEOUT = 10.0
+MINTED_TTL = 300.0
+"""Seconds a token minted for one ``--url`` publish is valid."""
 
 
 async def publish_direct(
@@ -41,9 +58,54 @@ async def publish_direct(
         await broker.close()
 
 
+class PublishFailed(Exception):
+    """The node did not publish the event: its status and what it said."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(f"{status_code} {detail}")
+        self.status_code = status_code
+        self.detail = detail
+
+
+def publish_http(
+    url: str,
+    event: PublishEvent,
+    *,
+    token: str | None = None,
+    idempotency_key: str | None = None,
+    transport: httpx.BaseTransport | None = None,
+) -> dict[str, Any]:
+    """``POST /publish`` one event to the node at ``url``; its ``{"id", "topic"}``. Raises PublishFailed."""
+    headers = {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
+    body: dict[str, Any] = {"topic": event.topic, "data": event.data}  # data may be null: kept
+    if event.event is not None:
+        body["event"] = event.event
+    with httpx.Client(timeout=HTTP_TIMEOUT, transport=transport) as client:
+        response = client.post(f"{url.rstrip('/')}/publish", json=body, headers=headers)
+    if response.status_code != 201:
+        try:
+            detail = str(response.json().get("detail"))
+        except (ValueError, AttributeError):
+            detail = response.text[:200] or response.reason_phrase
+        raise PublishFailed(response.status_code, detail)
+    published: dict[str, Any] = response.json()
+    return published
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument(
+        "--url", help="publish over HTTP to this node (POST /publish, access control applies) instead of Redis"
+    )
+    parser.add_argument(
+        "--token",
+        help="with --url: the access token (default: minted from $HERALD_JWT_SECRET when set, else none)",
+    )
     parser.add_argument("--topic", required=True)
     parser.add_argument("--data", required=True, help="JSON; a JSON string is sent as is")
     parser.add_argument("--event", help="SSE event type")
@@ -51,11 +113,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replay-size", type=int, default=int(os.environ.get("HERALD_REPLAY_SIZE", "1000")))
     parser.add_argument("--replay-ttl", type=float, default=float(os.environ.get("HERALD_REPLAY_TTL", "3600")))
     args = parser.parse_args(argv)
+    if args.token is not None and args.url is None:
+        parser.error(
+            "--token needs --url: publishing straight to Redis checks no token (Redis access is publish access); "
+            "to publish through the node's access control, give --url http://host:port"
+        )
     try:
         event = PublishEvent(topic=args.topic, data=json.loads(args.data), event=args.event)
         data = encode_data(event.data)
     except ValueError as exc:  # also pydantic's ValidationError: the API's rules for names
         sys.exit(f"invalid event: {exc}")
+    if args.url is not None:
+        print(json.dumps(_publish_over_http(parser, args, event)))
+        return
     retention = RetentionPolicy(args.replay_size, args.replay_ttl)
     events = asyncio.run(
         publish_direct(
@@ -67,6 +137,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     for published in events:
         print(json.dumps({"id": str(published.id), "topic": published.topic}))
+
+
+def _publish_over_http(parser: argparse.ArgumentParser, args: argparse.Namespace, event: PublishEvent) -> Any:
+    token = args.token
+    if token is None:
+        try:
+            token = mint_from_environment(publish=[event.topic], sub="produce", ttl=MINTED_TTL)
+        except ValueError as exc:
+            parser.error(f"cannot mint a token from HERALD_JWT_SECRET: {exc} (or pass --token)")
+    try:
+        return publish_http(args.url, event, token=token, idempotency_key=args.idempotency_key)
+    except httpx.HTTPError as exc:
+        sys.exit(f"publishing to {args.url} failed: {exc or type(exc).__name__}")
+    except PublishFailed as exc:
+        hint = ""
+        if exc.status_code in (401, 403):
+            hint = f" (access control is on: pass --token, or set HERALD_JWT_SECRET; it must allow {event.topic!r})"
+        sys.exit(f"the node refused the event: {exc}{hint}")
 
 
 if __name__ == "__main__":

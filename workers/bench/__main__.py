@@ -13,7 +13,9 @@ typed) and ``.run/bench/results.json``.
 
 The scenarios are in :mod:`workers.bench.scenarios`; the multi-node one
 runs ``ops.cluster`` (Redis, nodes, nginx, all on the server core) with 1
-node and with 2.
+node and with 2; the auth one measures Herald with access control off and
+on side by side (5,000 connects at once, fan-out throughput), judged
+within 10 %.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from workers.bench.systems import ROOT, HeraldCluster, HeraldWorkers, all_system
 
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / ".run" / "bench" / "results.json"
-SCENARIOS = ("throughput", "latency", "many-topics", "idle", "storm", "multi-node", "cores")
+SCENARIOS = ("throughput", "latency", "many-topics", "idle", "storm", "multi-node", "cores", "auth")
 PLAN = {
     1000: [25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1200.0, 1600.0, 2400.0, 3200.0],
     5000: [5.0, 10.0, 20.0, 30.0, 40.0, 60.0, 80.0, 120.0, 160.0, 240.0, 320.0, 480.0],
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         "--quick",
         action="store_true",
         help="a smoke run of a few minutes: 1,000 subscribers at 100 and 300 events/s, 3 s steps, 500 idle and "
-        "storm connections; no files written",
+        "storm connections, access control off vs on once each; no files written",
     )
     parser.add_argument(
         "--modes",
@@ -132,6 +134,14 @@ def main(argv: list[str] | None = None) -> None:
         results["cores"] = {
             str(workers): scenarios.throughput(HeraldWorkers(workers), 1000, rates, seconds) for workers in (1, 2)
         }
+        save(results, args.quick)
+    if "auth" in chosen:
+        print("== access control off vs on (one node, embedded broker)", flush=True)
+        results["auth"] = (
+            scenarios.auth_cost(seconds=seconds)
+            if not args.quick
+            else scenarios.auth_cost(connections=500, seconds=seconds, repeats=1)
+        )
         save(results, args.quick)
     print(render(results))
     save(results, args.quick)

@@ -23,12 +23,16 @@ from workers.loadtest import native
 class NativeClient:
     """One ``sse-worker`` process with ``subscribers`` connections (``(index, "host:port", path, topics)``)."""
 
-    def __init__(self, subscribers: list[tuple[int, str, str, list[int]]], ramp: float = 0.0) -> None:
+    def __init__(
+        self, subscribers: list[tuple[int, str, str, list[int]]], ramp: float = 0.0, token: str | None = None
+    ) -> None:
         self.process = subprocess.Popen(
             pinned(CLIENT_CORE, [str(native.build())]), stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
         self._buffer = b""
-        setup = {"worker": 0, "subscribers": subscribers, "ramp": ramp, "connect_timeout": 60.0}
+        setup: dict[str, Any] = {"worker": 0, "subscribers": subscribers, "ramp": ramp, "connect_timeout": 60.0}
+        if token:
+            setup["token"] = token  # every subscriber's Authorization: Bearer (access control on)
         self.send({"setup": setup})
 
     def send(self, message: dict[str, Any]) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import statistics
 from typing import Any
 
-from workers.bench.scenarios import BATCH, PIPELINE, best_step, kept_up
+from workers.bench.scenarios import AUTH_TOLERANCE, BATCH, PIPELINE, auth_verdicts, best_step, kept_up
 from workers.bench.systems import CLIENT_CORE, SERVER_CORE
 
 
@@ -247,6 +248,83 @@ def _cores(results: dict[str, Any]) -> list[str]:
     return _ladders(cores, head, "workers (cores)", "2 cores vs 1")
 
 
+def _cost(cost: float | None) -> str:
+    """A cost as a signed percentage: ``+4.0 %`` (worse with access control on), ``-1.2 %`` (better)."""
+    return "-" if cost is None else f"{cost * 100:+.1f} %"
+
+
+def auth_targets(results: dict[str, Any]) -> list[str]:
+    """Issue 12's targets: 5,000 connects at once and the fan-out throughput with access control on, each
+    within 10 % of access control off, measured side by side in the same run."""
+    auth = results.get("auth")
+    if not auth:
+        return []
+    judged = auth_verdicts(auth)
+    connects, fanout = judged["connects"], judged["fanout"]
+    limit = f"{AUTH_TOLERANCE * 100:g} %"
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    count, subs = auth["connects"]["connections"], auth["fanout"]["subscribers"]
+    return [
+        f"- {count:,} connects at once with access control on, at most {limit} slower than off: "
+        f"{connects['on']:,.2f} s vs {connects['off']:,.2f} s ({_cost(connects['cost'])}): {verdict(connects['met'])}",
+        f"- fan-out throughput to {subs:,} subscribers with access control on, at most {limit} lower than off: "
+        f"{_cell(fanout['on'])} vs {_cell(fanout['off'])} deliveries/s ({_cost(fanout['cost'])}): "
+        f"{verdict(fanout['met'])}",
+    ]
+
+
+def _auth(results: dict[str, Any]) -> list[str]:
+    auth = results.get("auth")
+    if not auth:
+        return []
+    judged = auth_verdicts(auth)
+    connects, fanout = judged["connects"], judged["fanout"]
+    tolerance = f"{AUTH_TOLERANCE * 100:g} %"
+    head = [
+        "",
+        "## Access control: on vs off",
+        "",
+        "One node (embedded broker) with access control off, and with it on (`HERALD_JWT_SECRET` set), measured",
+        f"alternately in this run (A-B B-A), {auth['repeats']} time(s) each. With it on, every subscriber carries the",
+        "same token (as a deployment with a few tokens: the node verifies each once and keeps it) and the publisher",
+        "its own. Fan-out throughput: one event per request in a closed loop, asked far more than the node can do,",
+        "so it publishes as fast as the node answers. Other programs on this machine only ever slow a run down:",
+        "each side's figure is its best run (medians beside). Cost: how much slower (connects) or lower",
+        f"(deliveries) with access control on; negative, better. The target: at most {tolerance} of cost, every",
+        "connect opened and, for fan-out, no event lost in any run.",
+        "",
+        f"| figure | access control off | on | cost | within {tolerance} | medians, off / on |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = [
+        (
+            f"seconds for {auth['connects']['connections']:,} connects at once",
+            [f"{connects[k]:,.2f}" for k in ("off", "on", "off_median", "on_median")],
+            connects,
+        ),
+        (
+            f"delivered events/s, {auth['fanout']['subscribers']:,} subscribers, at saturation (closed loop)",
+            [_cell(round(fanout[k])) for k in ("off", "on", "off_median", "on_median")],
+            fanout,
+        ),
+    ]
+    lines = [*head]
+    for label, (off, on, off_median, on_median), verdict in rows:
+        lines.append(f"| {label} | {off} | {on} | {_cost(verdict['cost'])} | {'yes' if verdict['met'] else 'no'} "
+                     f"| {off_median} / {on_median} |")  # fmt: skip
+    p99 = {k: statistics.median(r["p99_ms"] for r in auth["fanout"][k]) for k in ("off", "on")}
+    lines += [
+        "",
+        f"p99 at saturation (median of the runs): {p99['off']:,.1f} ms off, {p99['on']:,.1f} ms on. Fan-out runs "
+        f"the node bounded (its core saturated by the node): {fanout['server_bound']}; a run it did not bound (other "
+        "programs on the client's core or on its own) was tried again, up to 3 runs, the last one counting.",
+    ]
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     systems = results["systems"]
     names = list(systems)
@@ -288,8 +366,12 @@ def render(results: dict[str, Any]) -> str:
     per_core = per_core_targets(results)
     if per_core:
         lines += ["", "## Targets (issue 11: per core, against nchan in the same run)", "", *per_core]
+    auth = auth_targets(results)
+    if auth:
+        lines += ["", "## Targets (issue 12: access control, on vs off in the same run)", "", *auth]
     lines += _cluster(results)
     lines += _cores(results)
+    lines += _auth(results)
     lines += ["", "## Steps", "", "Every step of every run (rate = events/s published):", ""]
     for n in names:
         for mode, runs in systems[n]["throughput"].items():
@@ -300,4 +382,11 @@ def render(results: dict[str, Any]) -> str:
                 lines.append(f"- {n}, {key}: {json.dumps(systems[n][key])}")
     for nodes, run in (results.get("cluster") or {}).items():
         lines += [f"- cluster of {nodes} node(s), 5000 subscribers: {json.dumps(step)}" for step in run["steps"]]
+    auth_runs = results.get("auth") or {}
+    for figure in ("connects", "fanout"):
+        for key in ("off", "on"):
+            what = "connects at once" if figure == "connects" else "fan-out at saturation"
+            lines += [
+                f"- access control {key}, {what}: {json.dumps(run)}" for run in auth_runs.get(figure, {}).get(key, [])
+            ]
     return "\n".join(lines) + "\n"

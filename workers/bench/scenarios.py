@@ -21,25 +21,33 @@ bounded it.
 * :func:`storm`: 5,000 subscribers drop, miss 100 events, and all reconnect
   at once with ``Last-Event-ID``: the time until every one has them all,
   and whether each got exactly those (no loss, no duplicate, no reset).
+* :func:`auth_cost`: what access control costs: 5,000 connects at once
+  (:func:`idle`) and the fan-out throughput at saturation
+  (:func:`saturation`), each on Herald with access control off and on,
+  alternated in the same run; on is judged within :data:`AUTH_TOLERANCE`
+  of off (:func:`auth_verdicts`).
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from ops import launch
 from workers.bench.client import NativeClient
 from workers.bench.cpu import CpuSampler
-from workers.bench.systems import CLIENT_CORE, ROOT, SERVER_CORE, System, pinned, rss_bytes
+from workers.bench.systems import CLIENT_CORE, ROOT, SERVER_CORE, Herald, System, pinned, rss_bytes
 from workers.loadtest.config import subscribe_path
 from workers.loadtest.histogram import Histogram
 from workers.loadtest.wire import payload
@@ -54,6 +62,12 @@ PIPELINE = 8
 """Requests in flight on the publisher's connection in the pipelined mode."""
 BATCH = 10
 """Events per request in Herald's batch rows."""
+
+AUTH_TOLERANCE = 0.10
+"""Access control on may cost at most this much: connects at most 10 % slower, fan-out at most 10 % lower."""
+SATURATING_RATE = 20_000.0
+"""Events/s asked of the closed-loop publisher in :func:`saturation`: far above what a node fans out to 1,000
+subscribers, so the publisher sends as fast as the node answers and the node is the bound."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +115,10 @@ def loadtest(system: System, args: list[str]) -> dict[str, Any]:
         command = [sys.executable, "-m", "workers.loadtest", "--quiet", "--client", "native",
                    "--system", system.loadtest_system, "--target", system.url, "--json", str(out),
                    "--payload", "100", "--drain", "5", *args]  # fmt: skip
+        # The tool mints its token from HERALD_JWT_SECRET: only the system's own (access control on) may reach it.
+        env = {**launch.clean_environ(), **system.client_env()}
         with CpuSampler(system.components()) as sampler:
-            done = subprocess.run(pinned(CLIENT_CORE, command), cwd=ROOT, capture_output=True, timeout=900)
+            done = subprocess.run(pinned(CLIENT_CORE, command), cwd=ROOT, env=env, capture_output=True, timeout=900)
         if not out.exists():
             raise RuntimeError(f"the load tool failed on {system.name}: {done.stderr.decode()[-2000:]}")
         result: dict[str, Any] = json.loads(out.read_text())
@@ -282,10 +298,11 @@ def many_topics(system: System) -> dict[str, Any]:
 def idle(system: System, count: int = 5000) -> dict[str, Any]:
     """``count`` connections opened at once, then idle: connect time and RSS growth per connection."""
     path = subscribe_path(system.loadtest_system, ["idle"])
+    token = system.token(subscribe=["idle"])  # one token shared by every subscriber (access control on)
     with system.running():
         time.sleep(1)  # the server's own start-up allocations settle first
         before = rss_bytes(system.server_pids())
-        with NativeClient([(i, system.address, path, [0]) for i in range(count)]) as client:
+        with NativeClient([(i, system.address, path, [0]) for i in range(count)], token=token) as client:
             ready = client.ready()
             time.sleep(2)  # buffers settle before memory is read
             after = rss_bytes(system.server_pids())
@@ -306,7 +323,9 @@ def idle(system: System, count: int = 5000) -> dict[str, Any]:
 
 def publish(system: System, topic: str, seqs: range) -> None:
     """Publish load events ``seqs`` of topic index 0 (named ``topic``), waiting for each answer."""
-    with httpx.Client(base_url=system.url, timeout=30) as http:
+    token = system.token(publish=[topic])
+    headers = {"authorization": f"Bearer {token}"} if token else None
+    with httpx.Client(base_url=system.url, timeout=30, headers=headers) as http:
         if system.loadtest_system == "herald":
             body = [{"topic": topic, "data": payload(0, s, time.time_ns(), 100)} for s in seqs]
             http.post("/publish", json=body).raise_for_status()
@@ -325,9 +344,10 @@ def storm(system: System, count: int = 5000, missed: int = 100) -> dict[str, Any
     topic = f"storm-{secrets.token_hex(3)}"
     path = subscribe_path(system.loadtest_system, [topic])
     first = 10
+    token = system.token(subscribe=[topic])
     with (
         system.running(),
-        NativeClient([(i, system.address, path, [0]) for i in range(count)], ramp=2) as client,
+        NativeClient([(i, system.address, path, [0]) for i in range(count)], ramp=2, token=token) as client,
     ):
         client.ready()
         publish(system, topic, range(1, first + 1))
@@ -358,3 +378,108 @@ def storm(system: System, count: int = 5000, missed: int = 100) -> dict[str, Any
     out["exact"] = resume_s is not None and out["lost"] == out["duplicated"] == out["resets"] == 0
     print(f"  {system.name:18} storm: {out}", flush=True)
     return out
+
+
+def saturation(system: System, subscribers: int = 1000, seconds: float = 5.0, tries: int = 3) -> dict[str, Any]:
+    """The fan-out throughput: ``subscribers`` on one topic, one event per request in a closed loop, asked far
+    more than the node can do (:data:`SATURATING_RATE`), so it publishes as fast as the node answers.
+
+    Unlike a ladder step, whose figure moves in steps 1.5x apart, this
+    measures the node's own rate, fine enough to tell a 10 % difference;
+    but only while the node is what bounds it (:func:`node_bound`). On this
+    shared machine other programs sometimes take the client's core (the node
+    then waits on its client) or the server's: such a run is tried again, up
+    to ``tries`` runs in all. The
+    last run is the figure; the earlier ones' rates are kept with it
+    (``earlier_delivered_per_s``), so nothing measured is hidden.
+    """
+    args = ["--duration", str(seconds), "--ramp", "2", "--publishers", "1"]
+    earlier: list[int] = []
+    while True:
+        step = _step(system, subscribers, SATURATING_RATE, args, CLOSED)
+        step["server_bound"] = node_bound(step)
+        if step["server_bound"] or len(earlier) + 1 >= tries:
+            step["earlier_delivered_per_s"] = earlier
+            return step
+        earlier.append(step["delivered_per_s"])
+
+
+def node_bound(step: dict[str, Any]) -> bool:
+    """Whether the server itself bounded a step: its core saturated, and not by other programs (a shared machine)."""
+    return server_saturated(step) and foreign_load(step) < NOISE
+
+
+def _alternating(repeats: int, measure: Callable[[System], dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """``measure(system)`` ``repeats`` times on Herald with access control off and on, in A-B B-A order,
+    so a machine that slows down or speeds up during the run weighs on both alike."""
+    off, on = Herald(), Herald(auth=True)
+    samples: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    for i in range(repeats):
+        for key, system in (("off", off), ("on", on)) if i % 2 == 0 else (("on", on), ("off", off)):
+            samples[key].append(measure(system))
+    return samples
+
+
+def auth_cost(
+    connections: int = 5000, subscribers: int = 1000, seconds: float = 5.0, repeats: int = 5
+) -> dict[str, Any]:
+    """Access control off vs on, in the same run: ``connections`` connects at once, and the fan-out throughput
+    to ``subscribers``, ``repeats`` runs of each (judged by :func:`auth_verdicts`).
+
+    With access control on every subscriber carries the same token (as a
+    deployment with a few tokens: each verified once, then found in the
+    node's cache), and the publisher its own.
+    """
+    connects = _alternating(repeats, lambda system: idle(system, connections))
+    fanout = _alternating(repeats, lambda system: saturation(system, subscribers, seconds))
+    result = {
+        "repeats": repeats,
+        "connects": {"connections": connections, **connects},
+        "fanout": {"subscribers": subscribers, "mode": CLOSED.key, **fanout},
+    }
+    print(f"  auth: {auth_verdicts(result)}", flush=True)
+    return result
+
+
+def auth_verdicts(result: dict[str, Any]) -> dict[str, Any]:
+    """The access-control targets, judged on the best of each side's runs, with the cost and the medians.
+
+    Other programs on this shared machine only ever slow a run down, so the
+    best of several runs (the fastest connects, the most deliveries/s) is
+    the closest to what the node itself does, as ``timeit`` takes the
+    fastest; both sides get the same number of chances, alternated. The
+    medians are shown beside. Connects: every connection opened without an
+    error in every run, in at most ``1 + AUTH_TOLERANCE`` times the time.
+    Fan-out: no event lost in any run, at least ``1 - AUTH_TOLERANCE`` times
+    the deliveries/s.
+    """
+    connects, fanout = result["connects"], result["fanout"]
+    times = {k: [r["connect_all_s"] for r in connects[k]] for k in ("off", "on")}
+    rates = {k: [r["delivered_per_s"] for r in fanout[k]] for k in ("off", "on")}
+    off_s, on_s = min(times["off"]), min(times["on"])
+    off_rate, on_rate = max(rates["off"]), max(rates["on"])
+    all_connected = all(
+        r["connected"] == connects["connections"] and not r["connect_errors"] for r in connects["off"] + connects["on"]
+    )
+    runs = fanout["off"] + fanout["on"]
+    no_loss = all(r["lost"] == 0 for r in runs)
+    return {
+        "connects": {
+            "off": off_s,
+            "on": on_s,
+            "off_median": statistics.median(times["off"]),
+            "on_median": statistics.median(times["on"]),
+            "cost": on_s / off_s - 1 if off_s else None,
+            "met": bool(off_s and all_connected and on_s <= (1 + AUTH_TOLERANCE) * off_s),
+        },
+        "fanout": {
+            "off": off_rate,
+            "on": on_rate,
+            "off_median": statistics.median(rates["off"]),
+            "on_median": statistics.median(rates["on"]),
+            "cost": 1 - on_rate / off_rate if off_rate else None,
+            "met": bool(off_rate and no_loss and on_rate >= (1 - AUTH_TOLERANCE) * off_rate),
+            # Runs the node bounded (the others measured this machine's other programs as well).
+            "server_bound": f"{sum(1 for r in runs if r.get('server_bound', True))} of {len(runs)}",
+        },
+    }

@@ -1,7 +1,9 @@
 """The systems ``make bench`` measures, each started pinned to one core and stopped by pid.
 
 * **herald**: one node (``python -m api``), embedded broker; ``herald-redis``
-  the same node on the Redis broker, redis-server on the other core.
+  the same node on the Redis broker, redis-server on the other core;
+  ``herald-auth`` the same node with access control on (a random
+  ``HERALD_JWT_SECRET``), its clients carrying tokens signed with it.
 * **nchan**: nginx with the nchan module (Debian's ``libnginx-mod-nchan``),
   one worker process.
 * **sse-starlette**: sse-starlette + broadcaster (memory backend) on uvicorn,
@@ -14,6 +16,7 @@ the other core.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
 import signal
 import subprocess
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from api.token import mint
 from ops import launch
 from ops.cluster import Cluster
 from ops.launch import NGINX
@@ -77,6 +81,14 @@ class System:
     def command(self) -> tuple[list[str], dict[str, str]]:
         raise NotImplementedError
 
+    def token(self, *, subscribe: list[str] | None = None, publish: list[str] | None = None) -> str | None:
+        """An access token with these rights, for a system with access control on; None for the others."""
+        return None
+
+    def client_env(self) -> dict[str, str]:
+        """What the load tool's environment adds for this system (``HERALD_JWT_SECRET``, to mint its token)."""
+        return {}
+
     def start(self) -> None:
         self.port = free_port()
         RUN_DIR.mkdir(parents=True, exist_ok=True)
@@ -121,10 +133,22 @@ class System:
 
 
 class Herald(System):
-    def __init__(self, redis: bool = False) -> None:
-        super().__init__("herald-redis" if redis else "herald", "herald")
+    """One node; ``redis``: on the Redis broker; ``auth``: access control on, with a secret of its own."""
+
+    def __init__(self, redis: bool = False, auth: bool = False) -> None:
+        name = "herald-redis" if redis else "herald"
+        super().__init__(f"{name}-auth" if auth else name, "herald")
         self.redis = redis
         self.redis_port = 0
+        self.secret = secrets.token_urlsafe(48) if auth else None
+
+    def token(self, *, subscribe: list[str] | None = None, publish: list[str] | None = None) -> str | None:
+        if self.secret is None:
+            return None
+        return mint(self.secret, subscribe=subscribe or [], publish=publish or [], sub="bench", ttl=3600)
+
+    def client_env(self) -> dict[str, str]:
+        return {} if self.secret is None else {"HERALD_JWT_SECRET": self.secret}
 
     def start(self) -> None:
         if self.redis:
@@ -143,7 +167,7 @@ class Herald(System):
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         broker = {"REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0"} if self.redis else {}
-        return launch.node_command(), launch.node_env(self.port, self.name, broker)
+        return launch.node_command(), launch.node_env(self.port, self.name, {**broker, **self.client_env()})
 
 
 class HeraldWorkers(Herald):

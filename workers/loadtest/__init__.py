@@ -3,5 +3,8 @@
 Subscribers that behave like EventSource and check every event (lost,
 duplicated, out of order), a publisher at a steady rate with a ledger of
 what was accepted, latency per node from ``X-Node-Id``, optional faults on a
-local cluster, and a result as a table, JSON and an HTML report.
+local cluster, and a result as a table, JSON and an HTML report. Against
+nodes with access control on, every subscriber and publisher sends an access
+token (``--token``, or one minted from ``HERALD_JWT_SECRET`` for the run's
+topics), which is never printed nor written to the result.
 """

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from api.token import mint_from_environment
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_TARGET = "http://127.0.0.1:8080"
 SYSTEMS = {
@@ -31,6 +33,15 @@ FAULT_OPTIONS = {
     "failover_redis_at": "--failover-redis-at",
 }
 """The faults a run can inject (config field: option), each at a time in seconds after publishing started."""
+
+AUTH_SOURCES = {
+    "none": "no token (access control off)",
+    "given": "a token given with --token",
+    "minted": "a token minted from HERALD_JWT_SECRET for this run's topics",
+}
+"""Where a run's access token came from (``config.auth`` in the result; the token itself is never kept)."""
+TOKEN_MARGIN = 3600.0
+"""Seconds a minted token outlives the longest the run can take: it never expires mid-run."""
 
 NODE_FAULTS = ("kill_node_at", "restart_nodes_at", "stop_all_nodes_at")
 REDIS_FAULTS = ("restart_redis_at", "failover_redis_at")
@@ -77,6 +88,10 @@ class LoadConfig:
     allow_remote: bool = False
     progress: bool = True
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
+    token: str | None = field(default=None, repr=False)
+    """Herald's access token, for subscribers and publishers alike: never printed, never in the result."""
+    auth: str = "none"
+    """Where :attr:`token` came from: one of :data:`AUTH_SOURCES` (what the result records instead of it)."""
 
     def topic_name(self, index: int) -> str:
         return f"lt-{self.run_id}-{index}"
@@ -92,8 +107,20 @@ class LoadConfig:
     def has_faults(self) -> bool:
         return any(getattr(self, name) is not None for name in FAULT_OPTIONS)
 
+    @property
+    def topic_selector(self) -> str:
+        """The selector covering this run's topics (and the publishers' warm-up ones), and no other."""
+        return f"lt-{self.run_id}-*"
+
+    @property
+    def longest_seconds(self) -> float:
+        """An upper bound of the run's length: every phase at its longest."""
+        faults = sum(v for v in (self.restart_node_after, self.stop_all_for) if v is not None)
+        return self.ramp + self.connect_timeout + self.duration + self.retry_for + self.drain + faults
+
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
+        del data["token"]  # a credential: the result says only where it came from ("auth")
         for key in ("json_path", "report_path", "cluster_dir"):
             data[key] = None if data[key] is None else str(data[key])
         return data
@@ -200,6 +227,37 @@ def check_publisher(config: LoadConfig, error: Callable[[str], object]) -> None:
         error("faults need --publisher python (it retries through an outage)")
     elif config.per_request > 1 and config.system != "herald":
         error(f"{config.system} takes one event per request: --per-request 1")
+
+
+def resolve_token(config: LoadConfig, error: Callable[[str], object]) -> None:
+    """Settle the run's access token: ``--token`` as given, else one minted from ``HERALD_JWT_SECRET``.
+
+    A minted token may subscribe and publish to this run's topics only
+    (:attr:`LoadConfig.topic_selector`), and outlives the run. With neither,
+    the run has no token (a target with access control off). Calls ``error``
+    for a token the run cannot use.
+    """
+    if config.token is not None:
+        if config.system != "herald":
+            error(f"--token is for Herald's access control: {config.system} takes none")
+        elif not config.token.strip() or any(c in config.token for c in "\r\n "):
+            error("--token: give the token itself (no spaces, no line breaks)")
+        config.auth = "given"
+        return
+    if config.system != "herald":
+        return
+    selector = config.topic_selector
+    try:
+        config.token = mint_from_environment(
+            publish=[selector],
+            subscribe=[selector],
+            sub=f"loadtest-{config.run_id}",
+            ttl=config.longest_seconds + TOKEN_MARGIN,
+        )
+    except ValueError as exc:  # a secret too short, or HERALD_JWT_ALGORITHMS naming no HMAC algorithm
+        error(f"cannot mint a token from HERALD_JWT_SECRET: {exc} (or pass --token)")
+        return
+    config.auth = "none" if config.token is None else "minted"
 
 
 def _topics(value: str) -> str:
@@ -368,6 +426,12 @@ def parser() -> argparse.ArgumentParser:
         default=d.cluster_dir,
         help="the local cluster's run directory, for faults (default .run/cluster)",
     )
+    p.add_argument(
+        "--token",
+        help="Herald's access token, sent by every subscriber and publisher as Authorization: Bearer; it needs "
+        "subscribe and publish rights on the run's topics (lt-<run id>-*, or '**'). Default: one minted from "
+        "HERALD_JWT_SECRET when that is set, else none. Never printed nor written to the result",
+    )
     p.add_argument("--allow-remote", action="store_true", help="allow targets that are not this machine")
     p.add_argument("--quiet", action="store_true", help="no live progress on stderr")
     return p
@@ -411,6 +475,7 @@ def from_args(argv: list[str] | None = None) -> LoadConfig:
     if config.restart_node_after is not None and config.kill_node_at is None:
         p.error("--restart-node-after needs --kill-node-at")
     check_faults(config, p.error)
+    resolve_token(config, p.error)
     try:
         check_targets(config)
     except ValueError as exc:

@@ -36,22 +36,23 @@ def setup_message(config: LoadConfig) -> dict[str, Any]:
     parts = urlsplit(config.targets[0])
     assert parts.hostname is not None  # config.check_targets made sure
     host = socket.gethostbyname(parts.hostname)  # the C side takes an IPv4 address
-    return {
-        "setup": {
-            "host": host,
-            "port": parts.port or 80,
-            "system": config.system,
-            "topics": [config.topic_name(t) for t in range(config.topics)],
-            "rate": config.rate,
-            "duration": config.duration,
-            "lanes": config.publishers,
-            "pipeline": config.pipeline,
-            "batch": config.per_request,
-            "size": config.payload,
-            # A request unanswered this long is given up as uncertain (the Python lanes retry for as long).
-            "answer_timeout": max(1.0, min(config.retry_for, 30.0)),
-        }
+    setup: dict[str, Any] = {
+        "host": host,
+        "port": parts.port or 80,
+        "system": config.system,
+        "topics": [config.topic_name(t) for t in range(config.topics)],
+        "rate": config.rate,
+        "duration": config.duration,
+        "lanes": config.publishers,
+        "pipeline": config.pipeline,
+        "batch": config.per_request,
+        "size": config.payload,
+        # A request unanswered this long is given up as uncertain (the Python lanes retry for as long).
+        "answer_timeout": max(1.0, min(config.retry_for, 30.0)),
     }
+    if config.token:
+        setup["token"] = config.token  # over its own pipe: never on a command line
+    return {"setup": setup}
 
 
 class NativePublisher:

@@ -129,8 +129,18 @@ class HttpSender:
     take one event per request, its data as the raw body.
     """
 
-    def __init__(self, targets: list[str], names: list[str], size: int, lane: int, system: str = "herald") -> None:
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0))
+    def __init__(
+        self,
+        targets: list[str],
+        names: list[str],
+        size: int,
+        lane: int,
+        system: str = "herald",
+        token: str | None = None,
+    ) -> None:
+        # Herald's access token goes with every request (Authorization: Bearer); None with access control off.
+        headers = {"authorization": f"Bearer {token}"} if token else None
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0), headers=headers)
         self.targets = targets
         self.names = names
         self.size = size

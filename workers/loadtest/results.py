@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from workers.loadtest.config import LoadConfig
+from workers.loadtest.config import AUTH_SOURCES, LoadConfig
 from workers.loadtest.faults import LASTING, Fault
 from workers.loadtest.histogram import Histogram
 from workers.loadtest.publisher import Ledger
@@ -365,6 +365,12 @@ def fault_lines(fault: dict[str, Any]) -> tuple[str, str]:
     return done, effect
 
 
+def auth_text(config: dict[str, Any]) -> str:
+    """``; <where the access token came from>`` for a run that had one, else nothing (never the token)."""
+    auth = config.get("auth", "none")
+    return "" if auth == "none" else f"; {AUTH_SOURCES.get(auth, auth)}"
+
+
 def summary_table(result: dict[str, Any]) -> str:
     """The table printed at the end of a run."""
     c, p, d = result["config"], result["publish"], result["delivery"]
@@ -372,7 +378,7 @@ def summary_table(result: dict[str, Any]) -> str:
     topics = c["topics"]
     lines = [
         f"Herald load test {result['started_at']}  run {c['run_id']}",
-        f"  target        {', '.join(c['targets'])}   publish via {c['publish']}",
+        f"  target        {', '.join(c['targets'])}   publish via {c['publish']}{auth_text(c)}",
         f"  load          {c['subscribers']:,} subscribers, {topics:,} topic(s), {c['per_conn']} per connection, "
         f"{c['rate']:,.0f} events/s for {c['duration']:g} s, {c['payload']} B payload",
         "",

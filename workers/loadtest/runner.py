@@ -109,6 +109,8 @@ async def _spawn(config: LoadConfig, aggregate: Aggregate) -> list[WorkerProcess
             "ramp": config.ramp,
             "connect_timeout": config.connect_timeout,
         }
+        if config.token:
+            setup["token"] = config.token  # over the worker's own pipe: never on a command line
         await worker.send({"setup": setup})
         workers.append(worker)
     return workers
@@ -135,7 +137,7 @@ def _sender(config: LoadConfig, lane: int) -> Sender:
     if config.publish == "redis":
         assert config.redis_url is not None
         return RedisSender(config.redis_url, names, config.payload, RetentionPolicy())
-    return HttpSender(config.targets, names, config.payload, lane, config.system)
+    return HttpSender(config.targets, names, config.payload, lane, config.system, config.token)
 
 
 async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[str, Any]:

@@ -349,14 +349,23 @@ class Subscriber:
         "stopping",
         "streaming",
         "target",
+        "token",
         "topics",
         "unknown",
     )
 
     def __init__(
-        self, index: int, target: str, path: str, topics: list[int], recorder: Recorder, retry_s: float = 2.0
+        self,
+        index: int,
+        target: str,
+        path: str,
+        topics: list[int],
+        recorder: Recorder,
+        retry_s: float = 2.0,
+        token: str | None = None,
     ) -> None:
         self.index = index
+        self.token = token  # Herald's access token (Authorization: Bearer), None with access control off
         self.target = target  # "host:port"
         host, _, port = target.rpartition(":")
         self.host, self.port = host, int(port)
@@ -487,7 +496,7 @@ class Subscriber:
         recorder = self.recorder
         ready_reported = False
         while not self.stopping:
-            request = get_request(self.target, self.path, self.last_id)
+            request = get_request(self.target, self.path, self.last_id, self.token)
             self.streaming = False
             started = time.monotonic()
             try:

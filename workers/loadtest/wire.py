@@ -114,14 +114,20 @@ def last_field(block: bytes, name: bytes) -> bytes | None:
     return value[1:] if value.startswith(b" ") else value
 
 
-def get_request(host: str, path: str, last_event_id: str | None) -> bytes:
-    """An EventSource's request: ``Accept: text/event-stream``, ``Last-Event-ID`` when resuming."""
+def get_request(host: str, path: str, last_event_id: str | None, token: str | None = None) -> bytes:
+    """An EventSource's request: ``Accept: text/event-stream``, ``Last-Event-ID`` when resuming.
+
+    ``token``: Herald's access token, sent as ``Authorization: Bearer`` (a
+    header rather than ``?access_token=``: the request line stays short).
+    """
     lines = [
         f"GET {path} HTTP/1.1",
         f"Host: {host}",
         "Accept: text/event-stream",
         "Cache-Control: no-cache",
     ]
+    if token:
+        lines.append(f"Authorization: Bearer {token}")
     if last_event_id is not None:
         lines.append(f"Last-Event-ID: {last_event_id}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

@@ -6,7 +6,8 @@ run too big for one process can use more. The protocol is one JSON object
 per line each way:
 
 parent -> worker
-    ``{"setup": {...}}`` first (:class:`Setup`), then commands:
+    ``{"setup": {...}}`` first (:class:`Setup`; its ``token``, when access
+    control is on, goes to every subscriber and nowhere else), then commands:
     ``{"cmd": "go", "t0_ns": N}`` publishing starts now (the timeline's zero),
     ``{"cmd": "expect", "last": {topic: seq}}`` the last accepted event per topic,
     ``{"cmd": "finish", "last": {...}, "unaccepted": {topic: [seq, ...]}}``.
@@ -43,6 +44,7 @@ class Setup:
     ramp: float
     connect_timeout: float
     tick: float = 0.5
+    token: str | None = None  # every subscriber's access token (Authorization: Bearer), None with auth off
 
 
 class CpuMeter:
@@ -108,7 +110,8 @@ class Worker:
         self.emit = emit
         self.recorder = Recorder()
         self.subscribers = [
-            Subscriber(index, target, path, topics, self.recorder) for index, target, path, topics in setup.subscribers
+            Subscriber(index, target, path, topics, self.recorder, token=setup.token)
+            for index, target, path, topics in setup.subscribers
         ]
         self.ready = 0
         self.all_ready = asyncio.Event()
@@ -233,6 +236,7 @@ async def main() -> None:
         ramp=raw["ramp"],
         connect_timeout=raw["connect_timeout"],
         tick=raw.get("tick", 0.5),
+        token=raw.get("token"),
     )
     worker = Worker(setup, emit)
     background = [asyncio.create_task(measure_lag(worker.lag)), asyncio.create_task(worker.connect_all())]

@@ -13,7 +13,7 @@
  * Contract (JSON lines on stdin and stdout, like the subscriber worker):
  *   stdin  {"setup": {"host", "port", "system": "herald"|"nchan"|"sse-starlette",
  *                     "topics": [names...], "rate", "duration", "lanes",
- *                     "pipeline", "batch", "size", "answer_timeout"}}
+ *                     "pipeline", "batch", "size", "answer_timeout", "token"?}}
  *          -> connects `lanes` keep-alive HTTP/1.1 connections, then
  *   stdout {"type": "ready", "connected": n}
  *   stdin  {"cmd": "go"}  -> publishing starts (the run's time zero)
@@ -40,7 +40,10 @@
  *     ("unaccepted") so the subscribers count neither as lost. Local servers
  *     under a benchmark do not refuse; if one does, the achieved rate shows it;
  *   - its own CPU (getrusage) is reported per second and over the whole run,
- *     so a step can tell when the publisher, not the server, was the bound.
+ *     so a step can tell when the publisher, not the server, was the bound;
+ *   - an optional "token" (Herald with access control on) is sent with every
+ *     request as "Authorization: Bearer"; a refused one is a 401/403 like any
+ *     other refusal (every event refused). It is never printed.
  *
  * Build: gcc -O2 -o sse-publisher sse_publisher.c -lcjson   (see native.py)
  */
@@ -123,6 +126,7 @@ static struct {
     int ntopics;
     double rate, duration, answer_timeout;
     int nlanes, pipeline, batch, size;
+    char *auth; /* "Authorization: Bearer <token>\r\n", or "" */
 } cfg;
 
 static lane_t *lanes;
@@ -257,7 +261,7 @@ static void queue_request(lane_t *l, int n, double now) {
     else
         sb_printf(&l->out, "POST /publish?topic=%s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: text/plain\r\n", name,
                   cfg.host, cfg.port);
-    sb_printf(&l->out, "Content-Length: %zu\r\n\r\n", body.len);
+    sb_printf(&l->out, "%sContent-Length: %zu\r\n\r\n", cfg.auth, body.len);
     sb_add(&l->out, body.p, body.len);
     l->ring[slot] = (request_t){now, n};
     if (l->inflight == 0) l->waiting_since = now;
@@ -509,6 +513,17 @@ static void setup(cJSON *s) {
         cfg.duration > MAX_SECONDS - 2 || (cfg.batch > 1 && cfg.system != HERALD)) {
         fprintf(stderr, "sse-publisher: bad setup (batches are Herald's only)\n");
         exit(2);
+    }
+    cJSON *token = cJSON_GetObjectItemCaseSensitive(s, "token");
+    cfg.auth = "";
+    if (cJSON_IsString(token) && token->valuestring[0]) {
+        if (strpbrk(token->valuestring, "\r\n")) {
+            fprintf(stderr, "sse-publisher: the access token holds a line break\n");
+            exit(2);
+        }
+        sbuf header = {0};
+        sb_printf(&header, "Authorization: Bearer %s\r\n", token->valuestring);
+        cfg.auth = header.p;
     }
     cfg.names = xrealloc(NULL, sizeof(char *) * (size_t)cfg.ntopics);
     for (int t = 0; t < cfg.ntopics; t++) cfg.names[t] = strdup(cJSON_GetArrayItem(topics, t)->valuestring);
