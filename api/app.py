@@ -8,6 +8,7 @@ Run with ``python -m api`` (see :mod:`api.__main__`), or
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,19 +20,27 @@ from api import errors
 from api.auth.access import Access, Denied
 from api.auth.cors import Cors, CorsMiddleware
 from api.auth.keys import KeysUnavailable
+from api.dashboard import router as dashboard_router
+from api.docs import router as docs_router
 from api.events import router as events_router
 from api.events import serve_events
 from api.health import router as health_router
 from api.hub import Hub
+from api.metrics import Metrics, NullMetrics, PrometheusMetrics
 from api.middleware import NodeIdMiddleware
 from api.models import TOPIC_PATTERN, PublishEvent
+from api.monitoring import NodeCollector
+from api.monitoring import router as monitoring_router
 from api.publish import router as publish_router
+from api.registry import NodeRegistry
 from api.settings import Settings
 from api.stream import DIRECT_WRITES
 from broker.base import Broker, BrokerUnavailable, IdempotencyConflict, RetentionPolicy
 from broker.factory import create_broker
 
 BrokerFactory = Callable[[Settings], Broker]
+
+log = logging.getLogger("herald.node")
 
 
 def _default_broker(settings: Settings) -> Broker:
@@ -54,20 +63,29 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         broker = broker_factory(settings)
+        node_metrics: Metrics = PrometheusMetrics() if settings.metrics else NullMetrics()
         hub = Hub(
             broker,
             client_buffer=settings.client_buffer,
             heartbeat=settings.heartbeat,
             max_connections=settings.max_connections,
+            metrics=node_metrics,
         )
+        if isinstance(node_metrics, PrometheusMetrics):
+            node_metrics.attach(NodeCollector(settings, hub, broker, access))
+        registry = NodeRegistry(settings, broker, hub)
         await access.start()
         await broker.start(hub)
         await hub.start()
+        registry.start()
         app.state.broker = broker
         app.state.hub = hub
+        app.state.registry = registry
+        log.info("node %s serving on %s (broker: %s)", settings.node_id, registry.url, type(broker).__name__)
         try:
             yield
         finally:
+            await registry.close()
             await hub.close()
             await broker.close()
             await access.close()
@@ -77,6 +95,7 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
         summary="Real-time push over Server-Sent Events",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by api.docs from the package: no CDN
     )
     app.state.settings = settings
     app.state.access = access
@@ -91,6 +110,9 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
     app.include_router(publish_router)
     app.include_router(events_router)
     app.include_router(health_router)
+    app.include_router(monitoring_router)
+    app.include_router(docs_router)
+    app.include_router(dashboard_router)
     _document_publish_body(app, settings)
     return app
 

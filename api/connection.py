@@ -21,6 +21,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Protocol
 
+from api.metrics import WriteTally
 from api.sse import HEARTBEAT
 
 
@@ -61,12 +62,14 @@ class Connection:
         "_chunks",
         "_direct",
         "_dirty",
+        "_extra",
         "_limit",
         "_on_dirty",
         "_on_overflow",
         "_pending",
         "_sending",
         "_size",
+        "_tally",
         "_waiter",
         "active",
         "closed",
@@ -81,6 +84,7 @@ class Connection:
         limit: int,
         on_overflow: Callable[[], None] | None = None,
         on_dirty: Callable[[Connection], None] | None = None,
+        tally: WriteTally | None = None,
     ) -> None:
         self.topics = topics
         self.last_id = 0
@@ -100,6 +104,10 @@ class Connection:
         self._on_dirty = on_dirty  # the hub's "flush me this iteration"
         self._dirty = False  # already in the hub's flush list
         self._sending = False  # the writer task holds a chunk it has not written yet
+        # What was written, counted per write (a chunk's frames are events but for the
+        # ``_extra`` comments and resets pushed among them): nothing per event per client.
+        self._tally = tally if tally is not None else WriteTally()
+        self._extra = 0
 
     # -- fed by the hub (never awaits) -----------------------------------------
 
@@ -141,6 +149,7 @@ class Connection:
         direct = self._direct
         if direct is not None and not self._sending and direct.ready():
             chunk = b"".join(self._chunks)
+            self._count(chunk)
             self._chunks.clear()
             self._size = 0
             direct.write(chunk)
@@ -152,10 +161,17 @@ class Connection:
         """From now on (the stream is live) queued events may be written by :meth:`flush`."""
         self._direct = writer
 
+    def _count(self, chunk: bytes) -> None:
+        tally = self._tally
+        tally.events += len(self._chunks) - self._extra
+        tally.bytes += len(chunk)
+        self._extra = 0
+
     def push(self, frame: bytes) -> None:
         """Queue bytes that carry no event id (a comment, a live-feed ``reset``)."""
         if self.closed is not None:
             return
+        self._extra += 1
         self._chunks.append(frame)
         self._grow(len(frame))
         self._ready()
@@ -174,6 +190,7 @@ class Connection:
             return
         self.closed = reason
         self._chunks.clear()
+        self._extra = 0
         self._pending = None
         self._wake()
         if reason is Closed.OVERFLOW and self._on_overflow is not None:
@@ -212,6 +229,7 @@ class Connection:
         while self.closed is None:
             if self._chunks:
                 chunk = b"".join(self._chunks)
+                self._count(chunk)
                 self._chunks.clear()
                 self._size = 0
                 self._sending = True

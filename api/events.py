@@ -61,6 +61,32 @@ async def open_stream(
     token: str | None,
     on_overflow: Callable[[], None] | None,
 ) -> Response:
+    """:func:`subscribe`, its outcome counted (api.metrics)."""
+    metrics = hub.metrics
+    try:
+        response = await subscribe(hub, settings, access, topics, resume, token, on_overflow)
+    except RequestRejected:
+        metrics.connect("bad_request")
+        raise
+    except Denied as exc:
+        metrics.connect("unauthorized" if exc.status_code == 401 else "forbidden")
+        raise
+    if isinstance(response, RetryLaterResponse):
+        metrics.connect(response.outcome)
+    elif isinstance(response, EventStreamResponse):
+        metrics.connect("accepted" if response.opened_at_once else "waited")
+    return response
+
+
+async def subscribe(
+    hub: Hub,
+    settings: Settings,
+    access: Access,
+    topics: list[str],
+    resume: str | None,
+    token: str | None,
+    on_overflow: Callable[[], None] | None,
+) -> Response:
     """The response for a subscription. Only the client's own mistakes raise (RequestRejected, Denied: 4xx).
 
     Every passing cause is answered ``200 text/event-stream``, the only
@@ -76,11 +102,11 @@ async def open_stream(
     try:
         grant = await access.authorize_subscribe(token, topics)
     except KeysUnavailable as exc:
-        return RetryLaterResponse(settings.retry_ms, str(exc))
+        return RetryLaterResponse(settings.retry_ms, str(exc), outcome="retry_keys")
     try:
         connection = hub.admit(topics, on_overflow=on_overflow)
     except Refused as exc:
-        return RetryLaterResponse(settings.retry_ms, str(exc))
+        return RetryLaterResponse(settings.retry_ms, str(exc), outcome=f"retry_{exc.reason}")
     if grant is not None:
         hub.expire_at(connection, grant.expires_at)
     try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import re
 import time
@@ -27,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from api.connection import Closed, Connection
+from api.metrics import LatencyWindow, Metrics, NullMetrics
 from api.sse import event_frame, reset_frame
 from broker.base import Broker, BrokerUnavailable, Event, Reset, ResetReason
 
@@ -51,6 +53,11 @@ def parse_event_id(text: str) -> int | None:
 class Refused(Exception):
     """The node can't take a new stream now (draining, or at its connection limit); the client should retry."""
 
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        """``draining`` or ``full``."""
+
 
 @dataclass(slots=True)
 class Opened:
@@ -66,6 +73,8 @@ class Opened:
     frames: list[bytes]
     position: int
     fresh: bool
+    replayed: int = 0
+    """How many of ``frames`` are replayed events (the others: a ``reset``)."""
 
 
 class Hub:
@@ -79,8 +88,15 @@ class Hub:
         heartbeat: float,
         frame_cache_bytes: int = 8 * 1024 * 1024,
         max_connections: int = 0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._broker = broker
+        # Counted per write and per flush, read when Prometheus scrapes (api.metrics).
+        self.metrics: Metrics = metrics if metrics is not None else NullMetrics()
+        self.tally = self.metrics.tally
+        self._latency = LatencyWindow()
+        self.topic_events: dict[str, int] = {}  # events per topic with local clients (the dashboard's busiest)
+        self.resets: dict[str, int] = {}  # reset events sent to clients, by reason
         self._max_connections = max_connections
         # Set while the broker answers; streams waiting for it wait on this
         # (one probe for all of them, not one retry loop per client).
@@ -142,6 +158,9 @@ class Hub:
         frame = self._remember(event)
         connections = self._by_topic.get(event.topic)
         if connections:
+            topic_events = self.topic_events
+            topic_events[event.topic] = topic_events.get(event.topic, 0) + 1
+            self._latency.add(event.id)
             for connection in connections:
                 connection.offer(event.id, frame)
 
@@ -151,6 +170,7 @@ class Hub:
             topics = tuple(t for t in connection.topics if t in lost)
             if topics:
                 connection.push(reset_frame(reset.reason, topics, None))
+                self.resets[reset.reason] = self.resets.get(reset.reason, 0) + 1
                 if reset.reason == ResetReason.LOST:
                     # A new data set: its ids need not be above the old ones.
                     connection.last_id = 0
@@ -194,6 +214,8 @@ class Hub:
         for connection in dirty:
             written += connection.flush()
         self.direct_writes += written
+        if written:
+            self.metrics.flushed(self._latency.take(), time.time())
         self._flush_ended = time.perf_counter()
         self._flush_cost = self._flush_ended - started
 
@@ -215,11 +237,11 @@ class Hub:
         """
         if self._draining:
             self.refused["draining"] += 1
-            raise Refused("this node is shutting down")
+            raise Refused("this node is shutting down", "draining")
         if self._max_connections and len(self._connections) >= self._max_connections:
             self.refused["full"] += 1
-            raise Refused(f"this node serves its limit of {self._max_connections} streams")
-        connection = Connection(tuple(topics), self._client_buffer, on_overflow, self._mark_dirty)
+            raise Refused(f"this node serves its limit of {self._max_connections} streams", "full")
+        connection = Connection(tuple(topics), self._client_buffer, on_overflow, self._mark_dirty, self.tally)
         self._attach(connection)
         return connection
 
@@ -262,7 +284,9 @@ class Hub:
             if self._sub_lock.locked() or not self._subscribed.issuperset(connection.topics):
                 await self._reconcile()
             opened = await self._open(connection, last_event_id)
-        except BrokerUnavailable:
+        except BrokerUnavailable as exc:
+            if self._broker_up.is_set():
+                log.warning("broker unavailable: %s; new streams wait for it", exc)
             self._broker_up.clear()
             raise
         self.connections_total += 1
@@ -302,6 +326,7 @@ class Hub:
             try:
                 if await self._broker.ping():
                     self._broker_up.set()
+                    log.info("broker available again")
                     return
             except BrokerUnavailable:
                 pass
@@ -315,15 +340,20 @@ class Hub:
         after = parse_event_id(last_event_id)
         if after is None:
             position = await self._broker.position(topics)
+            self._count_reset(ResetReason.INVALID_ID)
             return Opened(connection, [reset_frame(ResetReason.INVALID_ID, topics, position)], position, fresh=False)
         history = await self._broker.history(topics, after)
         frames: list[bytes] = []
         if history.reset is not None:
             marker = None if history.events else history.head
             frames.append(reset_frame(history.reset.reason, history.reset.topics, marker))
+            self._count_reset(history.reset.reason)
         # Clients resuming together replay the same events: encode each once.
         frames.extend(self._remember(event) for event in history.events)
-        return Opened(connection, frames, history.head, fresh=False)
+        return Opened(connection, frames, history.head, fresh=False, replayed=len(history.events))
+
+    def _count_reset(self, reason: str) -> None:
+        self.resets[reason] = self.resets.get(reason, 0) + 1
 
     def _attach(self, connection: Connection) -> None:
         self._connections.add(connection)
@@ -351,6 +381,7 @@ class Hub:
             connections.discard(connection)
             if not connections:
                 del self._by_topic[topic]
+                self.topic_events.pop(topic, None)
                 orphaned = True
         if orphaned and not self._draining:
             task = asyncio.create_task(self._reconcile_quietly())
@@ -387,12 +418,40 @@ class Hub:
         # A connection gets a comment when nothing was queued for it during a
         # whole tick, so an idle stream is never silent for two ticks.
         period = self._heartbeat / 2
+        cutoffs = self.cutoffs
         while True:
             await asyncio.sleep(period)
             for connection in list(self._connections):
                 connection.heartbeat()
+            if self.cutoffs > cutoffs:  # one line per tick, however many were cut off
+                log.warning(
+                    "cut off %d slow clients (over %d bytes behind; %d in all)",
+                    self.cutoffs - cutoffs,
+                    self._client_buffer,
+                    self.cutoffs,
+                    extra={"cutoffs": self.cutoffs - cutoffs, "cutoffs_total": self.cutoffs},
+                )
+                cutoffs = self.cutoffs
 
     # -- introspection ---------------------------------------------------------
+
+    def busiest(self, count: int = 10) -> list[dict[str, object]]:
+        """The topics with the most local subscribers and those with the most events (up to ``count`` each)."""
+        by_subscribers = heapq.nlargest(count, self._by_topic, key=lambda t: len(self._by_topic[t]))
+        by_events = heapq.nlargest(count, self.topic_events, key=self.topic_events.__getitem__)
+        events = self.topic_events
+        return [
+            {"topic": topic, "subscribers": len(self._by_topic.get(topic, ())), "events": events.get(topic, 0)}
+            for topic in dict.fromkeys([*by_subscribers, *by_events])
+        ]
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def broker_up(self) -> bool:
+        return self._broker_up.is_set()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -403,6 +462,10 @@ class Hub:
             "events_in": self.events_in,
             "cutoffs": self.cutoffs,
             "expired": self.expired,
+            "resets": sum(self.resets.values()),
+            "deliveries": self.tally.events,
+            "replayed": self.tally.replayed,
+            "bytes_sent": self.tally.bytes,
             "direct_writes": self.direct_writes,
             "pending_tasks": len(self._tasks),
             "refused_draining": self.refused["draining"],

@@ -22,6 +22,15 @@ MAX_BATCH = 1000
 _TOPIC = re.compile(TOPIC_PATTERN.removeprefix("^").removesuffix("$"))
 
 
+RESERVED_TOPIC_PREFIX = "_herald/"
+"""Topics of the nodes themselves (their figures, ``_herald/nodes``): producers may not publish there,
+and with access control on only an admin token may read them."""
+
+
+def is_reserved(topic: str) -> bool:
+    return topic.startswith(RESERVED_TOPIC_PREFIX)
+
+
 def is_topic(name: str) -> bool:
     return _TOPIC.fullmatch(name) is not None
 

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Annotated, Any, NoReturn
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 
+from api.auth.access import Access, Denied
 from api.auth.credentials import bearer_token
-from api.deps import AccessDep, BrokerDep, SettingsDep
+from api.auth.keys import KeysUnavailable
+from api.deps import AccessDep, BrokerDep, HubDep, SettingsDep
 from api.errors import RequestRejected
-from api.models import MAX_BATCH, PublishBatch, Published, PublishEvent
+from api.models import MAX_BATCH, PublishBatch, Published, PublishEvent, is_reserved
+from api.settings import Settings
 from api.sse import encode_data, utf8_size
-from broker.base import Message
+from broker.base import Broker, BrokerUnavailable, IdempotencyConflict, Message
 
 router = APIRouter()
 
@@ -132,6 +136,7 @@ async def publish(
     broker: BrokerDep,
     settings: SettingsDep,
     access: AccessDep,
+    hub: HubDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -148,14 +153,39 @@ async def publish(
     control on, the ``Authorization: Bearer`` token must allow publishing to every
     topic of the request, or nothing of it is published.
     """
+    metrics = hub.metrics
+    started = time.perf_counter()
+    try:
+        published = await _publish(request, broker, settings, access, idempotency_key)
+    except (RequestRejected, Denied) as exc:
+        metrics.publish_failed(exc.status_code)
+        raise
+    except IdempotencyConflict:
+        metrics.publish_failed(422)
+        raise
+    except (BrokerUnavailable, KeysUnavailable):
+        metrics.publish_failed(503)
+        raise
+    metrics.published(len(published) if isinstance(published, list) else 1, time.perf_counter() - started)
+    return JSONResponse(published, status_code=201)
+
+
+async def _publish(
+    request: Request, broker: Broker, settings: Settings, access: Access, idempotency_key: str | None
+) -> list[dict[str, str]] | dict[str, str]:
+    """What ``POST /publish`` does: the events' ids (one, or a list for a batch), once published."""
     grant = await access.authenticate_publisher(bearer_token(request.scope["headers"]))
     _check_content_type(request)
     if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
         raise RequestRejected(400, "Idempotency-Key must be 1-200 printable ASCII characters without spaces")
     payload = _parse(await _read_body(request, settings.max_body_bytes))
     items, many = _validate(payload)
-    access.check_publish(grant, list(dict.fromkeys(item.topic for item in items)))
+    topics = list(dict.fromkeys(item.topic for item in items))
+    reserved = next((t for t in topics if is_reserved(t)), None)
+    if reserved is not None:
+        raise RequestRejected(403, f"topic {reserved!r} is reserved for the nodes' own figures")
+    access.check_publish(grant, topics)
     messages = [_message(i if many else -1, item, settings.max_event_bytes) for i, item in enumerate(items)]
     events = await broker.publish(messages, idempotency_key)
     published = [{"id": str(e.id), "topic": e.topic} for e in events]
-    return JSONResponse(published if many else published[0], status_code=201)
+    return published if many else published[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -111,3 +112,13 @@ class Settings(BaseSettings):
         "",
         description="Origins whose pages may use /events and /publish (CORS, with credentials), comma-separated.",
     )
+    # -- operations (api.metrics, api.registry, api.logs) ----------------------
+    metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics (counted per flush, not per event).")
+    metrics_public: bool = Field(
+        False, description="With access control on, let /metrics be scraped without an admin token."
+    )
+    node_url: str | None = Field(
+        None,
+        description="This node's own URL as the cluster registry shows it (default http://HOST:PORT).",
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or as one JSON object each.")

@@ -152,9 +152,11 @@ class RetryLaterResponse(Response):
     behind a proxy most likely to another node), where a 503 would end it for good.
     """
 
-    def __init__(self, retry_ms: int, why: str) -> None:
+    def __init__(self, retry_ms: int, why: str, outcome: str = "retry_full") -> None:
         # The content type exactly as on a stream (Response would add a charset to it).
         super().__init__(retry_notice(retry_ms, why), headers={"Content-Type": MEDIA_TYPE, **STREAM_HEADERS})
+        self.outcome = outcome
+        """Why, for the node's metrics (``retry_draining``, ``retry_full``, ``retry_keys``)."""
 
 
 class EventStreamResponse(Response):
@@ -187,6 +189,7 @@ class EventStreamResponse(Response):
         self._hub = hub
         self._connection = connection
         self._opened = opened
+        self.opened_at_once = opened is not None
         self._resume = resume
         self._retry_ms = retry_ms
         self._heartbeat = heartbeat
@@ -216,10 +219,16 @@ class EventStreamResponse(Response):
                     await send({"type": "http.response.body", "body": first, "more_body": True})
                 # Inline, not a helper coroutine: every frame on this path is
                 # held for the stream's life (memory per idle connection).
+                tally = self._hub.tally
+                tally.bytes += len(first)
                 for batch in _batches(opened.frames):
                     if connection.closed is not None:
                         break
                     await send({"type": "http.response.body", "body": batch, "more_body": True})
+                    tally.bytes += len(batch)
+                else:
+                    tally.events += opened.replayed
+                    tally.replayed += opened.replayed
                 connection.go_live(opened.position)
                 writer = direct_writer(scope, receive)
                 if writer is not None:

@@ -252,3 +252,30 @@ class ReportsStats(Protocol):
 
     def stats(self) -> dict[str, int]:
         """A snapshot of the broker's own counters."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """One node as the cluster registry knows it: its announcement, and whether it is still announcing."""
+
+    node_id: str
+    record: str
+    """What the node announced (JSON: url, version, state, figures...), opaque to the broker."""
+    alive: bool
+    """False once the node stopped announcing for longer than its TTL (killed, stopped, cut off)."""
+
+
+@runtime_checkable
+class NodeDirectory(Protocol):
+    """Optional capability: where the nodes of a deployment announce themselves (``GET /cluster``).
+
+    A node calls :meth:`announce` every second or two; a node that stops is
+    listed as not alive once its TTL has passed, and forgotten ``forget``
+    seconds after its last announcement.
+    """
+
+    async def announce(self, node_id: str, record: str, ttl: float) -> None:
+        """Say this node is alive for ``ttl`` seconds, with ``record``. Raises BrokerUnavailable."""
+
+    async def nodes(self, forget: float) -> list[NodeRecord]:
+        """Every node announced within the last ``forget`` seconds. Raises BrokerUnavailable."""

@@ -28,6 +28,7 @@ from broker.base import (
     History,
     IdempotencyConflict,
     Message,
+    NodeRecord,
     RetentionPolicy,
     Snapshot,
     next_id,
@@ -75,6 +76,7 @@ class MemoryBroker:
         self._epoch = now_us(clock)
         self._last = self._epoch
         self._topics: dict[str, _Topic] = {}
+        self._announced: dict[str, tuple[str, float, float]] = {}  # node id -> (record, alive until, last seen)
         self._subscribed: set[str] = set()
         self._idempotency: dict[str, tuple[int, list[int]]] = {}  # key -> (expiry in µs, ids)
         self._sink: EventSink | None = None
@@ -205,6 +207,20 @@ class MemoryBroker:
         while True:
             await asyncio.sleep(interval)
             self.sweep()
+
+    # -- NodeDirectory: a node on the embedded broker is its own cluster ----------
+
+    # Wall-clock time, as Redis' key TTLs: a registry is about real time, not the ids' clock.
+
+    async def announce(self, node_id: str, record: str, ttl: float) -> None:
+        now = time.time()
+        self._announced[node_id] = (record, now + ttl, now)
+
+    async def nodes(self, forget: float) -> list[NodeRecord]:
+        now = time.time()
+        for node_id in [n for n, (_, _, seen) in self._announced.items() if now - seen > forget]:
+            del self._announced[node_id]
+        return [NodeRecord(n, record, now < alive_until) for n, (record, alive_until, _) in self._announced.items()]
 
     def stats(self) -> dict[str, int]:
         """Counts for the node's /stats endpoint."""

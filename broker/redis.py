@@ -74,6 +74,7 @@ from broker.base import (
     History,
     IdempotencyConflict,
     Message,
+    NodeRecord,
     Reset,
     ResetReason,
     RetentionPolicy,
@@ -183,6 +184,7 @@ class RedisBroker:
         # not time out while the channels are quiet (a health ping keeps it honest).
         self._feed_redis: aioredis.Redis = client or _client(target, 2, None, timeout)
         self._slots = asyncio.Semaphore(pool)
+        self._pool = pool
         self._publish_script = self._redis.register_script(PUBLISH_SCRIPT)
         self._history_script = self._redis.register_script(HISTORY_SCRIPT)
         self._mark_lost_script = self._redis.register_script(MARK_LOST_SCRIPT)
@@ -699,5 +701,53 @@ class RedisBroker:
         """The scripts' "now": empty for Redis's clock, or the injected clock in µs."""
         return "" if self._clock is None else str(now_us(self._clock))
 
+    # -- NodeDirectory ----------------------------------------------------------
+
+    async def announce(self, node_id: str, record: str, ttl: float) -> None:
+        """``<prefix>:node:<id>`` (the record, expiring after ``ttl``) says the node is alive; the hash
+        ``<prefix>:nodes`` keeps every node's last record (and when it was written) so a node gone
+        quiet is still listed, as gone, for a while."""
+        now = time.time()
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(f"{self._prefix}:node:{node_id}", record, px=max(1, int(ttl * 1000)))
+        pipe.hset(f"{self._prefix}:nodes", node_id, f"{now}|{record}")
+        await self._call(pipe.execute)
+
+    async def nodes(self, forget: float) -> list[NodeRecord]:
+        entries: dict[str | bytes, str | bytes] = await self._call(lambda: self._redis.hgetall(f"{self._prefix}:nodes"))
+        now = time.time()
+        known: list[tuple[str, str]] = []
+        stale: list[str] = []
+        for raw_id, raw in entries.items():
+            node_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+            seen, _, record = (raw.decode() if isinstance(raw, bytes) else raw).partition("|")
+            try:
+                fresh = now - float(seen) <= forget
+            except ValueError:
+                fresh = False
+            if fresh:
+                known.append((node_id, record))
+            else:
+                stale.append(node_id)
+        if stale:
+            await self._call(lambda: self._redis.hdel(f"{self._prefix}:nodes", *stale))
+        if not known:
+            return []
+        keys = [f"{self._prefix}:node:{node_id}" for node_id, _ in known]
+        flags = await self._call(lambda: self._alive(keys))
+        return [NodeRecord(n, r, bool(a)) for (n, r), a in zip(known, flags, strict=True)]
+
+    async def _alive(self, keys: list[str]) -> list[bool]:
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(key)
+        return [bool(n) for n in await pipe.execute()]
+
     def stats(self) -> dict[str, int]:
-        return {"topics_subscribed": len(self._topics), "feed_up": int(self._feed_up.is_set()), **self.counters}
+        return {
+            "topics_subscribed": len(self._topics),
+            "feed_up": int(self._feed_up.is_set()),
+            "pool_size": self._pool,
+            "pool_in_use": self._pool - self._slots._value,  # commands holding a connection now
+            **self.counters,
+        }

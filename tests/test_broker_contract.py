@@ -24,6 +24,8 @@ from broker.base import (
     History,
     IdempotencyConflict,
     Message,
+    NodeDirectory,
+    NodeRecord,
     Reset,
     ResetReason,
     RetentionPolicy,
@@ -678,3 +680,22 @@ async def test_resume_from_the_head_after_a_long_quiet_period_is_exact(open_node
     history = await bnode.broker.history(["t", "never-published"], event.id)
     assert history.events == []
     assert history.reset is None
+
+
+async def test_node_directory_lists_announced_nodes_and_notices_silence(bnode: Node) -> None:
+    """``NodeDirectory``: alive while announcing; listed as not alive once the TTL passed, then forgotten."""
+    directory = bnode.broker
+    assert isinstance(directory, NodeDirectory)
+    await directory.announce("n1", '{"state":"serving"}', 60)
+    await directory.announce("n2", '{"state":"draining"}', 0.2)
+    listed = {n.node_id: n for n in await directory.nodes(forget=300)}
+    assert listed["n1"] == NodeRecord("n1", '{"state":"serving"}', True)
+    assert listed["n2"].record == '{"state":"draining"}'
+
+    async def n2_silent() -> None:
+        while any(n.node_id == "n2" and n.alive for n in await directory.nodes(forget=300)):
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(n2_silent(), 5)
+    assert {n.node_id for n in await directory.nodes(forget=300)} >= {"n1", "n2"}
+    assert {n.node_id for n in await directory.nodes(forget=0)} == set()  # everyone announced > 0 s ago

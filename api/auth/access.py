@@ -14,14 +14,19 @@ as before access control existed.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 
 from api.auth.keys import JwksKeys, KeyConfigError, KeySource, StaticKey
 from api.auth.selectors import NOTHING, TopicMatcher, parse_selector_list
 from api.auth.tokens import Grant, InvalidToken, TokenVerifier
+from api.models import is_reserved
 from api.settings import Settings
 
 REALM = "herald"
+
+log = logging.getLogger("herald.auth")
 
 
 class Denied(Exception):
@@ -61,6 +66,8 @@ class Access:
     def __init__(self, verifier: TokenVerifier | None, public_topics: TopicMatcher = NOTHING) -> None:
         self.verifier = verifier
         self.public_topics = public_topics
+        self._logged_at = float("-inf")
+        self._refused_since_log = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Access:
@@ -124,7 +131,22 @@ class Access:
         try:
             return await self.verifier.verify(token)
         except InvalidToken as exc:
+            self._log_refusal(str(exc))
             raise _invalid(str(exc)) from None
+
+    def _log_refusal(self, why: str) -> None:
+        """At most a line a second, with the count since the last one: never the token, never a flood."""
+        self._refused_since_log += 1
+        now = time.monotonic()
+        if now - self._logged_at >= 1.0:
+            log.warning(
+                "refused %d tokens; the last: %s",
+                self._refused_since_log,
+                why,
+                extra={"tokens_refused": self._refused_since_log},
+            )
+            self._logged_at = now
+            self._refused_since_log = 0
 
     async def authorize_subscribe(self, token: str | None, topics: Sequence[str]) -> Grant | None:
         """May a client read ``topics``? The grant whose expiry ends the stream, None when none applies.
@@ -135,11 +157,14 @@ class Access:
         """
         if self.verifier is None:
             return None
-        private = [t for t in topics if not self.public_topics.covers(t)]
+        private = [t for t in topics if not self.public_topics.covers(t) or is_reserved(t)]
         if not private:
             return None
         grant = await self._grant(token)
-        refused = grant.subscribe.first_uncovered(private)
+        reserved = next((t for t in private if is_reserved(t)), None)
+        if reserved is not None and not grant.admin:
+            raise _insufficient(f"topic {reserved!r} is the nodes' own: it needs a token with admin rights")
+        refused = grant.subscribe.first_uncovered([t for t in private if not is_reserved(t)])
         if refused is not None:
             raise _insufficient(f"the token does not allow subscribing to topic {refused!r}")
         return grant
