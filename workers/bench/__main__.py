@@ -34,7 +34,7 @@ from workers.bench.systems import ROOT, HeraldCluster, HeraldWorkers, all_system
 
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / ".run" / "bench" / "results.json"
-SCENARIOS = ("throughput", "latency", "many-topics", "idle", "storm", "multi-node", "cores", "auth")
+SCENARIOS = ("throughput", "latency", "many-topics", "idle", "storm", "multi-node", "cores", "auth", "metrics")
 PLAN = {
     1000: [25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1200.0, 1600.0, 2400.0, 3200.0],
     5000: [5.0, 10.0, 20.0, 30.0, 40.0, 60.0, 80.0, 120.0, 160.0, 240.0, 320.0, 480.0],
@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> None:
             if not args.quick
             else scenarios.auth_cost(connections=500, seconds=seconds, repeats=1)
         )
+        save(results, args.quick)
+    if "metrics" in chosen:
+        print("== metrics off vs on (one node, embedded broker)", flush=True)
+        results["metrics"] = scenarios.metrics_cost(seconds=seconds, repeats=5 if not args.quick else 1)
         save(results, args.quick)
     print(render(results))
     save(results, args.quick)

@@ -6,7 +6,16 @@ import json
 import statistics
 from typing import Any
 
-from workers.bench.scenarios import AUTH_TOLERANCE, BATCH, PIPELINE, auth_verdicts, best_step, kept_up
+from workers.bench.scenarios import (
+    AUTH_TOLERANCE,
+    BATCH,
+    METRICS_TOLERANCE,
+    PIPELINE,
+    auth_verdicts,
+    best_step,
+    kept_up,
+    metrics_verdict,
+)
 from workers.bench.systems import CLIENT_CORE, SERVER_CORE
 
 
@@ -276,6 +285,21 @@ def auth_targets(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def metrics_targets(results: dict[str, Any]) -> list[str]:
+    """Issue 13's target: fan-out throughput with metrics on within 3 % of metrics off, side by side."""
+    measured = results.get("metrics")
+    if not measured:
+        return []
+    judged = metrics_verdict(measured)
+    subs = measured["fanout"]["subscribers"]
+    return [
+        f"- fan-out throughput to {subs:,} subscribers with metrics on, at most {METRICS_TOLERANCE * 100:g} % lower"
+        f" than off (best of {measured['repeats']} alternated runs each; medians {_cell(judged['on_median'])} vs"
+        f" {_cell(judged['off_median'])}): {_cell(judged['on'])} vs {_cell(judged['off'])} deliveries/s"
+        f" ({_cost(judged['cost'])}): {'met' if judged['met'] else '**not met**'}",
+    ]
+
+
 def _auth(results: dict[str, Any]) -> list[str]:
     auth = results.get("auth")
     if not auth:
@@ -371,6 +395,9 @@ def render(results: dict[str, Any]) -> str:
         lines += ["", "## Targets (issue 12: access control, on vs off in the same run)", "", *auth]
     lines += _cluster(results)
     lines += _cores(results)
+    metrics = metrics_targets(results)
+    if metrics:
+        lines += ["", "## Targets (issue 13: metrics, on vs off in the same run)", "", *metrics]
     lines += _auth(results)
     lines += ["", "## Steps", "", "Every step of every run (rate = events/s published):", ""]
     for n in names:

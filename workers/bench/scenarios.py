@@ -409,10 +409,15 @@ def node_bound(step: dict[str, Any]) -> bool:
     return server_saturated(step) and foreign_load(step) < NOISE
 
 
-def _alternating(repeats: int, measure: Callable[[System], dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """``measure(system)`` ``repeats`` times on Herald with access control off and on, in A-B B-A order,
-    so a machine that slows down or speeds up during the run weighs on both alike."""
-    off, on = Herald(), Herald(auth=True)
+def _alternating(
+    repeats: int,
+    measure: Callable[[System], dict[str, Any]],
+    off: System | None = None,
+    on: System | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """``measure(system)`` ``repeats`` times on two Herald systems (default: access control off and on), in
+    A-B B-A order, so a machine that slows down or speeds up during the run weighs on both alike."""
+    off, on = off or Herald(), on or Herald(auth=True)
     samples: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
     for i in range(repeats):
         for key, system in (("off", off), ("on", on)) if i % 2 == 0 else (("on", on), ("off", off)):
@@ -439,6 +444,38 @@ def auth_cost(
     }
     print(f"  auth: {auth_verdicts(result)}", flush=True)
     return result
+
+
+METRICS_TOLERANCE = 0.03
+"""Issue 13: fan-out throughput with metrics on within 3 % of metrics off."""
+
+
+def metrics_cost(subscribers: int = 1000, seconds: float = 5.0, repeats: int = 5) -> dict[str, Any]:
+    """Metrics off (``HERALD_METRICS=0``) vs on, in the same run: the fan-out throughput to ``subscribers``
+    (closed loop at saturation), ``repeats`` runs of each, alternated; judged by :func:`metrics_verdict`."""
+    fanout = _alternating(
+        repeats, lambda system: saturation(system, subscribers, seconds), Herald(metrics=False), Herald()
+    )
+    result = {"repeats": repeats, "fanout": {"subscribers": subscribers, "mode": CLOSED.key, **fanout}}
+    print(f"  metrics: {metrics_verdict(result)}", flush=True)
+    return result
+
+
+def metrics_verdict(result: dict[str, Any]) -> dict[str, Any]:
+    """Best run of each side (see :func:`auth_verdicts` for why), medians beside; met within
+    :data:`METRICS_TOLERANCE` with no event lost in any run."""
+    fanout = result["fanout"]
+    rates = {k: [r["delivered_per_s"] for r in fanout[k]] for k in ("off", "on")}
+    off_rate, on_rate = max(rates["off"]), max(rates["on"])
+    no_loss = all(r["lost"] == 0 for r in fanout["off"] + fanout["on"])
+    return {
+        "off": off_rate,
+        "on": on_rate,
+        "off_median": statistics.median(rates["off"]),
+        "on_median": statistics.median(rates["on"]),
+        "cost": 1 - on_rate / off_rate if off_rate else None,
+        "met": bool(off_rate and no_loss and on_rate >= (1 - METRICS_TOLERANCE) * off_rate),
+    }
 
 
 def auth_verdicts(result: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 * **herald**: one node (``python -m api``), embedded broker; ``herald-redis``
   the same node on the Redis broker, redis-server on the other core;
+  ``herald-nometrics`` the same node with its metrics off (``HERALD_METRICS=0``);
   ``herald-auth`` the same node with access control on (a random
   ``HERALD_JWT_SECRET``), its clients carrying tokens signed with it.
 * **nchan**: nginx with the nchan module (Debian's ``libnginx-mod-nchan``),
@@ -135,10 +136,12 @@ class System:
 class Herald(System):
     """One node; ``redis``: on the Redis broker; ``auth``: access control on, with a secret of its own."""
 
-    def __init__(self, redis: bool = False, auth: bool = False) -> None:
+    def __init__(self, redis: bool = False, auth: bool = False, metrics: bool = True) -> None:
         name = "herald-redis" if redis else "herald"
-        super().__init__(f"{name}-auth" if auth else name, "herald")
+        name = f"{name}-auth" if auth else name
+        super().__init__(name if metrics else f"{name}-nometrics", "herald")
         self.redis = redis
+        self.metrics = metrics
         self.redis_port = 0
         self.secret = secrets.token_urlsafe(48) if auth else None
 
@@ -167,7 +170,8 @@ class Herald(System):
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         broker = {"REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0"} if self.redis else {}
-        return launch.node_command(), launch.node_env(self.port, self.name, {**broker, **self.client_env()})
+        metrics = {} if self.metrics else {"HERALD_METRICS": "0"}
+        return launch.node_command(), launch.node_env(self.port, self.name, {**broker, **metrics, **self.client_env()})
 
 
 class HeraldWorkers(Herald):
