@@ -63,14 +63,19 @@ loadtest: setup
 ## SENTINEL=1: Redis as primary + replica + three sentinels (master name "herald"), for failover.
 ## AUTH=1: access control on, a random HERALD_JWT_SECRET for every node (kept in .run/cluster/jwt-secret,
 ## mode 0600); tokens from .venv/bin/python -m ops.cluster token [--publish SEL] [--subscribe SEL] [--admin].
+## OBSERVE=1: Debian's Prometheus too (http://127.0.0.1:9090, or a free port when that one is taken: start
+## and status print it), scraping every node's /metrics with the alerts of ops/prometheus-rules.yml; its data in
+## .run/cluster/prometheus. With AUTH=1 it scrapes with an admin token (.run/cluster/prometheus-token, mode 0600).
 ## Then: .venv/bin/python -m ops.cluster status|restart|stop-node node-1|token|... (see ops/cluster.py).
 NODES ?= 3
 SENTINEL ?=
 AUTH ?=
+OBSERVE ?=
 cluster: system-deps setup
-	NODES=$(NODES) $(PY) -m ops.cluster start --nodes $(NODES) $(if $(SENTINEL),--sentinel) $(if $(AUTH),--auth)
+	NODES=$(NODES) $(PY) -m ops.cluster start --nodes $(NODES) $(if $(SENTINEL),--sentinel) $(if $(AUTH),--auth) \
+		$(if $(OBSERVE),--observe)
 
-## Stop exactly what `make cluster` started, sentinels and replica included (pid files in .run/cluster).
+## Stop exactly what `make cluster` started, sentinels, replica and Prometheus included (pid files in .run/cluster).
 cluster-down: setup
 	$(PY) -m ops.cluster stop
 

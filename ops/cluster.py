@@ -14,6 +14,7 @@ that cluster through those files, from any process::
     python -m ops.cluster failover                 --sentinel clusters: SIGKILL the current primary
     python -m ops.cluster token [--publish SEL]... --auth clusters: print an access token
     python -m ops.cluster stop                     stops exactly the processes named in the pid files
+    python -m ops.cluster prometheus-config [--compose]   print ops/prometheus.yml (or ops/prometheus-compose.yml)
 
 With ``--auth`` (``make cluster AUTH=1``) access control is on: ``start``
 generates a random ``HERALD_JWT_SECRET``, keeps it in ``jwt-secret`` (mode
@@ -22,6 +23,16 @@ restart; ``python -m ops.cluster token [--publish SEL] [--subscribe SEL]
 [--admin] [--sub ID] [--ttl S]`` prints a token signed with it (with no rights
 given, a development token that may do everything). ``stop`` deletes the
 secret: the next cluster gets a new one.
+
+With ``--observe`` (``make cluster OBSERVE=1``) Debian's ``prometheus`` runs
+beside the cluster on a loopback port (9090 when free), scraping every
+node's ``/metrics`` with the alert rules of ``ops/prometheus-rules.yml``; its
+config is ``prometheus.yml`` and its data ``prometheus/`` in the run
+directory. With ``--auth`` too, it scrapes with an admin token minted from
+the cluster's secret, kept in ``prometheus-token`` (mode 0600) and named in
+its config by ``authorization: credentials_file:``. ``ops/prometheus.yml`` is
+that config for the default layout (three nodes from port 8001, no access
+control), as ``prometheus-config`` renders it; a test checks they agree.
 
 With ``--sentinel`` Redis runs as a primary (``redis``), a replica
 (``redis-1``) and three sentinels (``sentinel-0..2``) watching master name
@@ -38,6 +49,7 @@ import functools
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,10 +68,12 @@ from ops.launch import NGINX, REDIS_SERVER, ROOT, SENTINEL_MASTER
 from ops.nginx import render_local
 
 # Re-exported: tests/test_loadtest.py and older callers import them from here.
-from ops.probe import free_port, wait_until
+from ops.probe import free_port, port_is_free, wait_until
 
 __all__ = [
     "NGINX",
+    "PROMETHEUS",
+    "PROMTOOL",
     "REDIS_SERVER",
     "ROOT",
     "SENTINEL_MASTER",
@@ -68,6 +82,23 @@ __all__ = [
     "main",
     "wait_until",
 ]
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+"""Debian's ``prometheus`` (the ``prometheus`` package, installed by ops/install-system-deps.sh)."""
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+PROMETHEUS_CONF = ROOT / "ops" / "prometheus.yml"
+"""The committed config: ``prometheus-config`` for the default cluster (see :func:`render_prometheus`)."""
+PROMETHEUS_COMPOSE_CONF = ROOT / "ops" / "prometheus-compose.yml"
+"""The committed config compose.yaml mounts: ``prometheus-config --compose``."""
+PROMETHEUS_RULES = ROOT / "ops" / "prometheus-rules.yml"
+PROMETHEUS_DEFAULT_PORT = 9090
+SCRAPE_JOB = "herald"
+SCRAPE_TOKEN_TTL = 365 * 24 * 3600
+"""Seconds the scrape token of an ``--auth --observe`` cluster is valid: it dies with the cluster's secret anyway."""
+COMPOSE_TOKEN_FILE = "/run/herald/prometheus-token"
+"""Where compose.yaml's ``prometheus-token`` service leaves the scrape token for the ``prometheus`` service."""
+DEFAULT_FIRST_NODE_PORT = 8001
+DEFAULT_NODES = 3
 
 READY = "ready"
 NOT_READY = "not-ready"
@@ -100,6 +131,11 @@ class Cluster:
     sentinel_ports: list[int] = field(default_factory=list)
     auth: bool = False
     """Access control on: every node gets the cluster's ``HERALD_JWT_SECRET`` (:attr:`secret_file`)."""
+    observe: bool = False
+    """Prometheus too, scraping every node (:meth:`start_prometheus`)."""
+    prometheus_port: int = 0
+    scrape_interval: str = "5s"
+    """Prometheus' scrape and rule evaluation interval (a Prometheus duration)."""
 
     def __post_init__(self) -> None:
         self.run_dir = self.run_dir.resolve()
@@ -111,6 +147,8 @@ class Cluster:
                 self.replica_ports = [free_port()]
             if not self.sentinel_ports:
                 self.sentinel_ports = [free_port() for _ in range(3)]
+        if self.observe and not self.prometheus_port:
+            self.prometheus_port = free_port()
 
     # -- where things are ------------------------------------------------------
 
@@ -125,6 +163,10 @@ class Cluster:
 
     def node_url(self, index: int) -> str:
         return f"http://127.0.0.1:{self.node_ports[index]}"
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.prometheus_port}"
 
     @property
     def logs(self) -> Path:
@@ -151,9 +193,16 @@ class Cluster:
     SECRET_FILE = "jwt-secret"
     """The cluster's HERALD_JWT_SECRET, readable by its owner only; never in ``cluster.json``."""
 
+    PROMETHEUS_TOKEN_FILE = "prometheus-token"
+    """The admin token Prometheus scrapes with (``--auth --observe``), readable by its owner only."""
+
     @property
     def secret_file(self) -> Path:
         return self.run_dir / self.SECRET_FILE
+
+    @property
+    def prometheus_token_file(self) -> Path:
+        return self.run_dir / self.PROMETHEUS_TOKEN_FILE
 
     @property
     def jwt_secret(self) -> str:
@@ -167,10 +216,7 @@ class Cluster:
 
     def _new_secret(self) -> None:
         """A fresh random secret in :attr:`secret_file`, created readable by its owner only."""
-        self.secret_file.unlink(missing_ok=True)  # a file left by someone else keeps its mode: start afresh
-        descriptor = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as out:
-            out.write(secrets.token_urlsafe(48) + "\n")
+        _write_private(self.secret_file, secrets.token_urlsafe(48) + "\n")
 
     def token(
         self,
@@ -196,6 +242,9 @@ class Cluster:
             "replica_ports": self.replica_ports,
             "sentinel_ports": self.sentinel_ports,
             "auth": self.auth,
+            "observe": self.observe,
+            "prometheus_port": self.prometheus_port,
+            "scrape_interval": self.scrape_interval,
         }
         (self.run_dir / self.STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
@@ -217,6 +266,9 @@ class Cluster:
             replica_ports=state.get("replica_ports", []),
             sentinel_ports=state.get("sentinel_ports", []),
             auth=state.get("auth", False),
+            observe=state.get("observe", False),
+            prometheus_port=state.get("prometheus_port", 0),
+            scrape_interval=state.get("scrape_interval", "5s"),
         )
 
     # -- starting ----------------------------------------------------------------
@@ -244,6 +296,8 @@ class Cluster:
             for index in range(len(self.node_ports)):
                 self._wait_node(index)
             self.start_nginx()
+            if self.observe:
+                self.start_prometheus()
         except BaseException:
             self.stop()
             raise
@@ -361,6 +415,39 @@ class Cluster:
         self._spawn("nginx", args)
         self._wait_started("nginx", lambda: httpx.get(f"{self.front_url}/healthz", timeout=1).status_code == 200)
 
+    def prometheus_config(self) -> str:
+        """The config :meth:`start_prometheus` writes: every node of this cluster, the repository's alert rules."""
+        return render_prometheus(
+            [f"127.0.0.1:{port}" for port in self.node_ports],
+            scrape_interval=self.scrape_interval,
+            rule_file=str(PROMETHEUS_RULES),
+            credentials_file=str(self.prometheus_token_file) if self.auth else None,
+        )
+
+    def start_prometheus(self) -> None:
+        """Start Prometheus on :attr:`prometheus_port`, scraping every node; return once it is ready.
+
+        Its data goes to ``prometheus/`` in the run directory (kept from one
+        start to the next: it is history). With access control on, it scrapes
+        with an admin token (:attr:`prometheus_token_file`) minted from the
+        cluster's secret: a new one at every start, worthless once ``stop``
+        deletes the secret.
+        """
+        self._refuse_if_running("prometheus")
+        if not self.prometheus_port:
+            self.prometheus_port = free_port()
+            self.save_state()
+        data = self.run_dir / "prometheus"
+        data.mkdir(parents=True, exist_ok=True)
+        if self.auth:
+            token = self.token(admin=True, sub="prometheus", ttl=SCRAPE_TOKEN_TTL)
+            _write_private(self.prometheus_token_file, token + "\n")
+        config = self.run_dir / "prometheus.yml"
+        config.write_text(self.prometheus_config())
+        self._spawn("prometheus", prometheus_args(config, data, self.prometheus_port))
+        url = self.prometheus_url
+        self._wait_started("prometheus", lambda: httpx.get(f"{url}/-/ready", timeout=1).status_code == 200, 30)
+
     # -- stopping ----------------------------------------------------------------
 
     def signal(self, name: str, sig: signal.Signals = signal.SIGTERM, timeout: float = 10) -> None:
@@ -457,22 +544,24 @@ class Cluster:
         wait_until(answered_by_node, f"nginx sending requests to {name}", timeout)
 
     def stop(self) -> None:
-        """Stop nginx, the nodes, the sentinels, the replicas and redis, in that order, then any other pid file.
+        """Stop Prometheus, nginx, the nodes, the sentinels, the replicas and redis in that order, then any pid file.
 
-        Front first, so no client is sent to a node on its way out; Redis last,
-        so nodes shut down with their broker still there.
+        Prometheus first, so it records no outage of a cluster being stopped;
+        the front next, so no client is sent to a node on its way out; Redis
+        last, so nodes shut down with their broker still there.
         """
         # Replicas before the primary: a primary stopping with a replica still
         # attached waits (up to redis' shutdown-timeout, 10 s) for it to catch up.
         primary = self.primary() if self.sentinel else None
         redis_order = [name for name in self.redis_names[::-1] if name != primary]
         redis_order += [name for name in self.redis_names if name == primary]
-        names = ["nginx", *self.node_names, *self.sentinel_names, *redis_order]
+        names = ["prometheus", "nginx", *self.node_names, *self.sentinel_names, *redis_order]
         names += sorted(p.stem for p in self.run_dir.glob("*.pid") if p.stem not in names)
         for name in names:
             with contextlib.suppress(Exception):
                 self.signal(name)
         self.secret_file.unlink(missing_ok=True)  # no node uses it any more
+        self.prometheus_token_file.unlink(missing_ok=True)
 
     # -- looking -----------------------------------------------------------------
 
@@ -557,7 +646,15 @@ class Cluster:
                 for name, port in zip(self.sentinel_names, self.sentinel_ports, strict=True)
             ]
         del nginx["name"]
-        return {"front": self.front_url, "redis": redis_status, "nginx": nginx, "nodes": nodes}
+        result: dict[str, object] = {"front": self.front_url, "redis": redis_status, "nginx": nginx, "nodes": nodes}
+        if self.observe:
+            url = self.prometheus_url
+            prometheus = self._process_status(
+                "prometheus", url, lambda: httpx.get(f"{url}/-/ready", timeout=1).status_code == 200
+            )
+            del prometheus["name"]
+            result["prometheus"] = prometheus
+        return result
 
     def describe(self) -> str:
         """Where everything runs and logs, for people."""
@@ -571,6 +668,14 @@ class Cluster:
             lines.append(f"{name:<15} redis://127.0.0.1:{port}/0   replica   logs {self.logs}/{name}.log")
         for name, port in zip(self.sentinel_names, self.sentinel_ports, strict=True):
             lines.append(f"{name:<15} 127.0.0.1:{port}   sentinel (master {SENTINEL_MASTER!r})")
+        if self.observe:
+            lines.append(
+                f"prometheus      {self.prometheus_url}   scrapes every node's /metrics every {self.scrape_interval}"
+                f"   data {self.run_dir}/prometheus   logs {self.logs}/prometheus.log"
+            )
+            # Debian's build serves the classic UI only (its / redirects there).
+            lines.append(f"  targets       {self.prometheus_url}/classic/targets")
+            lines.append(f"  alerts        {self.prometheus_url}/classic/alerts   (rules: {PROMETHEUS_RULES})")
         if self.auth:
             lines += [
                 f"access control  on: HERALD_JWT_SECRET in {self.secret_file} (mode 0600), given to every node",
@@ -581,6 +686,8 @@ class Cluster:
                 f" {self.front_url}/stats",
                 "  make loadtest and make demo mint their own tokens from it while it runs",
             ]
+            if self.observe:
+                lines.append(f"  prometheus scrapes with an admin token in {self.prometheus_token_file} (mode 0600)")
         return "\n".join(lines)
 
 
@@ -596,6 +703,122 @@ def _redis_client(port: int, decode_responses: bool = False) -> redis.Redis:
         socket_timeout=2,
         decode_responses=decode_responses,
         retry=Retry(NoBackoff(), 0),
+    )
+
+
+def _write_private(path: Path, text: str) -> None:
+    """``text`` in a new file at ``path``, created readable by its owner only."""
+    path.unlink(missing_ok=True)  # a file left by someone else keeps its mode: start afresh
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(text)
+
+
+def prometheus_args(config: Path, data_dir: Path, port: int, retention: str = "7d") -> list[str]:
+    """Debian's ``prometheus`` with ``config``, its TSDB in ``data_dir``, listening on 127.0.0.1:``port`` only."""
+    return [
+        PROMETHEUS,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={data_dir}",
+        f"--storage.tsdb.retention.time={retention}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+
+
+PROMETHEUS_HEADER = """\
+# GENERATED by `python -m ops.cluster prometheus-config{options} > {path}`: edit
+# render_prometheus in ops/cluster.py, then regenerate (tests/test_prometheus.py checks they agree).
+"""
+
+_LOCAL_INTRO = """\
+# Prometheus for `make cluster` (three nodes on 127.0.0.1:8001-8003). `make cluster OBSERVE=1` runs
+# Debian's prometheus with this config rendered for the cluster's real ports (.run/cluster/prometheus.yml).
+# Run it yourself: prometheus --config.file=ops/prometheus.yml --web.listen-address=127.0.0.1:9090
+"""
+
+_COMPOSE_INTRO = """\
+# Prometheus for compose.yaml: every replica of the `api` service (Docker's DNS answers one
+# address per replica), scraped with the admin token the `prometheus-token` service writes.
+"""
+
+
+def render_prometheus(
+    targets: list[str] | None = None,
+    *,
+    dns_name: str | None = None,
+    dns_port: int = 8000,
+    scrape_interval: str = "5s",
+    rule_file: str = "prometheus-rules.yml",
+    credentials_file: str | None = None,
+    intro: str = "",
+) -> str:
+    """A Prometheus config scraping Herald nodes: ``targets`` (``host:port``), or every address of ``dns_name``.
+
+    ``rule_file`` is resolved by Prometheus relative to the config's own
+    directory. ``credentials_file`` holds the admin token sent as
+    ``Authorization: Bearer`` (Prometheus reads it at every scrape), for
+    nodes with access control on; none when metrics are public.
+    """
+    if (targets is None) == (dns_name is None):
+        raise ValueError("give either targets or dns_name")
+    lines = [
+        intro.rstrip("\n"),
+        "global:",
+        f"  scrape_interval: {scrape_interval}",
+        f"  evaluation_interval: {scrape_interval}",
+        "",
+        "# Alerts: a node down, slow-client cut-offs rising, publish errors, Redis feed down.",
+        "rule_files:",
+        f"  - {rule_file}",
+        "",
+        "scrape_configs:",
+        f"  - job_name: {SCRAPE_JOB}",
+        "    metrics_path: /metrics",
+    ]
+    if credentials_file is not None:
+        lines += [
+            "    # Nodes with access control on answer /metrics to an admin token only (or HERALD_METRICS_PUBLIC=1);",
+            "    # Prometheus reads the file at every scrape. Nodes without access control ignore it.",
+            "    authorization:",
+            "      type: Bearer",
+            f"      credentials_file: {credentials_file}",
+        ]
+    else:
+        lines += [
+            "    # Nodes with access control on answer /metrics to an admin token only (or HERALD_METRICS_PUBLIC=1):",
+            "    # authorization: {type: Bearer, credentials_file: <a file holding an admin token>}",
+            "    # (`make cluster AUTH=1 OBSERVE=1` writes one, minted from the cluster's secret, and names it here).",
+        ]
+    if targets is not None:
+        lines += ["    static_configs:", "      - targets:", *(f"          - {target}" for target in targets)]
+    else:
+        lines += [
+            "    dns_sd_configs:",
+            f"      - names: [{dns_name}]",
+            "        type: A",
+            f"        port: {dns_port}",
+            "        refresh_interval: 15s",
+        ]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def render_prometheus_default(nodes: int = DEFAULT_NODES, first_node_port: int = DEFAULT_FIRST_NODE_PORT) -> str:
+    """``ops/prometheus.yml``: the nodes of ``make cluster`` (default layout), rules beside the config."""
+    options = (
+        ""
+        if (nodes, first_node_port) == (DEFAULT_NODES, DEFAULT_FIRST_NODE_PORT)
+        else (f" --nodes {nodes} --first-node-port {first_node_port}")
+    )
+    header = PROMETHEUS_HEADER.format(options=options, path="ops/prometheus.yml")
+    targets = [f"127.0.0.1:{first_node_port + i}" for i in range(nodes)]
+    return render_prometheus(targets, intro=header + _LOCAL_INTRO)
+
+
+def render_prometheus_compose() -> str:
+    """``ops/prometheus-compose.yml``: every replica of compose's ``api`` service, with the scrape token."""
+    header = PROMETHEUS_HEADER.format(options=" --compose", path="ops/prometheus-compose.yml")
+    return render_prometheus(
+        dns_name="api", dns_port=8000, credentials_file=COMPOSE_TOKEN_FILE, intro=header + _COMPOSE_INTRO
     )
 
 
@@ -630,6 +853,8 @@ def _expected_program(name: str) -> str:
         return "redis-server"
     if name == "nginx":
         return "nginx"
+    if name == "prometheus":
+        return "prometheus --config.file="
     return "-m api"
 
 
@@ -671,6 +896,8 @@ def _print_status(cluster: Cluster, status: dict[str, object]) -> None:
         rows.append((name, str(entry["state"]), "-" if pid is None else str(pid), f"{entry['url']}{note}"))
 
     row("nginx", status["nginx"])
+    if "prometheus" in status:
+        row("prometheus", status["prometheus"])
     nodes = status["nodes"]
     assert isinstance(nodes, list)
     for node in nodes:
@@ -692,6 +919,11 @@ def _print_status(cluster: Cluster, status: dict[str, object]) -> None:
         print(f"{name:<12} {state:<10} {pid:<8} {url}")
     if cluster.auth:
         print("access control on: tokens from `python -m ops.cluster token` (--help for their rights)")
+
+
+def _default_prometheus_port() -> int:
+    """Prometheus' own default port when nothing listens on it, else any free loopback port."""
+    return PROMETHEUS_DEFAULT_PORT if port_is_free(PROMETHEUS_DEFAULT_PORT) else free_port()
 
 
 def _running_names(run_dir: Path) -> list[str]:
@@ -720,6 +952,16 @@ def main(argv: list[str] | None = None) -> None:
     start.add_argument(
         "--auth", action="store_true", help="access control on: a random HERALD_JWT_SECRET for every node"
     )
+    start.add_argument(
+        "--observe", action="store_true", help="Prometheus too, scraping every node (Debian's prometheus)"
+    )
+    start.add_argument(
+        "--prometheus-port",
+        type=int,
+        default=0,
+        help=f"with --observe (default: {PROMETHEUS_DEFAULT_PORT} when free, else any free port)",
+    )
+    start.add_argument("--scrape-interval", default="5s", help="with --observe: Prometheus' (default %(default)s)")
     start.add_argument("--replica-port", type=int, default=0, help="default: the redis port + 1")
     start.add_argument("--first-sentinel-port", type=int, default=26380, help="sentinel i listens on this + i")
     commands.add_parser("stop", parents=[common], help="stop every process of the cluster")
@@ -735,6 +977,13 @@ def main(argv: list[str] | None = None) -> None:
         redis_command = commands.add_parser(f"{verb}-redis", parents=[common], help=f"{verb} a redis-server")
         redis_command.add_argument("name", nargs="?", default="redis", help="redis (default), redis-1, ...")
     commands.add_parser("failover", parents=[common], help="--sentinel clusters: SIGKILL the current primary")
+    config = commands.add_parser(
+        "prometheus-config",
+        help="print ops/prometheus.yml (the default cluster's), or with --compose ops/prometheus-compose.yml",
+    )
+    config.add_argument("--compose", action="store_true", help="compose.yaml's: every replica of the api service")
+    config.add_argument("--nodes", type=int, default=DEFAULT_NODES)
+    config.add_argument("--first-node-port", type=int, default=DEFAULT_FIRST_NODE_PORT)
     token = commands.add_parser(
         "token",
         parents=[common],
@@ -748,6 +997,10 @@ def main(argv: list[str] | None = None) -> None:
     token.add_argument("--sub", help="the subject ({sub} in selectors)")
     token.add_argument("--ttl", type=float, default=3600, help="seconds until it expires (default %(default)g)")
     args = parser.parse_args(argv)
+    if args.command == "prometheus-config":
+        print(render_prometheus_compose() if args.compose else render_prometheus_default(args.nodes,
+              args.first_node_port), end="")  # fmt: skip
+        return
     run_dir: Path = args.run_dir
 
     if args.command == "start":
@@ -766,6 +1019,9 @@ def main(argv: list[str] | None = None) -> None:
             replica_ports=[args.replica_port or args.redis_port + 1] if args.sentinel else [],
             sentinel_ports=[args.first_sentinel_port + i for i in range(3)] if args.sentinel else [],
             auth=args.auth,
+            observe=args.observe,
+            prometheus_port=(args.prometheus_port or _default_prometheus_port()) if args.observe else 0,
+            scrape_interval=args.scrape_interval,
         )
         cluster.start()
         # The processes outlive this command; the other commands find them by their pid files.

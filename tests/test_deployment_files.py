@@ -9,15 +9,18 @@ through by the cluster tests.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import yaml
 
@@ -40,13 +43,85 @@ def directives(name: str) -> list[str]:
 
 def test_compose_has_the_services_and_their_order() -> None:
     services = COMPOSE["services"]
-    assert set(services) == {"redis", "api", "nginx", "demo"}
+    assert set(services) == {"redis", "api", "nginx", "demo", "prometheus-token", "prometheus"}
     assert "healthcheck" in services["redis"]
     assert services["api"]["deploy"]["replicas"] == 3
     assert services["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert services["nginx"]["depends_on"]["api"]["condition"] == "service_healthy"
     assert "nginx" in services["demo"]["depends_on"]
     assert services["demo"]["command"][:3] == ["python", "-m", "workers.demo"]
+    assert services["prometheus"]["depends_on"]["prometheus-token"]["condition"] == "service_completed_successfully"
+    assert "api" in services["prometheus"]["depends_on"]
+
+
+# -- Prometheus in compose ----------------------------------------------------------------
+
+PROMETHEUS_COMPOSE_CONF = yaml.safe_load((ROOT / "ops" / "prometheus-compose.yml").read_text())
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path: host path or volume name, for ``source:target[:ro]`` volume entries."""
+    return {entry.split(":")[1]: entry.split(":")[0] for entry in service["volumes"]}
+
+
+def test_compose_prometheus_scrapes_the_api_replicas_with_the_token_of_its_own_service() -> None:
+    services = COMPOSE["services"]
+    prometheus, token = services["prometheus"], services["prometheus-token"]
+    assert prometheus["image"].startswith("prom/prometheus:v2.")  # the config and rules are checked by promtool 2
+    config_flag = next(arg for arg in prometheus["command"] if arg.startswith("--config.file="))
+    config_path = config_flag.removeprefix("--config.file=")
+    volumes = mounts(prometheus)
+    assert volumes[config_path] == "./ops/prometheus-compose.yml"
+    # The rules are mounted where the config names them (relative to the config's directory).
+    config_dir = config_path.rsplit("/", 1)[0]
+    for rule_file in PROMETHEUS_COMPOSE_CONF["rule_files"]:
+        assert volumes[f"{config_dir}/{rule_file}"] == "./ops/prometheus-rules.yml"
+    (job,) = PROMETHEUS_COMPOSE_CONF["scrape_configs"]
+    (dns,) = job["dns_sd_configs"]
+    assert dns["names"] == ["api"]
+    assert str(dns["port"]) == services["api"]["environment"]["HERALD_PORT"]
+    token_file = job["authorization"]["credentials_file"]
+    token_dir, token_name = token_file.rsplit("/", 1)
+    assert mounts(token)[token_dir] == mounts(prometheus)[token_dir]  # one volume, shared
+    assert f"{token_dir}:ro" in " ".join(prometheus["volumes"])
+    assert f"> {token_dir}/{token_name}.new" in token["command"][2]
+    assert f"mv {token_dir}/{token_name}.new {token_file}" in token["command"][2]
+    assert token["environment"]["HERALD_JWT_SECRET"] == services["api"]["environment"]["HERALD_JWT_SECRET"]
+    # Prometheus has no access control: its port is published on the loopback only.
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090"]
+    assert set(COMPOSE["volumes"]) >= {volumes["/prometheus"], mounts(token)[token_dir]}
+
+
+def run_token_service(tmp_path: Path, secret: str | None) -> Path:
+    """compose's prometheus-token command, run here with this venv's python, writing into ``tmp_path``."""
+    script = COMPOSE["services"]["prometheus-token"]["command"][2]
+    script = script.replace("$$", "$").replace("/run/herald", str(tmp_path))  # what compose hands to sh
+    env = launch.clean_environ() | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    if secret is not None:
+        env["HERALD_JWT_SECRET"] = secret
+    result = subprocess.run(["sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prometheus-token"]
+    return tmp_path / "prometheus-token"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the service chowns the token to Prometheus' user: needs root")
+def test_compose_token_service_writes_a_token_only_prometheus_reads(tmp_path: Path) -> None:
+    secret = secrets.token_urlsafe(48)
+    (tmp_path / "on").mkdir()
+    written = run_token_service(tmp_path / "on", secret)
+    info = written.stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (65534, 65534, 0o600)  # nobody: prom/prometheus
+    claims = jwt.decode(written.read_text().strip(), secret, algorithms=["HS256"])
+    assert claims["herald"] == {"admin": True}
+    assert claims["exp"] - claims["iat"] >= 300 * 24 * 3600  # outlives any compose session
+    # Without a secret (access control off) a placeholder, which nodes without access control ignore.
+    (tmp_path / "off").mkdir()
+    placeholder = run_token_service(tmp_path / "off", None).read_text().strip()
+    with run_server() as node:
+        answer = httpx.get(f"{node.url}/metrics", headers={"Authorization": f"Bearer {placeholder}"}, timeout=10)
+        assert answer.status_code == 200
+        assert "herald_connections" in answer.text
 
 
 def test_compose_addresses_agree_with_nginx_and_settings() -> None:

@@ -71,6 +71,30 @@ def test_regression_a_node_restarted_by_another_program_is_stopped_too(tmp_path:
         restarted.wait()
 
 
+def test_regression_a_stale_prometheus_pid_file_never_signals_someone_elses_process(tmp_path: Path) -> None:
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / "prometheus.pid").write_text(f"{bystander.pid}\n")
+        Cluster(tmp_path, node_ports=[1], redis_port=1, observe=True, prometheus_port=1).stop()
+        assert bystander.poll() is None  # still running: it is no prometheus started with a config file
+        assert not (tmp_path / "prometheus.pid").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_observe_settings_survive_in_cluster_json(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, node_ports=[18001], redis_port=1, observe=True, scrape_interval="2s")
+    assert cluster.prometheus_port > 0  # a free one when none is given
+    cluster.save_state()
+    loaded = Cluster.load(tmp_path)
+    assert (loaded.observe, loaded.prometheus_port, loaded.scrape_interval) == (True, cluster.prometheus_port, "2s")
+    assert loaded.prometheus_url == f"http://127.0.0.1:{cluster.prometheus_port}"
+    assert "prometheus" in loaded.describe()
+    assert not Cluster(tmp_path, node_ports=[18001], redis_port=1).observe  # off unless asked for
+    assert "prometheus" not in Cluster(tmp_path, node_ports=[18001], redis_port=1).describe()
+
+
 # -- the nginx template ------------------------------------------------------------
 
 
