@@ -1,9 +1,10 @@
 """``GET /dashboard``: the live cluster page; itself a Herald client.
 
 The page (``api/static/dashboard.html``) is an EventSource client of the
-reserved topic ``_herald/nodes`` (:data:`api.registry.NODES_TOPIC`), on which every node publishes its figures
-once a second, and reads ``GET /cluster`` every few seconds for the nodes
-that stopped publishing (gone, draining). Everything it shows comes from
+reserved topic ``_herald/nodes`` (:data:`api.registry.NODES_TOPIC`), on
+which every node publishes its figures once a second, and reads
+``GET /cluster`` every few seconds for the nodes that stopped publishing
+(gone, draining). Everything it shows comes from
 those two, which are admin-only when access control is on; the page itself
 holds no data. So ``GET /dashboard`` answers the page to anyone, with the
 status an admin route would have (401/403 and the challenge when the
@@ -72,10 +73,7 @@ def render(config: dict[str, object], nonce: str) -> str:
     """The page with its settings (JSON, safe inside ``<script>``) and the script nonce filled in."""
     data = json.dumps(config, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e")
     return (
-        _template()
-        .replace("{{config}}", data)
-        .replace("{{nonce}}", nonce)
-        .replace("{{uplot_version}}", UPLOT_VERSION)
+        _template().replace("{{config}}", data).replace("{{nonce}}", nonce).replace("{{uplot_version}}", UPLOT_VERSION)
     )
 
 
