@@ -17,6 +17,7 @@ import contextlib
 import gc
 import ipaddress
 import logging
+import os
 import resource
 import socket
 import sys
@@ -24,12 +25,13 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 
-from api import workers
+from api import logs, workers
 from api.app import create_app
 from api.auth.access import Access
 from api.auth.keys import KeyConfigError
 from api.protocol import HeraldHttpToolsProtocol
 from api.settings import Settings
+from broker.base import BrokerUnavailable
 
 SHUTDOWN_GRACE_SECONDS = 2
 LISTEN_BACKLOG = 16384
@@ -48,7 +50,12 @@ class HeraldServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         hub = getattr(self._app.state, "hub", None)
         if hub is not None:
+            log.info("draining: ending %d streams (clients resume on another node)", hub.stats()["connections"])
             hub.drain()
+        registry = getattr(self._app.state, "registry", None)
+        if registry is not None:
+            with contextlib.suppress(BrokerUnavailable):
+                await registry.announce()  # draining, at once: /cluster says so before the node is gone
         await super().shutdown(sockets)
         # Uvicorn re-raises the stop signal once it is done, so the process
         # would die "killed by SIGTERM". It shut down cleanly: exit 0 instead.
@@ -125,6 +132,10 @@ def is_loopback(host: str) -> bool:
 
 def main() -> None:
     """Serve the node in this process, or supervise its workers (``HERALD_WORKERS`` > 1, Redis broker)."""
+    try:  # first: every log line from here on is in the format asked for
+        logs.configure(os.environ.get(logs.ENV_VAR))
+    except logs.LogFormatError as exc:
+        sys.exit(f"herald: refusing to start: {exc}")
     settings = Settings()
     slot = workers.worker_slot()
     check_access(settings, warn=slot is None)  # a worker's supervisor has warned already
@@ -153,8 +164,8 @@ def serve(settings: Settings, slot: workers.WorkerSlot | None = None) -> None:
         backlog=LISTEN_BACKLOG,
         access_log=False,
         log_level="info",
+        log_config=logs.logging_config(settings.log_format),  # uvicorn applies it again: keep the format
     )
-    logging.getLogger("herald").setLevel(logging.INFO)
     server = HeraldServer(config, app)
     if slot is None:
         server.run()

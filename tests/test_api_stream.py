@@ -153,7 +153,7 @@ def test_health_readiness_docs_and_page(node: Node) -> None:
     assert "PublishEvent" in spec["components"]["schemas"]
     page = httpx.get(f"{node.url}/?topic=chat")
     assert page.status_code == 200
-    assert "new EventSource(" in page.text
+    assert "Last-Event-ID" in page.text
     missing = httpx.get(f"{node.url}/no-such-page")
     assert missing.status_code == 404
     assert missing.headers["x-node-id"] == "test-node"

@@ -4,18 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import subprocess
+import sys
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import pytest
 
+from api.token import mint
+from ops import launch
+from tests.browser import CHROMIUM, Browser, chromium
 from tests.server import Node, run_server
 from tests.sse_client import EventStream
 from tests.sse_parser import SSEEvent
 from workers import demo
 
 RUN_TIMEOUT = 30.0
+
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (ops/install-system-deps.sh installs it)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +162,176 @@ def test_main_runs_to_the_end(demo_node: Node) -> None:
         demo.main(["--url", demo_node.url, "--chat-topic", "chat-3", "--ticker-topic", "ticker-3", "--duration", "0.5"])
         == 0
     )
+
+
+def test_verbose_logs_the_demos_lines_not_the_http_clients(demo_node: Node) -> None:
+    """``-v`` adds a line per tick; httpx's line per request and httpcore's debug lines stay out."""
+    args = ["--url", demo_node.url, "--chat-topic", "chat-4", "--ticker-topic", "ticker-4"]
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.demo", *args, "--tick-interval", "0.05", "--duration", "0.6", "-v"],
+        cwd=launch.ROOT,
+        env=launch.clean_environ(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert any(line.endswith(" tick 1") for line in lines), lines
+    assert any("done:" in line for line in lines), lines
+    chatter = [line for line in lines if re.search(r"HTTP Request|connect_tcp|send_request|receive_response|h11", line)]
+    assert chatter == [], chatter[:5]
+    assert len(lines) < 60, f"{len(lines)} lines for a 0.6 s run"
+
+
+# The demo page (``/``, api/static/index.html) in headless Chromium: what a new user sees.
+
+STATE = "document.getElementById('state').textContent"
+PROBLEM = "document.getElementById('problem').hidden ? '' : document.getElementById('problem').textContent"
+ROWS = "[...document.querySelectorAll('#log tr')].reverse().map(tr => [...tr.cells].map(td => td.textContent))"
+REPLY = "document.getElementById('reply').textContent"
+AUTH_SECRET = "demo-page-test-secret-" + "s" * 32
+
+
+def page_topic() -> str:
+    return f"page-{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class EventsRequests:
+    """The page's requests to ``/events`` as Chromium sent them (URL and headers), in order."""
+
+    sent: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, params: dict[str, Any]) -> None:
+        if urlsplit(params["request"]["url"]).path == "/events":
+            self.sent.append(params["request"])
+
+
+async def open_page(browser: Browser, url: str) -> EventsRequests:
+    requests = EventsRequests()
+    await browser.send("Network.enable")
+    browser.on("Network.requestWillBeSent", requests.record)
+    await browser.navigate(url)
+    return requests
+
+
+async def post(client: httpx.AsyncClient, body: object, token: str | None = None) -> list[str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    answer = await client.post("/publish", json=body, headers=headers)
+    assert answer.status_code == 201, answer.text
+    published = answer.json()
+    return [e["id"] for e in published] if isinstance(published, list) else [published["id"]]
+
+
+@needs_chromium
+async def test_page_shows_every_event_whatever_its_type(demo_node: Node) -> None:
+    orders, chat = page_topic(), page_topic()
+    async with chromium() as browser, httpx.AsyncClient(base_url=demo_node.url, timeout=10) as client:
+        await open_page(browser, f"{demo_node.url}/?topic={orders}&topic={chat}")
+        assert await browser.until(STATE, lambda s: s == "live") == "live"
+        # The README's first example, an event without a type, a type nobody planned for, the demo's reply.
+        ids = await post(client, {"topic": orders, "event": "created", "data": {"id": 42}})
+        ids += await post(client, {"topic": chat, "data": "Hello"})
+        ids += await post(client, {"topic": orders, "event": "order.shipped:v2", "data": "two\nlines"})
+        ids += await post(
+            client,
+            [
+                {"topic": chat, "event": "reply.start", "data": {"reply": 1}},
+                {"topic": chat, "event": "reply.token", "data": "Hi "},
+                {"topic": chat, "event": "reply.token", "data": "there"},
+                {"topic": chat, "event": "reply.end", "data": {"reply": 1, "tokens": 2}},
+            ],
+        )
+        rows = await browser.until(ROWS, lambda r: len(r) >= 5)
+        reply = await browser.evaluate(REPLY)
+    assert rows == [
+        [ids[0], "created", '{"id":42}'],
+        [ids[1], "message", "Hello"],
+        [ids[2], "order.shipped:v2", "two\nlines"],
+        [ids[3], "reply.start", '{"reply":1}'],
+        [ids[6], "reply.end", '{"reply":1,"tokens":2}'],
+    ]
+    assert reply == "Hi there"  # the tokens are shown in the reply box
+
+
+@needs_chromium
+async def test_page_shows_why_a_bad_topic_is_refused_and_stops(demo_node: Node) -> None:
+    async with httpx.AsyncClient(base_url=demo_node.url, timeout=10) as client:
+        detail = (await client.get("/events", params={"topic": "bad topic"})).json()["detail"]
+    async with chromium() as browser:
+        requests = await open_page(browser, f"{demo_node.url}/?topic=bad%20topic")
+        assert await browser.until(STATE, lambda s: s.startswith("refused")) == "refused (400)"
+        problem = await browser.evaluate(PROBLEM)
+        await asyncio.sleep(3)  # longer than any retry delay: a refused page does not come back
+        assert len(requests.sent) == 1
+        assert await browser.evaluate(STATE) == "refused (400)"
+    assert "invalid topic name" in detail
+    assert detail in problem
+
+
+@pytest.fixture(scope="module")
+def auth_demo_node() -> Iterator[Node]:
+    with run_server({"HERALD_JWT_SECRET": AUTH_SECRET, "HERALD_RETRY_MS": "1500"}) as node:
+        yield node
+
+
+def subscriber(ttl: float = 600, topics: str = "page-*") -> str:
+    return mint(AUTH_SECRET, subscribe=[topics], ttl=ttl)
+
+
+@needs_chromium
+async def test_page_shows_why_it_may_not_subscribe(auth_demo_node: Node) -> None:
+    topic = page_topic()
+    cases = [(None, 401), (subscriber(topics="other-*"), 403)]
+    async with httpx.AsyncClient(base_url=auth_demo_node.url, timeout=10) as client, chromium() as browser:
+        for token, status in cases:
+            query = {"topic": topic} | ({"access_token": token} if token else {})
+            answer = await client.get("/events", params=query)
+            assert answer.status_code == status
+            await open_page(browser, f"{auth_demo_node.url}/?{urlencode(query)}")
+            assert await browser.until(STATE, lambda s: s.startswith("refused")) == f"refused ({status})"
+            assert answer.json()["detail"] in await browser.evaluate(PROBLEM)
+
+
+@needs_chromium
+async def test_page_subscribes_with_the_token_in_its_address(auth_demo_node: Node) -> None:
+    topic, token = page_topic(), subscriber()
+    publisher = mint(AUTH_SECRET, publish=["page-*"], ttl=600)
+    async with httpx.AsyncClient(base_url=auth_demo_node.url, timeout=10) as client, chromium() as browser:
+        requests = await open_page(browser, f"{auth_demo_node.url}/?topic={topic}&access_token={token}")
+        assert await browser.until(STATE, lambda s: s == "live") == "live"
+        ids = await post(client, {"topic": topic, "event": "created", "data": {"id": 1}}, publisher)
+        assert await browser.until(ROWS, bool) == [[ids[0], "created", '{"id":1}']]
+    assert parse_qs(urlsplit(requests.sent[0]["url"]).query) == {"topic": [topic], "access_token": [token]}
+
+
+@needs_chromium
+@pytest.mark.timeout(45)
+async def test_page_resumes_with_last_event_id_after_its_stream_ends(auth_demo_node: Node) -> None:
+    """The cookie's token expires: the node ends the stream; the page comes back with a new cookie and resumes."""
+    topic = page_topic()
+    publisher = mint(AUTH_SECRET, publish=["page-*"], ttl=600)
+    async with httpx.AsyncClient(base_url=auth_demo_node.url, timeout=10) as client, chromium() as browser:
+        cookie = {"name": "herald_token", "url": auth_demo_node.url}
+        await browser.send("Network.setCookie", cookie | {"value": subscriber(ttl=5)})
+        requests = await open_page(browser, f"{auth_demo_node.url}/?topic={topic}")
+        assert await browser.until(STATE, lambda s: s == "live") == "live"
+        await browser.send("Network.setCookie", cookie | {"value": subscriber()})  # for the next connection
+        first = await post(client, {"topic": topic, "event": "created", "data": 1}, publisher)
+        assert len(await browser.until(ROWS, bool)) == 1
+        state = await browser.until(STATE, lambda s: s.startswith("reconnecting"), timeout=10)
+        assert state.startswith("reconnecting"), state
+        # Published while the page is away (it waits retry: 1500 ms): the resume brings them.
+        missed = await post(
+            client, [{"topic": topic, "data": 2}, {"topic": topic, "event": "updated", "data": 3}], publisher
+        )
+        rows = await browser.until(ROWS, lambda r: len(r) >= 3, timeout=10)
+        assert await browser.evaluate(STATE) == "live"
+        await asyncio.sleep(0.3)
+        assert await browser.evaluate(ROWS) == rows
+    assert rows == [[first[0], "created", "1"], [missed[0], "message", "2"], [missed[1], "updated", "3"]]
+    assert len(requests.sent) == 2
+    assert "Last-Event-ID" not in requests.sent[0]["headers"]
+    assert requests.sent[1]["headers"]["Last-Event-ID"] == first[0]

@@ -23,9 +23,14 @@ unavailable) is retried after its ``Retry-After`` delay; network errors and
 other 5xx answers are retried with a growing delay. Any other refusal (4xx)
 means the demo sent something wrong: it is logged and the demo stops.
 
-Retrying a request whose answer was lost may publish that event twice (Herald
-has no idempotency key); a 503 is always safe to retry, since nothing was
-published.
+Retrying a request whose answer was lost may publish that event twice: the
+demo sends no ``Idempotency-Key`` header (Herald takes one on ``POST /publish``,
+and a retry with the same key publishes nothing twice; ``workers.produce`` and
+the load tool use it). For a demo, a duplicate tick or token does no harm. A
+503 is always safe to retry, since nothing was published.
+
+``-v`` logs every tick too; the HTTP client's own lines stay out of it (they
+are logged at WARNING and above only).
 """
 
 from __future__ import annotations
@@ -468,9 +473,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point. Returns the exit status: 0 when stopped normally (or by Ctrl-C), 1 on a refusal,
     2 when no token can be minted from HERALD_JWT_SECRET."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
-    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every request at INFO
+    # -v is about the demo's own lines: other libraries (httpx logs every request at INFO, httpcore every step
+    # of it at DEBUG) log their warnings only, however verbose the demo is.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    logging.getLogger("herald").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if args.token is not None:
         token, how = TokenSource(args.token), "with the token given"
     else:
