@@ -91,7 +91,15 @@ STREAM_SETTINGS = settings(FUZZ_SETTINGS, max_examples=15)
 EXCLUDED_CHECKS = [schemathesis.checks.negative_data_rejection, schemathesis.checks.positive_data_acceptance]
 """Request-side checks that misfire on this API (see the module docstring)."""
 
-OPERATIONS = ("POST /publish", "GET /events", "GET /healthz", "GET /readyz", "GET /stats")
+OPERATIONS = (
+    "POST /publish",
+    "GET /events",
+    "GET /healthz",
+    "GET /readyz",
+    "GET /stats",
+    "GET /metrics",
+    "GET /cluster",
+)
 """Every operation of the document (:func:`test_every_operation_is_fuzzed` keeps this list whole)."""
 TAKES_INPUT = {"POST /publish", "GET /events"}
 """The operations with parameters or a body: the only ones negative data exists for."""
@@ -100,6 +108,8 @@ ANONYMOUS_STATUSES = {
     "POST /publish": {401},
     "GET /events": {400, 401},
     "GET /stats": {401},
+    "GET /metrics": {401},
+    "GET /cluster": {401},
     "GET /healthz": {200},
     "GET /readyz": {200},
 }
