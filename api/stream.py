@@ -115,17 +115,18 @@ def direct_writer(scope: Scope, receive: Receive) -> UvicornDirectWriter | None:
     return UvicornDirectWriter(cycle)
 
 
-def _batches(frames: list[bytes]) -> Iterator[bytes]:
+def _batches(frames: list[bytes]) -> Iterator[tuple[bytes, int]]:
+    """The frames joined into writes of about :data:`_REPLAY_CHUNK` bytes, each with how many frames it holds."""
     batch: list[bytes] = []
     size = 0
     for frame in frames:
         batch.append(frame)
         size += len(frame)
         if size >= _REPLAY_CHUNK:
-            yield b"".join(batch)
+            yield b"".join(batch), len(batch)
             batch, size = [], 0
     if batch:
-        yield b"".join(batch)
+        yield b"".join(batch), len(batch)
 
 
 def disconnect_notifier(receive: Receive) -> HeraldHttpToolsProtocol | None:
@@ -221,14 +222,17 @@ class EventStreamResponse(Response):
                 # held for the stream's life (memory per idle connection).
                 tally = self._hub.tally
                 tally.bytes += len(first)
-                for batch in _batches(opened.frames):
+                # The frames are the replayed events, after a reset when there is one.
+                not_events = len(opened.frames) - opened.replayed
+                for batch, frames in _batches(opened.frames):
                     if connection.closed is not None:
                         break
                     await send({"type": "http.response.body", "body": batch, "more_body": True})
+                    events = max(0, frames - not_events)
+                    not_events = max(0, not_events - frames)
                     tally.bytes += len(batch)
-                else:
-                    tally.events += opened.replayed
-                    tally.replayed += opened.replayed
+                    tally.events += events
+                    tally.replayed += events
                 connection.go_live(opened.position)
                 writer = direct_writer(scope, receive)
                 if writer is not None:

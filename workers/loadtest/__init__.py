@@ -6,5 +6,8 @@ what was accepted, latency per node from ``X-Node-Id``, optional faults on a
 local cluster, and a result as a table, JSON and an HTML report. Against
 nodes with access control on, every subscriber and publisher sends an access
 token (``--token``, or one minted from ``HERALD_JWT_SECRET`` for the run's
-topics), which is never printed nor written to the result.
+topics), which is never printed nor written to the result. Before and after
+the run it reads every node's ``/metrics`` and sets the nodes' own counts
+(deliveries, bytes, cut-offs, resets, publishes, streams) beside its own,
+flagging any mismatch (:mod:`workers.loadtest.server_counts`).
 """

@@ -92,6 +92,14 @@ class LoadConfig:
     """Herald's access token, for subscribers and publishers alike: never printed, never in the result."""
     auth: str = "none"
     """Where :attr:`token` came from: one of :data:`AUTH_SOURCES` (what the result records instead of it)."""
+    server_counts: bool = True
+    """Read every node's ``/metrics`` before and after the run, and put its counts beside the tool's."""
+    metrics_from: list[str] = field(default_factory=list)
+    """The nodes to read (``--metrics-from``); empty: the local cluster's nodes, or the targets."""
+    metrics_token: str | None = field(default=None, repr=False)
+    """An admin token for ``/metrics`` (``--metrics-token``, or minted with :attr:`token`); never in the result."""
+    nodes_shared: bool = False
+    """Other clients may use the nodes during the run: the nodes' counts are compared as "at least"."""
 
     def topic_name(self, index: int) -> str:
         return f"lt-{self.run_id}-{index}"
@@ -121,6 +129,7 @@ class LoadConfig:
     def to_json(self) -> dict[str, object]:
         data = asdict(self)
         del data["token"]  # a credential: the result says only where it came from ("auth")
+        del data["metrics_token"]  # likewise
         for key in ("json_path", "report_path", "cluster_dir"):
             data[key] = None if data[key] is None else str(data[key])
         return data
@@ -148,7 +157,7 @@ def is_loopback(host: str) -> bool:
 
 def check_targets(config: LoadConfig) -> None:
     """Refuse what is not an http URL, and (unless ``allow_remote``) any host but this machine."""
-    urls = list(config.targets)
+    urls = list(config.targets) + list(config.metrics_from)
     if config.publish == "redis":
         if not config.redis_url:
             raise ValueError("--publish redis needs --redis-url")
@@ -233,27 +242,35 @@ def resolve_token(config: LoadConfig, error: Callable[[str], object]) -> None:
     """Settle the run's access token: ``--token`` as given, else one minted from ``HERALD_JWT_SECRET``.
 
     A minted token may subscribe and publish to this run's topics only
-    (:attr:`LoadConfig.topic_selector`), and outlives the run. With neither,
-    the run has no token (a target with access control off). Calls ``error``
-    for a token the run cannot use.
+    (:attr:`LoadConfig.topic_selector`), and outlives the run; beside it, an
+    admin token for reading the nodes' ``/metrics`` (kept in this process,
+    never given to the workers), unless ``--metrics-token`` gave one. With
+    neither, the run has no token (a target with access control off). Calls
+    ``error`` for a token the run cannot use.
     """
-    if config.token is not None:
+    for option, token in (("--token", config.token), ("--metrics-token", config.metrics_token)):
+        if token is None:
+            continue
         if config.system != "herald":
-            error(f"--token is for Herald's access control: {config.system} takes none")
-        elif not config.token.strip() or any(c in config.token for c in "\r\n "):
-            error("--token: give the token itself (no spaces, no line breaks)")
+            error(f"{option} is for Herald's access control: {config.system} takes none")
+            return
+        if not token.strip() or any(c in token for c in "\r\n "):
+            error(f"{option}: give the token itself (no spaces, no line breaks)")
+            return
+    if config.token is not None:
         config.auth = "given"
         return
     if config.system != "herald":
         return
     selector = config.topic_selector
+    ttl = config.longest_seconds + TOKEN_MARGIN
     try:
         config.token = mint_from_environment(
-            publish=[selector],
-            subscribe=[selector],
-            sub=f"loadtest-{config.run_id}",
-            ttl=config.longest_seconds + TOKEN_MARGIN,
+            publish=[selector], subscribe=[selector], sub=f"loadtest-{config.run_id}", ttl=ttl
         )
+        if config.token is not None and config.metrics_token is None and config.server_counts:
+            # Reading /metrics needs an admin token; it stays in this process (never sent to the workers).
+            config.metrics_token = mint_from_environment(admin=True, sub=f"loadtest-{config.run_id}-metrics", ttl=ttl)
     except ValueError as exc:  # a secret too short, or HERALD_JWT_ALGORITHMS naming no HMAC algorithm
         error(f"cannot mint a token from HERALD_JWT_SECRET: {exc} (or pass --token)")
         return
@@ -432,6 +449,29 @@ def parser() -> argparse.ArgumentParser:
         "subscribe and publish rights on the run's topics (lt-<run id>-*, or '**'). Default: one minted from "
         "HERALD_JWT_SECRET when that is set, else none. Never printed nor written to the result",
     )
+    p.add_argument(
+        "--metrics-from",
+        action="append",
+        metavar="URL[,URL...]",
+        help="the nodes whose /metrics to read before and after the run (repeat, or separate with commas); "
+        "default: the nodes of the local cluster (--cluster-dir) when a target is its front, else the targets",
+    )
+    p.add_argument(
+        "--metrics-token",
+        help="an admin token for the nodes' /metrics when access control is on (default: --token, or one minted "
+        "from HERALD_JWT_SECRET with admin rights). Never printed nor written to the result",
+    )
+    p.add_argument(
+        "--nodes-shared",
+        action="store_true",
+        help="other clients use the nodes during the run: their counts are compared as at least the tool's",
+    )
+    p.add_argument(
+        "--no-server-counts",
+        action="store_false",
+        dest="server_counts",
+        help="do not read the nodes' /metrics",
+    )
     p.add_argument("--allow-remote", action="store_true", help="allow targets that are not this machine")
     p.add_argument("--quiet", action="store_true", help="no live progress on stderr")
     return p
@@ -442,8 +482,12 @@ def from_args(argv: list[str] | None = None) -> LoadConfig:
     p = parser()
     args = vars(p.parse_args(argv))
     names = {f.name for f in fields(LoadConfig)}
-    config = LoadConfig(**{k: v for k, v in args.items() if k in names and k not in ("targets", "topics")})
+    given = {k: v for k, v in args.items() if k in names and k not in ("targets", "topics", "metrics_from")}
+    config = LoadConfig(**given)
     config.targets = [t.rstrip("/") for t in (args["targets"] or [DEFAULT_TARGET])]
+    config.metrics_from = [u.strip().rstrip("/") for v in args["metrics_from"] or [] for u in v.split(",") if u.strip()]
+    if config.metrics_from and not config.server_counts:
+        p.error("--metrics-from and --no-server-counts contradict each other")
     config.topics = config.subscribers if args["topics"] == "each" else int(args["topics"])
     config.progress = not args["quiet"]
     problems = [

@@ -38,6 +38,9 @@ from workers.loadtest.wire import payload
 class Sender(Protocol):
     """Publishes events somewhere: HTTP (:class:`HttpSender`) or Redis (:class:`RedisSender`)."""
 
+    warmed: int
+    """Events the warm-up published (accepted), which the nodes' publish counts include."""
+
     async def __call__(self, items: list[tuple[int, int]], sent_ns: int, key: str) -> int | str:
         """Publish ``(topic index, seq)`` events stamped ``sent_ns`` under ``key``.
 
@@ -145,7 +148,9 @@ class HttpSender:
         self.names = names
         self.size = size
         self.system = system
+        self.lane = lane
         self.at = lane % len(targets)
+        self.warmed = 0
 
     def _request(self, events: list[tuple[str, str]]) -> tuple[str, str]:
         """Path and body publishing ``(topic name, data)`` events in the target system's shape."""
@@ -166,9 +171,11 @@ class HttpSender:
         return response.status_code
 
     async def warmup(self) -> None:
-        # A topic of its own (no subscriber has it), so nothing measured sees it.
+        # A topic of its own (no subscriber has it), so nothing measured sees it; a key of each lane's own,
+        # so every warm-up is one publish the nodes count (not a repeat of another lane's).
         topic = f"{self.names[0]}-warmup"
-        await self._post([(topic, payload(0, 0, time.time_ns(), self.size))], topic)
+        status = await self._post([(topic, payload(0, 0, time.time_ns(), self.size))], f"{topic}-{self.lane}")
+        self.warmed = 1 if status in (200, 201) else 0
 
     async def __call__(self, items: list[tuple[int, int]], sent_ns: int, key: str) -> int | str:
         return await self._post([(self.names[t], payload(t, seq, sent_ns, self.size)) for t, seq in items], key)
@@ -184,6 +191,7 @@ class RedisSender:
         self.broker = RedisBroker(redis_url, retention)
         self.names = names
         self.size = size
+        self.warmed = 0  # straight to Redis: not through any node's publish endpoint
 
     async def warmup(self) -> None:
         with contextlib.suppress(Exception):

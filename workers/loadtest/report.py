@@ -159,6 +159,68 @@ def _facts(result: dict[str, Any]) -> str:
     return _table(rows)
 
 
+_RULES = {
+    "equal": "must be equal",
+    "within": "equal, or the nodes above by at most",
+    "at least": "nodes at least the tool",
+    "shown": "shown, not compared",
+}
+
+
+def _why(row: dict[str, Any]) -> str:
+    if not row["why"]:
+        return ""
+    return f"<br>{'slack' if row['rule'] == 'within' else 'not exact'}: {html.escape(row['why'])}"
+
+
+def _server_counts(result: dict[str, Any]) -> str:
+    """The nodes' own counts beside the tool's (from their /metrics), mismatches flagged; or why there are none."""
+    server = result.get("server")
+    if not server:
+        return ""
+    head = "<h2>Server counts (GET /metrics of the nodes, before and after the run)</h2>"
+    if not server["available"]:
+        return f'{head}<p class="unavailable">server counts unavailable: {html.escape(server["why"])}</p>'
+    nodes = ", ".join(
+        html.escape(f"{n['node_id'] or n['url']} ({n['url']})") for n in server["nodes"] if n["counts"] is not None
+    )
+    body = []
+    for row in server["rows"]:
+        status = {True: "ok", False: "MISMATCH", None: "-"}[row["ok"]]
+        css = {True: "ok", False: "mismatch", None: ""}[row["ok"]]
+        tool = "-" if row["tool"] is None else f"{row['tool']:,}"
+        rule = _RULES[row["rule"]] + (f" {row['slack']:,}" if row["rule"] == "within" else "")
+        body.append(
+            f'<tr class="{css}"><th>{html.escape(row["label"])}</th><td class="num">{row["server"]:,}</td>'
+            f'<td class="num">{tool}</td><td>{html.escape(rule)}</td><td>{status}</td>'
+            f'<td class="small">{html.escape(row["server_source"])}<br>{html.escape(row["tool_source"])}'
+            f"{'<br>' + html.escape(row['detail']) if row['detail'] else ''}"
+            f"{_why(row)}</td></tr>"
+        )
+    per_node = []
+    tool_deliveries = {n["node"]: n["deliveries"] for n in result["nodes"]}
+    for n in server["nodes"]:
+        counts = n["counts"]
+        cells = (
+            "".join(f'<td class="num">{counts.get(k, 0):,}</td>' for k in ("deliveries", "bytes", "cutoffs",
+                                                                           "resets", "published", "streams_opened"))
+            + f'<td class="num">{tool_deliveries.get(n["node_id"], 0):,}</td>'
+            if counts is not None
+            else f'<td colspan="7">{html.escape(n.get("note") or n["error"] or "")}</td>'
+        )  # fmt: skip
+        per_node.append(f"<tr><th>{html.escape(n['node_id'] or '-')}</th><td>{html.escape(n['url'])}</td>{cells}</tr>")
+    mismatches = "".join(f'<p class="mismatch">MISMATCH: {html.escape(m)}</p>' for m in server["mismatches"])
+    return (
+        f"{head}<p>from {nodes} ({html.escape(server['source'])}). {html.escape(server['note'])}. A mismatch is "
+        f"flagged here and in the summary; the verdict above is about the events alone.</p>{mismatches}"
+        '<table class="counts"><tr><th></th><th>nodes</th><th>tool</th><th>rule</th><th></th><th>what is counted'
+        f"</th></tr>{''.join(body)}</table>"
+        '<table class="counts"><tr><th>node</th><th>url</th><th>deliveries</th><th>bytes</th><th>cut-offs</th>'
+        f"<th>resets</th><th>published</th><th>streams opened</th><th>tool: first deliveries (X-Node-Id)</th></tr>"
+        f"{''.join(per_node)}</table>"
+    )
+
+
 _STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.5em; margin-bottom: 0.2em; }
@@ -166,6 +228,10 @@ h1 { font-size: 1.5em; margin-bottom: 0.2em; }
 .pass { background: #e6f4ea; color: #1e6b34; } .fail { background: #fdecea; color: #a12a1d; }
 table { border-collapse: collapse; margin: 1em 0; } th, td { text-align: left; padding: 0.25em 1em 0.25em 0; }
 th { font-weight: 500; color: #555; } .plot { margin: 1.5em 0; }
+h2 { font-size: 1.15em; margin-top: 1.5em; } .num { text-align: right; } .small { font-size: 0.85em; color: #555; }
+tr.mismatch td, p.mismatch { color: #a12a1d; font-weight: 600; } tr.ok td { color: #1e6b34; }
+.unavailable { color: #7a5b00; background: #fff6dd; padding: 0.4em 0.8em; border-radius: 6px; }
+table.counts td, table.counts th { border-bottom: 1px solid #eee; }
 """
 
 
@@ -188,6 +254,7 @@ def render(result: dict[str, Any]) -> str:
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
         f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
         f"<div>run {html.escape(result['config']['run_id'])}</div>{verdict_html}{_facts(result)}"
+        f"{_server_counts(result)}"
         f"{''.join(plots)}</body></html>"
     )
 

@@ -16,6 +16,7 @@ from workers.loadtest.config import AUTH_SOURCES, LoadConfig
 from workers.loadtest.faults import LASTING, Fault
 from workers.loadtest.histogram import Histogram
 from workers.loadtest.publisher import Ledger
+from workers.loadtest.server_counts import Context, Scrapes, section, summary_lines, tool_counts
 
 SCHEMA_PATH = Path(__file__).with_name("result.schema.json")
 SCHEMA_ID = "herald-loadtest/1"
@@ -100,8 +101,15 @@ def build(
     publisher_cpu: list[float],
     machine_cpu: list[float],
     open_files: tuple[int, int],
+    scrapes: Scrapes | None = None,
+    warmed: int = 0,
 ) -> dict[str, Any]:
-    """The whole result, as written by ``--json``."""
+    """The whole result, as written by ``--json``.
+
+    ``scrapes`` are the nodes' ``/metrics`` before and after the run (its
+    ``server`` section; none when not given), ``warmed`` the events the
+    publisher's warm-up had accepted (the nodes count them as published).
+    """
     subscribers = sorted((s for r in aggregate.results for s in r["subscribers"]), key=lambda s: s["index"])
     counted = [s for s in subscribers if not s["late"]]
     lost = sum(s["lost"] for s in counted)
@@ -211,6 +219,24 @@ def build(
     if ledger.accepted == 0:
         reasons.append("no event was accepted")
 
+    server = None
+    if scrapes is not None:
+        mine = tool_counts(
+            subscribers,
+            aggregate.results,
+            published=ledger.accepted + warmed if config.publish == "http" else None,
+            nodes=connects,
+        )
+        context = Context(
+            shared=config.nodes_shared,
+            faults=bool(faults),
+            streams_cut=sum(drops.values()),
+            told_to_retry=told_to_retry,
+            connect_errors=sum(connect_errors.values()),
+            publish_retries=sum(ledger.errors.values()) + ledger.uncertain,
+        )
+        server = section(scrapes, mine, context)
+
     return {
         "schema": SCHEMA_ID,
         "started_at": started_at,
@@ -267,6 +293,7 @@ def build(
             "warnings": warnings,
         },
         "subscribers": [{k: v for k, v in s.items() if k not in ("gaps", "down_at")} for s in subscribers],
+        **({} if server is None else {"server": server}),
     }
 
 
@@ -419,6 +446,9 @@ def summary_table(result: dict[str, Any]) -> str:
         f"loop lag p99 {tool['loop_lag_ms']['p99']:.1f} ms; machine CPUs {tool['machine_cpu_busy']['mean']:.0%} busy",
     ]
     lines += [f"  WARNING       {w}" for w in tool["warnings"]]
+    server = summary_lines(result.get("server"))
+    if server:
+        lines += ["", *server]
     verdict = result["verdict"]
     lines += ["", "  PASS: no accepted event lost" if verdict["pass"] else f"  FAIL: {'; '.join(verdict['reasons'])}"]
     return "\n".join(lines)

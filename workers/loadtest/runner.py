@@ -24,6 +24,7 @@ from workers.loadtest.faults import Fault, inject, load_cluster
 from workers.loadtest.native_publisher import NativePublisher, fill_ledger
 from workers.loadtest.publisher import HttpSender, Lane, Ledger, RedisSender, Sender, lanes_for
 from workers.loadtest.results import Aggregate, build, progress_line
+from workers.loadtest.server_counts import plan
 from workers.loadtest.worker import CpuMeter, MachineCpu
 
 FINISH_TIMEOUT = 30.0
@@ -160,6 +161,9 @@ async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[st
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     aggregate = Aggregate(config.procs)
     ledger = Ledger(config.topics)
+    # The nodes' own counts, before any subscriber connects (never fails the run: a reason instead).
+    scrapes = plan(config)
+    await scrapes.read_before()
     workers = await _spawn(config, aggregate)
     senders: list[Sender] = []
     fast: NativePublisher | None = None
@@ -258,6 +262,8 @@ async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[st
         await asyncio.wait_for(asyncio.gather(*(w.finished.wait() for w in workers)), FINISH_TIMEOUT)
         if len(aggregate.results) < len(workers):
             raise RuntimeError("a subscriber worker died before reporting; see its error above")
+        # Every subscriber has let go: read the nodes again, once they have let go of the streams too.
+        await scrapes.read_after()
         return build(
             config,
             ledger,
@@ -269,6 +275,8 @@ async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[st
             publisher_cpu=publisher_cpu,
             machine_cpu=machine_cpu,
             open_files=open_files,
+            scrapes=scrapes,
+            warmed=sum(send.warmed for send in senders) if config.publish == "http" else 0,
         )
     finally:
         for task in fault_tasks:

@@ -78,6 +78,7 @@ class Recorder:
     """
 
     __slots__ = (
+        "body_bytes",
         "buckets",
         "connect_errors",
         "connect_time",
@@ -105,6 +106,7 @@ class Recorder:
         self.reconnects = 0
         self.last_delivery_ns = 0
         self.fd_exhausted = False
+        self.body_bytes = 0  # event-stream bytes read (after de-chunking), to set beside the nodes' bytes sent
 
     def bucket(self, node: str, second: int) -> Histogram:
         histogram = self.buckets.get((node, second))
@@ -191,6 +193,7 @@ class StreamProtocol(asyncio.Protocol):
             self._left -= len(data)
         if self._decoder is not None:
             data = self._decoder.feed(data)
+        sub.recorder.body_bytes += len(data)
         if self._buffer:
             data = self._buffer + data
         if data.endswith(b"\n\n"):

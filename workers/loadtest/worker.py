@@ -202,6 +202,7 @@ class Worker:
             "reset_reasons": dict(recorder.reset_reasons),
             "fd_exhausted": recorder.fd_exhausted,
             "last_delivery_ns": recorder.last_delivery_ns,
+            "body_bytes": recorder.body_bytes,
             "lag": self.lag.to_json(),
         }
 

@@ -176,6 +176,7 @@ static struct {
     double ramp, connect_timeout, tick, connect_begin, ramp_done_at, last_ready_at, next_tick, next_lag;
     double counted_from, cpu_wall;
     int64_t t0_ns, last_delivery_ns, reconnects, told_to_retry;
+    int64_t body_bytes; /* event-stream bytes read (after de-chunking): beside the nodes' bytes sent */
     double next_scan; /* the next look for connects without an answer (ANSWER_TIMEOUT) */
     int next_connect; /* subscribers below this index have been started */
     sub_t *subs;
@@ -386,6 +387,7 @@ static void line_append(sub_t *s, const char *p, size_t n) {
 
 /* Event-stream bytes (after any chunked decoding). */
 static void on_body(sub_t *s, const char *p, size_t n, int64_t now_ns) {
+    W.body_bytes += (int64_t)n;
     while (n) {
         const char *nl = memchr(p, '\n', n);
         if (!nl) {
@@ -902,8 +904,9 @@ static void finish(cJSON *cmd) {
     sb_counter(&b, &W.drops);
     sb_add(&b, ",\"reset_reasons\":", 17);
     sb_counter(&b, &W.reset_reasons);
-    sb_printf(&b, ",\"told_to_retry\":%lld,\"fd_exhausted\":%s,\"last_delivery_ns\":%lld,\"lag\":",
-              (long long)W.told_to_retry, W.fd_exhausted ? "true" : "false", (long long)W.last_delivery_ns);
+    sb_printf(&b, ",\"told_to_retry\":%lld,\"fd_exhausted\":%s,\"last_delivery_ns\":%lld,\"body_bytes\":%lld,\"lag\":",
+              (long long)W.told_to_retry, W.fd_exhausted ? "true" : "false", (long long)W.last_delivery_ns,
+              (long long)W.body_bytes);
     sb_hist(&b, &W.lag);
     sb_add(&b, "}", 1);
     emit(&b);
