@@ -148,9 +148,14 @@ class Connection:
             return False
         direct = self._direct
         if direct is not None and not self._sending and direct.ready():
-            chunk = b"".join(self._chunks)
-            self._count(chunk)
-            self._chunks.clear()
+            chunks = self._chunks
+            chunk = b"".join(chunks)
+            # Counted here, inline (this runs once per client per flush): see _count.
+            tally = self._tally
+            tally.events += len(chunks) - self._extra
+            tally.bytes += len(chunk)
+            self._extra = 0
+            chunks.clear()
             self._size = 0
             direct.write(chunk)
             return True
