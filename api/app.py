@@ -26,6 +26,7 @@ from api.events import router as events_router
 from api.events import serve_events
 from api.health import router as health_router
 from api.hub import Hub
+from api.mercure.routes import router as mercure_router
 from api.metrics import Metrics, NullMetrics, PrometheusMetrics
 from api.middleware import NodeIdMiddleware
 from api.models import TOPIC_PATTERN, PublishEvent
@@ -113,6 +114,7 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
     app.include_router(monitoring_router)
     app.include_router(docs_router)
     app.include_router(dashboard_router)
+    app.include_router(mercure_router)  # /.well-known/mercure: FastAPI's routing (the fast lane is /events only)
     _document_publish_body(app, settings)
     return app
 

@@ -112,6 +112,28 @@ class Settings(BaseSettings):
         "",
         description="Origins whose pages may use /events and /publish (CORS, with credentials), comma-separated.",
     )
+    # -- the Mercure hub (api.mercure) at /.well-known/mercure: tokens need a key and HERALD_MERCURE_AUDIENCE --
+    mercure_audience: str | None = Field(
+        None,
+        description="The Mercure hub's resource identifier, the aud its access tokens must carry (e.g."
+        " https://hub.example.com/.well-known/mercure; its origin is also the hub URL relative topics resolve"
+        " against). Unset: no Mercure token is valid (publishing is refused).",
+    )
+    mercure_issuers: str = Field(
+        "",
+        description="Issuers (iss) whose Mercure access tokens the hub accepts, comma-separated"
+        " (default: no iss check: self-issued tokens, bound to the hub by their aud).",
+    )
+    mercure_anonymous: bool = Field(
+        False,
+        description="Let Mercure subscribers without a token in (they receive public updates only).",
+    )
+    mercure_cookie: str = Field(
+        "__Secure-mercure_access_token",
+        pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}$",
+        description="Cookie a Mercure client's token may come in (after the Authorization header and"
+        " ?access_token=); the legacy mercureAuthorization is read too.",
+    )
     # -- operations (api.metrics, api.registry, api.logs) ----------------------
     metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics (counted per flush, not per event).")
     metrics_public: bool = Field(

@@ -8,7 +8,13 @@
   ``authorization_details``) into a :class:`~api.mercure.authorization.MercureGrant`,
   where a request's token is, and the RFC 6750 ``WWW-Authenticate: Bearer``
   challenges of the spec's "Error Responses";
-* :mod:`api.mercure.updates`: how Mercure updates flow through the broker;
+* :mod:`api.mercure.updates`: how Mercure updates flow through the broker
+  (one hub-wide ordered sequence: every update is one event of the reserved
+  topic ``_herald/mercure``);
+* :mod:`api.mercure.dispatch`: the node's one tap on that topic, handing each
+  update to the local subscribers it matches (exact topics by lookup, patterns
+  per distinct matcher set, answers cached per topic);
+* :mod:`api.mercure.stream`: a subscriber's stream (Herald's, with Mercure's ids);
 * :mod:`api.mercure.routes`: the ``/.well-known/mercure`` endpoint (publish,
   subscribe) wired into the app.
 
