@@ -25,6 +25,7 @@ from typing import Any
 
 import jwt
 
+from api.auth.cache import TokenCache
 from api.auth.keys import KeySource, UnknownKey
 from api.auth.selectors import InvalidSelector, TopicMatcher
 
@@ -88,8 +89,7 @@ class TokenVerifier:
         self._audience = audience
         self._issuer = issuer
         self._leeway = leeway
-        self._cache: dict[str, Grant] = {}
-        self._cache_size = cache_size
+        self._cache: TokenCache[Grant] = TokenCache(cache_size)
         self._generation = keys.generation
         self.verified = 0
         """Tokens verified cryptographically (cache misses that succeeded)."""
@@ -103,19 +103,17 @@ class TokenVerifier:
         if self._generation != self.keys.generation:
             self._cache.clear()
             self._generation = self.keys.generation
-        grant = self._cache.get(token)
         now = time.time()
+        grant = self._cache.get(token, now)
         if grant is not None:
-            if now < grant.expires_at:
-                return grant
-            del self._cache[token]
+            return grant
         try:
             grant = await self._verify(token)
         except InvalidToken:
             self.rejected += 1
             raise
         self.verified += 1
-        self._remember(token, grant, now)
+        self._cache.put(token, grant, now)
         return grant
 
     async def _verify(self, token: str) -> Grant:
@@ -149,15 +147,6 @@ class TokenVerifier:
         if not isinstance(claims["exp"], int | float) or claims["exp"] <= time.time():
             raise InvalidToken("the token has expired")
         return grant_from_claims(claims)
-
-    def _remember(self, token: str, grant: Grant, now: float) -> None:
-        cache = self._cache
-        if len(cache) >= self._cache_size:
-            for stale in [t for t, g in cache.items() if g.expires_at <= now]:
-                del cache[stale]
-            while len(cache) >= self._cache_size:
-                del cache[next(iter(cache))]
-        cache[token] = grant
 
 
 def _describe(exc: jwt.PyJWTError) -> str:

@@ -1,0 +1,54 @@
+"""A bounded cache of verified tokens, each kept until it expires.
+
+Shared by the native API's verifier (:mod:`api.auth.tokens`) and the
+Mercure hub's (:mod:`api.mercure.authorization`): a connect storm carrying a
+few tokens costs a few signature checks and dictionary lookups for the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Generic, Protocol, TypeVar
+
+
+class Expiring(Protocol):
+    @property
+    def expires_at(self) -> float:
+        """Seconds since the epoch after which the entry is no longer good."""
+
+
+T = TypeVar("T", bound=Expiring)
+
+
+class TokenCache(Generic[T]):
+    """Verified tokens, keyed by the token itself; at most ``size``: expired ones go first, then the oldest."""
+
+    def __init__(self, size: int) -> None:
+        self._entries: dict[str, T] = {}
+        self._size = size
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, token: str, now: float | None = None) -> T | None:
+        """The entry for ``token`` while it has not expired (an expired one is dropped)."""
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        if (time.time() if now is None else now) < entry.expires_at:
+            return entry
+        del self._entries[token]
+        return None
+
+    def put(self, token: str, entry: T, now: float | None = None) -> None:
+        entries = self._entries
+        if len(entries) >= self._size:
+            moment = time.time() if now is None else now
+            for stale in [t for t, e in entries.items() if e.expires_at <= moment]:
+                del entries[stale]
+            while len(entries) >= self._size:
+                del entries[next(iter(entries))]
+        entries[token] = entry
+
+    def clear(self) -> None:
+        self._entries.clear()
