@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 import jwt
@@ -623,6 +623,27 @@ async def test_discovery_protected_resource_metadata(cluster: Cluster, http: htt
     assert document["resource"] == AUDIENCE
     assert "mercure" in document["authorization_details_types_supported"]
     assert document["mercure_cookie"] is True
+
+
+async def test_discovery_challenges_name_the_metadata_derived_from_the_hub_url(
+    cluster: Cluster, http: httpx.AsyncClient, book: str
+) -> None:
+    # "Protected Resource Metadata": served at the RFC 9728 location derived from the hub URL, and named by the
+    # resource_metadata parameter of a token-less request's challenge. (The discovery Link headers of "Hub
+    # Discovery" are the publisher's to send, on its resources; the hub's own only on the subscription API.)
+    refused = await http.get(f"{cluster.b.url}{HUB}", params={"match": book})
+    assert refused.status_code == 401
+    assert refused.headers["www-authenticate"] == f'Bearer resource_metadata="{METADATA_URL}"'
+    assert AUDIENCE.replace(HUB, "/.well-known/oauth-protected-resource" + HUB) == METADATA_URL
+    response = await http.get(f"{cluster.b.url}{urlsplit(METADATA_URL).path}")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    document = response.json()
+    assert document["resource"] == AUDIENCE  # what clients put in aud, and compare with the URL they derived from
+    assert "header" in document["bearer_methods_supported"]
+    assert set(document["bearer_methods_supported"]) <= {"header", "query"}  # the cookie is not an RFC 6750 method
+    assert "mercure_subscriptions" not in document  # active subscriptions are not implemented: the member is omitted
+    assert set(document.get("mercure_matcher_types_supported", ["exact", "urlpattern"])) >= {"exact", "urlpattern"}
 
 
 async def test_subscription_cors_names_the_allowed_origin_with_credentials(cluster: Cluster, book: str) -> None:
