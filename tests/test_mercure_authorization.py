@@ -760,3 +760,72 @@ def test_error_responses_with_parameters_adds_the_hubs_challenge_parameters() ->
         error.challenge
         == f'Bearer realm="r", error="invalid_request", error_description="x", resource_metadata="{METADATA}"'
     )
+
+
+# -- legacy tokens (the pre-standardization ``mercure`` claim) ------------------------------------------------------
+
+
+def legacy_claims(mercure: Any, **overrides: Any) -> dict[str, Any]:
+    return claims(authorization_details=None, mercure=mercure, **overrides)
+
+
+@pytest.mark.parametrize("typ", [None, "JWT", "jwt", "at+jwt"])
+async def test_legacy_mercure_claim_is_accepted_with_plain_jwt_typ(typ: str | None) -> None:
+    token = hs256(
+        legacy_claims({"publish": ["https://example.com/books/{id}"], "subscribe": ["*"], "payload": {"u": 1}}),
+        typ=typ,
+    )
+    grant = await verifier().verify(token)
+    assert grant.may_publish("https://example.com/books/1")
+    assert not grant.may_publish("https://example.com/books/1/reviews")
+    assert not grant.may_publish("https://example.com/authors/1")
+    assert grant.may_receive("https://example.com/anything")
+    assert [d.payload for d in grant.subscribe_details] == [{"u": 1}]
+
+
+async def test_legacy_mercure_claim_may_go_without_aud_but_a_wrong_aud_is_refused() -> None:
+    grant = await verifier().verify(hs256(legacy_claims({"publish": ["a"]}, aud=None), typ="JWT"))
+    assert grant.may_publish("a")
+    assert not grant.may_publish("b")
+    assert grant.subscribe is None
+    await rejected(hs256(legacy_claims({"publish": ["a"]}, aud="https://other.example/hub"), typ="JWT"))
+
+
+async def test_legacy_typ_and_missing_aud_are_not_accepted_for_other_tokens() -> None:
+    await rejected(hs256(typ="JWT"))  # authorization_details: not legacy
+    await rejected(hs256(claims(aud=None)))
+    await rejected(hs256(claims(authorization_details=None), typ="JWT"))  # no mercure claim at all
+    both = claims(mercure={"publish": ["*"]})
+    await rejected(hs256(both, typ="JWT"))
+    grant = await verifier().verify(
+        hs256(claims(authorization_details=[detail(["subscribe"], [{"match": "x"}])], mercure={"publish": ["*"]}))
+    )
+    assert grant.publish is None  # with authorization_details, the mercure claim is ignored
+
+
+async def test_legacy_token_still_needs_signature_exp_and_issuer() -> None:
+    legacy = legacy_claims({"publish": ["*"]}, aud=None)
+    await rejected(jwt.encode(legacy, "another-secret-that-is-long-enough-for-hs256-xxxxxxxxxx", algorithm="HS256"))
+    await rejected(hs256({k: v for k, v in legacy.items() if k != "exp"}))
+    await rejected(hs256({**legacy, "iss": "https://untrusted.example"}))
+
+
+def test_legacy_namespaced_claim_wins_and_lists_are_checked() -> None:
+    grant = grant_from_claims(
+        legacy_claims({"publish": ["a"]}) | {"https://mercure.rocks/": {"publish": ["b"]}}, base_url=HUB
+    )
+    assert grant.may_publish("b")
+    assert not grant.may_publish("a")
+    empty = grant_from_claims(legacy_claims({"publish": [], "subscribe": []}), base_url=HUB)
+    assert empty.publish is None
+    assert empty.subscribe is None
+
+
+@pytest.mark.parametrize(
+    "mercure",
+    ["x", ["x"], {"publish": "x"}, {"subscribe": [1]}, {"publish": ["{"]}, {"publish": ["a"] * 101}],
+)
+def test_legacy_malformed_mercure_claim_is_invalid_token(mercure: Any) -> None:
+    with pytest.raises(BearerError) as info:
+        grant_from_claims(legacy_claims(mercure), base_url=HUB)
+    assert info.value.error == "invalid_token"

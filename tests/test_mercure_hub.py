@@ -449,7 +449,7 @@ async def test_presenting_the_access_token_header_then_query_then_cookie(
     "params",
     [
         pytest.param([], id="no-matcher"),
-        pytest.param([("topic", "x")], id="legacy-topic-only"),
+        pytest.param([("topic", "https://example.com/{id")], id="legacy-topic-malformed-uri-template"),
         pytest.param([("match", "x"), ("match_regexp", "x")], id="unknown-matcher-type"),
         pytest.param([("match", "x"), ("MATCH_EXACT", "x")], id="match-namespace-is-case-insensitive"),
         pytest.param([("matchx", "x")], id="match-prefix-reserved"),

@@ -15,12 +15,15 @@ from hypothesis import strategies as st
 from api.mercure.matchers import (
     DEFAULT_HUB_URL,
     EXACT,
+    LEGACY,
     MATCHER_TYPES,
     MAX_MATCHER_LENGTH,
     MAX_MATCHERS,
     MAX_PATTERN_GROUPS,
     MAX_REGEXP_COST,
     MAX_REGEXP_LENGTH,
+    MAX_TEMPLATE_EXPRESSIONS,
+    MAX_TEMPLATE_LENGTH,
     MAX_TOPIC_LENGTH,
     URLPATTERN,
     Matcher,
@@ -28,6 +31,7 @@ from api.mercure.matchers import (
     MatcherLimitError,
     Matchers,
     ReservedTopicError,
+    UriTemplate,
     addresses_reserved_namespace,
     check_publication_topic,
     compile_matcher,
@@ -139,9 +143,7 @@ def test_subscription_identical_matchers_may_be_deduplicated() -> None:
 
 
 def test_subscription_parameters_outside_the_match_namespace_are_left_to_the_caller() -> None:
-    matchers = query(
-        ("last_event_id", "x"), ("topic", "legacy"), ("access_token", "t"), ("xmatch", "y"), ("match", "a")
-    )
+    matchers = query(("last_event_id", "x"), ("access_token", "t"), ("xmatch", "y"), ("match", "a"))
     assert [m.value for m in matchers] == ["a"]
     assert len(query()) == 0
 
@@ -619,3 +621,91 @@ def test_publication_no_spelling_of_a_hub_path_escapes_the_reserved_namespace(su
     decoded = topic.replace("%6D", "m").replace("%6d", "m").replace("%2E", ".").replace("%2e", ".")
     if under.test(decoded):
         assert addresses_reserved_namespace(topic, HUB), topic
+
+
+# -- legacy topic selectors (the pre-standardization ``topic`` parameter, URI templates) ----------------------------
+
+
+def test_legacy_topic_parameter_is_a_selector_not_an_unknown_parameter() -> None:
+    matchers = query(("topic", "https://example.com/books/1"), ("match", "a"))
+    assert [(m.type, m.value) for m in matchers] == [(LEGACY, "https://example.com/books/1"), (EXACT, "a")]
+    assert matchers.exact_topics == {"https://example.com/books/1", "a"}
+    assert not matchers.has_patterns
+    assert matchers.matches("https://example.com/books/1")
+    assert not matchers.matches("https://example.com/books/10")
+
+
+def test_legacy_topic_wildcard_matches_everything() -> None:
+    matchers = query(("topic", "*"))
+    assert matchers.wildcard
+    assert matchers.matches("https://example.com/anything")
+
+
+@pytest.mark.parametrize(
+    ("template", "topic", "expected"),
+    [
+        ("https://example.com/books/{id}", "https://example.com/books/1", True),
+        ("https://example.com/books/{id}", "https://example.com/books/", True),
+        ("https://example.com/books/{id}", "https://example.com/books/a%20b", True),
+        ("https://example.com/books/{id}", "https://example.com/books/1/reviews", False),
+        ("https://example.com/books/{id}", "https://example.com/authors/1", False),
+        ("https://example.com/books/{id}", "https://example.com/books/1?x", False),
+        ("https://example.com/{+path}", "https://example.com/a/b?c=d", True),
+        ("https://example.com/{+path}/end", "https://example.com/a/b/end", True),
+        ("https://example.com/{+path}/end", "https://example.com/a/b/endx", False),
+        ("https://example.com/books{/id,sub}", "https://example.com/books/1/2", True),
+        ("https://example.com/books{/id}", "https://example.com/books", True),
+        ("https://example.com/search{?q,page}", "https://example.com/search?q=a&page=2", True),
+        ("https://example.com/search{?q}{&page}", "https://example.com/search?q=a&page=2", True),
+        ("https://example.com/doc{#section}", "https://example.com/doc#a/b", True),
+        ("https://example.com/x{.fmt}", "https://example.com/x.json", True),
+        ("https://example.com/x{;v}", "https://example.com/x;v=1", True),
+        ("{a}/{b}", "x/y", True),
+        ("{a}/{b}", "x/y/z", False),
+    ],
+)
+def test_legacy_uri_template_matching(template: str, topic: str, expected: bool) -> None:
+    assert UriTemplate(template).matches(topic) is expected
+    assert query(("topic", template)).matches(topic) is expected
+
+
+@pytest.mark.parametrize("template", ["https://example.com/{", "https://example.com/}", "{}", "{a b}", "{!a}", "{a,}"])
+def test_legacy_malformed_uri_template_is_400(template: str) -> None:
+    with pytest.raises(MatcherError) as info:
+        query(("topic", template))
+    assert info.value.status == 400
+
+
+def test_legacy_uri_template_limits() -> None:
+    with pytest.raises(MatcherLimitError):
+        UriTemplate("x" * (MAX_TEMPLATE_LENGTH + 1) + "{a}")
+    with pytest.raises(MatcherLimitError):
+        UriTemplate("{a}" * (MAX_TEMPLATE_EXPRESSIONS + 1))
+    assert not UriTemplate("{+a}").matches("x" * (MAX_TOPIC_LENGTH + 1))
+
+
+def test_legacy_uri_template_worst_case_is_bounded() -> None:
+    template = UriTemplate("{+a}" + "a" * 400 + "{+b}" * 15)
+    started = time.perf_counter()
+    template.matches("a" * MAX_TOPIC_LENGTH + "b")
+    assert time.perf_counter() - started < 1.0
+
+
+def test_legacy_matcher_type_is_not_a_token_match_type() -> None:
+    with pytest.raises(MatcherError):
+        Matchers.from_token_topics([{"match": "https://example.com/{id}", "match_type": LEGACY}])
+
+
+def test_legacy_selectors_of_a_mercure_claim() -> None:
+    matchers = Matchers.from_legacy_selectors(
+        ["https://example.com/books/{id}", "exact", {"match": "https://example.com/:x", "match_type": URLPATTERN}]
+    )
+    assert matchers.matches("https://example.com/books/1")
+    assert matchers.matches("exact")
+    assert matchers.matches("https://example.com/y")
+    assert not matchers.matches("https://example.com/books/1/2")
+    assert len(Matchers.from_legacy_selectors([])) == 0
+    with pytest.raises(MatcherError):
+        Matchers.from_legacy_selectors("https://example.com/{id}")
+    with pytest.raises(MatcherLimitError):
+        Matchers.from_legacy_selectors(["x"] * (MAX_MATCHERS + 1))

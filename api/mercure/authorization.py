@@ -45,8 +45,22 @@ ignored: they grant nothing), a non-empty ``topics`` array of topic matcher
 objects ("Topic Matcher List", :meth:`api.mercure.matchers.Matchers.from_token_topics`),
 and an optional ``payload`` object ("Payloads"). One malformed Mercure detail,
 or one over the limits, rejects the whole token (no partial acceptance); a
-token with no Mercure detail grants nothing. The legacy ``mercure`` claim of
-pre-standardization hubs is not read here.
+token with no Mercure detail grants nothing.
+
+**Legacy tokens** (what the reference hub still accepts from pre-standardization
+publishers and subscribers in its compatibility mode, ``deprecated_claim``): a
+token with no ``authorization_details`` but a ``mercure`` claim (or its
+namespaced spelling ``https://mercure.rocks/``, which wins when both are there)
+``{"publish": [...], "subscribe": [...], "payload": ...}``. Its lists hold topic
+selectors read the legacy way (exact, ``*``, or an RFC 6570 URI template:
+:meth:`api.mercure.matchers.Matchers.from_legacy_selectors`); a list that is
+absent grants nothing, an empty one grants nothing either; ``payload`` is the
+subscribe grant's payload. Like the reference hub, such a token need not be
+typed ``at+jwt`` (no ``typ``, or ``JWT``, are accepted too: legacy tokens predate
+RFC 9068) and need not carry ``aud`` (checked when present). Everything else is
+validated as for any token (signature, allowlisted ``alg``, ``exp`` required,
+``nbf``, ``iss``). A token with ``authorization_details`` is never read the
+legacy way, and its ``mercure`` claim is ignored.
 
 **Error Responses.** :class:`BearerError` carries the status and the exact
 ``WWW-Authenticate: Bearer`` challenge: no token where one is needed -> 401
@@ -76,6 +90,10 @@ from api.auth.keys import KeySource, UnknownKey
 from api.mercure.matchers import DEFAULT_HUB_URL, Matcher, MatcherError, Matchers
 
 ACCESS_TOKEN_TYPE: Final = "at+jwt"
+LEGACY_TOKEN_TYPES: Final = frozenset({"jwt", "application/jwt"})
+"""``typ`` values (lower-cased) a legacy ``mercure``-claim token may carry besides at+jwt, or no typ at all."""
+LEGACY_CLAIMS: Final = ("https://mercure.rocks/", "mercure")
+"""The pre-standardization claim, namespaced spelling first (it wins, as in the reference hub)."""
 MERCURE_DETAIL_TYPES: Final = frozenset({"mercure", "https://mercure.rocks/authorization-detail"})
 """The spec's ``mercure``, and the URI the reference hub's documentation and Symfony's component use."""
 PUBLISH: Final = "publish"
@@ -332,7 +350,9 @@ def grant_from_claims(claims: Mapping[str, Any], *, base_url: str = DEFAULT_HUB_
         raise invalid_token("the iss claim must be a string")
     publish: list[Matchers] = []
     subscribe: list[SubscribeDetail] = []
-    if "authorization_details" in claims:
+    if is_legacy_claims(claims):
+        publish, subscribe = _legacy_grant(claims, base_url)
+    elif "authorization_details" in claims:
         details = claims["authorization_details"]
         if not isinstance(details, list):
             raise invalid_token("authorization_details must be an array")
@@ -372,6 +392,34 @@ def grant_from_claims(claims: Mapping[str, Any], *, base_url: str = DEFAULT_HUB_
         issuer=issuer,
         subscribe_details=tuple(subscribe),
     )
+
+
+def is_legacy_claims(claims: Mapping[str, Any]) -> bool:
+    """A legacy token: no ``authorization_details``, a ``mercure`` claim (either spelling)."""
+    return "authorization_details" not in claims and any(name in claims for name in LEGACY_CLAIMS)
+
+
+def _legacy_grant(claims: Mapping[str, Any], base_url: str) -> tuple[list[Matchers], list[SubscribeDetail]]:
+    claim = next(claims[name] for name in LEGACY_CLAIMS if name in claims)
+    if not isinstance(claim, dict):
+        raise invalid_token("the mercure claim must be an object")
+    payload = claim.get("payload")
+    publish: list[Matchers] = []
+    subscribe: list[SubscribeDetail] = []
+    for action in (PUBLISH, SUBSCRIBE):
+        if claim.get(action) is None:
+            continue
+        try:
+            granted = Matchers.from_legacy_selectors(claim[action], base_url=base_url)
+        except MatcherError as exc:
+            raise invalid_token(f"the mercure claim's {action}: {exc}") from None
+        if not len(granted):
+            continue  # an empty list grants nothing
+        if action == PUBLISH:
+            publish.append(granted)
+        else:
+            subscribe.append(SubscribeDetail(granted, payload if isinstance(payload, dict) else None))
+    return publish, subscribe
 
 
 # -- Token Validation ----------------------------------------------------------------------------------------------
@@ -520,8 +568,14 @@ class MercureTokenVerifier:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
             raise self.invalid_token(f"malformed token: {exc}") from None
-        if not is_access_token_type(header.get("typ")):
-            raise self.invalid_token(f"the token's typ is {header.get('typ')!r}, not at+jwt")
+        typ = header.get("typ")
+        legacy = False
+        if not is_access_token_type(typ):
+            legacy = (typ is None or (isinstance(typ, str) and typ.lower() in LEGACY_TOKEN_TYPES)) and (
+                self._is_legacy(token)
+            )
+            if not legacy:
+                raise self.invalid_token(f"the token's typ is {typ!r}, not at+jwt")
         if "crit" in header:
             raise self.invalid_token("the token has critical header parameters this hub does not understand")
         alg = header.get("alg")
@@ -544,8 +598,26 @@ class MercureTokenVerifier:
                 leeway=self.leeway,
                 options={"require": ["exp", "aud"], "verify_iat": False},
             )
+        except jwt.MissingRequiredClaimError as exc:
+            if exc.claim != "aud":
+                raise self.invalid_token(_describe(exc)) from None
+            # A legacy token (whatever its typ) may go without aud; one it carries is checked.
+            try:
+                claims = jwt.decode(
+                    token,
+                    key.key,
+                    algorithms=[alg],
+                    leeway=self.leeway,
+                    options={"require": ["exp"], "verify_iat": False, "verify_aud": False},
+                )
+            except jwt.PyJWTError as inner:
+                raise self.invalid_token(_describe(inner)) from None
+            if "aud" in claims or not is_legacy_claims(claims):
+                raise self.invalid_token("the token has no aud claim") from None
         except jwt.PyJWTError as exc:
             raise self.invalid_token(_describe(exc)) from None
+        if legacy and not is_legacy_claims(claims):
+            raise self.invalid_token(f"the token's typ is {typ!r}, not at+jwt")
         # PyJWT gives exp the leeway and reads numbers from strings: exp gets none and must be a number.
         if not _is_number(claims["exp"]) or claims["exp"] <= time.time():
             raise self.invalid_token("the token has expired (or its exp is not a number)")
@@ -557,6 +629,14 @@ class MercureTokenVerifier:
             return grant_from_claims(claims, base_url=self.base_url)
         except BearerError as exc:
             raise exc.with_parameters(realm=self.realm, resource_metadata=self.resource_metadata) from None
+
+    def _is_legacy(self, token: str) -> bool:
+        """The unverified claims are a legacy token's (:func:`is_legacy_claims`); checked again once verified."""
+        try:
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            return False
+        return is_legacy_claims(unverified)
 
     def _source_for(self, token: str) -> KeySource:
         if self._by_issuer is None:

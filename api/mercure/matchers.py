@@ -8,7 +8,11 @@ parameters whose name encodes the matcher type: the bare ``match`` selects the
 *default* matcher type, which is ``exact`` ("Exact Matching"; not a URI
 template: templates and the ``topic`` parameter belong to pre-standardization
 revisions), ``match_exact`` is its explicit spelling, ``match_urlpattern``
-selects ``urlpattern`` ("URL Pattern"). Any mix, repeated. Every name in the
+selects ``urlpattern`` ("URL Pattern"). Any mix, repeated. For legacy clients,
+the pre-standardization ``topic`` parameter is accepted too (as the reference
+hub's ``deprecated_topic`` build does): a selector that is exact, ``*``, or an
+RFC 6570 URI template (:class:`UriTemplate`, a linear-time automaton, bounded);
+the same reading applies to the selectors of a legacy ``mercure`` token claim. Every name in the
 reserved ``match`` namespace (equal to ``match`` or beginning with it, ASCII
 case-insensitively) that is not one of those three, case-sensitively, is
 refused (400), as is a value that is not valid UTF-8, holds a C0/C1 control,
@@ -91,11 +95,16 @@ EXACT: Final = "exact"
 URLPATTERN: Final = "urlpattern"
 MATCHER_TYPES: Final = (EXACT, URLPATTERN)
 """The matcher types this hub supports ("Matcher Types"), in canonical spelling."""
+LEGACY: Final = "legacy"
+"""Pre-standardization topic selectors (the ``topic`` subscribe parameter, the ``mercure`` claim's lists):
+exact, ``*``, or an RFC 6570 URI template. Internal: not a ``match_type`` a token may name."""
 DEFAULT_MATCHER_TYPE: Final = EXACT
 WILDCARD: Final = "*"
 
 QUERY_PARAMETERS: Final = {"match": EXACT, "match_exact": EXACT, "match_urlpattern": URLPATTERN}
 """Subscribe query parameter -> matcher type ("Subscription", "Summary of Matcher Types")."""
+LEGACY_QUERY_PARAMETER: Final = "topic"
+"""The pre-standardization subscribe parameter: a legacy topic selector (see :class:`UriTemplate`)."""
 
 DEFAULT_HUB_URL: Final = "https://localhost/.well-known/mercure"
 """The base used when none is given; the hub passes its own URL ("Discovery")."""
@@ -117,6 +126,12 @@ MAX_REGEXP_COST: Final = 128
 """Atoms the custom regular-expression groups of one URL pattern expand to (``{n}`` multiplies by n)."""
 PATTERN_CACHE_SIZE: Final = 4096
 """Compiled URL patterns kept (keyed by pattern and base URL)."""
+MAX_TEMPLATE_LENGTH: Final = 512
+"""Characters of a legacy URI template (a selector holding ``{``)."""
+MAX_TEMPLATE_EXPRESSIONS: Final = 16
+"""``{...}`` expressions in one legacy URI template."""
+MAX_TEMPLATE_STEPS: Final = 100_000
+"""Automaton steps one URI template test may take; past it the topic is treated as not matching."""
 
 # Unicode 15+ format characters Python 3.11's Unicode 14 database does not know ("Terminology" cites Unicode 17).
 _NEWER_FORMAT_CHARACTERS: Final = frozenset(chr(cp) for cp in range(0x13439, 0x13440))
@@ -386,17 +401,146 @@ def _compile_urlpattern(value: str, base_url: str) -> URLPattern:
         raise MatcherError(f"not a well-formed URL pattern: {exc}") from None
 
 
+# -- legacy URI templates (pre-standardization topic selectors) ---------------------------------------------------
+
+_UNRESERVED_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~%")
+_RESERVED_CHARS: Final = _UNRESERVED_CHARS | frozenset(":/?#[]@!$&'()*+,;=")
+# operator -> (the expansion's first character, or "" ; the characters a value may hold, separators included)
+_TEMPLATE_OPERATORS: Final = {
+    "": ("", _UNRESERVED_CHARS | {","}),
+    "+": ("", _RESERVED_CHARS),
+    "#": ("#", _RESERVED_CHARS),
+    ".": (".", _UNRESERVED_CHARS | {","}),
+    "/": ("/", _UNRESERVED_CHARS | {",", "/"}),
+    ";": (";", _UNRESERVED_CHARS | {",", ";", "="}),
+    "?": ("?", _UNRESERVED_CHARS | {",", "&", "="}),
+    "&": ("&", _UNRESERVED_CHARS | {",", "&", "="}),
+}
+_VARSPEC: Final = re.compile(
+    r"(?:[A-Za-z0-9_]|%[0-9A-Fa-f]{2})(?:\.?(?:[A-Za-z0-9_]|%[0-9A-Fa-f]{2}))*(?::[1-9][0-9]{0,3}|\*)?"
+)
+
+
+class UriTemplate:
+    """An RFC 6570 (levels 1-4) URI template, tested against topics: does some expansion produce the topic?
+
+    How the pre-standardization hubs (and the reference hub's ``deprecated_topic`` build) read a topic
+    selector holding ``{``. Each expression ``{op var,...}`` matches the empty string (its variables
+    undefined) or the operator's first character (``#``, ``.``, ``/``, ``;``, ``?``, ``&``; none for simple
+    and ``+``) followed by characters a value may expand to: unreserved characters and percent-encoding for
+    simple expansion, so ``{id}`` never crosses a ``/``; reserved characters too for ``+`` and ``#``; the
+    operator's separators between values (``name=`` pairs for ``;``, ``?``, ``&``, whose names are not
+    checked; ``:n`` prefixes not enforced). Literal text is compared as is.
+
+    The template compiles to a small automaton (literals, and an optional first character followed by a
+    loop on a character set) simulated with a set of states: time is linear in the topic length times the
+    template's size, never exponential; Python's backtracking ``re`` is not used. Templates are bounded
+    (:data:`MAX_TEMPLATE_LENGTH`, :data:`MAX_TEMPLATE_EXPRESSIONS`) and one test is held to
+    :data:`MAX_TEMPLATE_STEPS` (past it: not matching).
+    """
+
+    __slots__ = ("_elements", "_prefix", "template")
+
+    def __init__(self, template: str) -> None:
+        if len(template) > MAX_TEMPLATE_LENGTH:
+            raise MatcherLimitError(f"a URI template is limited to {MAX_TEMPLATE_LENGTH} characters")
+        self.template = template
+        # (first character or "", loop set or None): a literal when the set is None
+        elements: list[tuple[str, frozenset[str] | None]] = []
+        expressions = 0
+        index = 0
+        while index < len(template):
+            char = template[index]
+            if char == "}":
+                raise MatcherError("a URI template has an unmatched '}'")
+            if char != "{":
+                elements.append((char, None))
+                index += 1
+                continue
+            end = template.find("}", index)
+            if end < 0:
+                raise MatcherError("a URI template expression is not closed")
+            expressions += 1
+            if expressions > MAX_TEMPLATE_EXPRESSIONS:
+                raise MatcherLimitError(f"a URI template is limited to {MAX_TEMPLATE_EXPRESSIONS} expressions")
+            body = template[index + 1 : end]
+            operator = body[:1] if body[:1] in _TEMPLATE_OPERATORS and body[:1] else ""
+            variables = body[len(operator) :]
+            if not variables or not all(_VARSPEC.fullmatch(spec) for spec in variables.split(",")):
+                raise MatcherError(f"not a valid URI template expression: {{{body}}}")
+            first, allowed = _TEMPLATE_OPERATORS[operator]
+            elements.append((first, frozenset(allowed)))
+            index = end + 1
+        self._elements = tuple(elements)
+        prefix: list[str] = []
+        for literal, loop in elements:
+            if loop is not None:
+                break
+            prefix.append(literal)
+        self._prefix = "".join(prefix)
+
+    def matches(self, topic: str) -> bool:
+        if len(topic) > MAX_TOPIC_LENGTH or not topic.startswith(self._prefix):
+            return False
+        elements = self._elements
+        end = len(elements)
+        # A state: (element index, inside): inside a variable element once its first character was read.
+        states = self._closure({(0, False)})
+        steps = 0
+        for char in topic:
+            following: set[tuple[int, bool]] = set()
+            for position, inside in states:
+                if position == end:
+                    continue
+                first, allowed = elements[position]
+                if allowed is None:
+                    if char == first:
+                        following.add((position + 1, False))
+                elif inside or not first:
+                    if char in allowed:
+                        following.add((position, True))
+                elif char == first:
+                    following.add((position, True))
+            steps += len(states)
+            if not following or steps > MAX_TEMPLATE_STEPS:
+                return False
+            states = self._closure(following)
+        return (end, False) in states
+
+    def _closure(self, states: set[tuple[int, bool]]) -> set[tuple[int, bool]]:
+        """Add the states reachable without reading: a variable element may end (or be empty) anywhere."""
+        elements = self._elements
+        pending = list(states)
+        while pending:
+            position, _ = pending.pop()
+            if position < len(elements) and elements[position][1] is not None:
+                state = (position + 1, False)
+                if state not in states:
+                    states.add(state)
+                    pending.append(state)
+        return states
+
+
+@functools.lru_cache(maxsize=PATTERN_CACHE_SIZE)
+def _compile_template(value: str) -> UriTemplate:
+    return UriTemplate(value)
+
+
 # -- matchers ------------------------------------------------------------------------------------------------------
 
 
 class Matcher:
     """One topic matcher: a matcher type and its value (a subscription, in the spec's words)."""
 
-    __slots__ = ("_base_url", "_pattern", "type", "value", "wildcard")
+    __slots__ = ("_base_url", "_pattern", "_template", "type", "value", "wildcard")
 
     def __init__(self, match_type: str, value: str, *, base_url: str = DEFAULT_HUB_URL) -> None:
-        """Check and compile; raises MatcherError. Prefer :func:`compile_matcher`."""
-        if match_type not in MATCHER_TYPES:
+        """Check and compile; raises MatcherError. Prefer :func:`compile_matcher`.
+
+        ``match_type`` is one of :data:`MATCHER_TYPES`, or :data:`LEGACY` for a pre-standardization topic
+        selector: ``*``, a URI template when it holds ``{`` or ``}``, an exact topic otherwise.
+        """
+        if match_type not in MATCHER_TYPES and match_type != LEGACY:
             raise MatcherError(f"unsupported matcher type {match_type!r} (supported: {', '.join(MATCHER_TYPES)})")
         check_matcher_value(value)
         self.type = match_type
@@ -404,12 +548,22 @@ class Matcher:
         self.wildcard = value == WILDCARD
         self._base_url = base_url
         self._pattern: URLPattern | None = None
+        self._template: UriTemplate | None = None
         if match_type == URLPATTERN and not self.wildcard:
             self._pattern = _compile_urlpattern(value, base_url)
+        elif match_type == LEGACY and ("{" in value or "}" in value):
+            self._template = _compile_template(value)
+
+    @property
+    def is_exact(self) -> bool:
+        """Matches one topic string only (an index by topic can route it)."""
+        return not self.wildcard and self._pattern is None and self._template is None
 
     def matches(self, topic: str) -> bool:
         if self.wildcard:
             return True
+        if self._template is not None:
+            return self._template.matches(topic)
         if self._pattern is None:
             return topic == self.value
         if len(topic) > MAX_TOPIC_LENGTH:
@@ -458,22 +612,27 @@ class Matchers:
     def __init__(self, matchers: Iterable[Matcher] = ()) -> None:
         self._matchers: tuple[Matcher, ...] = tuple(dict.fromkeys(matchers))
         self._wildcard = any(m.wildcard for m in self._matchers)
-        self._exact = frozenset(m.value for m in self._matchers if m.type == EXACT and not m.wildcard)
-        self._patterns = tuple(m for m in self._matchers if m.type == URLPATTERN and not m.wildcard)
+        self._exact = frozenset(m.value for m in self._matchers if m.is_exact)
+        self._patterns = tuple(m for m in self._matchers if not m.wildcard and not m.is_exact)
 
     @classmethod
     def from_query(cls, items: Iterable[tuple[str, str]], *, base_url: str = DEFAULT_HUB_URL) -> Matchers:
         """The matchers of a subscribe request's query (its decoded name/value pairs, in order).
 
         Parameters outside the ``match`` namespace (``last_event_id``, ...) are
-        left to the caller. Raises MatcherError (400) for an unknown ``match*``
+        left to the caller, except the legacy ``topic`` (:data:`LEGACY_QUERY_PARAMETER`):
+        a pre-standardization selector, exact, ``*`` or a URI template
+        (:class:`UriTemplate`). Raises MatcherError (400) for an unknown ``match*``
         name, an invalid value, or more than :data:`MAX_MATCHERS` matchers.
         """
         found: list[Matcher] = []
         for name, value in items:
-            if not _MATCH_NAMESPACE.match(name):
+            if name == LEGACY_QUERY_PARAMETER:
+                match_type: str | None = LEGACY
+            elif not _MATCH_NAMESPACE.match(name):
                 continue
-            match_type = QUERY_PARAMETERS.get(name)
+            else:
+                match_type = QUERY_PARAMETERS.get(name)
             if match_type is None:
                 raise MatcherError(
                     f"unknown topic matcher parameter {name!r}: this hub supports {', '.join(QUERY_PARAMETERS)}"
@@ -509,7 +668,29 @@ class Matchers:
             match_type = entry.get("match_type", DEFAULT_MATCHER_TYPE)
             if not isinstance(match_type, str):
                 raise MatcherError('a topic matcher\'s "match_type" must be a string')
+            if match_type not in MATCHER_TYPES:
+                raise MatcherError(f"unsupported matcher type {match_type!r} (supported: {', '.join(MATCHER_TYPES)})")
             found.append(Matcher(match_type, value, base_url=base_url))
+        return cls(found)
+
+    @classmethod
+    def from_legacy_selectors(cls, selectors: Any, *, base_url: str = DEFAULT_HUB_URL) -> Matchers:
+        """The matchers of a legacy ``mercure`` claim's ``publish``/``subscribe`` list. Raises MatcherError.
+
+        An array (possibly empty: grants nothing) of topic selectors: strings read the legacy way (exact,
+        ``*``, URI template); a topic matcher object (``{"match": ..., "match_type": ...}``) is read as in
+        :meth:`from_token_topics`.
+        """
+        if not isinstance(selectors, list):
+            raise MatcherError("a mercure claim's publish/subscribe must be an array of topic selectors")
+        if len(selectors) > MAX_MATCHERS:
+            raise MatcherLimitError(f"a topic selector array is limited to {MAX_MATCHERS} entries")
+        found: list[Matcher] = []
+        for entry in selectors:
+            if isinstance(entry, str):
+                found.append(Matcher(LEGACY, entry, base_url=base_url))
+            else:
+                found.extend(cls.from_token_topics([entry], base_url=base_url))
         return cls(found)
 
     @classmethod
