@@ -86,6 +86,7 @@ from typing import Any, Final, TypeGuard
 
 import jwt
 
+from api.auth.cache import TokenCache
 from api.auth.keys import KeySource, UnknownKey
 from api.mercure.matchers import DEFAULT_HUB_URL, Matcher, MatcherError, Matchers
 
@@ -476,8 +477,7 @@ class MercureTokenVerifier:
         self.base_url = base_url
         self.realm = realm
         self.resource_metadata = resource_metadata
-        self._cache: dict[str, MercureGrant] = {}
-        self._cache_size = cache_size
+        self._cache: TokenCache[MercureGrant] = TokenCache(cache_size)
         self._generation = self._key_generation()
         self.verified = 0
         """Tokens verified cryptographically (cache misses that succeeded)."""
@@ -545,18 +545,16 @@ class MercureTokenVerifier:
             self._cache.clear()
             self._generation = generation
         now = time.time()
-        grant = self._cache.get(token)
+        grant = self._cache.get(token, now)
         if grant is not None:
-            if now < grant.expires_at:
-                return grant
-            del self._cache[token]
+            return grant
         try:
             grant = await self._verify(token)
         except BearerError:
             self.rejected += 1
             raise
         self.verified += 1
-        self._remember(token, grant, now)
+        self._cache.put(token, grant, now)
         return grant
 
     async def _verify(self, token: str) -> MercureGrant:
@@ -651,15 +649,6 @@ class MercureTokenVerifier:
         if source is None:
             raise self.invalid_token("the token is not from a trusted issuer")
         return source
-
-    def _remember(self, token: str, grant: MercureGrant, now: float) -> None:
-        cache = self._cache
-        if len(cache) >= self._cache_size:
-            for stale in [t for t, g in cache.items() if g.expires_at <= now]:
-                del cache[stale]
-            while len(cache) >= self._cache_size:
-                del cache[next(iter(cache))]
-        cache[token] = grant
 
 
 def _describe(exc: jwt.PyJWTError) -> str:
