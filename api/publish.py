@@ -18,6 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 from api.auth.access import Access, Denied
 from api.auth.credentials import bearer_token
 from api.auth.keys import KeysUnavailable
+from api.bodies import BodyTooLarge, read_body
 from api.deps import AccessDep, BrokerDep, HubDep, SettingsDep
 from api.errors import RequestRejected
 from api.models import MAX_BATCH, PublishBatch, Published, PublishEvent, is_reserved
@@ -41,15 +42,10 @@ def _no_constants(name: str) -> NoReturn:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestRejected(413, f"request body is over the limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestRejected(413, f"request body is over the limit of {limit} bytes")
-    return bytes(body)
+    try:
+        return await read_body(request, limit)
+    except BodyTooLarge as exc:
+        raise RequestRejected(413, str(exc)) from None
 
 
 def _check_content_type(request: Request) -> None:

@@ -47,6 +47,7 @@ from starlette.types import Receive, Scope, Send
 from api.auth.access import Access
 from api.auth.cors import Cors
 from api.auth.keys import KeysUnavailable
+from api.bodies import BodyTooLarge, read_body
 from api.errors import RETRY_AFTER_SECONDS
 from api.hub import Refused
 from api.mercure.authorization import (
@@ -281,15 +282,10 @@ async def _publish(request: Request, broker: Broker, settings: Settings, cors: C
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PublicationError(413, f"the request body is over the limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PublicationError(413, f"the request body is over the limit of {limit} bytes")
-    return bytes(body)
+    try:
+        return await read_body(request, limit)
+    except BodyTooLarge as exc:
+        raise PublicationError(413, f"the request body is over the limit of {exc.limit} bytes") from None
 
 
 # -- subscribe -----------------------------------------------------------------------------------------
