@@ -78,6 +78,45 @@ def test_merging_equals_recording_everything_in_one() -> None:
     assert left.cumulative()[-1] == (whole.max, 1.0)
 
 
+def test_loop_lag_mean_negative_when_uvloop_woke_a_sleep_early() -> None:
+    """Regression: uvloop's millisecond timers ended a sleep early, the lag sampler
+    recorded -4 µs, and the report's mean lag went negative (schema: minimum 0)."""
+    histogram = Histogram()
+    histogram.record_many([-1000, -4, 0, 3])
+    assert histogram.counts[0] == 3
+    assert (histogram.count, histogram.total, histogram.max) == (4, 3, 3)
+    assert histogram.summary_ms()["mean"] >= 0
+
+
+@pytest.mark.timeout(10)
+async def test_the_lag_sampler_never_records_a_negative_lag() -> None:
+    import uvloop
+
+    from workers.loadtest.worker import measure_lag
+
+    class Samples(Histogram):
+        def __init__(self) -> None:
+            super().__init__()
+            self.values: list[int] = []
+
+        def record(self, value: int) -> None:
+            self.values.append(value)
+
+    async def sample() -> list[int]:
+        samples = Samples()
+        task = asyncio.create_task(measure_lag(samples, period=0.0015))
+        while len(samples.values) < 300:
+            await asyncio.sleep(0.0007)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return samples.values
+
+    values = await asyncio.wait_for(asyncio.to_thread(uvloop.run, sample()), 8)
+    assert len(values) >= 300
+    assert min(values) >= 0
+
+
 # -- wire --------------------------------------------------------------------------------
 
 

@@ -56,8 +56,11 @@ class Histogram:
         self.max = 0
 
     def record(self, value: int) -> None:
+        """Count ``value`` µs; a negative value counts as 0 in the buckets, the mean and the max alike."""
         if value < 256:
-            self.counts[value if value > 0 else 0] += 1
+            if value < 0:
+                value = 0
+            self.counts[value] += 1
         else:
             shift = value.bit_length() - _SUB_BITS
             if shift > _MAX_SHIFT:

@@ -95,11 +95,16 @@ class MachineCpu:
 
 
 async def measure_lag(histogram: Histogram, period: float = 0.05) -> None:
-    """Record how late the event loop wakes up: when it lags, so do the latencies measured here."""
+    """Record how late the event loop wakes up: when it lags, so do the latencies measured here.
+
+    uvloop keeps its timers in whole milliseconds (libuv's cached loop
+    time), so a sleep can end up to a millisecond *early* by
+    ``time.monotonic``; waking early is no lag, and is recorded as 0.
+    """
     while True:
         start = time.monotonic()
         await asyncio.sleep(period)
-        histogram.record(int((time.monotonic() - start - period) * 1_000_000))
+        histogram.record(max(0, int((time.monotonic() - start - period) * 1_000_000)))
 
 
 class Worker:
