@@ -26,7 +26,9 @@ from api.events import router as events_router
 from api.events import serve_events
 from api.health import router as health_router
 from api.hub import Hub
+from api.mercure.routes import HUB_PATH as MERCURE_HUB_PATH
 from api.mercure.routes import router as mercure_router
+from api.mercure.subscriptions import ActiveSubscriptions
 from api.metrics import Metrics, NullMetrics, PrometheusMetrics
 from api.middleware import NodeIdMiddleware
 from api.models import TOPIC_PATTERN, PublishEvent
@@ -75,19 +77,27 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
         if isinstance(node_metrics, PrometheusMetrics):
             node_metrics.attach(NodeCollector(settings, hub, broker, access))
         registry = NodeRegistry(settings, broker, hub)
+        subscriptions = (
+            ActiveSubscriptions(broker, settings.node_id, MERCURE_HUB_PATH) if settings.mercure_subscriptions else None
+        )
         await access.start()
         await broker.start(hub)
         await hub.start()
         registry.start()
+        if subscriptions is not None:
+            subscriptions.start()
         app.state.broker = broker
         app.state.hub = hub
         app.state.registry = registry
+        app.state.mercure_subscriptions = subscriptions
         log.info("node %s serving on %s (broker: %s)", settings.node_id, registry.url, type(broker).__name__)
         try:
             yield
         finally:
             await registry.close()
             await hub.close()
+            if subscriptions is not None:
+                await subscriptions.close()  # the ended streams' "active: false" events, before the broker goes
             await broker.close()
             await access.close()
 

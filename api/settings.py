@@ -134,6 +134,17 @@ class Settings(BaseSettings):
         description="Cookie a Mercure client's token may come in (after the Authorization header and"
         " ?access_token=); the legacy mercureAuthorization is read too.",
     )
+    mercure_subscriptions: bool = Field(
+        False,
+        description="Mercure active subscriptions: publish a private subscription update when a subscription"
+        " starts or ends, and list the cluster's subscriptions at /.well-known/mercure/subscriptions"
+        " (a broker write per subscription at connect and disconnect, so off unless asked for).",
+    )
+    mercure_native: bool = Field(
+        True,
+        description="Also deliver every public Mercure update on the native API: to /events subscribers of each of"
+        " its topics that is a valid native topic name (as a native event of that topic, data as is).",
+    )
     # -- operations (api.metrics, api.registry, api.logs) ----------------------
     metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics (counted per flush, not per event).")
     metrics_public: bool = Field(

@@ -29,7 +29,7 @@ fully published (it has an id, is retained and delivered) or not at all.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -279,3 +279,31 @@ class NodeDirectory(Protocol):
 
     async def nodes(self, forget: float) -> list[NodeRecord]:
         """Every node announced within the last ``forget`` seconds. Raises BrokerUnavailable."""
+
+
+@runtime_checkable
+class NodeEntries(Protocol):
+    """Optional capability: small keyed records each node keeps in the broker, for the whole deployment to list.
+
+    Mercure's active subscriptions are the use (``kind`` ``"mercure"``: one
+    entry per subscription of the node's open streams). Entries belong to
+    one node: a reader lists them for the nodes it knows alive
+    (:class:`NodeDirectory`), so a node's entries drop out of every list the
+    moment it stops announcing, whatever state it left them in. Whoever
+    notices a node gone calls :meth:`take_entries` for it: the entries are
+    read and removed in one step, so among several nodes noticing at once
+    exactly one gets them (and can say they ended). A set nobody takes
+    expires ``keep`` seconds after the node last wrote or kept it.
+    """
+
+    async def put_entries(self, node_id: str, kind: str, entries: Mapping[str, str], keep: float) -> None:
+        """Add or replace entries of ``node_id``. Raises BrokerUnavailable."""
+
+    async def drop_entries(self, node_id: str, kind: str, keys: Collection[str], keep: float) -> None:
+        """Remove entries of ``node_id`` (absent keys are ignored). Raises BrokerUnavailable."""
+
+    async def entries(self, kind: str, node_ids: Collection[str]) -> dict[str, dict[str, str]]:
+        """The entries of each of ``node_ids`` (a node without any: absent). Raises BrokerUnavailable."""
+
+    async def take_entries(self, node_id: str, kind: str) -> dict[str, str]:
+        """Read and remove every entry of ``node_id`` at once (a second taker gets none). Raises BrokerUnavailable."""

@@ -18,7 +18,7 @@ import contextlib
 import heapq
 import time
 from collections import deque
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 from broker.base import (
     BrokerUnavailable,
@@ -78,6 +78,7 @@ class MemoryBroker:
         self._topics: dict[str, _Topic] = {}
         self._announced: dict[str, tuple[str, float, float]] = {}  # node id -> (record, alive until, last seen)
         self._subscribed: set[str] = set()
+        self._entries: dict[tuple[str, str], dict[str, str]] = {}  # (kind, node id) -> entries
         self._idempotency: dict[str, tuple[int, list[int]]] = {}  # key -> (expiry in µs, ids)
         self._sink: EventSink | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -221,6 +222,25 @@ class MemoryBroker:
         for node_id in [n for n, (_, _, seen) in self._announced.items() if now - seen > forget]:
             del self._announced[node_id]
         return [NodeRecord(n, record, now < alive_until) for n, (record, alive_until, _) in self._announced.items()]
+
+    # -- NodeEntries: kept in process (``keep`` has nothing to outlive) -------------
+
+    async def put_entries(self, node_id: str, kind: str, entries: Mapping[str, str], keep: float) -> None:
+        self._entries.setdefault((kind, node_id), {}).update(entries)
+
+    async def drop_entries(self, node_id: str, kind: str, keys: Collection[str], keep: float) -> None:
+        held = self._entries.get((kind, node_id))
+        if held is not None:
+            for key in keys:
+                held.pop(key, None)
+            if not held:
+                del self._entries[kind, node_id]
+
+    async def entries(self, kind: str, node_ids: Collection[str]) -> dict[str, dict[str, str]]:
+        return {n: dict(held) for n in node_ids if (held := self._entries.get((kind, n)))}
+
+    async def take_entries(self, node_id: str, kind: str) -> dict[str, str]:
+        return self._entries.pop((kind, node_id), {})
 
     def stats(self) -> dict[str, int]:
         """Counts for the node's /stats endpoint."""

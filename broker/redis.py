@@ -54,7 +54,7 @@ import heapq
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -743,6 +743,63 @@ class RedisBroker:
             pipe.exists(key)
         return [bool(n) for n in await pipe.execute()]
 
+    # -- NodeEntries -------------------------------------------------------------
+
+    def _entries_key(self, kind: str, node_id: str) -> str:
+        return f"{self._prefix}:entries:{kind}:{node_id}"
+
+    async def put_entries(self, node_id: str, kind: str, entries: Mapping[str, str], keep: float) -> None:
+        """``<prefix>:entries:<kind>:<node id>``: a hash, expiring ``keep`` seconds after its last change."""
+        key = self._entries_key(kind, node_id)
+
+        async def run() -> None:
+            pipe = self._redis.pipeline(transaction=False)
+            if entries:
+                pipe.hset(key, mapping=dict[Any, Any](entries))
+            pipe.pexpire(key, max(1, int(keep * 1000)))
+            await pipe.execute()
+
+        await self._call(run)
+
+    async def drop_entries(self, node_id: str, kind: str, keys: Collection[str], keep: float) -> None:
+        key = self._entries_key(kind, node_id)
+
+        async def run() -> None:
+            pipe = self._redis.pipeline(transaction=False)
+            if keys:
+                pipe.hdel(key, *keys)
+            pipe.pexpire(key, max(1, int(keep * 1000)))
+            await pipe.execute()
+
+        await self._call(run)
+
+    async def entries(self, kind: str, node_ids: Collection[str]) -> dict[str, dict[str, str]]:
+        ids = list(node_ids)
+        if not ids:
+            return {}
+
+        async def run() -> list[dict[Any, Any]]:
+            pipe = self._redis.pipeline(transaction=False)
+            for node_id in ids:
+                pipe.hgetall(self._entries_key(kind, node_id))
+            return list(await pipe.execute())
+
+        found = await self._call(run)
+        return {node_id: _text_map(raw) for node_id, raw in zip(ids, found, strict=True) if raw}
+
+    async def take_entries(self, node_id: str, kind: str) -> dict[str, str]:
+        """HGETALL and DEL in one MULTI: of several takers, one gets the entries, the others nothing."""
+        key = self._entries_key(kind, node_id)
+
+        async def run() -> dict[Any, Any]:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hgetall(key)
+            pipe.delete(key)
+            raw, _ = await pipe.execute()
+            return dict(raw)
+
+        return _text_map(await self._call(run, idempotent=False))
+
     def stats(self) -> dict[str, int]:
         return {
             "topics_subscribed": len(self._topics),
@@ -751,3 +808,11 @@ class RedisBroker:
             "pool_in_use": self._pool - self._slots._value,  # commands holding a connection now
             **self.counters,
         }
+
+
+def _text_map(raw: Mapping[Any, Any]) -> dict[str, str]:
+    """A hash as Redis answered it (bytes or str, by the client's decoding), as text."""
+    return {
+        (k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
+        for k, v in raw.items()
+    }

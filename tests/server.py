@@ -90,6 +90,53 @@ def run_server(env: dict[str, str] | None = None, port: int | None = None) -> It
         node.log_path.unlink(missing_ok=True)
 
 
+def nginx_available() -> bool:
+    return Path(launch.NGINX).exists()
+
+
+@contextlib.contextmanager
+def run_front(node_ports: list[int], timeout: float = 10) -> Iterator[Node]:
+    """The deployment's nginx (``ops/nginx.conf.template``) in front of ``node_ports``, up or not.
+
+    Yields it as a :class:`Node` (its URL is the front's); stopped by pid
+    afterwards. Any answer to ``/healthz`` means it is up.
+    """
+    from ops import nginx
+
+    with tempfile.TemporaryDirectory(prefix="herald-front-") as tmp:
+        run_dir = Path(tmp)
+        for sub in ("logs", "nginx-body", "nginx-proxy"):
+            (run_dir / sub).mkdir()
+        port = free_port()
+        conf = run_dir / "nginx.conf"
+        conf.write_text(nginx.render_local(port, node_ports, run_dir))
+        log_path = run_dir / "logs" / "nginx.out"
+        args = [launch.NGINX, "-p", str(run_dir), "-c", str(conf), "-e", str(run_dir / "logs" / "error.log"),
+                "-g", "daemon off;"]  # fmt: skip
+        process = launch.spawn(args, log_path, new_session=False)
+        front = Node(process, port, log_path)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"nginx exited with {process.returncode}:\n{front.log()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    httpx.get(f"{front.url}/healthz", timeout=1)
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nginx did not answer within {timeout}s:\n{front.log()}")
+                time.sleep(0.05)
+            yield front
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
 @contextlib.asynccontextmanager
 async def serve_app(app: FastAPI) -> AsyncIterator[str]:
     """Serve an ASGI app with a real uvicorn on this event loop; yields its base URL.

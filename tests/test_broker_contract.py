@@ -25,6 +25,7 @@ from broker.base import (
     IdempotencyConflict,
     Message,
     NodeDirectory,
+    NodeEntries,
     NodeRecord,
     Reset,
     ResetReason,
@@ -699,3 +700,21 @@ async def test_node_directory_lists_announced_nodes_and_notices_silence(bnode: N
     await asyncio.wait_for(n2_silent(), 5)
     assert {n.node_id for n in await directory.nodes(forget=300)} >= {"n1", "n2"}
     assert {n.node_id for n in await directory.nodes(forget=0)} == set()  # everyone announced > 0 s ago
+
+
+async def test_node_entries_are_listed_per_node_and_taken_once(bnode: Node) -> None:
+    """``NodeEntries``: put, replace, drop, list per node; of two takers only one gets a node's entries."""
+    entries = bnode.broker
+    assert isinstance(entries, NodeEntries)
+    await entries.put_entries("n1", "k", {"a": "1", "b": "2"}, 60)
+    await entries.put_entries("n1", "k", {"b": "3"}, 60)
+    await entries.put_entries("n2", "k", {"c": "4"}, 60)
+    await entries.put_entries("n2", "other", {"x": "y"}, 60)
+    await entries.drop_entries("n1", "k", ["a", "never-there"], 60)
+    assert await entries.entries("k", ["n1", "n2", "n3"]) == {"n1": {"b": "3"}, "n2": {"c": "4"}}
+    first, second = await asyncio.gather(entries.take_entries("n2", "k"), entries.take_entries("n2", "k"))
+    assert sorted([first, second], key=len) == [{}, {"c": "4"}]
+    assert await entries.entries("k", ["n2"]) == {}
+    assert await entries.entries("other", ["n2"]) == {"n2": {"x": "y"}}  # another kind is another set
+    await entries.drop_entries("n1", "k", ["b"], 60)
+    assert await entries.entries("k", ["n1"]) == {}

@@ -1,9 +1,10 @@
-"""The Mercure hub (``/.well-known/mercure``) against real nodes, on both brokers and across two nodes.
+"""The Mercure hub (``/.well-known/mercure``) against real nodes, on both brokers, across two nodes, behind nginx.
 
 Written from the Mercure protocol (``spec/mercure.md``, draft-dunglas-mercure-08); each test is named after
 the section whose MUSTs it observes. On Redis the cluster is two nodes on one ``redis-server``: updates are
 published on node A and read on node B (a subscriber on B gets what a publisher on A sends, once, resumes
-there from ids issued through A). On the embedded broker A and B are the same node.
+there from ids issued through A). On the embedded broker A and B are the same node; in the ``nginx``
+variant both are the deployment's nginx in front of two Redis nodes (each request goes to either).
 
 No test sleeps to synchronise: a stream is live once its first bytes arrived (it is registered and the
 node fed before they are sent), and "nothing was delivered" is shown by a marker update published after
@@ -28,7 +29,7 @@ import pytest
 from api import token as tokens
 from api.mercure.updates import UPDATES_TOPIC
 from tests import redis_server
-from tests.server import Node, run_server
+from tests.server import Node, nginx_available, run_front, run_server
 from tests.sse_client import EventStream
 
 pytestmark = pytest.mark.timeout(60)
@@ -113,15 +114,28 @@ def _env(broker: str, **extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module", params=BROKERS)
+NGINX = pytest.param(
+    "nginx",
+    id="nginx",
+    marks=pytest.mark.skipif(
+        not (redis_server.available() and nginx_available()), reason="redis-server or nginx is not installed"
+    ),
+)
+
+
+@pytest.fixture(scope="module", params=[*BROKERS, NGINX])
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    env = _env(request.param)
+    """One node (embedded broker), two nodes on Redis (A publishes, B reads), or two behind the deployment's nginx."""
+    env = _env("memory" if request.param == "memory" else "redis")
     if request.param == "memory":
         with run_server(env) as node:
             yield Cluster(node, node)
-    else:
+    elif request.param == "redis":
         with run_server(env) as a, run_server(env) as b:
             yield Cluster(a, b)
+    else:
+        with run_server(env) as a, run_server(env) as b, run_front([a.port, b.port]) as front:
+            yield Cluster(front, front)
 
 
 @pytest.fixture(scope="module", params=BROKERS)

@@ -26,9 +26,10 @@ from ops import launch, nginx
 from ops.cluster import Cluster
 from ops.probe import free_port, free_port_range, wait_until
 from tests import redis_server
-from tests.server import run_server
+from tests.server import run_front, run_server
 
 ROOT = Path(__file__).resolve().parent.parent
+FORM_TYPE = "application/x-www-form-urlencoded"
 needs_nginx = pytest.mark.skipif(not Path(launch.NGINX).exists(), reason="nginx is not installed")
 needs_redis = pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed")
 
@@ -138,21 +139,8 @@ def test_rendered_nginx_asks_for_no_more_open_files_than_this_machine_allows(tmp
 @contextlib.contextmanager
 def nginx_front(tmp_path: Path, node_ports: list[int]) -> Iterator[str]:
     """The cluster's nginx alone, in front of ``node_ports`` (up or not); yields its URL."""
-    for sub in ("logs", "nginx-body", "nginx-proxy"):
-        (tmp_path / sub).mkdir(exist_ok=True)
-    port = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(nginx.render_local(port, node_ports, tmp_path))
-    args = [launch.NGINX, "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "logs" / "error.log"),
-            "-g", "daemon off;"]  # fmt: skip
-    process = launch.spawn(args, tmp_path / "logs" / "nginx.out", new_session=False)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: httpx.get(f"{url}/healthz", timeout=1), "nginx", 10)  # any answer will do
-        yield url
-    finally:
-        process.terminate()
-        process.wait(10)
+    with run_front(node_ports) as front:
+        yield front.url
 
 
 @needs_nginx
@@ -181,6 +169,22 @@ def test_regression_nginx_answered_html_502_to_publish_when_no_node_was_up(tmp_p
         assert too_big.status_code == 413
         assert too_big.headers["content-type"] == "application/json"
         assert "over the limit" in too_big.json()["detail"]
+
+
+@needs_nginx
+def test_mercure_hub_through_nginx_with_no_node_up_streams_retry_and_publishers_get_503(tmp_path: Path) -> None:
+    """A Mercure subscriber is an EventSource too: nginx's own failure must be an answer it retries."""
+    with nginx_front(tmp_path, [free_port()]) as front:
+        hub = f"{front}/.well-known/mercure"
+        for _ in range(2):
+            stream = httpx.get(hub, params={"match": "https://example.com/a"}, headers={"Last-Event-ID": "#42"})
+            assert stream.status_code == 200
+            assert stream.headers["content-type"] == "text/event-stream"
+            assert "\nretry: 1000\n\n" in stream.text
+            published = httpx.post(hub, content="topic=x&data=1", headers={"Content-Type": FORM_TYPE})
+            assert published.status_code == 503
+            assert published.headers["retry-after"] == "2"
+            assert published.headers["content-type"] == "application/json"
 
 
 @needs_nginx

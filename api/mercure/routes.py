@@ -63,10 +63,12 @@ from api.mercure.authorization import (
 from api.mercure.dispatch import MercureHub
 from api.mercure.matchers import DEFAULT_HUB_URL, MAX_MATCHERS, MatcherError, Matchers, check_publication_topic
 from api.mercure.stream import MercureStreamResponse
+from api.mercure.subscriptions import CONTEXT, ActiveSubscriptions, parse_api_path, select, subscriptions_of
 from api.mercure.updates import (
     UPDATES_TOPIC,
     PublicationError,
     check_media_type,
+    native_messages,
     parse_form,
     read_update,
 )
@@ -80,6 +82,7 @@ router = APIRouter()
 
 HUB_PATH = "/.well-known/mercure"
 METADATA_PATH = "/.well-known/oauth-protected-resource" + HUB_PATH
+SUBSCRIPTIONS_PATH = HUB_PATH + "/subscriptions"
 MAX_QUERY_FIELDS = MAX_MATCHERS + 20
 """Query parameters of a subscribe request (matchers, and a few others: last_event_id, access_token)."""
 
@@ -104,6 +107,8 @@ class HubConfig:
     cookies: tuple[str, ...]
     resource_metadata: str | None
     """The URL of the metadata document, for challenges (when the resource identifier is a URL)."""
+    subscriptions: bool = False
+    """Active subscriptions are on (``HERALD_MERCURE_SUBSCRIPTIONS``)."""
     warned: bool = False
 
     @classmethod
@@ -127,7 +132,16 @@ class HubConfig:
                 resource_metadata=metadata_url,
             )
         cookies = tuple(dict.fromkeys((settings.mercure_cookie, LEGACY_COOKIE_NAME)))
-        return cls(hub_url, audience, issuers, verifier, settings.mercure_anonymous, cookies, metadata_url)
+        return cls(
+            hub_url,
+            audience,
+            issuers,
+            verifier,
+            settings.mercure_anonymous,
+            cookies,
+            metadata_url,
+            settings.mercure_subscriptions,
+        )
 
     def missing_token(self) -> BearerError:
         return missing_token(resource_metadata=self.resource_metadata)
@@ -168,6 +182,8 @@ class HubConfig:
         }
         if self.issuers:
             document["authorization_servers"] = list(self.issuers)
+        if self.subscriptions:
+            document["mercure_subscriptions"] = True
         return document
 
 
@@ -180,6 +196,12 @@ def _parts(state: State) -> tuple[MercureHub, HubConfig]:
     if config is None:
         config = state.mercure_config = HubConfig.from_settings(state.settings, state.access)
     return mercure, config
+
+
+def _tracker(state: State) -> ActiveSubscriptions | None:
+    """The node's active subscriptions (``HERALD_MERCURE_SUBSCRIPTIONS=1`` on a broker that can list them)."""
+    tracker: ActiveSubscriptions | None = getattr(state, "mercure_subscriptions", None)
+    return tracker if tracker is not None and tracker.available else None
 
 
 # -- answers -------------------------------------------------------------------------------------------
@@ -277,7 +299,10 @@ async def _publish(request: Request, broker: Broker, settings: Settings, cors: C
         check_publication_topic(topic, hub_url=config.hub_url)
     for topic in update.topics:  # the canonical topic and every alternate
         config.verifier.require_publish(grant, topic)
-    events = await broker.publish([Message(UPDATES_TOPIC, update.encode())])
+    messages = [Message(UPDATES_TOPIC, update.encode())]
+    if settings.mercure_native:
+        messages += native_messages(update)  # the same atomic publish: all of them, or none
+    events = await broker.publish(messages)
     return Response(update.sse_id(events[0].id), media_type="text/plain")
 
 
@@ -303,7 +328,8 @@ async def serve_subscribe(state: State, scope: Scope, receive: Receive, send: Se
     """
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     mercure, config = _parts(state)
-    response = await _subscribe(mercure, config, state.settings, state.cors, scope, receive)
+    tracker = _tracker(state)
+    response = await _subscribe(mercure, config, state.settings, state.cors, scope, receive, tracker)
     if node_id:
         response.raw_headers.append((b"x-node-id", state.settings.node_id.encode("ascii")))
     await _with_cors(response, state.cors, headers)(scope, receive, send)
@@ -325,7 +351,13 @@ router.routes.append(
 
 
 async def _subscribe(
-    mercure: MercureHub, config: HubConfig, settings: Settings, cors: Cors, scope: Scope, receive: Receive
+    mercure: MercureHub,
+    config: HubConfig,
+    settings: Settings,
+    cors: Cors,
+    scope: Scope,
+    receive: Receive,
+    tracker: ActiveSubscriptions | None,
 ) -> Response:
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     try:
@@ -378,6 +410,8 @@ async def _subscribe(
         resumed.opened if resumed is not None else None,
         retry_ms=settings.retry_ms,
         heartbeat=settings.heartbeat,
+        tracker=tracker,
+        subscriptions=subscriptions_of(matchers, grant) if tracker is not None else (),
     )
     if resumed is not None and resumed.last_event_id is not None:
         response.raw_headers.append((b"mercure-last-event-id", resumed.last_event_id.encode()))
@@ -394,6 +428,73 @@ def _cursor(headers: list[tuple[bytes, bytes]], query: list[tuple[str, str]]) ->
     if value is not None:
         return value.decode("utf-8", "replace")
     return next((v for name, v in query if name == "last_event_id"), None)
+
+
+# -- the subscription API ------------------------------------------------------------------------------
+
+
+@router.get(SUBSCRIPTIONS_PATH, include_in_schema=False)
+@router.get(SUBSCRIPTIONS_PATH + "/{rest:path}", include_in_schema=False)
+async def subscriptions_api(request: Request) -> Response:
+    """ "Subscription API": the cluster's active subscriptions, all, of one matcher, or one; ``application/ld+json``."""
+    state = request.app.state
+    _, config = _parts(state)
+    headers: list[tuple[bytes, bytes]] = request.scope["headers"]
+    try:
+        response = await _subscriptions(request, config, _tracker(state), state.cors)
+    except BearerError as exc:
+        response = _refused(exc)
+    except KeysUnavailable as exc:
+        response = _unavailable(f"tokens can't be verified now: {exc}")
+    except BrokerUnavailable as exc:
+        response = _unavailable(f"broker unavailable: {exc}")
+    return _with_cors(response, state.cors, headers)
+
+
+async def _subscriptions(
+    request: Request, config: HubConfig, tracker: ActiveSubscriptions | None, cors: Cors
+) -> Response:
+    if tracker is None:
+        return _error(404, "active subscriptions are off on this hub (HERALD_MERCURE_SUBSCRIPTIONS=1 turns them on)")
+    # The resource, as requested: each variable stays one (percent-encoded) segment.
+    raw: bytes = request.scope.get("raw_path") or request.scope["path"].encode("utf-8")
+    try:
+        path = raw.decode("ascii")
+        selection = parse_api_path(path, HUB_PATH)
+    except (UnicodeDecodeError, ValueError):
+        selection = None
+    if selection is None:
+        return _error(404, "no such resource of the subscription API")
+    headers: list[tuple[bytes, bytes]] = request.scope["headers"]
+    try:
+        query = _query(request.scope)
+    except ValueError:
+        return _error(400, "the query must be UTF-8 form data")
+    grant = await config.authenticate(headers, query, cookies=cors.trusts_ambient_credentials(headers))
+    if config.verifier is None:
+        raise config.missing_token()
+    config.verifier.require_subscribe(grant, path)  # the relative URL is the topic to authorize
+    last_event_id, active = await tracker.listing()
+    chosen = select(selection, active)
+    document: dict[str, Any]
+    if selection[0] == "one":
+        if not chosen:
+            return _error(404, "no active subscription here")
+        document = {"@context": CONTEXT, **chosen[0].document(HUB_PATH, active=True)}
+    else:
+        document = {
+            "@context": CONTEXT,
+            "id": path,
+            "type": "Subscriptions",
+            "subscriptions": [s.document(HUB_PATH, active=True) for s in chosen],
+        }
+    document["last_event_id"] = last_event_id
+    hub_url = str(request.base_url).rstrip("/") + HUB_PATH
+    return JSONResponse(
+        document,
+        media_type="application/ld+json",
+        headers={"Link": f'<{hub_url}>; rel="mercure"', "Cache-Control": "private, must-revalidate"},
+    )
 
 
 # -- preflight and discovery ---------------------------------------------------------------------------

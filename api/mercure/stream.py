@@ -4,7 +4,9 @@ The writer, the replay batching, the hand-off to live updates, direct writes,
 heartbeats and disconnect handling are Herald's own. What differs: the
 stream is opened by :meth:`api.mercure.dispatch.MercureHub.open` (while the
 broker is unavailable too), and when it ends the subscriber is also
-unregistered from the Mercure dispatcher.
+unregistered from the Mercure dispatcher. With active subscriptions on, the
+stream's subscriptions start when its answer starts and end when it ends
+(:mod:`api.mercure.subscriptions`: this only queues).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from api.hub import Opened
 from api.mercure.dispatch import MercureHub, Subscriber
+from api.mercure.subscriptions import ActiveSubscriptions, Subscription
 from api.sse import HEARTBEAT
 from api.stream import EventStreamResponse
 from broker.base import BrokerUnavailable
@@ -35,18 +38,27 @@ class MercureStreamResponse(EventStreamResponse):
         *,
         retry_ms: int,
         heartbeat: float,
+        tracker: ActiveSubscriptions | None = None,
+        subscriptions: tuple[Subscription, ...] = (),
     ) -> None:
         super().__init__(
             mercure.hub, subscriber.connection, opened, resume=None, retry_ms=retry_ms, heartbeat=heartbeat
         )
         self._mercure = mercure
         self._subscriber = subscriber
+        self._tracker = tracker
+        self._subscriptions = subscriptions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        tracker = self._tracker
+        if tracker is not None:  # "Subscription Events": the subscriptions exist while the answer streams
+            tracker.started(self._subscriptions)
         try:
             await super().__call__(scope, receive, send)
         finally:
             self._mercure.forget(self._subscriber)
+            if tracker is not None:
+                tracker.ended(self._subscriptions)
 
     async def _wait_and_open(self, send: Send) -> Opened | None:
         """Keep the stream (and its heartbeats) up until it can be opened; None if it closed first.

@@ -35,7 +35,8 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from api.mercure.matchers import describe_character, forbidden_character
-from api.models import RESERVED_TOPIC_PREFIX
+from api.models import EVENT_TYPE_PATTERN, RESERVED_EVENT_TYPES, RESERVED_TOPIC_PREFIX, is_reserved, is_topic
+from broker.base import Message
 
 UPDATES_TOPIC = RESERVED_TOPIC_PREFIX + "mercure"
 """The broker topic every Mercure update is published on (one hub-wide sequence)."""
@@ -65,6 +66,7 @@ MAX_FIELDS = MAX_TOPICS + 100
 """Fields of one form, unknown ones included (they are ignored, but still parsed)."""
 
 _HUB_ID = re.compile(r"#([0-9]{1,19})")
+_NATIVE_TYPE = re.compile(EVENT_TYPE_PATTERN)
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
@@ -134,6 +136,30 @@ class Update:
             head += f"retry: {self.retry}\n"
         body = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(self.data))
         return f"{head}{body}\n".encode()
+
+
+def native_messages(update: Update) -> list[Message]:
+    """The native events a Mercure update is also published as (``HERALD_MERCURE_NATIVE``).
+
+    The mapping is the identity: a **public** update becomes one native event
+    on each of its topics (canonical and alternates, each once) whose string is
+    a valid native topic name (``api.models.TOPIC_PATTERN``: ``https://example.com/books/1``
+    is one) and not reserved; its data as is, its type as the native event type
+    when it is a valid, unreserved one. Other topics are Mercure-only. A private update is
+    never delivered natively: the native API's rules (``HERALD_PUBLIC_TOPICS``,
+    tokens' ``subscribe`` selectors) are not the Mercure token's, and a topic
+    public on one side must not leak what is private on the other.
+    """
+    if update.private:
+        return []
+    kind = update.type
+    if kind is not None and (kind in RESERVED_EVENT_TYPES or not _NATIVE_TYPE.fullmatch(kind)):
+        kind = None  # a native client must never see a "reset" it did not get from its node
+    return [
+        Message(topic, update.data, kind)
+        for topic in dict.fromkeys(update.topics)
+        if is_topic(topic) and not is_reserved(topic)
+    ]
 
 
 def hub_id(herald_id: int) -> str:
