@@ -28,6 +28,7 @@ from api.health import router as health_router
 from api.hub import Hub
 from api.mercure.routes import HUB_PATH as MERCURE_HUB_PATH
 from api.mercure.routes import router as mercure_router
+from api.mercure.routes import serve_subscribe
 from api.mercure.subscriptions import ActiveSubscriptions
 from api.metrics import Metrics, NullMetrics, PrometheusMetrics
 from api.middleware import NodeIdMiddleware
@@ -124,7 +125,7 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
     app.include_router(monitoring_router)
     app.include_router(docs_router)
     app.include_router(dashboard_router)
-    app.include_router(mercure_router)  # /.well-known/mercure: FastAPI's routing (the fast lane is /events only)
+    app.include_router(mercure_router)  # /.well-known/mercure (its GET takes the fast lane: HeraldApp)
     _document_publish_body(app, settings)
     return app
 
@@ -133,7 +134,8 @@ class HeraldApp(FastAPI):
     """The FastAPI app, noting per request whether streams may write to the socket directly.
 
     It also sends ``GET /events`` straight to :func:`api.events.serve_events`
-    (the SSE fast lane), ahead of FastAPI's routing.
+    and ``GET /.well-known/mercure`` to :func:`api.mercure.routes.serve_subscribe`
+    (the SSE fast lane), ahead of FastAPI's middleware and routing.
 
     The fast path of :mod:`api.connection` writes event bytes to the
     server's transport without going through ``send``. That is only right
@@ -148,10 +150,15 @@ class HeraldApp(FastAPI):
             server = getattr(receive, "__self__", None)
             scope[DIRECT_WRITES] = server is not None and getattr(send, "__self__", None) is server
             # The SSE fast lane (see api.events): streams skip FastAPI's request path.
-            if scope["path"] == "/events" and scope["method"] == "GET" and not scope.get("root_path"):
-                state = self.state
-                await serve_events(state.hub, state.settings, state.access, state.cors, scope, receive, send)
-                return
+            if scope["method"] == "GET" and not scope.get("root_path"):
+                path = scope["path"]
+                if path == "/events":
+                    state = self.state
+                    await serve_events(state.hub, state.settings, state.access, state.cors, scope, receive, send)
+                    return
+                if path == MERCURE_HUB_PATH:  # the Mercure hub's streams too (it answers its own CORS)
+                    await serve_subscribe(self.state, scope, receive, send, node_id=True)
+                    return
         await super().__call__(scope, receive, send)
 
 

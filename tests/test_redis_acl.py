@@ -261,7 +261,8 @@ class Sink:
 
 
 async def test_the_node_user_runs_the_redis_broker(server: AclRedis, admin: redis.Redis) -> None:
-    """Feed, history.lua, publish.lua, mark_lost.lua, WAIT and SCRIPT EXISTS: every command a node sends."""
+    """Feed, history.lua, publish.lua, mark_lost.lua, WAIT, SCRIPT EXISTS, the registry and node entries:
+    every command a node sends."""
     name = topic()
     sink = Sink()
     broker = RedisBroker(server.url("herald-node"))
@@ -276,6 +277,13 @@ async def test_the_node_user_runs_the_redis_broker(server: AclRedis, admin: redi
         history = await broker.history([name], published.id - 1)
         assert [e.id for e in history.events] == [published.id, own.id]
         assert history.reset is None
+        # The registry (NodeDirectory) and Mercure's active subscriptions (NodeEntries).
+        await broker.announce("acl-node", "{}", 60)
+        assert "acl-node" in [n.node_id for n in await broker.nodes(60)]
+        await broker.put_entries("acl-node", "mercure", {"k": "v", "gone": "soon"}, 60)
+        await broker.drop_entries("acl-node", "mercure", ["gone"], 60)
+        assert await broker.entries("mercure", ["acl-node"]) == {"acl-node": {"k": "v"}}
+        assert await broker.take_entries("acl-node", "mercure") == {"k": "v"}
     finally:
         await broker.close()
     node = aioredis.Redis.from_url(server.url("herald-node"), decode_responses=True)

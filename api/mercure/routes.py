@@ -26,8 +26,8 @@ The routes answer their own errors (JSON ``detail``; ``WWW-Authenticate:
 Bearer`` as the spec's "Error Responses" says) and their own CORS headers
 (``HERALD_CORS_ORIGINS``, with credentials, never ``*``): the app's CORS
 middleware covers the native routes only. They are left out of the OpenAPI
-document (the Mercure spec is their reference). The subscribe route is a
-plain ASGI app (:func:`serve_subscribe`), not a FastAPI endpoint.
+document (the Mercure spec is their reference). Subscribing is a plain ASGI
+app (:func:`serve_subscribe`), reached by the node's fast lane.
 """
 
 from __future__ import annotations
@@ -320,11 +320,11 @@ async def serve_subscribe(state: State, scope: Scope, receive: Receive, send: Se
     """``GET /.well-known/mercure`` as plain ASGI: no ``Request``, no dependency solving.
 
     A stream lives for hours, and what the request path leaves on the stack
-    stays for as long, so the route below hands the request here directly
-    (the app's middleware and router still run: about 20 KB per idle stream
-    against 12 KB for ``/events``). :class:`api.app.HeraldApp`'s fast lane
-    could call it as it calls :func:`api.events.serve_events` (then with
-    ``node_id``, the ``X-Node-Id`` header the middleware would have added).
+    stays for as long: :class:`api.app.HeraldApp`'s fast lane calls this
+    directly, as it calls :func:`api.events.serve_events`, with ``node_id``
+    (the ``X-Node-Id`` header the middleware would have added). The route
+    below (a plain ASGI app, no FastAPI request handling) serves the rest: an
+    app mounted under a ``root_path``.
     """
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     mercure, config = _parts(state)
