@@ -1,7 +1,8 @@
 """Fuzzing the Mercure hub's inputs (hypothesis) against a real node: a client mistake is a 4xx, never a 500.
 
-The publish form (any names, any values, any bytes) and the subscribe query (matchers of every kind,
-cursors, tokens) are generated freely; each answer must be one the spec names for it.
+The publish form (any names, any values, any bytes), the subscribe query (matchers of every kind,
+cursors, tokens) and the subscription API's paths are generated freely; each answer must be one the spec
+names for it.
 """
 
 from __future__ import annotations
@@ -56,7 +57,12 @@ _PATTERNS = st.sampled_from(
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[Node]:
-    env = {"HERALD_JWT_SECRET": SECRET, "HERALD_MERCURE_AUDIENCE": AUDIENCE, "HERALD_MAX_EVENT_BYTES": "2048"}
+    env = {
+        "HERALD_JWT_SECRET": SECRET,
+        "HERALD_MERCURE_AUDIENCE": AUDIENCE,
+        "HERALD_MAX_EVENT_BYTES": "2048",
+        "HERALD_MERCURE_SUBSCRIPTIONS": "1",  # every fuzzed stream's subscriptions are published and listed too
+    }
     with run_server(env) as node:
         yield node
 
@@ -99,3 +105,24 @@ def test_fuzz_subscription_query_is_never_a_500(
     headers = {**bearer(READER), **({"Last-Event-ID": last_event_id} if last_event_id is not None else {})}
     with client.stream("GET", f"{node.url}{HUB}?{query}", headers=headers) as response:
         assert response.status_code in SUBSCRIBE_STATUSES, (params, raw_suffix, response.status_code)
+
+
+API_STATUSES = {200, 404}
+
+
+@FUZZ
+@given(
+    segments=st.lists(
+        st.one_of(st.binary(max_size=12), st.sampled_from([b"exact", b"urlpattern", b"*", b""])), max_size=4
+    ),
+    encode=st.booleans(),
+)
+def test_fuzz_subscription_api_paths_are_never_a_500(
+    node: Node, client: httpx.Client, segments: list[bytes], encode: bool
+) -> None:
+    path = "".join("/" + (quote_from_bytes(s, safe="") if encode else quote_from_bytes(s, safe="/%")) for s in segments)
+    response = client.get(f"{node.url}{HUB}/subscriptions{path}", headers=bearer(READER))
+    assert response.status_code in API_STATUSES, (path, response.status_code, response.text)
+    if response.status_code == 200:
+        assert response.headers["content-type"] == "application/ld+json"
+        assert "last_event_id" in response.json()
