@@ -20,7 +20,11 @@ import httpx
 import pytest
 
 from api import token as tokens
-from api.mercure.subscriptions import Subscription, parse_api_path
+from api.mercure import subscriptions
+from api.mercure.subscriptions import ActiveSubscriptions, Subscription, parse_api_path
+from api.mercure.updates import UPDATES_TOPIC, Update
+from broker.base import BrokerUnavailable, Event, Message, Reset
+from broker.memory import MemoryBroker
 from tests import redis_server
 from tests.server import Node, run_front, run_server
 from tests.sse_client import EventStream
@@ -359,3 +363,88 @@ def test_subscription_topics_expand_each_variable_percent_encoded_exactly_once()
 )
 def test_subscription_api_paths_name_one_resource_each(path: str, selection: object) -> None:
     assert parse_api_path(path, HUB) == selection
+
+
+class _NullSink:
+    def on_event(self, event: Event) -> None:
+        pass
+
+    def on_reset(self, reset: Reset) -> None:
+        pass
+
+
+class _FlakyBroker(MemoryBroker):
+    """The embedded broker, unavailable for its first ``failures`` publishes."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def publish(self, messages: Sequence[Message], idempotency_key: str | None = None) -> list[Event]:
+        if self.failures:
+            self.failures -= 1
+            raise BrokerUnavailable("down for a moment")
+        return await super().publish(messages, idempotency_key)
+
+
+async def _events_of(broker: MemoryBroker, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` subscription documents of the update sequence, once there are that many."""
+    async with asyncio.timeout(10):
+        while True:
+            events = (await broker.history((UPDATES_TOPIC,), 0)).events
+            if len(events) >= count:
+                updates = [Update.decode(e.data) for e in events]
+                assert all(u is not None and u.private for u in updates)
+                return [json.loads(u.data) for u in updates if u is not None]
+            await asyncio.sleep(0.01)  # polling the tracker's own writer (no event to await from outside)
+
+
+@pytest.mark.timeout(20)
+async def test_tracker_publishes_in_order_and_retries_while_the_broker_is_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(subscriptions, "RETRY_DELAY", 0.01)
+    broker = _FlakyBroker(failures=2)
+    await broker.start(_NullSink())
+    tracker = ActiveSubscriptions(broker, "n1", HUB)
+    tracker.start()
+    one = (Subscription("exact", "a", "urn:s1"), Subscription("urlpattern", "/b/:x", "urn:s1"))
+    two = (Subscription("exact", "a", "urn:s2"),)
+    try:
+        tracker.started(one)
+        tracker.started(two)
+        tracker.ended(one)
+        documents = await _events_of(broker, 5)
+        assert [(d["subscriber"], d["match"], d["active"]) for d in documents] == [
+            ("urn:s1", "a", True),
+            ("urn:s1", "/b/:x", True),
+            ("urn:s2", "a", True),
+            ("urn:s1", "a", False),
+            ("urn:s1", "/b/:x", False),
+        ]
+        _, listed = await tracker.listing()
+        assert listed == list(two)
+    finally:
+        await tracker.close()
+        await broker.close()
+
+
+@pytest.mark.timeout(20)
+async def test_tracker_takes_a_gone_nodes_entries_once_and_ends_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(subscriptions, "REAP_EVERY", 0.01)
+    broker = MemoryBroker()
+    await broker.start(_NullSink())
+    ghost = Subscription("exact", "t", "urn:ghost")
+    await broker.announce("ghost", "{}", 0.05)  # stops announcing at once
+    await broker.put_entries("ghost", subscriptions.KIND, {ghost.topic(HUB): ghost.entry()}, 60)
+    await broker.announce("n1", "{}", 60)
+    tracker = ActiveSubscriptions(broker, "n1", HUB)
+    tracker.start()
+    try:
+        (ended,) = await _events_of(broker, 1)
+        assert (ended["id"], ended["active"]) == (ghost.topic(HUB), False)
+        assert await broker.entries(subscriptions.KIND, ["ghost"]) == {}
+        assert (await tracker.listing())[1] == []
+    finally:
+        await tracker.close()
+        await broker.close()

@@ -174,6 +174,7 @@ class ActiveSubscriptions:
         self.directory = broker if isinstance(broker, NodeDirectory) else None
         self._local: dict[str, Subscription] = {}  # topic -> subscription, of this node's open streams
         self._queue: deque[tuple[bool, Subscription]] = deque()
+        self._in_flight = 0  # changes at the queue's head being written now
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -206,6 +207,8 @@ class ActiveSubscriptions:
             self._queue.append((active, subscription))
         while len(self._queue) > QUEUE_LIMIT:
             self._queue.popleft()
+            if self._in_flight:
+                self._in_flight -= 1  # it was in the batch being written: that write still happens
             self.dropped += 1
             if self.dropped in (1, 1000) or self.dropped % 100_000 == 0:
                 log.warning("mercure subscriptions: %d changes dropped while the broker was unavailable", self.dropped)
@@ -241,15 +244,17 @@ class ActiveSubscriptions:
             self._wake.clear()
             while self._queue:
                 batch = [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
+                self._in_flight = len(batch)
                 try:
                     await self._write(batch)
                 except BrokerUnavailable as exc:
                     log.warning("mercure subscriptions: broker unavailable (%s); retrying", exc)
                     await asyncio.sleep(RETRY_DELAY)
                     continue
-                for _ in batch:
-                    if self._queue:
-                        self._queue.popleft()
+                finally:
+                    written, self._in_flight = self._in_flight, 0
+                for _ in range(written):  # what is left of the batch at the queue's head (overflow may have cut it)
+                    self._queue.popleft()
             self._idle.set()
 
     async def _write(self, batch: Sequence[tuple[bool, Subscription]]) -> None:
