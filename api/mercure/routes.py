@@ -221,6 +221,23 @@ def _unavailable(why: str) -> Response:
     return _error(503, why, {"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
+_ANSWERED = (PublicationError, MatcherError, BearerError, KeysUnavailable, BrokerUnavailable)
+"""What the hub's endpoints raise for a client's mistake or a passing cause: answered, never a 500."""
+
+
+def _answer_for(exc: Exception) -> Response:
+    """The answer to one of :data:`_ANSWERED`: the client's fault 4xx, a passing cause 503 + Retry-After."""
+    if isinstance(exc, PublicationError):
+        return _error(exc.status, exc.detail)
+    if isinstance(exc, BearerError):
+        return _refused(exc)
+    if isinstance(exc, MatcherError):
+        return _error(exc.status, str(exc))
+    if isinstance(exc, KeysUnavailable):
+        return _unavailable(f"tokens can't be verified now: {exc}")
+    return _unavailable(f"broker unavailable: {exc}")
+
+
 def _with_cors(response: Response, cors: Cors, headers: list[tuple[bytes, bytes]]) -> Response:
     for name, value in cors.headers(headers):
         response.raw_headers.append((name, EXPOSE_HEADERS if name == b"access-control-expose-headers" else value))
@@ -270,16 +287,8 @@ async def publish(request: Request) -> Response:
     headers: list[tuple[bytes, bytes]] = request.scope["headers"]
     try:
         response = await _publish(request, state.broker, state.settings, state.cors, config)
-    except PublicationError as exc:
-        response = _error(exc.status, exc.detail)
-    except MatcherError as exc:
-        response = _error(exc.status, str(exc))
-    except BearerError as exc:
-        response = _refused(exc)
-    except KeysUnavailable as exc:
-        response = _unavailable(f"tokens can't be verified now: {exc}")
-    except BrokerUnavailable as exc:
-        response = _unavailable(f"broker unavailable: {exc}")
+    except _ANSWERED as exc:
+        response = _answer_for(exc)
     return _with_cors(response, state.cors, headers)
 
 
@@ -442,12 +451,8 @@ async def subscriptions_api(request: Request) -> Response:
     headers: list[tuple[bytes, bytes]] = request.scope["headers"]
     try:
         response = await _subscriptions(request, config, _tracker(state), state.cors)
-    except BearerError as exc:
-        response = _refused(exc)
-    except KeysUnavailable as exc:
-        response = _unavailable(f"tokens can't be verified now: {exc}")
-    except BrokerUnavailable as exc:
-        response = _unavailable(f"broker unavailable: {exc}")
+    except _ANSWERED as exc:
+        response = _answer_for(exc)
     return _with_cors(response, state.cors, headers)
 
 
