@@ -37,7 +37,7 @@ from tests.server import Node, run_server, serve_app
 from workers.loadtest.config import LoadConfig, from_args
 from workers.loadtest.faults import Fault
 from workers.loadtest.histogram import Histogram
-from workers.loadtest.publisher import HttpSender, Ledger
+from workers.loadtest.publisher import HttpSender, Lane, Ledger
 from workers.loadtest.report import render
 from workers.loadtest.results import SCHEMA_PATH, Aggregate, build, summary_table
 from workers.loadtest.server_counts import (
@@ -607,13 +607,21 @@ def test_a_real_run_the_nodes_deliveries_equal_what_the_subscribers_read(
     code, result, printed = run_tool(tmp_path, "--target", node.url, "--client", client)
     print(printed)
     assert code == 0, printed
-    assert result["delivery"]["delivered"] == result["delivery"]["expected"] == 20 * 400
+    # 200/s for 2 s asks for 400 events; a lane far behind at time-up (a loaded machine: the node or the
+    # tool descheduled for half a second near the end) sends one last batch and stops short, by design
+    # (Lane.run). What the nodes must agree with is what the ledger says was accepted, however many.
+    publish = result["publish"]
+    accepted = publish["accepted"]
+    assert 0 < accepted <= 400, publish
+    assert publish["attempted"] == accepted, publish
+    assert publish["refused"] == publish["uncertain"] == 0, publish
+    assert result["delivery"]["delivered"] == result["delivery"]["expected"] == 20 * accepted
     server = result["server"]
     assert server["mode"] == "exact", server["note"]
     assert [n["node_id"] for n in server["nodes"]] == ["metrics-node"]
     by_key = assert_counts_agree(result)
-    assert by_key["deliveries"]["server"] == 20 * 400
-    assert by_key["published"]["tool"] == 400 + 1  # and the one lane's warm-up (one topic: one lane)
+    assert by_key["deliveries"]["server"] == 20 * accepted
+    assert by_key["published"]["server"] == by_key["published"]["tool"] == accepted + 1  # and the one lane's warm-up
     assert by_key["streams_opened"]["server"] == 20
     assert 0 <= by_key["bytes"]["server"] - by_key["bytes"]["tool"] <= HEARTBEAT_BYTES * 20
     assert all(row["ok"] for row in server["rows"])
@@ -757,3 +765,41 @@ async def test_each_lanes_warm_up_is_a_publish_of_its_own_which_the_nodes_count(
         await sender.close()
     assert len(set(keys)) == 3  # one key each: no warm-up is taken for a repeat of another's
     assert [s.warmed for s in senders] == [1, 1, 1]
+
+
+class _StallingSender:
+    """A sender that answers 201 at once, but for one request, held past the lane's time-up."""
+
+    warmed = 0
+
+    def __init__(self, ledger: Ledger, stall_from: float, until: float) -> None:
+        self.ledger, self.stall_from, self.until = ledger, stall_from, until
+        self.sent = 0
+
+    async def __call__(self, items: list[tuple[int, int]], sent_ns: int, key: str) -> int | str:
+        elapsed = time.monotonic() - self.ledger.t0
+        if self.stall_from <= elapsed < self.until:
+            await asyncio.sleep(self.until - elapsed)  # the node (or this process) descheduled
+        self.sent += len(items)
+        return 201
+
+    async def warmup(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_lane_far_behind_at_time_up_publishes_fewer_than_asked_so_real_runs_count_from_the_ledger() -> None:
+    # The flake of test_a_real_run_the_nodes_deliveries_equal_what_the_subscribers_read: it expected
+    # rate x duration events (400) whatever the machine did; on a loaded machine a stall near the end leaves
+    # the lane more than a batch behind, and it stops short, as designed. The counts still agree.
+    ledger = Ledger(1)
+    ledger.t0 = time.monotonic()
+    send = _StallingSender(ledger, stall_from=0.2, until=0.6)  # 0.4 s at 200/s: 80 events behind, batch 10
+    lane = Lane(index=0, topics=[0], rate=200, duration=0.5, batch=10, retry_for=1, run_id="stall", seed=1,
+                ledger=ledger, send=send)  # fmt: skip
+    await asyncio.wait_for(lane.run(), 5)
+    assert ledger.accepted < 200 * 0.5  # fewer than asked: one last batch, then time is up
+    assert ledger.accepted == send.sent == ledger.last()[0]  # and the ledger holds exactly what was sent
+    assert ledger.unaccepted == {}
