@@ -107,6 +107,7 @@ class Hub:
         self._heartbeat = heartbeat
         self._by_topic: dict[str, set[Connection]] = {}
         self._connections: set[Connection] = set()
+        self._internal: set[Connection] = set()  # connections that are not clients (Mercure's tap)
         self._subscribed: set[str] = set()
         self._sub_lock = asyncio.Lock()
         # The most recent frames, for replays (a reconnect storm replays the
@@ -238,7 +239,7 @@ class Hub:
         if self._draining:
             self.refused["draining"] += 1
             raise Refused("this node is shutting down", "draining")
-        if self._max_connections and len(self._connections) >= self._max_connections:
+        if self._max_connections and len(self._connections) - len(self._internal) >= self._max_connections:
             self.refused["full"] += 1
             raise Refused(f"this node serves its limit of {self._max_connections} streams", "full")
         connection = Connection(tuple(topics), self._client_buffer, on_overflow, self._mark_dirty, self.tally)
@@ -289,7 +290,8 @@ class Hub:
                 log.warning("broker unavailable: %s; new streams wait for it", exc)
             self._broker_up.clear()
             raise
-        self.connections_total += 1
+        if connection not in self._internal:
+            self.connections_total += 1
         return opened
 
     async def connect(
@@ -340,20 +342,31 @@ class Hub:
         after = parse_event_id(last_event_id)
         if after is None:
             position = await self._broker.position(topics)
-            self._count_reset(ResetReason.INVALID_ID)
+            self.count_reset(ResetReason.INVALID_ID)
             return Opened(connection, [reset_frame(ResetReason.INVALID_ID, topics, position)], position, fresh=False)
         history = await self._broker.history(topics, after)
         frames: list[bytes] = []
         if history.reset is not None:
             marker = None if history.events else history.head
             frames.append(reset_frame(history.reset.reason, history.reset.topics, marker))
-            self._count_reset(history.reset.reason)
+            self.count_reset(history.reset.reason)
         # Clients resuming together replay the same events: encode each once.
         frames.extend(self._remember(event) for event in history.events)
         return Opened(connection, frames, history.head, fresh=False, replayed=len(history.events))
 
-    def _count_reset(self, reason: str) -> None:
+    def count_reset(self, reason: str) -> None:
+        """A client was told its resume can't be exact, for ``reason`` (``herald_resets_total``)."""
         self.resets[reason] = self.resets.get(reason, 0) + 1
+
+    def attach_internal(self, connection: Connection) -> None:
+        """Register a connection that is not a client (Mercure's dispatcher, :mod:`api.mercure.dispatch`).
+
+        It is routed to like any connection (then :meth:`open`), but no
+        figure counts it as a client: open streams, streams opened, topics
+        with clients, the connection limit.
+        """
+        self._internal.add(connection)
+        self._attach(connection)
 
     def _attach(self, connection: Connection) -> None:
         self._connections.add(connection)
@@ -365,6 +378,7 @@ class Hub:
         if connection not in self._connections:
             return
         self._connections.discard(connection)
+        self._internal.discard(connection)
         if connection.expires_at:
             group = self._expiring.get(connection.expires_at)
             if group is not None:
@@ -453,11 +467,15 @@ class Hub:
     def broker_up(self) -> bool:
         return self._broker_up.is_set()
 
+    def _internal_topics(self) -> int:
+        """Topics only internal connections want (they have no client)."""
+        return len({t for c in self._internal for t in c.topics if self._by_topic.get(t, set()) <= self._internal})
+
     def stats(self) -> dict[str, int]:
         return {
-            "connections": len(self._connections),
+            "connections": len(self._connections) - len(self._internal),
             "connections_total": self.connections_total,
-            "topics": len(self._by_topic),
+            "topics": len(self._by_topic) - self._internal_topics(),
             "topics_subscribed": len(self._subscribed),
             "events_in": self.events_in,
             "cutoffs": self.cutoffs,

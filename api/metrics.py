@@ -42,6 +42,7 @@ CONNECT_OUTCOMES = (
     "retry_draining",  # told to come back: the node is shutting down
     "retry_full",  # told to come back: HERALD_MAX_CONNECTIONS reached
     "retry_keys",  # told to come back: the token keys can't be fetched now
+    "retry_broker",  # told to come back: the broker is down and a Mercure resume must name its cursor
     "bad_request",  # 400: no topic, a bad topic name, too many topics
     "unauthorized",  # 401: no usable token
     "forbidden",  # 403: the token does not cover a topic
@@ -74,7 +75,7 @@ class Metrics(Protocol):
     tally: WriteTally
 
     def connect(self, outcome: str) -> None:
-        """A ``GET /events`` ended its connect with ``outcome`` (one of :data:`CONNECT_OUTCOMES`)."""
+        """A ``GET /events`` or a Mercure subscribe ended its connect with ``outcome`` (:data:`CONNECT_OUTCOMES`)."""
 
     def published(self, events: int, seconds: float) -> None:
         """A publish request was accepted: ``events`` events in ``seconds`` (request to answer)."""

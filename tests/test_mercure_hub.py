@@ -744,3 +744,48 @@ async def test_authorization_without_a_key_or_resource_identifier_no_token_is_va
         assert stream.response.status_code == 200
     finally:
         await stream.close()
+
+
+# -- the node's own figures (/metrics) count the hub's streams and updates like native ones -----------------------
+
+
+def _figures(text: str) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[sample.name, next(iter(sample.labels.values()), "")] = float(sample.value)
+    return found
+
+
+async def test_regression_mercure_streams_and_updates_were_missing_from_the_nodes_metrics(
+    http: httpx.AsyncClient, book: str
+) -> None:
+    """The load tool's server counts disagreed: Mercure publishes and connects were not counted, resets neither,
+    and the dispatcher's own feed was counted as an open stream for good."""
+    admin = bearer(tokens.mint(SECRET, admin=True))
+    with run_server(_env("memory")) as node:
+
+        async def figures() -> dict[tuple[str, str], float]:
+            response = await http.get(f"{node.url}/metrics", headers=admin)
+            assert response.status_code == 200
+            return _figures(response.text)
+
+        before = await figures()
+        streams = [await subscribe(node, [("match", book)]) for _ in range(3)]
+        await publish(http, node, book, "counted")
+        resumed = await subscribe(node, [("match", book)], headers={"Last-Event-ID": "urn:never-published"})
+        during = await figures()
+        assert during["herald_connections", ""] - before["herald_connections", ""] == 4
+        accepted = ("herald_connects_total", "accepted")
+        assert during[accepted] - before.get(accepted, 0) == 4
+        published = ("herald_events_published_total", "")
+        assert during[published] - before.get(published, 0) == 1
+        assert during.get(("herald_resets_total", "unknown-id"), 0) == 1
+        assert during["herald_topics", ""] == before["herald_topics", ""]  # the dispatcher's feed is no topic
+        for stream in [*streams, resumed]:
+            await stream.close()
+        async with asyncio.timeout(10):
+            while (await figures())["herald_connections", ""] != before["herald_connections", ""]:
+                await asyncio.sleep(0.05)  # the node notices the closed sockets on its own schedule

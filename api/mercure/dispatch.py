@@ -48,6 +48,8 @@ _RECENT_COUNT = 65536
 """... and in number."""
 _MATCH_CACHE = 4096
 """Topics whose answer a subscriber keeps (then the cache starts over)."""
+UNKNOWN_ID = "unknown-id"
+"""The reset reason counted (``herald_resets_total``) when a publisher's id is not among the retained updates."""
 _TAP_BUFFER = 1 << 62
 """The tap queues nothing; its byte budget is never reached."""
 
@@ -277,8 +279,8 @@ class MercureHub:
             if self._tap is None:
                 self._tap = _Tap(self._dispatch, self._feed_lost)
                 # The hub builds its connections itself (Hub.admit); the tap is one of
-                # its own making, registered the way admit registers them.
-                self.hub._attach(self._tap)
+                # its own making, and not a client: no figure of the node counts it.
+                self.hub.attach_internal(self._tap)
             await self.hub.open(self._tap, None)  # subscribes the broker to UPDATES_TOPIC
             self._tap_open = True
 
@@ -371,6 +373,7 @@ class MercureHub:
             head, events = history.head, history.events
             if history.reset is not None:
                 answer = EARLIEST
+                self.hub.count_reset(history.reset.reason)  # Mercure's reset: Mercure-Last-Event-ID: earliest
                 if history.reset.reason == ResetReason.INVALID_ID:  # from the future: nothing to go on
                     history = await self.broker.history((UPDATES_TOPIC,), 0)
                     head, events = history.head, history.events
@@ -383,6 +386,7 @@ class MercureHub:
                 found = next((i for i, e in enumerate(events) if self._carries(e, cursor)), None)
                 if found is None:
                     answer = EARLIEST
+                    self.hub.count_reset(UNKNOWN_ID)
                 else:
                     events = events[found + 1 :]
         frames: list[bytes] = []

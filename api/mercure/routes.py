@@ -33,6 +33,7 @@ app (:func:`serve_subscribe`), reached by the node's fast lane.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -73,7 +74,7 @@ from api.mercure.updates import (
     read_update,
 )
 from api.settings import Settings
-from api.stream import RetryLaterResponse, transport_aborter
+from api.stream import EventStreamResponse, RetryLaterResponse, transport_aborter
 from broker.base import Broker, BrokerUnavailable, Message
 
 log = logging.getLogger("herald.mercure")
@@ -285,10 +286,16 @@ async def publish(request: Request) -> Response:
     state = request.app.state
     _, config = _parts(state)
     headers: list[tuple[bytes, bytes]] = request.scope["headers"]
+    started = time.perf_counter()
     try:
         response = await _publish(request, state.broker, state.settings, state.cors, config)
     except _ANSWERED as exc:
         response = _answer_for(exc)
+    metrics = state.hub.metrics  # one update is one event published (its native copies are the same event)
+    if response.status_code == 200:
+        metrics.published(1, time.perf_counter() - started)
+    else:
+        metrics.publish_failed(response.status_code)
     return _with_cors(response, state.cors, headers)
 
 
@@ -339,9 +346,19 @@ async def serve_subscribe(state: State, scope: Scope, receive: Receive, send: Se
     mercure, config = _parts(state)
     tracker = _tracker(state)
     response = await _subscribe(mercure, config, state.settings, state.cors, scope, receive, tracker)
+    state.hub.metrics.connect(_connect_outcome(response))
     if node_id:
         response.raw_headers.append((b"x-node-id", state.settings.node_id.encode("ascii")))
     await _with_cors(response, state.cors, headers)(scope, receive, send)
+
+
+def _connect_outcome(response: Response) -> str:
+    """How a subscribe ended its connect, in ``herald_connects_total``'s words (as ``/events`` counts them)."""
+    if isinstance(response, RetryLaterResponse):
+        return response.outcome
+    if isinstance(response, EventStreamResponse):
+        return "accepted" if response.opened_at_once else "waited"
+    return {401: "unauthorized", 403: "forbidden"}.get(response.status_code, "bad_request")
 
 
 class _SubscribeEndpoint:
