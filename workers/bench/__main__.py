@@ -15,7 +15,10 @@ The scenarios are in :mod:`workers.bench.scenarios`; the multi-node one
 runs ``ops.cluster`` (Redis, nodes, nginx, all on the server core) with 1
 node and with 2; the auth one measures Herald with access control off and
 on side by side (5,000 connects at once, fan-out throughput), judged
-within 10 %.
+within 10 %; the mercure one measures the same node's fan-out through its
+Mercure hub (``/.well-known/mercure``) and through the native API side by
+side (alternated rounds, medians and the median ratio), and the idle memory
+per connection of each.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from workers.bench.systems import ROOT, HeraldCluster, HeraldWorkers, all_system
 
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / ".run" / "bench" / "results.json"
-SCENARIOS = ("throughput", "latency", "many-topics", "idle", "storm", "multi-node", "cores", "auth", "metrics")
+SCENARIOS = (
+    "throughput", "latency", "many-topics", "idle", "storm", "multi-node", "cores", "auth", "metrics", "mercure",
+)  # fmt: skip
 PLAN = {
     1000: [25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1200.0, 1600.0, 2400.0, 3200.0],
     5000: [5.0, 10.0, 20.0, 30.0, 40.0, 60.0, 80.0, 120.0, 160.0, 240.0, 320.0, 480.0],
@@ -146,6 +151,14 @@ def main(argv: list[str] | None = None) -> None:
     if "metrics" in chosen:
         print("== metrics off vs on (one node, embedded broker)", flush=True)
         results["metrics"] = scenarios.metrics_cost(seconds=seconds, repeats=5 if not args.quick else 1)
+        save(results, args.quick)
+    if "mercure" in chosen:
+        print("== Mercure hub vs native API (one node, embedded broker)", flush=True)
+        results["mercure"] = (
+            scenarios.mercure_cost(seconds=seconds)
+            if not args.quick
+            else scenarios.mercure_cost(seconds=seconds, repeats=1, idle_connections=500, idle_repeats=1)
+        )
         save(results, args.quick)
     print(render(results))
     save(results, args.quick)

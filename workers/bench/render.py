@@ -14,6 +14,7 @@ from workers.bench.scenarios import (
     auth_verdicts,
     best_step,
     kept_up,
+    mercure_figures,
     metrics_verdict,
 )
 from workers.bench.systems import CLIENT_CORE, SERVER_CORE
@@ -349,6 +350,72 @@ def _auth(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def mercure_section(results: dict[str, Any]) -> list[str]:
+    """The Mercure hub vs Herald's native API: fan-out deliveries/s of each (medians), their ratio (the
+    median of the rounds'), idle memory per connection, and every run."""
+    measured = results.get("mercure")
+    if not measured:
+        return []
+    figures = mercure_figures(measured)
+    fanout, idle_runs = measured["fanout"], measured.get("idle") or {}
+    subs = fanout["subscribers"]
+    ratio_text = "-" if figures["ratio_median"] is None else f"{figures['ratio_median']:.2f}x"
+    lines = [
+        "",
+        "## Mercure hub vs native API",
+        "",
+        "The same node (embedded broker, access control on: the hub takes no publish without a token) driven",
+        "through its Mercure hub (`GET /.well-known/mercure?match=`, `POST /.well-known/mercure`, a form) and",
+        "through Herald's own API (`GET /events?topic=`, `POST /publish`), each with tokens of its own kind:",
+        f"{subs:,} subscribers on one topic, one event per request in a closed loop, asked far more than the node",
+        f"can do, so it publishes as fast as the node answers; {measured['repeats']} round(s), the two sides",
+        "alternated (A-B B-A). Figures are medians of the runs; the ratio is the median of the rounds' ratios",
+        "(Mercure / native, each round's two runs side by side): 1.00x is parity, below it Mercure delivers less.",
+        "",
+        "| figure | native | Mercure | Mercure / native |",
+        "|---|---|---|---|",
+        f"| delivered events/s, {subs:,} subscribers, at saturation (closed loop), median | "
+        f"{_cell(_round(figures['native_median']))} | {_cell(_round(figures['mercure_median']))} | {ratio_text} |",
+        f"| best run | {_cell(_round(figures['native_best']))} | {_cell(_round(figures['mercure_best']))} | "
+        f"{ratio(figures['mercure_best'], figures['native_best'])} |",
+    ]
+    kb = figures["kb_per_connection"]
+    if idle_runs:
+        count = idle_runs["connections"]
+        connects = {
+            k: statistics.median(r["connect_all_s"] for r in idle_runs[k]) if idle_runs.get(k) else None
+            for k in ("native", "mercure")
+        }
+        lines += [
+            f"| KB per idle connection ({count:,}), median | {_cell(kb['native'])} | {_cell(kb['mercure'])} | "
+            f"{ratio(kb['mercure'], kb['native'])} |",
+            f"| seconds for {count:,} connects at once, median | {_seconds(connects['native'])} | "
+            f"{_seconds(connects['mercure'])} | {ratio(connects['mercure'], connects['native'])} |",
+        ]
+    p99 = {k: statistics.median(r["p99_ms"] for r in fanout[k]) if fanout[k] else None for k in ("native", "mercure")}
+    lines += [
+        "",
+        f"Rounds' ratios: {', '.join(f'{r:.2f}x' for r in figures['ratios']) or '-'}. p99 at saturation (median of "
+        f"the runs): {_cell(p99['native'])} ms native, {_cell(p99['mercure'])} ms Mercure. Every accepted event "
+        f"delivered exactly once in every run: {'yes' if figures['no_loss'] else '**no**'}. Fan-out runs the node "
+        f"bounded (its core saturated by the node): {figures['server_bound']}.",
+        "",
+        *[f"- {protocol}, fan-out at saturation: {json.dumps(run)}" for protocol in ("native", "mercure")
+          for run in fanout[protocol]],
+        *[f"- {protocol}, idle connections: {json.dumps(run)}" for protocol in ("native", "mercure")
+          for run in idle_runs.get(protocol, [])],
+    ]  # fmt: skip
+    return lines
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.2f}"
+
+
+def _round(value: float | None) -> int | None:
+    return None if value is None else round(value)
+
+
 def render(results: dict[str, Any]) -> str:
     systems = results["systems"]
     names = list(systems)
@@ -399,6 +466,7 @@ def render(results: dict[str, Any]) -> str:
     if metrics:
         lines += ["", "## Targets (issue 13: metrics, on vs off in the same run)", "", *metrics]
     lines += _auth(results)
+    lines += mercure_section(results)
     lines += ["", "## Steps", "", "Every step of every run (rate = events/s published):", ""]
     for n in names:
         for mode, runs in systems[n]["throughput"].items():

@@ -26,6 +26,12 @@ bounded it.
   (:func:`saturation`), each on Herald with access control off and on,
   alternated in the same run; on is judged within :data:`AUTH_TOLERANCE`
   of off (:func:`auth_verdicts`).
+* :func:`mercure_cost`: the same node's fan-out through its Mercure hub
+  (``/.well-known/mercure?match=``, ``POST /.well-known/mercure``) against
+  Herald's own API (``/events?topic=``, ``POST /publish``), one event per
+  request on both, alternated rounds; the medians and the median of the
+  rounds' ratios (:func:`mercure_figures`), and idle memory per connection
+  of each.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import httpx
 from ops import launch
 from workers.bench.client import NativeClient
 from workers.bench.cpu import CpuSampler
-from workers.bench.systems import CLIENT_CORE, ROOT, SERVER_CORE, Herald, System, pinned, rss_bytes
+from workers.bench.systems import CLIENT_CORE, ROOT, SERVER_CORE, Herald, HeraldMercure, System, pinned, rss_bytes
 from workers.loadtest.config import subscribe_path
 from workers.loadtest.histogram import Histogram
 from workers.loadtest.wire import payload
@@ -114,7 +120,7 @@ def loadtest(system: System, args: list[str]) -> dict[str, Any]:
         out = Path(tmp) / "result.json"
         command = [sys.executable, "-m", "workers.loadtest", "--quiet", "--client", "native",
                    "--system", system.loadtest_system, "--target", system.url, "--json", str(out),
-                   "--payload", "100", "--drain", "5", *args]  # fmt: skip
+                   "--payload", "100", "--drain", "5", *protocol_args(system), *args]  # fmt: skip
         # The tool mints its token from HERALD_JWT_SECRET: only the system's own (access control on) may reach it.
         env = {**launch.clean_environ(), **system.client_env()}
         with CpuSampler(system.components()) as sampler:
@@ -127,6 +133,11 @@ def loadtest(system: System, args: list[str]) -> dict[str, Any]:
     result["server_cpu"] = sampler.share(start, end)
     result["core_busy"] = sampler.core_busy(start, end)
     return result
+
+
+def protocol_args(system: System) -> list[str]:
+    """The load tool's ``--protocol`` for ``system`` (nothing for Herald's native API, the tool's default)."""
+    return [] if system.protocol == "native" else ["--protocol", system.protocol]
 
 
 def server_saturated(step: dict[str, Any]) -> bool:
@@ -297,7 +308,7 @@ def many_topics(system: System) -> dict[str, Any]:
 
 def idle(system: System, count: int = 5000) -> dict[str, Any]:
     """``count`` connections opened at once, then idle: connect time and RSS growth per connection."""
-    path = subscribe_path(system.loadtest_system, ["idle"])
+    path = subscribe_path(system.loadtest_system, ["idle"], system.protocol)
     token = system.token(subscribe=["idle"])  # one token shared by every subscriber (access control on)
     with system.running():
         time.sleep(1)  # the server's own start-up allocations settle first
@@ -414,13 +425,16 @@ def _alternating(
     measure: Callable[[System], dict[str, Any]],
     off: System | None = None,
     on: System | None = None,
+    keys: tuple[str, str] = ("off", "on"),
 ) -> dict[str, list[dict[str, Any]]]:
     """``measure(system)`` ``repeats`` times on two Herald systems (default: access control off and on), in
-    A-B B-A order, so a machine that slows down or speeds up during the run weighs on both alike."""
+    A-B B-A order, so a machine that slows down or speeds up during the run weighs on both alike; the
+    samples under ``keys`` (the first for ``off``), round ``i`` of each side at index ``i``."""
     off, on = off or Herald(), on or Herald(auth=True)
-    samples: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    first, second = keys
+    samples: dict[str, list[dict[str, Any]]] = {first: [], second: []}
     for i in range(repeats):
-        for key, system in (("off", off), ("on", on)) if i % 2 == 0 else (("on", on), ("off", off)):
+        for key, system in ((first, off), (second, on)) if i % 2 == 0 else ((second, on), (first, off)):
             samples[key].append(measure(system))
     return samples
 
@@ -519,4 +533,65 @@ def auth_verdicts(result: dict[str, Any]) -> dict[str, Any]:
             # Runs the node bounded (the others measured this machine's other programs as well).
             "server_bound": f"{sum(1 for r in runs if r.get('server_bound', True))} of {len(runs)}",
         },
+    }
+
+
+MERCURE_PROTOCOLS = ("native", "mercure")
+"""The two sides of :func:`mercure_cost`, in the order of the results (and of each A-B round)."""
+
+
+def mercure_cost(
+    subscribers: int = 1000, seconds: float = 5.0, repeats: int = 5, idle_connections: int = 2000, idle_repeats: int = 2
+) -> dict[str, Any]:
+    """Fan-out through the Mercure hub vs Herald's native API, on the same node, in the same run.
+
+    ``subscribers`` on one topic, one event per request in a closed loop at
+    saturation (:func:`saturation`), ``repeats`` rounds, each side once per
+    round, alternated A-B B-A; then ``idle_connections`` idle streams of
+    each (:func:`idle`: RSS growth per connection), ``idle_repeats`` rounds.
+    Both sides run :class:`~workers.bench.systems.HeraldMercure` (access
+    control on: the hub takes no publish without a token), each with tokens
+    of its own kind. Judged by :func:`mercure_figures`.
+    """
+    native, mercure = (HeraldMercure(protocol) for protocol in MERCURE_PROTOCOLS)
+    fanout = _alternating(
+        repeats, lambda system: saturation(system, subscribers, seconds), native, mercure, MERCURE_PROTOCOLS
+    )
+    memory = (
+        _alternating(idle_repeats, lambda system: idle(system, idle_connections), native, mercure, MERCURE_PROTOCOLS)
+        if idle_repeats
+        else {}
+    )
+    result = {
+        "repeats": repeats,
+        "fanout": {"subscribers": subscribers, "mode": CLOSED.key, **fanout},
+        "idle": {"connections": idle_connections, **memory} if memory else {},
+    }
+    print(f"  mercure: {mercure_figures(result)}", flush=True)
+    return result
+
+
+def mercure_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """The comparison's figures: each side's median deliveries/s, the median of the rounds' ratios
+    (Mercure / native, round by round: both sides of a round ran minutes apart at most), the best runs
+    beside, whether any event was lost, and the median KB per idle connection of each side."""
+    fanout = result["fanout"]
+    rates = {k: [r["delivered_per_s"] for r in fanout[k]] for k in MERCURE_PROTOCOLS}
+    ratios = [m / n for n, m in zip(rates["native"], rates["mercure"], strict=False) if n]
+    runs = fanout["native"] + fanout["mercure"]
+    idle_runs = result.get("idle") or {}
+    kb = {
+        k: statistics.median(r["kb_per_connection"] for r in idle_runs[k]) if idle_runs.get(k) else None
+        for k in MERCURE_PROTOCOLS
+    }
+    return {
+        "native_median": statistics.median(rates["native"]) if rates["native"] else None,
+        "mercure_median": statistics.median(rates["mercure"]) if rates["mercure"] else None,
+        "native_best": max(rates["native"], default=None),
+        "mercure_best": max(rates["mercure"], default=None),
+        "ratio_median": statistics.median(ratios) if ratios else None,
+        "ratios": [round(r, 3) for r in ratios],
+        "no_loss": all(r["lost"] == 0 and r.get("passed", True) for r in runs),
+        "server_bound": f"{sum(1 for r in runs if r.get('server_bound', True))} of {len(runs)}",
+        "kb_per_connection": kb,
     }

@@ -5,6 +5,9 @@
   ``herald-nometrics`` the same node with its metrics off (``HERALD_METRICS=0``);
   ``herald-auth`` the same node with access control on (a random
   ``HERALD_JWT_SECRET``), its clients carrying tokens signed with it.
+* **herald-mercure**: one node with its Mercure hub on, driven through
+  ``/.well-known/mercure`` (``herald-mercure-native``: the same node through
+  Herald's own API), for the Mercure vs native comparison.
 * **nchan**: nginx with the nchan module (Debian's ``libnginx-mod-nchan``),
   one worker process.
 * **sse-starlette**: sse-starlette + broadcaster (memory backend) on uvicorn,
@@ -33,6 +36,7 @@ from ops.cluster import Cluster
 from ops.launch import NGINX
 from ops.probe import free_port, wait_until
 from workers.bench.cpu import descendants, pin
+from workers.loadtest.config import mint_mercure
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BENCH_OPS = ROOT / "ops" / "bench"
@@ -68,6 +72,7 @@ class System:
     name: str
     loadtest_system: str  # the load tool's --system
     port: int = 0
+    protocol: str = "native"  # the load tool's --protocol: Herald's own API, or its Mercure hub ("mercure")
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -172,6 +177,40 @@ class Herald(System):
         broker = {"REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0"} if self.redis else {}
         metrics = {} if self.metrics else {"HERALD_METRICS": "0"}
         return launch.node_command(), launch.node_env(self.port, self.name, {**broker, **metrics, **self.client_env()})
+
+
+MERCURE_AUDIENCE = "https://bench.herald.test/.well-known/mercure"
+"""The Mercure hub's resource identifier (``HERALD_MERCURE_AUDIENCE``) of :class:`HeraldMercure`."""
+
+
+class HeraldMercure(Herald):
+    """One node (embedded broker) with its Mercure hub on, driven through ``protocol``.
+
+    The node is the same for both protocols (a secret of its own and
+    ``HERALD_MERCURE_AUDIENCE``: access control on, the hub able to take
+    tokens), so a native-vs-Mercure comparison differs in the API alone:
+    ``"native"`` subscribes on ``/events?topic=`` and publishes to
+    ``/publish``, ``"mercure"`` on ``/.well-known/mercure?match=`` and
+    ``POST /.well-known/mercure``, one event per request both; each with
+    tokens of its own kind.
+    """
+
+    def __init__(self, protocol: str = "mercure") -> None:
+        super().__init__(auth=True)
+        self.name = "herald-mercure" if protocol == "mercure" else "herald-mercure-native"
+        self.protocol = protocol
+
+    def token(self, *, subscribe: list[str] | None = None, publish: list[str] | None = None) -> str | None:
+        if self.protocol != "mercure":
+            return super().token(subscribe=subscribe, publish=publish)
+        assert self.secret is not None
+        topics = [*(subscribe or []), *(publish or [])]
+        if len(set(topics)) != 1:
+            raise ValueError("a Mercure bench token names exactly one topic")
+        return mint_mercure(self.secret, MERCURE_AUDIENCE, topics[0], ttl=3600, sub="bench")
+
+    def client_env(self) -> dict[str, str]:
+        return {**super().client_env(), "HERALD_MERCURE_AUDIENCE": MERCURE_AUDIENCE}
 
 
 class HeraldWorkers(Herald):

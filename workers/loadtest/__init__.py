@@ -10,4 +10,12 @@ topics), which is never printed nor written to the result. Before and after
 the run it reads every node's ``/metrics`` and sets the nodes' own counts
 (deliveries, bytes, cut-offs, resets, publishes, streams) beside its own,
 flagging any mismatch (:mod:`workers.loadtest.server_counts`).
+
+``--protocol mercure`` drives the nodes' Mercure hub instead of Herald's own
+API: subscribers on ``/.well-known/mercure?match=<topic>`` (resuming with
+``Last-Event-ID``; a resume answered ``Mercure-Last-Event-ID: earliest``
+counts as a reset), one update per publish request (a form POSTed to
+``/.well-known/mercure``, 200 accepted), a Mercure token (``--token``, or
+minted from ``HERALD_JWT_SECRET`` for ``HERALD_MERCURE_AUDIENCE`` /
+``--mercure-audience``); the accounting is the same.
 """

@@ -9,11 +9,15 @@ import os
 import resource
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
+import jwt
+
+from api.auth.keys import HMAC_ALGORITHMS, MIN_SECRET_BYTES
 from api.token import mint_from_environment
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -24,6 +28,14 @@ SYSTEMS = {
     "sse-starlette": "POST /publish?topic=<topic> (one event per request), GET /events?topic=<topic>",
 }
 """Systems the tool can drive, and how it publishes and subscribes on each."""
+
+PROTOCOLS = {
+    "native": "Herald's own API: POST /publish, GET /events?topic=...",
+    "mercure": "the Mercure hub of every node: POST /.well-known/mercure (a form, one update per request), "
+    "GET /.well-known/mercure?match=...",
+}
+"""The APIs of a Herald node the tool can drive (``--protocol``)."""
+MERCURE_PATH = "/.well-known/mercure"
 
 FAULT_OPTIONS = {
     "kill_node_at": "--kill-node-at",
@@ -54,6 +66,9 @@ class LoadConfig:
 
     targets: list[str] = field(default_factory=lambda: [DEFAULT_TARGET])
     system: str = "herald"  # or a peer of `make bench`: "nchan", "sse-starlette"
+    protocol: str = "native"  # or "mercure": Herald's Mercure hub (PROTOCOLS)
+    mercure_audience: str | None = None
+    """The ``aud`` of minted Mercure tokens (``--mercure-audience``, default ``HERALD_MERCURE_AUDIENCE``)."""
     subscribers: int = 1000
     topics: int = 1
     per_conn: int = 1
@@ -105,7 +120,7 @@ class LoadConfig:
         return f"lt-{self.run_id}-{index}"
 
     def subscribe_path(self, topics: list[int]) -> str:
-        return subscribe_path(self.system, [self.topic_name(t) for t in topics])
+        return subscribe_path(self.system, [self.topic_name(t) for t in topics], self.protocol)
 
     def topics_of(self, subscriber: int) -> list[int]:
         count = min(self.per_conn, self.topics)
@@ -135,11 +150,53 @@ class LoadConfig:
         return data
 
 
-def subscribe_path(system: str, topics: list[str]) -> str:
-    """The subscription URL path of one connection to ``topics``, in the target system's shape."""
+def subscribe_path(system: str, topics: list[str], protocol: str = "native") -> str:
+    """The subscription URL path of one connection to ``topics``, in the target system's (and protocol's) shape."""
     if system == "nchan":
         return f"/sub/{topics[0]}"  # one topic per connection
+    if protocol == "mercure":
+        return MERCURE_PATH + "?" + "&".join(f"match={quote(t, safe='')}" for t in topics)
     return "/events?" + "&".join(f"topic={t}" for t in topics)
+
+
+def mercure_claims(
+    audience: str, selector: str, *, ttl: float, sub: str | None = None, issuer: str | None = None
+) -> dict[str, object]:
+    """The claims of a Mercure access token that may publish and subscribe to the topics ``selector``
+    matches (a URL pattern, relative to the hub: ``lt-<run id>-*``)."""
+    now = int(time.time())
+    topics = [{"match": selector, "match_type": "urlpattern"}]
+    body: dict[str, object] = {
+        "aud": audience,
+        "iat": now,
+        "exp": now + int(ttl),
+        "authorization_details": [
+            {"type": "mercure", "actions": ["publish"], "topics": topics},
+            {"type": "mercure", "actions": ["subscribe"], "topics": topics},
+        ],
+    }
+    if sub is not None:
+        body["sub"] = sub
+    if issuer:
+        body["iss"] = issuer
+    return body
+
+
+def mint_mercure(secret: str, audience: str, selector: str, *, ttl: float, sub: str | None = None) -> str:
+    """A Mercure access token (``typ: at+jwt``) signed with ``secret``, as the nodes' hub validates it.
+
+    The algorithm is the first of ``HERALD_JWT_ALGORITHMS`` (HS256 by
+    default), the issuer the first of ``HERALD_MERCURE_ISSUERS`` when that is
+    set. Raises ValueError for a secret too short or a non-HMAC algorithm.
+    """
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ValueError(f"the secret must be at least {MIN_SECRET_BYTES} bytes")
+    algorithm = (os.environ.get("HERALD_JWT_ALGORITHMS") or "HS256").split(",")[0].strip() or "HS256"
+    if algorithm not in HMAC_ALGORITHMS:
+        raise ValueError(f"{algorithm} is not an HMAC algorithm ({sorted(HMAC_ALGORITHMS)})")
+    issuer = (os.environ.get("HERALD_MERCURE_ISSUERS") or "").split(",")[0].strip() or None
+    claims = mercure_claims(audience, selector, ttl=ttl, sub=sub, issuer=issuer)
+    return jwt.encode(claims, secret, algorithm=algorithm, headers={"typ": "at+jwt"})
 
 
 def is_loopback(host: str) -> bool:
@@ -236,6 +293,22 @@ def check_publisher(config: LoadConfig, error: Callable[[str], object]) -> None:
         error("faults need --publisher python (it retries through an outage)")
     elif config.per_request > 1 and config.system != "herald":
         error(f"{config.system} takes one event per request: --per-request 1")
+    elif config.per_request > 1 and config.protocol == "mercure":
+        error("Mercure takes one update per request (it has no batches): --per-request 1")
+
+
+def check_protocol(config: LoadConfig, error: Callable[[str], object]) -> None:
+    """Call ``error`` with the first option ``--protocol mercure`` cannot go with."""
+    if config.protocol != "mercure":
+        if config.mercure_audience is not None:
+            error("--mercure-audience needs --protocol mercure")
+        return
+    if config.mercure_audience is None:
+        config.mercure_audience = os.environ.get("HERALD_MERCURE_AUDIENCE") or None
+    if config.system != "herald":
+        error(f"--protocol mercure is Herald's Mercure hub: not with --system {config.system}")
+    elif config.publish != "http":
+        error("--protocol mercure publishes over HTTP (POST /.well-known/mercure): not with --publish redis")
 
 
 def resolve_token(config: LoadConfig, error: Callable[[str], object]) -> None:
@@ -262,6 +335,9 @@ def resolve_token(config: LoadConfig, error: Callable[[str], object]) -> None:
         return
     if config.system != "herald":
         return
+    if config.protocol == "mercure":
+        resolve_mercure_token(config, error)
+        return
     selector = config.topic_selector
     ttl = config.longest_seconds + TOKEN_MARGIN
     try:
@@ -275,6 +351,41 @@ def resolve_token(config: LoadConfig, error: Callable[[str], object]) -> None:
         error(f"cannot mint a token from HERALD_JWT_SECRET: {exc} (or pass --token)")
         return
     config.auth = "none" if config.token is None else "minted"
+
+
+def resolve_mercure_token(config: LoadConfig, error: Callable[[str], object]) -> None:
+    """``--protocol mercure`` without ``--token``: a Mercure token minted from ``HERALD_JWT_SECRET``.
+
+    The hub takes no publish without a token, so a run needs one: the secret
+    and the hub's resource identifier (``--mercure-audience``, default
+    ``HERALD_MERCURE_AUDIENCE``) to mint it with. It may publish and
+    subscribe to this run's topics only (``lt-<run id>-*``, a URL pattern).
+    Reading ``/metrics`` still takes a Herald admin token, minted beside it.
+    """
+    secret = os.environ.get("HERALD_JWT_SECRET")
+    if not secret:
+        error(
+            "--protocol mercure: the hub takes no publish without a token; pass --token (a Mercure token that may "
+            "publish and subscribe to lt-<run id>-*), or set HERALD_JWT_SECRET to mint one"
+        )
+        return
+    if not config.mercure_audience:
+        error(
+            "--protocol mercure mints its token with the hub's resource identifier: set HERALD_MERCURE_AUDIENCE "
+            "(as the nodes have it) or pass --mercure-audience, or pass --token"
+        )
+        return
+    ttl = config.longest_seconds + TOKEN_MARGIN
+    try:
+        config.token = mint_mercure(
+            secret, config.mercure_audience, config.topic_selector, ttl=ttl, sub=f"loadtest-{config.run_id}"
+        )
+        if config.metrics_token is None and config.server_counts:
+            config.metrics_token = mint_from_environment(admin=True, sub=f"loadtest-{config.run_id}-metrics", ttl=ttl)
+    except ValueError as exc:
+        error(f"cannot mint a token from HERALD_JWT_SECRET: {exc} (or pass --token)")
+        return
+    config.auth = "minted"
 
 
 def _topics(value: str) -> str:
@@ -303,6 +414,20 @@ def parser() -> argparse.ArgumentParser:
         choices=list(SYSTEMS),
         default=d.system,
         help="what the target runs: herald, or a peer measured by `make bench` (default %(default)s)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=list(PROTOCOLS),
+        default=d.protocol,
+        help="Herald's API to drive: native (POST /publish, GET /events), or mercure (its Mercure hub at "
+        "/.well-known/mercure: one update per publish request, subscribers on ?match=, a token needed to "
+        "publish) (default %(default)s)",
+    )
+    p.add_argument(
+        "--mercure-audience",
+        metavar="AUD",
+        help="with --protocol mercure: the aud of the Mercure token minted from HERALD_JWT_SECRET, the nodes' "
+        "HERALD_MERCURE_AUDIENCE (default: $HERALD_MERCURE_AUDIENCE)",
     )
     p.add_argument("--subscribers", type=int, default=d.subscribers, help="SSE connections (default %(default)s)")
     p.add_argument(
@@ -447,7 +572,9 @@ def parser() -> argparse.ArgumentParser:
         "--token",
         help="Herald's access token, sent by every subscriber and publisher as Authorization: Bearer; it needs "
         "subscribe and publish rights on the run's topics (lt-<run id>-*, or '**'). Default: one minted from "
-        "HERALD_JWT_SECRET when that is set, else none. Never printed nor written to the result",
+        "HERALD_JWT_SECRET when that is set, else none. With --protocol mercure: a Mercure token (at+jwt) that may "
+        "publish and subscribe to those topics (then give --metrics-token for /metrics). Never printed nor written "
+        "to the result",
     )
     p.add_argument(
         "--metrics-from",
@@ -515,6 +642,9 @@ def from_args(argv: list[str] | None = None) -> LoadConfig:
         if config.publish != "http":
             p.error(f"{config.system} is published to over HTTP only")
         config.batch = 1  # one event per request: neither peer takes batches
+    check_protocol(config, p.error)
+    if config.protocol == "mercure":
+        config.batch = 1  # one update per request: Mercure has no batches
     check_publisher(config, p.error)
     if config.restart_node_after is not None and config.kill_node_at is None:
         p.error("--restart-node-after needs --kill-node-at")

@@ -39,7 +39,7 @@ def setup_message(config: LoadConfig) -> dict[str, Any]:
     setup: dict[str, Any] = {
         "host": host,
         "port": parts.port or 80,
-        "system": config.system,
+        "system": "mercure" if config.protocol == "mercure" else config.system,
         "topics": [config.topic_name(t) for t in range(config.topics)],
         "rate": config.rate,
         "duration": config.duration,

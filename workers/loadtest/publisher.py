@@ -7,6 +7,11 @@ no order to keep. A lane that falls behind its schedule (a slow answer, an
 outage) sends the overdue events in batches of up to ``batch``, which the
 publish endpoint takes atomically and in order.
 
+With ``--protocol mercure`` each request is one Mercure update (a form
+POSTed to ``/.well-known/mercure``; 200 is accepted). The hub has no
+idempotency: a retried request whose first attempt was published but not
+answered publishes its update twice (seen as duplicated).
+
 Every request carries an ``Idempotency-Key`` and is retried with it until it
 is answered, refused (4xx) or ``retry_for`` seconds have passed. So an event
 is *accepted* (201), *refused* (4xx), or *uncertain* (never confirmed: it
@@ -26,11 +31,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+from urllib.parse import urlencode
 
 import httpx
 
 from broker.base import Message, RetentionPolicy
 from broker.redis import RedisBroker
+from workers.loadtest.config import MERCURE_PATH
 from workers.loadtest.histogram import Histogram
 from workers.loadtest.wire import payload
 
@@ -140,6 +147,7 @@ class HttpSender:
         lane: int,
         system: str = "herald",
         token: str | None = None,
+        protocol: str = "native",
     ) -> None:
         # Herald's access token goes with every request (Authorization: Bearer); None with access control off.
         headers = {"authorization": f"Bearer {token}"} if token else None
@@ -148,12 +156,16 @@ class HttpSender:
         self.names = names
         self.size = size
         self.system = system
+        self.protocol = protocol
         self.lane = lane
         self.at = lane % len(targets)
         self.warmed = 0
 
     def _request(self, events: list[tuple[str, str]]) -> tuple[str, str]:
         """Path and body publishing ``(topic name, data)`` events in the target system's shape."""
+        if self.protocol == "mercure":
+            ((topic, data),) = events  # one update per request: Mercure has no batches
+            return MERCURE_PATH, urlencode({"topic": topic, "data": data})
         if self.system == "herald":
             return "/publish", json.dumps([{"topic": t, "data": d} for t, d in events], separators=(",", ":"))
         ((topic, data),) = events  # one event per request
@@ -161,14 +173,18 @@ class HttpSender:
 
     async def _post(self, events: list[tuple[str, str]], key: str) -> int | str:
         path, body = self._request(events)
-        headers = {"content-type": "application/json" if self.system == "herald" else "text/plain",
-                   "idempotency-key": key}  # fmt: skip
+        headers = {"content-type": self._content_type(), "idempotency-key": key}
         try:
             response = await self.client.post(f"{self.targets[self.at]}{path}", content=body, headers=headers)
         except httpx.HTTPError as exc:
             self.at = (self.at + 1) % len(self.targets)
             return type(exc).__name__
         return response.status_code
+
+    def _content_type(self) -> str:
+        if self.protocol == "mercure":
+            return "application/x-www-form-urlencoded"
+        return "application/json" if self.system == "herald" else "text/plain"
 
     async def warmup(self) -> None:
         # A topic of its own (no subscriber has it), so nothing measured sees it; a key of each lane's own,

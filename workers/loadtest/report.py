@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
-from workers.loadtest.results import auth_text, counts_text, fault_lines
+from workers.loadtest.results import auth_text, counts_text, fault_lines, protocol_text
 
 _LAYOUT: dict[str, Any] = {
     "template": "plotly_white",
@@ -137,7 +137,7 @@ def _facts(result: dict[str, Any]) -> str:
     c, p, d = result["config"], result["publish"], result["delivery"]
     lat, conn = result["latency_ms"], result["connections"]
     rows = [
-        ("target", ", ".join(c["targets"]) + f" (publish via {c['publish']}{auth_text(c)})"),
+        ("target", ", ".join(c["targets"]) + f" (publish via {c['publish']}{protocol_text(c)}{auth_text(c)})"),
         ("load", f"{c['subscribers']:,} subscribers, {c['topics']:,} topic(s), {c['rate']:,.0f} events/s "
                  f"for {c['duration']:g} s, {c['payload']} B"),
         ("published", f"{p['accepted']:,} accepted ({p['rate']:,.0f}/s), {p['refused']:,} refused, "

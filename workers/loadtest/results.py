@@ -398,6 +398,11 @@ def auth_text(config: dict[str, Any]) -> str:
     return "" if auth == "none" else f"; {AUTH_SOURCES.get(auth, auth)}"
 
 
+def protocol_text(config: dict[str, Any]) -> str:
+    """How the summary names a run's protocol: nothing for Herald's native API (older results have none)."""
+    return "   protocol mercure (/.well-known/mercure)" if config.get("protocol") == "mercure" else ""
+
+
 def summary_table(result: dict[str, Any]) -> str:
     """The table printed at the end of a run."""
     c, p, d = result["config"], result["publish"], result["delivery"]
@@ -405,7 +410,7 @@ def summary_table(result: dict[str, Any]) -> str:
     topics = c["topics"]
     lines = [
         f"Herald load test {result['started_at']}  run {c['run_id']}",
-        f"  target        {', '.join(c['targets'])}   publish via {c['publish']}{auth_text(c)}",
+        f"  target        {', '.join(c['targets'])}   publish via {c['publish']}{protocol_text(c)}{auth_text(c)}",
         f"  load          {c['subscribers']:,} subscribers, {topics:,} topic(s), {c['per_conn']} per connection, "
         f"{c['rate']:,.0f} events/s for {c['duration']:g} s, {c['payload']} B payload",
         "",

@@ -138,7 +138,7 @@ def _sender(config: LoadConfig, lane: int) -> Sender:
     if config.publish == "redis":
         assert config.redis_url is not None
         return RedisSender(config.redis_url, names, config.payload, RetentionPolicy())
-    return HttpSender(config.targets, names, config.payload, lane, config.system, config.token)
+    return HttpSender(config.targets, names, config.payload, lane, config.system, config.token, config.protocol)
 
 
 async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[str, Any]:

@@ -16,6 +16,14 @@ counts, per topic and exactly:
 * ``lost``: worked out at the end against what the publisher had accepted
   (:meth:`Subscriber.lost`): sequence numbers never seen.
 
+On Herald's Mercure hub (``--protocol mercure``) the stream has the same
+shape (``id:`` then ``data:``, ids ``#<n>``), plus a data-less ``id:`` frame
+first on a fresh stream: its id is kept as the cursor like any other, and
+nothing is counted. A resume answered ``Mercure-Last-Event-ID: earliest``
+(history lost: the hub replays everything it retains) counts as a reset,
+reason ``earliest``; what it replays that was seen before counts as
+duplicated, as a Mercure client would see it twice.
+
 It also says why a connect did not give a stream, by cause
 (:func:`workers.loadtest.wire.answer_cause` and
 :func:`~workers.loadtest.wire.errno_cause`: ``"503 broker unavailable"``,
@@ -60,6 +68,11 @@ from workers.loadtest.wire import (
 
 _RESET_REASON = re.compile(rb'\{"reason":"([a-z-]+)"')
 """The data of a ``reset`` event (the only JSON object on a load test's streams)."""
+
+MERCURE_LAST_EVENT_ID = "mercure-last-event-id"
+MERCURE_EARLIEST = "earliest"
+"""A Mercure hub's answer to a resume it could not make exact (history lost): everything retained is
+replayed instead. Mercure has no ``reset`` event; this answer is its reset, counted under its own reason."""
 
 ANSWER_TIMEOUT = 10.0
 """Seconds from starting a connect to the response head; past them the attempt counts as a ``timeout``."""
@@ -243,6 +256,8 @@ class StreamProtocol(asyncio.Protocol):
         self._cancel_timer()
         self._opened_at = time.monotonic()
         sub.on_open(parsed.headers.get("x-node-id", sub.target), self._opened_at - self._started)
+        if parsed.headers.get(MERCURE_LAST_EVENT_ID) == MERCURE_EARLIEST and sub.last_id_raw not in (None, b"earliest"):
+            sub.history_lost()  # a Mercure resume that could not be exact: its reset
         self.opened.set_result(True)
         return head[end + 4 :]
 
@@ -477,6 +492,11 @@ class Subscriber:
         if delivered:
             self.delivered += delivered
             recorder.last_delivery_ns = now_ns
+
+    def history_lost(self) -> None:
+        """A Mercure resume was answered ``Mercure-Last-Event-ID: earliest`` (not asked for): a reset."""
+        self.resets += 1
+        self.recorder.reset_reasons[MERCURE_EARLIEST] += 1
 
     def _other_data(self, line: bytes) -> None:
         """A data line that is not a load event: a ``reset`` (its reason is counted) or something else."""

@@ -11,7 +11,7 @@
  * paced rate, and its CPU per request is a few microseconds.
  *
  * Contract (JSON lines on stdin and stdout, like the subscriber worker):
- *   stdin  {"setup": {"host", "port", "system": "herald"|"nchan"|"sse-starlette",
+ *   stdin  {"setup": {"host", "port", "system": "herald"|"nchan"|"sse-starlette"|"mercure",
  *                     "topics": [names...], "rate", "duration", "lanes",
  *                     "pipeline", "batch", "size", "answer_timeout", "token"?}}
  *          -> connects `lanes` keep-alive HTTP/1.1 connections, then
@@ -41,6 +41,8 @@
  *     under a benchmark do not refuse; if one does, the achieved rate shows it;
  *   - its own CPU (getrusage) is reported per second and over the whole run,
  *     so a step can tell when the publisher, not the server, was the bound;
+ *   - "mercure": Herald's Mercure hub, one update per request, a form POSTed to
+ *     /.well-known/mercure (topic, data), answered 200 with the update's id;
  *   - an optional "token" (Herald with access control on) is sent with every
  *     request as "Authorization: Bearer"; a refused one is a 401/403 like any
  *     other refusal (every event refused). It is never printed.
@@ -50,6 +52,7 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <cjson/cJSON.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -89,7 +92,7 @@ static void sb_consume(sbuf *b, size_t n) {
 
 /* ------------------------------------------------------------------ state */
 
-enum system { HERALD, NCHAN, SSE_STARLETTE };
+enum system { HERALD, NCHAN, SSE_STARLETTE, MERCURE };
 
 typedef struct {
     int topic;
@@ -229,6 +232,20 @@ static void append_payload(sbuf *b, int topic, int64_t seq, int64_t sent_ns) {
     }
 }
 
+/* A form value, percent-encoded (application/x-www-form-urlencoded; unreserved characters as they are). */
+static void append_form_value(sbuf *b, const char *v) {
+    static const char hex[] = "0123456789ABCDEF";
+    for (; *v; v++) {
+        unsigned char c = (unsigned char)*v;
+        if (isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
+            sb_add(b, (const char *)&c, 1);
+        } else {
+            char e[3] = {'%', hex[c >> 4], hex[c & 15]};
+            sb_add(b, e, 3);
+        }
+    }
+}
+
 /* One request of `n` events (the lane's next topics and sequence numbers) appended to the lane's output. */
 static void queue_request(lane_t *l, int n, double now) {
     int slot = (l->head + l->inflight) % cfg.pipeline;
@@ -241,7 +258,16 @@ static void queue_request(lane_t *l, int n, double now) {
         int t = l->topics[l->next];
         l->next = (l->next + 1) % l->ntopics;
         items[i] = (item_t){t, ++last_seq[t]};
-        if (cfg.system == HERALD) {
+        if (cfg.system == MERCURE) {
+            /* A form: topic=<name>&data=<payload>, the payload's spaces as "+" (digits and x need nothing). */
+            sb_add(&body, "topic=", 6);
+            append_form_value(&body, cfg.names[t]);
+            sb_add(&body, "&data=", 6);
+            size_t from = body.len;
+            append_payload(&body, t, items[i].seq, sent_ns);
+            for (size_t k = from; k < body.len; k++)
+                if (body.p[k] == ' ') body.p[k] = '+';
+        } else if (cfg.system == HERALD) {
             /* The payload is digits, spaces and x: nothing to escape in JSON. */
             sb_printf(&body, "%s{\"topic\":\"%s\",\"data\":\"", i ? "," : "", cfg.names[t]);
             append_payload(&body, t, items[i].seq, sent_ns);
@@ -255,6 +281,11 @@ static void queue_request(lane_t *l, int n, double now) {
     if (cfg.system == HERALD)
         sb_printf(&l->out, "POST /publish HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n", cfg.host,
                   cfg.port);
+    else if (cfg.system == MERCURE)
+        sb_printf(&l->out,
+                  "POST /.well-known/mercure HTTP/1.1\r\nHost: %s:%d\r\n"
+                  "Content-Type: application/x-www-form-urlencoded\r\n",
+                  cfg.host, cfg.port);
     else if (cfg.system == NCHAN)
         sb_printf(&l->out, "POST /pub/%s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: text/plain\r\n", name, cfg.host,
                   cfg.port);
@@ -497,6 +528,7 @@ static void setup(cJSON *s) {
     }
     cfg.system = strcmp(system->valuestring, "nchan") == 0           ? NCHAN
                  : strcmp(system->valuestring, "sse-starlette") == 0 ? SSE_STARLETTE
+                 : strcmp(system->valuestring, "mercure") == 0       ? MERCURE
                                                                      : HERALD;
     snprintf(cfg.host, sizeof cfg.host, "%s", host->valuestring);
     cfg.port = (int)num(s, "port", 80);

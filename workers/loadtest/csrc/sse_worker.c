@@ -31,6 +31,10 @@
  *     stream that ends cleanly within 1 s with only retry: was "told to
  *     retry" ("told_to_retry" in the result), not an error, and does not
  *     count as the subscriber being back;
+ *   - Herald's Mercure hub (--protocol mercure) streams the same frames (its
+ *     data-less "id: #<n>" position frame is a cursor, nothing to count); a
+ *     resume answered "Mercure-Last-Event-ID: earliest" (history lost, all
+ *     retained updates replayed) counts as a reset, reason "earliest";
  *   - the setup's optional "token" (Herald with access control on) goes to
  *     every subscriber as "Authorization: Bearer", a header rather than
  *     ?access_token=, so the request line is as short as without one; a
@@ -705,6 +709,14 @@ static int on_head(sub_t *s, size_t end) {
             s->caught = 1;
             W.caught++;
         }
+    }
+    /* A Mercure hub answers a resume it cannot make exact (history lost) with "Mercure-Last-Event-ID:
+     * earliest", and replays everything it retains: Mercure's reset (subscriber.py's history_lost). */
+    const char *mercure = header(s->head, "mercure-last-event-id", &len);
+    if (mercure && len == 8 && memcmp(mercure, "earliest", 8) == 0 && s->has_last_id &&
+        strcmp(s->last_id, "earliest") != 0) {
+        s->resets++;
+        count(&W.reset_reasons, "earliest");
     }
     s->gap_opened = s->down_at > 0;
     if (s->down_at > 0) {
