@@ -337,7 +337,9 @@ async def test_token_cache_never_serves_an_expired_token(monkeypatch: pytest.Mon
     token = hs256(claims(exp=int(now) + 2))
     await v.verify(token)
     assert v.cached == 1
-    monkeypatch.setattr("api.mercure.authorization.time", SimpleNamespace(time=lambda: now + 3))  # exp has passed
+    later = SimpleNamespace(time=lambda: now + 3)  # exp has passed: for the cache and for the verifier
+    monkeypatch.setattr("api.auth.cache.time", later)
+    monkeypatch.setattr("api.mercure.authorization.time", later)
     await rejected(token, v)
     assert v.cached == 0
 

@@ -204,7 +204,8 @@ def test_a_nodes_own_error_on_events_passes_through_nginx_unchanged(tmp_path: Pa
 # -- the command line --------------------------------------------------------------
 
 
-def cli(run_dir: Path, *args: str, timeout: float = 60) -> str:
+def cli(run_dir: Path, *args: str, timeout: float = 90) -> str:
+    """``python -m ops.cluster ARGS --run-dir RUN_DIR``, which must succeed; its output."""
     result = subprocess.run(
         [sys.executable, "-m", "ops.cluster", *args, "--run-dir", str(run_dir)],
         cwd=ROOT,

@@ -44,6 +44,7 @@ from ops.launch import NGINX
 from ops.probe import free_port, free_port_range
 from tests import redis_server
 from tests.sse_client import EventStream, publish
+from tests.test_ops_cluster import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "ops" / "grafana"
@@ -633,18 +634,6 @@ def test_alerts_fire_when_redis_stops_and_a_node_dies(tmp_path: Path) -> None:
 
 
 # -- make cluster OBSERVE=1 ---------------------------------------------------------------------
-
-
-def cli(run_dir: Path, *args: str, timeout: float = 90) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "ops.cluster", *args, "--run-dir", str(run_dir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
 
 
 def alive(pid: int) -> bool:

@@ -8,6 +8,7 @@ few tokens costs a few signature checks and dictionary lookups for the rest.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, Protocol, TypeVar
 
 
@@ -26,6 +27,42 @@ class TokenCache(Generic[T]):
     def __init__(self, size: int) -> None:
         self._entries: dict[str, T] = {}
         self._size = size
+        self._generation: Hashable = None
+        self.verified = 0
+        """Tokens :meth:`through` verified (cache misses that succeeded)."""
+        self.rejected = 0
+        """Tokens :meth:`through` found invalid."""
+
+    async def through(
+        self,
+        token: str,
+        generation: Hashable,
+        verify: Callable[[str], Awaitable[T]],
+        invalid: type[Exception],
+    ) -> T:
+        """The entry for ``token``: cached, or ``verify(token)``'s (then kept until it expires).
+
+        ``generation`` names the key set: when it differs from the last
+        call's, every entry goes first (a token verified with a withdrawn key
+        is not good any more). ``invalid`` is what ``verify`` raises for a
+        bad token: counted in :attr:`rejected`; anything else (keys
+        unreachable: a passing cause) is not counted.
+        """
+        if generation != self._generation:
+            self.clear()
+            self._generation = generation
+        now = time.time()
+        entry = self.get(token, now)
+        if entry is not None:
+            return entry
+        try:
+            entry = await verify(token)
+        except invalid:
+            self.rejected += 1
+            raise
+        self.verified += 1
+        self.put(token, entry, now)
+        return entry
 
     def __len__(self) -> int:
         return len(self._entries)

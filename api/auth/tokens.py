@@ -90,31 +90,22 @@ class TokenVerifier:
         self._issuer = issuer
         self._leeway = leeway
         self._cache: TokenCache[Grant] = TokenCache(cache_size)
-        self._generation = keys.generation
-        self.verified = 0
-        """Tokens verified cryptographically (cache misses that succeeded)."""
-        self.rejected = 0
 
     @property
     def cached(self) -> int:
         return len(self._cache)
 
+    @property
+    def verified(self) -> int:
+        """Tokens verified cryptographically (cache misses that succeeded)."""
+        return self._cache.verified
+
+    @property
+    def rejected(self) -> int:
+        return self._cache.rejected
+
     async def verify(self, token: str) -> Grant:
-        if self._generation != self.keys.generation:
-            self._cache.clear()
-            self._generation = self.keys.generation
-        now = time.time()
-        grant = self._cache.get(token, now)
-        if grant is not None:
-            return grant
-        try:
-            grant = await self._verify(token)
-        except InvalidToken:
-            self.rejected += 1
-            raise
-        self.verified += 1
-        self._cache.put(token, grant, now)
-        return grant
+        return await self._cache.through(token, self.keys.generation, self._verify, InvalidToken)
 
     async def _verify(self, token: str) -> Grant:
         try:

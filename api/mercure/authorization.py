@@ -478,14 +478,19 @@ class MercureTokenVerifier:
         self.realm = realm
         self.resource_metadata = resource_metadata
         self._cache: TokenCache[MercureGrant] = TokenCache(cache_size)
-        self._generation = self._key_generation()
-        self.verified = 0
-        """Tokens verified cryptographically (cache misses that succeeded)."""
-        self.rejected = 0
 
     @property
     def cached(self) -> int:
         return len(self._cache)
+
+    @property
+    def verified(self) -> int:
+        """Tokens verified cryptographically (cache misses that succeeded)."""
+        return self._cache.verified
+
+    @property
+    def rejected(self) -> int:
+        return self._cache.rejected
 
     def _key_generation(self) -> tuple[int, ...]:
         if self._by_issuer is not None:
@@ -540,22 +545,7 @@ class MercureTokenVerifier:
         return grant
 
     async def verify(self, token: str) -> MercureGrant:
-        generation = self._key_generation()
-        if generation != self._generation:
-            self._cache.clear()
-            self._generation = generation
-        now = time.time()
-        grant = self._cache.get(token, now)
-        if grant is not None:
-            return grant
-        try:
-            grant = await self._verify(token)
-        except BearerError:
-            self.rejected += 1
-            raise
-        self.verified += 1
-        self._cache.put(token, grant, now)
-        return grant
+        return await self._cache.through(token, self._key_generation(), self._verify, BearerError)
 
     async def _verify(self, token: str) -> MercureGrant:
         if len(token) > MAX_TOKEN_LENGTH:
