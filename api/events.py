@@ -33,7 +33,7 @@ from api.errors import RequestRejected
 from api.hub import Hub, Opened, Refused
 from api.models import is_topic
 from api.settings import Settings
-from api.stream import EventStreamResponse, RetryLaterResponse, transport_aborter
+from api.stream import EventStreamResponse, RetryLaterResponse, connect_outcome, transport_aborter
 from broker.base import BrokerUnavailable
 
 router = APIRouter()
@@ -71,10 +71,9 @@ async def open_stream(
     except Denied as exc:
         metrics.connect("unauthorized" if exc.status_code == 401 else "forbidden")
         raise
-    if isinstance(response, RetryLaterResponse):
-        metrics.connect(response.outcome)
-    elif isinstance(response, EventStreamResponse):
-        metrics.connect("accepted" if response.opened_at_once else "waited")
+    outcome = connect_outcome(response)
+    if outcome is not None:
+        metrics.connect(outcome)
     return response
 
 

@@ -267,3 +267,13 @@ class EventStreamResponse(Response):
                 await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
                 quiet_since = time.monotonic()
         return None
+
+
+def connect_outcome(response: Response) -> str | None:
+    """How a subscribe that answered ``response`` ended its connect, in ``herald_connects_total``'s words:
+    a stream opened at once or waiting for the broker, or told to come back; None for any other answer."""
+    if isinstance(response, RetryLaterResponse):
+        return response.outcome
+    if isinstance(response, EventStreamResponse):
+        return "accepted" if response.opened_at_once else "waited"
+    return None

@@ -74,7 +74,7 @@ from api.mercure.updates import (
     read_update,
 )
 from api.settings import Settings
-from api.stream import EventStreamResponse, RetryLaterResponse, transport_aborter
+from api.stream import RetryLaterResponse, connect_outcome, transport_aborter
 from broker.base import Broker, BrokerUnavailable, Message
 
 log = logging.getLogger("herald.mercure")
@@ -353,11 +353,10 @@ async def serve_subscribe(state: State, scope: Scope, receive: Receive, send: Se
 
 
 def _connect_outcome(response: Response) -> str:
-    """How a subscribe ended its connect, in ``herald_connects_total``'s words (as ``/events`` counts them)."""
-    if isinstance(response, RetryLaterResponse):
-        return response.outcome
-    if isinstance(response, EventStreamResponse):
-        return "accepted" if response.opened_at_once else "waited"
+    """How a subscribe ended its connect (:func:`api.stream.connect_outcome`; refusals by their status)."""
+    outcome = connect_outcome(response)
+    if outcome is not None:
+        return outcome
     return {401: "unauthorized", 403: "forbidden"}.get(response.status_code, "bad_request")
 
 
