@@ -10,10 +10,10 @@ interested connection without awaiting anything (see
 :mod:`api.connection`). Events arrive from the broker in id order, so every
 connection's queue is in id order too, merged across its topics.
 
-Live connections that can be written to directly are flushed by the hub
-itself: everything queued since the last flush (a published batch, a burst
-from the Redis feed, or under load whatever arrived while the previous
-flush ran) leaves as one write per client, with no task woken per client.
+Live connections that can be written to directly are written by the hub
+itself (:mod:`api.flusher`): everything queued since a client's last write
+(a published batch, a burst from the Redis feed, or under load whatever
+arrived meanwhile) leaves as one write, with no task woken per client.
 """
 
 from __future__ import annotations
@@ -28,18 +28,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from api.connection import Closed, Connection
+from api.flusher import Flusher
 from api.metrics import LatencyWindow, Metrics, NullMetrics
 from api.sse import event_frame, reset_frame
 from broker.base import Broker, BrokerUnavailable, Event, Reset, ResetReason
 
 log = logging.getLogger("herald.hub")
-
-_FLUSH_AT_ONCE = 0.0005
-"""A flush cheaper than this (seconds) does not delay the next one."""
-_FLUSH_MAX_DELAY = 0.02
-"""The most a flush is put off (seconds): the latency coalescing may add."""
-_BACK_TO_BACK = 0.0005
-"""An event this soon (seconds) after an expensive flush ended came in while it ran."""
 
 _EVENT_ID = re.compile(r"[0-9]{1,19}")
 """What an id this deployment issues looks like (decimal, fits in 64 bits)."""
@@ -118,16 +112,12 @@ class Hub:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
         self._draining = False
-        self._dirty: list[Connection] = []  # connections with bytes for the next flush
+        # Writes what is queued to the clients' sockets (when, and in slices: api.flusher).
+        self._flusher = Flusher(lambda: self.events_in, self._latency, self.metrics)
         self._expiring: dict[float, set[Connection]] = {}  # streams by their token's exp (see expire_at)
-        self._flush_cost = 0.0  # seconds the last flush took
-        self._flush_ended = 0.0  # perf_counter() when it ended
-        self._flushed_at_event = 0  # events_in when the last flush ran
-        self._coalescing = False  # the last flush carried more than one event
         self.events_in = 0
         self.cutoffs = 0
         self.expired = 0  # streams ended because their token expired
-        self.direct_writes = 0  # writes made by the flush, not by a writer task
         self.connections_total = 0
         self.refused = {"draining": 0, "full": 0}  # streams told to retry instead of served
         self.waited_for_broker = 0  # streams that had to wait for the broker before they could start
@@ -178,48 +168,6 @@ class Hub:
 
     # -- connections -----------------------------------------------------------
 
-    def _mark_dirty(self, connection: Connection) -> None:
-        if not self._dirty:
-            # Wait as long as the last flush took (capped): while flushing is
-            # cheap, events go out at once; when it is expensive (many
-            # clients, each write a syscall), the next flush waits and carries
-            # more events per write, so flushing never takes more than about
-            # half of the node's time and throughput rises with load. Only
-            # while events come faster than flushes, though: when the last
-            # flush carried a single event, waiting would merge nothing and
-            # only add latency to every event of a lightly loaded node.
-            # A publisher that waits for each answer (one event per request)
-            # never makes a flush carry two events by itself: its answer
-            # leaves before the flush, so its next event arrives while the
-            # flush runs and is read right after it. An event that close
-            # behind an expensive flush is the same sign of load, and waiting
-            # lets the next ones join (``make bench``: single-event closed
-            # loop, 1,000 subscribers: 160k -> 1.34M deliveries/s, side by
-            # side). A paced stream's events land at random behind flushes,
-            # so the window is kept short: at 20 events/s to 5,000 clients
-            # (40 ms flushes, 50 ms apart) p50 stays 22 ms; with a 2 ms
-            # window it rose to 53 ms.
-            idle = time.perf_counter() - self._flush_ended
-            loaded = self._coalescing or idle < min(self._flush_cost / 2, _BACK_TO_BACK)
-            expensive = self._flush_cost >= _FLUSH_AT_ONCE and loaded
-            delay = self._flush_cost if expensive else 0.0
-            asyncio.get_running_loop().call_later(min(delay, _FLUSH_MAX_DELAY), self._flush)
-        self._dirty.append(connection)
-
-    def _flush(self) -> None:
-        started = time.perf_counter()
-        dirty, self._dirty = self._dirty, []
-        self._coalescing = self.events_in - self._flushed_at_event > 1
-        self._flushed_at_event = self.events_in
-        written = 0
-        for connection in dirty:
-            written += connection.flush()
-        self.direct_writes += written
-        if written:
-            self.metrics.flushed(self._latency.take(), time.time())
-        self._flush_ended = time.perf_counter()
-        self._flush_cost = self._flush_ended - started
-
     def _remember(self, event: Event) -> bytes:
         """The event's frame, encoded once and kept while the cache's byte budget allows."""
         frame = self._frames.get(event.id)
@@ -242,7 +190,7 @@ class Hub:
         if self._max_connections and len(self._connections) - len(self._internal) >= self._max_connections:
             self.refused["full"] += 1
             raise Refused(f"this node serves its limit of {self._max_connections} streams", "full")
-        connection = Connection(tuple(topics), self._client_buffer, on_overflow, self._mark_dirty, self.tally)
+        connection = Connection(tuple(topics), self._client_buffer, on_overflow, self._flusher.mark, self.tally)
         self._attach(connection)
         return connection
 
@@ -484,7 +432,7 @@ class Hub:
             "deliveries": self.tally.events,
             "replayed": self.tally.replayed,
             "bytes_sent": self.tally.bytes,
-            "direct_writes": self.direct_writes,
+            "direct_writes": self._flusher.writes,
             "pending_tasks": len(self._tasks),
             "refused_draining": self.refused["draining"],
             "refused_full": self.refused["full"],
