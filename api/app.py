@@ -22,8 +22,8 @@ from api.auth.cors import Cors, CorsMiddleware
 from api.auth.keys import KeysUnavailable
 from api.dashboard import router as dashboard_router
 from api.docs import router as docs_router
+from api.events import events_response
 from api.events import router as events_router
-from api.events import serve_events
 from api.health import router as health_router
 from api.hub import Hub
 from api.mercure.routes import HUB_PATH as MERCURE_HUB_PATH
@@ -133,7 +133,7 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
 class HeraldApp(FastAPI):
     """The FastAPI app, noting per request whether streams may write to the socket directly.
 
-    It also sends ``GET /events`` straight to :func:`api.events.serve_events`
+    It also sends ``GET /events`` straight to :func:`api.events.events_response`
     and ``GET /.well-known/mercure`` to :func:`api.mercure.routes.serve_subscribe`
     (the SSE fast lane), ahead of FastAPI's middleware and routing.
 
@@ -153,8 +153,11 @@ class HeraldApp(FastAPI):
             if scope["method"] == "GET" and not scope.get("root_path"):
                 path = scope["path"]
                 if path == "/events":
-                    state = self.state
-                    await serve_events(state.hub, state.settings, state.access, state.cors, scope, receive, send)
+                    # Not serve_events: one coroutine fewer held under every stream (api.events).
+                    # The state's dict, not its attributes: each is a Python-level __getattr__.
+                    s = self.state._state
+                    response = await events_response(s["hub"], s["settings"], s["access"], s["cors"], scope, receive)
+                    await response(scope, receive, send)
                     return
                 if path == MERCURE_HUB_PATH:  # the Mercure hub's streams too (it answers its own CORS)
                     await serve_subscribe(self.state, scope, receive, send, node_id=True)
