@@ -153,7 +153,7 @@ class HeraldApp(FastAPI):
             if scope["method"] == "GET" and not scope.get("root_path"):
                 path = scope["path"]
                 if path == "/events":
-                    # Not serve_events: one coroutine fewer held under every stream (api.events).
+                    # Awaited here, not in a helper: one coroutine fewer held under every stream (api.events).
                     # The state's dict, not its attributes: each is a Python-level __getattr__.
                     s = self.state._state
                     response = await events_response(s["hub"], s["settings"], s["access"], s["cors"], scope, receive)

@@ -2,13 +2,13 @@
 
 Two entrances, one implementation (:func:`open_stream`):
 
-* :func:`serve_events` (:func:`events_response`, then sending it), plain
-  ASGI that :class:`api.app.HeraldApp` runs for ``GET /events`` before
-  FastAPI's routing. A stream lives for hours and every frame of the request
-  path stays in memory for as long: FastAPI's routing, middleware and
-  dependency solving held about 8 KB per idle connection and most of the CPU
-  of a connect (``make bench``: idle memory, 5,000 connects at once). Here a
-  connect is a query-string parse and the hub's work.
+* :func:`events_response`, plain ASGI whose answer :class:`api.app.HeraldApp`
+  sends for ``GET /events`` before FastAPI's routing. A stream lives for
+  hours and every frame of the request path stays in memory for as long:
+  FastAPI's routing, middleware and dependency solving held about 8 KB per
+  idle connection and most of the CPU of a connect (``make bench``: idle
+  memory, 5,000 connects at once). Here a connect is a query-string parse
+  and the hub's work.
 * the FastAPI route below: the same stream for an app mounted where the
   fast lane does not match (under a ``root_path``), and the route the
   OpenAPI document describes.
@@ -22,7 +22,7 @@ from typing import Annotated
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Scope
 
 from api import errors
 from api.auth.access import Access, Denied
@@ -177,14 +177,6 @@ async def events_response(
     if cors:
         response.raw_headers.extend(cors.headers(headers))
     return response
-
-
-async def serve_events(
-    hub: Hub, settings: Settings, access: Access, cors: Cors, scope: Scope, receive: Receive, send: Send
-) -> None:
-    """``GET /events`` as plain ASGI: the route's behaviour (errors, CORS) without FastAPI's request path."""
-    response = await events_response(hub, settings, access, cors, scope, receive)
-    await response(scope, receive, send)
 
 
 @router.get(

@@ -89,3 +89,22 @@ class TokenCache(Generic[T]):
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+class CachedVerifier(Generic[T]):
+    """A verifier that keeps what it verified in a :class:`TokenCache` (``_cache``): the figures the node reports."""
+
+    _cache: TokenCache[T]
+
+    @property
+    def cached(self) -> int:
+        return len(self._cache)
+
+    @property
+    def verified(self) -> int:
+        """Tokens verified cryptographically (cache misses that succeeded)."""
+        return self._cache.verified
+
+    @property
+    def rejected(self) -> int:
+        return self._cache.rejected

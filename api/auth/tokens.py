@@ -25,7 +25,7 @@ from typing import Any
 
 import jwt
 
-from api.auth.cache import TokenCache
+from api.auth.cache import CachedVerifier, TokenCache
 from api.auth.keys import KeySource, UnknownKey
 from api.auth.selectors import InvalidSelector, TopicMatcher
 
@@ -73,7 +73,7 @@ def grant_from_claims(claims: dict[str, Any]) -> Grant:
     return Grant(subject, lists["publish"], lists["subscribe"], admin, float(claims["exp"]))
 
 
-class TokenVerifier:
+class TokenVerifier(CachedVerifier[Grant]):
     """Turns a token into a :class:`Grant`, or raises InvalidToken (or KeysUnavailable: a passing cause)."""
 
     def __init__(
@@ -90,19 +90,6 @@ class TokenVerifier:
         self._issuer = issuer
         self._leeway = leeway
         self._cache: TokenCache[Grant] = TokenCache(cache_size)
-
-    @property
-    def cached(self) -> int:
-        return len(self._cache)
-
-    @property
-    def verified(self) -> int:
-        """Tokens verified cryptographically (cache misses that succeeded)."""
-        return self._cache.verified
-
-    @property
-    def rejected(self) -> int:
-        return self._cache.rejected
 
     async def verify(self, token: str) -> Grant:
         return await self._cache.through(token, self.keys.generation, self._verify, InvalidToken)

@@ -86,7 +86,7 @@ from typing import Any, Final, TypeGuard
 
 import jwt
 
-from api.auth.cache import TokenCache
+from api.auth.cache import CachedVerifier, TokenCache
 from api.auth.keys import KeySource, UnknownKey
 from api.mercure.matchers import DEFAULT_HUB_URL, Matcher, MatcherError, Matchers
 
@@ -440,7 +440,7 @@ def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-class MercureTokenVerifier:
+class MercureTokenVerifier(CachedVerifier[MercureGrant]):
     """Turns a token into a :class:`MercureGrant`, or raises :class:`BearerError` (or ``KeysUnavailable``).
 
     ``keys``: Herald's key source (:mod:`api.auth.keys`), or a mapping of
@@ -478,19 +478,6 @@ class MercureTokenVerifier:
         self.realm = realm
         self.resource_metadata = resource_metadata
         self._cache: TokenCache[MercureGrant] = TokenCache(cache_size)
-
-    @property
-    def cached(self) -> int:
-        return len(self._cache)
-
-    @property
-    def verified(self) -> int:
-        """Tokens verified cryptographically (cache misses that succeeded)."""
-        return self._cache.verified
-
-    @property
-    def rejected(self) -> int:
-        return self._cache.rejected
 
     def _key_generation(self) -> tuple[int, ...]:
         if self._by_issuer is not None:

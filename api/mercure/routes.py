@@ -50,6 +50,7 @@ from api.auth.cors import Cors
 from api.auth.keys import KeysUnavailable
 from api.bodies import BodyTooLarge, read_body
 from api.errors import RETRY_AFTER_SECONDS
+from api.events import node_id_header
 from api.hub import Refused
 from api.mercure.authorization import (
     LEGACY_COOKIE_NAME,
@@ -337,7 +338,7 @@ async def serve_subscribe(state: State, scope: Scope, receive: Receive, send: Se
 
     A stream lives for hours, and what the request path leaves on the stack
     stays for as long: :class:`api.app.HeraldApp`'s fast lane calls this
-    directly, as it calls :func:`api.events.serve_events`, with ``node_id``
+    directly, as it answers ``/events`` (:func:`api.events.events_response`), with ``node_id``
     (the ``X-Node-Id`` header the middleware would have added). The route
     below (a plain ASGI app, no FastAPI request handling) serves the rest: an
     app mounted under a ``root_path``.
@@ -348,7 +349,7 @@ async def serve_subscribe(state: State, scope: Scope, receive: Receive, send: Se
     response = await _subscribe(mercure, config, state.settings, state.cors, scope, receive, tracker)
     state.hub.metrics.connect(_connect_outcome(response))
     if node_id:
-        response.raw_headers.append((b"x-node-id", state.settings.node_id.encode("ascii")))
+        response.raw_headers.append(node_id_header(state.settings.node_id))
     await _with_cors(response, state.cors, headers)(scope, receive, send)
 
 
