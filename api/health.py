@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from importlib import resources
 from typing import Any
 
@@ -53,7 +54,10 @@ def _rss_bytes() -> int:
     },
 )
 async def stats(hub: HubDep, broker: BrokerDep, settings: SettingsDep, access: AccessDep) -> dict[str, Any]:
-    body: dict[str, Any] = {"node_id": settings.node_id, "rss_bytes": _rss_bytes(), "hub": hub.stats()}
+    # Every task of the node's loop (an open stream costs one: uvicorn's, serving it). Counted here, on
+    # request, not in Hub.stats: the node's announce reads those every second, and counting walks every task.
+    figures: dict[str, int] = {**hub.stats(), "tasks": len(asyncio.all_tasks())}
+    body: dict[str, Any] = {"node_id": settings.node_id, "rss_bytes": _rss_bytes(), "hub": figures}
     if access.enabled:
         body["auth"] = access.stats()
     if isinstance(broker, ReportsStats):

@@ -437,6 +437,4 @@ class Hub:
             "refused_draining": self.refused["draining"],
             "refused_full": self.refused["full"],
             "waited_for_broker": self.waited_for_broker,
-            # Every task of the node's loop: an open stream costs one (uvicorn's, serving it).
-            "tasks": len(asyncio.all_tasks()),
         }

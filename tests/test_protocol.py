@@ -12,18 +12,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import socket
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
 import uvicorn
+import uvloop
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+from uvicorn.protocols.utils import get_local_addr, get_remote_addr
 from uvicorn.server import ServerState
 
 from api.events import parse_query
-from api.protocol import HeraldHttpToolsProtocol, LazyEvent
+from api.protocol import HeraldHttpToolsProtocol, LazyEvent, LazyFlowControl, local_address, remote_address
 from api.stream import DIRECT_WRITES, MEDIA_TYPE, send_head
 
 STREAM_HEADERS = [(b"content-type", MEDIA_TYPE.encode()), (b"cache-control", b"no-cache"), (b"x-node-id", b"n1")]
@@ -262,3 +267,59 @@ async def test_a_protocol_keeps_its_attributes_compact() -> None:
 )
 def test_parse_query_is_parse_qsl_with_blank_values(query: str) -> None:
     assert parse_query(query) == parse_qsl(query, keep_blank_values=True)
+
+
+class _Addresses(asyncio.Protocol):
+    """Records, for every accepted connection, Herald's addresses and uvicorn's (asked in that order)."""
+
+    def __init__(self, seen: list[tuple[object, ...]], made: asyncio.Event) -> None:
+        self.seen = seen
+        self.made = made
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ours = (local_address(transport), remote_address(transport))
+        self.seen.append((*ours, get_local_addr(transport), get_remote_addr(transport)))  # type: ignore[arg-type]
+        self.made.set()
+        transport.close()
+
+
+async def _accept_one(family: str, seen: list[tuple[object, ...]]) -> None:
+    loop = asyncio.get_running_loop()
+    made = asyncio.Event()
+    if family == "unix":
+        with tempfile.TemporaryDirectory() as directory:
+            path = str(Path(directory) / "s")
+            server = await loop.create_unix_server(lambda: _Addresses(seen, made), path)
+            _, writer = await asyncio.open_unix_connection(path)
+    else:
+        host = "127.0.0.1" if family == "ipv4" else "::1"
+        server = await loop.create_server(lambda: _Addresses(seen, made), host, 0)
+        _, writer = await asyncio.open_connection(host, server.sockets[0].getsockname()[1])
+    async with asyncio.timeout(5):
+        await made.wait()
+    writer.close()
+    server.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("family", ["ipv4", "ipv6", "unix"])
+def test_addresses_are_uvicorns_without_a_socket_object(loop_kind: str, family: str) -> None:
+    """The scope's ``server`` and ``client`` as uvicorn gives them, from the transport's ``sockname``/``peername``."""
+    if family == "ipv6" and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    seen: list[tuple[object, ...]] = []
+    runner = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    runner(_accept_one(family, seen))
+    ours_local, ours_remote, uvicorn_local, uvicorn_remote = seen[0]
+    assert (ours_local, ours_remote) == (uvicorn_local, uvicorn_remote)
+    assert ours_local is not None
+    assert (ours_remote is None) == (family == "unix")
+
+
+def test_lazy_flow_control_starts_as_uvicorns() -> None:
+    transport = RecordingTransport()
+    ours, theirs = LazyFlowControl(transport), FlowControl(transport)  # type: ignore[arg-type]
+    assert (ours.read_paused, ours.write_paused) == (theirs.read_paused, theirs.write_paused) == (False, False)
+    assert ours._is_writable_event.is_set()
+    assert theirs._is_writable_event.is_set()
+    assert isinstance(ours._is_writable_event, LazyEvent)
