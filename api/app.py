@@ -26,6 +26,7 @@ from api.events import events_response
 from api.events import router as events_router
 from api.health import router as health_router
 from api.hub import Hub
+from api.lane import StreamLane
 from api.mercure.routes import HUB_PATH as MERCURE_HUB_PATH
 from api.mercure.routes import router as mercure_router
 from api.mercure.routes import serve_subscribe
@@ -89,12 +90,16 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
             subscriptions.start()
         app.state.broker = broker
         app.state.hub = hub
+        if isinstance(app, HeraldApp) and not access.enabled:
+            app.stream_lane = StreamLane(hub, settings, cors)  # Herald's protocol answers plain streams (api.lane)
         app.state.registry = registry
         app.state.mercure_subscriptions = subscriptions
         log.info("node %s serving on %s (broker: %s)", settings.node_id, registry.url, type(broker).__name__)
         try:
             yield
         finally:
+            if isinstance(app, HeraldApp):
+                app.stream_lane = None
             await registry.close()
             await hub.close()
             if subscriptions is not None:
@@ -144,6 +149,9 @@ class HeraldApp(FastAPI):
     ASGI wrapper *around* the app might transform the body, and then its
     ``send`` is not the server's own, which is what is checked here.
     """
+
+    stream_lane: StreamLane | None = None
+    """Set while the node serves (access control off): Herald's protocol answers plain streams itself (api.lane)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

@@ -66,6 +66,7 @@ class Connection:
         "_limit",
         "_on_dirty",
         "_on_overflow",
+        "_on_wake",
         "_pending",
         "_sending",
         "_size",
@@ -101,6 +102,7 @@ class Connection:
         # per connection, for as long as it is open).
         self._waiter: asyncio.Future[None] | None = None
         self._direct: DirectWriter | None = None  # set once live, when the server allows it
+        self._on_wake: Callable[[], None] | None = None  # a writer without a task (api.lane): see wake_with
         self._on_dirty = on_dirty  # the hub's "flush me this iteration"
         self._dirty = False  # already in the hub's flush list
         self._sending = False  # the writer task holds a chunk it has not written yet
@@ -165,6 +167,22 @@ class Connection:
     def go_direct(self, writer: DirectWriter) -> None:
         """From now on (the stream is live) queued events may be written by :meth:`flush`."""
         self._direct = writer
+
+    def wake_with(self, callback: Callable[[], None]) -> None:
+        """For a writer that is not a task waiting in :meth:`next_chunk`: called instead of waking one.
+
+        It is called when the connection closes (``closed`` set) and when
+        :meth:`flush` could not write (the socket pushes back); it must not
+        call back into the hub (it may run inside the hub's loop over
+        connections). Such a writer calls :meth:`resume` once the socket
+        takes writes again.
+        """
+        self._on_wake = callback
+
+    def resume(self) -> None:
+        """The socket takes writes again: have what is queued written (by the hub's next round)."""
+        if self.closed is None and self._chunks:
+            self._ready()
 
     def _count(self, chunk: bytes) -> None:
         tally = self._tally
@@ -247,7 +265,13 @@ class Connection:
         return None
 
     def _wake(self) -> None:
-        """Wake the writer task if it waits (it rechecks the queue and ``closed`` before waiting again)."""
+        """Wake the writer task if it waits (it rechecks the queue and ``closed`` before waiting again).
+
+        A writer without a task is called instead (:meth:`wake_with`).
+        """
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self._on_wake is not None:
+            self._on_wake()

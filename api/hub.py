@@ -31,7 +31,7 @@ from api.connection import Closed, Connection
 from api.flusher import Flusher
 from api.metrics import LatencyWindow, Metrics, NullMetrics
 from api.sse import event_frame, reset_frame
-from broker.base import Broker, BrokerUnavailable, Event, Reset, ResetReason
+from broker.base import Broker, BrokerUnavailable, Event, ImmediateFeed, Reset, ResetReason
 
 log = logging.getLogger("herald.hub")
 
@@ -85,6 +85,8 @@ class Hub:
         metrics: Metrics | None = None,
     ) -> None:
         self._broker = broker
+        # A feed in this process lets open_now open fresh streams in one step.
+        self._feed = broker if isinstance(broker, ImmediateFeed) else None
         # Counted per write and per flush, read when Prometheus scrapes (api.metrics).
         self.metrics: Metrics = metrics if metrics is not None else NullMetrics()
         self.tally = self.metrics.tally
@@ -241,6 +243,44 @@ class Hub:
         if connection not in self._internal:
             self.connections_total += 1
         return opened
+
+    def open_now(
+        self, topics: tuple[str, ...], on_overflow: Callable[[], None] | None = None
+    ) -> tuple[Connection, int] | None:
+        """:meth:`admit` and :meth:`open` of a fresh stream (no resume) in one step, when nothing needs awaiting.
+
+        That is when the broker's feed is in this process
+        (:class:`~broker.base.ImmediateFeed`) and up, the node is taking
+        streams, and no change of the feed's topics is under way. Topics the
+        feed lacks are added to it then and there, as :meth:`_reconcile`
+        would add them (with the lock free, none is running; one that starts
+        later sees this client). The client is registered and live from the
+        returned position: nothing is held aside, since nothing can run
+        between the two steps. Otherwise None, and nothing is registered or
+        counted: the caller takes the usual way (:meth:`admit`, then
+        :meth:`open`), which also answers the refusals.
+        """
+        feed = self._feed
+        if (
+            feed is None
+            or self._draining
+            or self._sub_lock.locked()
+            or not self._broker_up.is_set()
+            or (self._max_connections and len(self._connections) - len(self._internal) >= self._max_connections)
+        ):
+            return None
+        try:
+            if not self._subscribed.issuperset(topics):
+                added = [t for t in topics if t not in self._subscribed]
+                feed.subscribe_now(added)
+                self._subscribed.update(added)
+            position = feed.position_now(topics)
+        except BrokerUnavailable:
+            return None
+        connection = Connection(topics, self._client_buffer, on_overflow, self._flusher.mark, self.tally)
+        self._attach(connection)
+        self.connections_total += 1
+        return connection, position
 
     async def connect(
         self,

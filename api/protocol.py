@@ -155,7 +155,12 @@ class HeraldHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         existing = self.cycle
-        if existing is not None and not existing.response_complete and not self.pipeline:
+        if existing is None or existing.response_complete:
+            # A stream the app's lane can answer here, with no request cycle or task (api.lane).
+            lane = getattr(self.app, "stream_lane", None)
+            if lane is not None and lane.answer(self):
+                return
+        elif not self.pipeline:
             self.pipeline = collections.deque()  # this request will be queued behind the one in flight
         if self.app is not self.config.loaded_app:
             for name, _ in self.headers:
@@ -180,6 +185,12 @@ class HeraldHttpToolsProtocol(HttpToolsProtocol):
             return
         run.close()  # pragma: no cover - uvicorn's middleware awaits nothing before calling the app
         raise RuntimeError("uvicorn's proxy-headers middleware did not finish at once")  # pragma: no cover
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        writable = getattr(self.cycle, "writable", None)  # a stream of the lane (api.lane) writes what waited
+        if writable is not None and not self.cycle.response_complete:
+            writable()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

@@ -33,7 +33,7 @@ STREAM_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 
-_RAW_HEADERS = (
+RAW_HEADERS = (
     (b"content-type", MEDIA_TYPE.encode("latin-1")),
     *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in STREAM_HEADERS.items()),
 )
@@ -75,7 +75,9 @@ class UvicornDirectWriter:
 
     # The last chunk framed, and its framing: in a fan-out every client's
     # chunk is the same bytes object (one event's frame, encoded once), so
-    # the hub's flush frames it once, not once per client.
+    # the hub's flush frames it once, not once per client. Shared with the
+    # protocol's own streams (api.lane), written inline in both: this runs
+    # once per client per round.
     _last: tuple[bytes, bytes] = (b"", b"")
 
     def __init__(self, cycle: object) -> None:
@@ -173,33 +175,48 @@ def _head_line(header: tuple[bytes, bytes]) -> bytes | None:
     return line
 
 
+def stream_head(
+    default_headers: list[tuple[bytes, bytes]], headers: list[tuple[bytes, bytes]], keep_alive: bool
+) -> bytes | None:
+    """The head of a chunked 200 as uvicorn's ``send`` writes it, up to the first chunk; None if it must not be.
+
+    The server's default headers first, then ``headers``, ``connection:
+    close`` when the connection is not kept alive. None when a header is
+    one uvicorn's ``send`` treats specially or would refuse: then only its
+    ``send`` may write the head.
+    """
+    lines = [STATUS_LINE[200]]
+    for group in (default_headers, headers):
+        for header in group:
+            line = _head_line(header) if type(header) is tuple else None
+            if line is None:
+                return None
+            lines.append(line)
+    if not keep_alive:
+        lines.append(b"connection: close\r\n")
+    lines.append(b"transfer-encoding: chunked\r\n\r\n")
+    return b"".join(lines)
+
+
 def _write_head(cycle: Any, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
     """Write the head of a 200 and ``body`` as its first chunk, as uvicorn's ``send`` would; whether it did.
 
     The bytes and the cycle's state afterwards are those of uvicorn's
     ``send`` (``http.response.start``, then a body chunk with more to come)
-    for a response whose headers it would pass as they are: chunked, the
-    server's default headers first, ``connection: close`` when the
-    connection is not kept alive. Anything else (access log on, a paused or
-    lost connection, a HEAD request, a header uvicorn treats specially or
-    would refuse) is left to uvicorn's ``send``: False, nothing done.
+    for a response whose headers it would pass as they are
+    (:func:`stream_head`). Anything else (access log on, a paused or lost
+    connection, a HEAD request, a header uvicorn treats specially or would
+    refuse) is left to uvicorn's ``send``: False, nothing done.
     """
     if cycle.access_log or cycle.flow.write_paused or cycle.disconnected or cycle.scope["method"] == "HEAD":
         return False
-    lines = [STATUS_LINE[200]]
-    for group in (cycle.default_headers, headers):
-        for header in group:
-            line = _head_line(header) if type(header) is tuple else None
-            if line is None:
-                return False
-            lines.append(line)
-    if not cycle.keep_alive:
-        lines.append(b"connection: close\r\n")
-    lines.append(b"transfer-encoding: chunked\r\n\r\n%x\r\n%b\r\n" % (len(body), body))
+    head = stream_head(cycle.default_headers, headers, cycle.keep_alive)
+    if head is None:
+        return False
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
     cycle.chunked_encoding = True
-    cycle.transport.write(b"".join(lines))
+    cycle.transport.write(b"%b%x\r\n%b\r\n" % (head, len(body), body))
     return True
 
 
@@ -302,7 +319,7 @@ class EventStreamResponse(Response):
         # Not Response.__init__: it would add a Content-Length for an empty body.
         self.status_code = 200
         self.background = None
-        self.raw_headers = list(_RAW_HEADERS)  # a copy: the caller may add its own
+        self.raw_headers = list(RAW_HEADERS)  # a copy: the caller may add its own
         self._hub = hub
         self._connection = connection
         self._opened = opened

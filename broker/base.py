@@ -247,6 +247,23 @@ def next_id(last: int, clock: Clock = time.time) -> int:
 
 
 @runtime_checkable
+class ImmediateFeed(Protocol):
+    """Optional capability: a feed in this process, so subscribing and a position need nothing awaited.
+
+    The embedded broker delivers to its sink synchronously: it knows where
+    a new client starts, and takes a topic into the feed, the moment it is
+    asked. With it, a node opens a fresh stream in one step, with nothing to
+    await (:meth:`api.hub.Hub.open_now`): no task, no coroutine held per stream.
+    """
+
+    def subscribe_now(self, topics: Collection[str]) -> None:
+        """What :meth:`Broker.subscribe` does, done when it returns. Raises BrokerUnavailable (closed)."""
+
+    def position_now(self, topics: Collection[str]) -> int:
+        """What :meth:`Broker.position` would answer, now. Raises BrokerUnavailable (closed)."""
+
+
+@runtime_checkable
 class ReportsStats(Protocol):
     """Optional capability: counters a broker exposes on the node's ``/stats``."""
 

@@ -139,6 +139,9 @@ class MemoryBroker:
     # -- live feed -----------------------------------------------------------
 
     async def subscribe(self, topics: Collection[str]) -> None:
+        self.subscribe_now(topics)
+
+    def subscribe_now(self, topics: Collection[str]) -> None:
         self._check_open()
         self._subscribed.update(topics)
 
@@ -152,8 +155,12 @@ class MemoryBroker:
         return self._last
 
     async def position(self, topics: Collection[str]) -> int:
+        return self.position_now(topics)
+
+    def position_now(self, topics: Collection[str]) -> int:
         # Delivery is synchronous: everything up to the last id has reached the sink.
-        return await self.head()
+        self._check_open()
+        return self._last
 
     async def history(self, topics: Collection[str], after: int) -> History:
         self._check_open()

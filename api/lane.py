@@ -1,0 +1,263 @@
+"""Streams answered by Herald's HTTP protocol itself: ``GET /events`` when nothing needs awaiting.
+
+Through the ASGI app, a connect costs uvicorn's request cycle, a task, and
+the coroutines of the app's path to the stream, all held for as long as the
+stream is open (:mod:`api.events`, :mod:`api.stream`). Most connects need
+none of it: a fresh stream (no ``Last-Event-ID``) with access control off, on
+a broker whose feed is in this process, so that subscribing and a new
+client's position need nothing awaited (the embedded one:
+:class:`broker.base.ImmediateFeed`). For
+those, :class:`StreamLane` answers from the protocol's
+``on_headers_complete`` (:mod:`api.protocol`): the head and the first chunk
+in one write, the client registered live with the hub in the same step
+(:meth:`api.hub.Hub.open_now`), and the stream then lives as callbacks, a
+:class:`LaneStream`:
+
+* the hub's rounds write its events (it is the connection's direct writer,
+  as :class:`api.stream.UvicornDirectWriter` is for the app's streams);
+* when the socket pushes back, its queue waits (and the client is cut off
+  past its byte budget, as any stream) until the transport's
+  ``resume_writing`` has it written by the next round;
+* a close (client gone, cut off, node draining) ends the response as the
+  app's stream ends it: the last chunk, then uvicorn's own
+  ``on_response_complete`` (keep-alive, pipelined requests, shutdown).
+
+Everything else takes the app's way, unchanged: a resume, access control
+on, the Redis broker, a node draining or full, a change of the feed's topics
+under way, a broker that is down, a request with a body, HTTP/1.0, ``HEAD``, uvicorn's access
+log on, an app mounted under a ``root_path``, a request pipelined behind
+another, and any query the app would refuse (it answers the 400).
+
+The answer is the app's, byte for byte (``tests/test_lane.py`` compares
+them), and the hub's guarantees are untouched: the connection is an ordinary
+:class:`~api.connection.Connection`, only its writer differs. What it saves,
+per stream (``make bench``, 5,000 connects at once, side by side): a request
+cycle, a task and four coroutine frames held for the stream's life, and
+their creation on every connect.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from api.auth.cors import Cors
+from api.connection import Closed, Connection
+from api.errors import RequestRejected
+from api.events import check_topics, node_id_header, parse_query
+from api.hub import Hub
+from api.settings import Settings
+from api.sse import preamble
+from api.stream import RAW_HEADERS, UvicornDirectWriter, stream_head
+
+if TYPE_CHECKING:
+    from api.protocol import HeraldHttpToolsProtocol
+
+EVENTS_PATH = b"/events"
+
+QUERIES_KEPT = 1024
+"""Query strings whose parsed subscription is kept (then the lane starts over)."""
+
+_UNSEEN: Any = object()
+
+_BODY_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
+"""A request with a body is left to the app (uvicorn's cycle keeps the body)."""
+
+
+class _NothingWaits:
+    """The "message arrived" event of a lane stream: uvicorn's protocol sets it; no one waits on it."""
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        pass
+
+    def is_set(self) -> bool:
+        return True
+
+
+class StreamLane:
+    """Answers a node's ``GET /events`` from the protocol when it can (:meth:`answer`); one per app.
+
+    Built by the app's lifespan when access control is off (a token's
+    verification may need to wait for keys), and only used by
+    :class:`api.protocol.HeraldHttpToolsProtocol`.
+    """
+
+    __slots__ = ("_cors", "_headers", "_hub", "_max_topics", "_queries", "_retry_ms")
+
+    def __init__(self, hub: Hub, settings: Settings, cors: Cors) -> None:
+        self._hub = hub
+        self._cors = cors
+        self._max_topics = settings.max_topics
+        self._retry_ms = settings.retry_ms
+        self._headers = [*RAW_HEADERS, node_id_header(settings.node_id)]
+        # Query strings seen, with their checked topics (None: not for the lane). A connect storm
+        # asks for the same few subscriptions thousands of times: each is parsed and checked once.
+        self._queries: dict[bytes, tuple[str, ...] | None] = {}
+
+    def _topics_of(self, query: bytes) -> tuple[str, ...] | None:
+        """The subscription a query string asks for, checked as the app checks it; None when it is not the lane's."""
+        asked: list[str] = []
+        topics: tuple[str, ...] | None
+        for field, text in parse_query(query.decode("latin-1")):
+            if field == "topic":
+                asked.append(text)
+            elif field == "last_event_id" and text.strip():
+                asked = []  # a resume: the app's (and no topics: None below)
+                break
+        try:
+            topics = tuple(check_topics(asked, self._max_topics))
+        except RequestRejected:
+            topics = None  # the app answers the 400
+        if len(self._queries) >= QUERIES_KEPT:
+            self._queries.clear()
+        self._queries[query] = topics
+        return topics
+
+    def answer(self, protocol: HeraldHttpToolsProtocol) -> bool:
+        """Serve the request whose headers ``protocol`` has just parsed as a stream, if this lane may; whether it did.
+
+        Called from ``on_headers_complete`` with no request in progress on
+        the connection. When it returns False nothing has been done, and
+        uvicorn's own ``on_headers_complete`` takes the request to the app.
+        """
+        parser = protocol.parser
+        if (
+            protocol.access_log
+            or protocol.limit_concurrency is not None
+            or protocol.root_path
+            or protocol.expect_100_continue
+            or protocol.flow.write_paused
+            or parser.get_method() != b"GET"
+            or parser.get_http_version() != "1.1"
+            or parser.should_upgrade()
+        ):
+            return False
+        url = httptools.parse_url(protocol.url)
+        if url.path != EVENTS_PATH:
+            return False
+        headers = protocol.headers
+        for name, value in headers:
+            if name in _BODY_HEADERS or (name == b"last-event-id" and value.strip()):
+                return False
+        query = url.query or b""
+        topics = self._queries.get(query, _UNSEEN)
+        if topics is _UNSEEN:
+            topics = self._topics_of(query)
+        if topics is None:
+            return False
+        cors = self._cors
+        response_headers = [*self._headers, *cors.headers(headers)] if cors else self._headers
+        keep_alive = parser.should_keep_alive()
+        head = stream_head(protocol.server_state.default_headers, response_headers, keep_alive)
+        transport = protocol.transport
+        if head is None or transport.is_closing():
+            return False
+        hub = self._hub
+        opened = hub.open_now(topics, transport.abort)
+        if opened is None:
+            return False
+        connection, position = opened
+        first = preamble(self._retry_ms, position)
+        stream = LaneStream(protocol, connection, hub, keep_alive)
+        protocol.cycle = stream  # type: ignore[assignment]  # what uvicorn's protocol asks a request in progress
+        protocol.on_lost = stream.lost
+        transport.write(b"%b%x\r\n%b\r\n" % (head, len(first), first))
+        hub.tally.bytes += len(first)
+        hub.metrics.connect("accepted")
+        # Direct before live: the events go_live queues are marked for the hub's next round.
+        connection.go_direct(stream)
+        connection.wake_with(stream.woken)
+        connection.go_live(position)
+        return True
+
+
+class LaneStream:
+    """One stream of the lane: to uvicorn's protocol the request in progress, to the hub the connection's writer.
+
+    The attributes without an underscore are the ones uvicorn's protocol
+    reads or sets on its request cycle (``response_complete``,
+    ``disconnected``, ``keep_alive``, ``more_body``, ``body``,
+    ``message_event``).
+    """
+
+    __slots__ = (
+        "_connection",
+        "_ending",
+        "_flow",
+        "_hub",
+        "_protocol",
+        "_transport",
+        "body",
+        "disconnected",
+        "keep_alive",
+        "more_body",
+        "response_complete",
+    )
+
+    message_event: Any = _NothingWaits()
+
+    def __init__(self, protocol: HeraldHttpToolsProtocol, connection: Connection, hub: Hub, keep_alive: bool) -> None:
+        self._protocol = protocol
+        self._connection = connection
+        self._hub = hub
+        self._transport = protocol.transport
+        self._flow = protocol.flow
+        self._ending = False
+        self.body = b""
+        self.more_body = True
+        self.disconnected = False
+        self.keep_alive = keep_alive
+        self.response_complete = False
+
+    # -- the connection's writer (api.connection.DirectWriter) -----------------
+
+    def ready(self) -> bool:
+        return not (self._flow.write_paused or self.disconnected or self._transport.is_closing())
+
+    def write(self, data: bytes) -> None:
+        # As UvicornDirectWriter.write, sharing its framing cache (inline: once per client per round).
+        last, framed = UvicornDirectWriter._last
+        if data is not last:
+            framed = b"%x\r\n%b\r\n" % (len(data), data)
+            UvicornDirectWriter._last = (data, framed)
+        self._transport.write(framed)
+
+    # -- callbacks -------------------------------------------------------------
+
+    def woken(self) -> None:
+        """The connection's wake-up (:meth:`Connection.wake_with`): once it is closed, end the response soon.
+
+        Soon, not now: this may run inside the hub's loop over a topic's
+        connections, which ending (detaching) would change under it.
+        """
+        if self._connection.closed is not None and not self._ending:
+            self._ending = True
+            self._protocol.loop.call_soon(self._end)
+
+    def writable(self) -> None:
+        """The transport takes writes again (the protocol's ``resume_writing``)."""
+        self._connection.resume()
+
+    def lost(self) -> None:
+        """The client's connection is gone (the protocol's ``on_lost``)."""
+        self._connection.close(Closed.DISCONNECTED)
+
+    def _end(self) -> None:
+        protocol = self._protocol
+        if protocol.on_lost == self.lost:
+            protocol.on_lost = None
+        self._hub.detach(self._connection)
+        if self.response_complete:
+            return
+        self.response_complete = True
+        transport = self._transport
+        if self.disconnected or transport.is_closing():
+            return  # gone (or cut off: aborted), nothing more to say
+        # As uvicorn's send ends a chunked body: the last chunk, closed unless kept alive, then the next request.
+        transport.write(b"0\r\n\r\n")
+        if not self.keep_alive:
+            transport.close()
+        protocol.on_response_complete()
