@@ -125,8 +125,17 @@ class Connection:
             return
         self.last_id = event_id
         self._chunks.append(frame)
-        self._grow(len(frame))
-        self._ready()
+        # _grow and _ready, inline: this runs once per client per event (``make bench``: fan-out).
+        self.active = True
+        size = self._size = self._size + len(frame)
+        if size > self._limit:
+            self.close(Closed.OVERFLOW)
+        elif self._direct is not None and self._on_dirty is not None:
+            if not self._dirty:
+                self._dirty = True
+                self._on_dirty(self)
+        else:
+            self._wake()
 
     def _ready(self) -> None:
         """Something is queued: have it written by the hub's flush, or else by the writer task."""

@@ -31,7 +31,7 @@ from api.connection import Closed, Connection
 from api.flusher import Flusher
 from api.metrics import LatencyWindow, Metrics, NullMetrics
 from api.sse import event_frame, reset_frame
-from broker.base import Broker, BrokerUnavailable, Event, ImmediateFeed, Reset, ResetReason
+from broker.base import Broker, BrokerUnavailable, Event, PositionNow, Reset, ResetReason, SubscribeNow
 
 log = logging.getLogger("herald.hub")
 
@@ -85,8 +85,9 @@ class Hub:
         metrics: Metrics | None = None,
     ) -> None:
         self._broker = broker
-        # A feed in this process lets open_now open fresh streams in one step.
-        self._feed = broker if isinstance(broker, ImmediateFeed) else None
+        # What lets open_now open a fresh stream in one step (api.lane), when the broker answers at once.
+        self._position_now = broker.position_now if isinstance(broker, PositionNow) else None
+        self._subscribe_now = broker.subscribe_now if isinstance(broker, SubscribeNow) else None
         # Counted per write and per flush, read when Prometheus scrapes (api.metrics).
         self.metrics: Metrics = metrics if metrics is not None else NullMetrics()
         self.tally = self.metrics.tally
@@ -249,20 +250,20 @@ class Hub:
     ) -> tuple[Connection, int] | None:
         """:meth:`admit` and :meth:`open` of a fresh stream (no resume) in one step, when nothing needs awaiting.
 
-        That is when the broker's feed is in this process
-        (:class:`~broker.base.ImmediateFeed`) and up, the node is taking
-        streams, and no change of the feed's topics is under way. Topics the
-        feed lacks are added to it then and there, as :meth:`_reconcile`
-        would add them (with the lock free, none is running; one that starts
-        later sees this client). The client is registered and live from the
-        returned position: nothing is held aside, since nothing can run
-        between the two steps. Otherwise None, and nothing is registered or
-        counted: the caller takes the usual way (:meth:`admit`, then
-        :meth:`open`), which also answers the refusals.
+        That is when the node is taking streams, the broker is up, no change
+        of the feed's topics is under way, the broker can add the topics the
+        feed lacks at once (:class:`~broker.base.SubscribeNow`, as
+        :meth:`_reconcile` would add them: with the lock free none is running,
+        and one that starts later sees this client), and it answers the
+        position at once (:class:`~broker.base.PositionNow`). The client is
+        then registered and live from the returned position: nothing is held
+        aside, since nothing can run between the two steps. Otherwise None,
+        and no client is registered or counted: the caller takes the usual
+        way (:meth:`admit`, then :meth:`open`), which also answers the refusals.
         """
-        feed = self._feed
+        position_now = self._position_now
         if (
-            feed is None
+            position_now is None
             or self._draining
             or self._sub_lock.locked()
             or not self._broker_up.is_set()
@@ -271,11 +272,15 @@ class Hub:
             return None
         try:
             if not self._subscribed.issuperset(topics):
+                if self._subscribe_now is None:
+                    return None
                 added = [t for t in topics if t not in self._subscribed]
-                feed.subscribe_now(added)
+                self._subscribe_now(added)
                 self._subscribed.update(added)
-            position = feed.position_now(topics)
+            position = position_now(topics)
         except BrokerUnavailable:
+            return None
+        if position is None:
             return None
         connection = Connection(topics, self._client_buffer, on_overflow, self._flusher.mark, self.tally)
         self._attach(connection)

@@ -3,10 +3,12 @@
 Through the ASGI app, a connect costs uvicorn's request cycle, a task, and
 the coroutines of the app's path to the stream, all held for as long as the
 stream is open (:mod:`api.events`, :mod:`api.stream`). Most connects need
-none of it: a fresh stream (no ``Last-Event-ID``) with access control off, on
-a broker whose feed is in this process, so that subscribing and a new
-client's position need nothing awaited (the embedded one:
-:class:`broker.base.ImmediateFeed`). For
+none of it: a fresh stream (no ``Last-Event-ID``) with access control off,
+when the broker answers the client's position at once
+(:class:`broker.base.PositionNow`: the embedded broker always, the Redis
+broker for topics its feed already carries) and the node's feed already has
+the topics or can take them at once (:class:`broker.base.SubscribeNow`: the
+embedded broker). For
 those, :class:`StreamLane` answers from the protocol's
 ``on_headers_complete`` (:mod:`api.protocol`): the head and the first chunk
 in one write, the client registered live with the hub in the same step
@@ -23,8 +25,9 @@ in one write, the client registered live with the hub in the same step
   ``on_response_complete`` (keep-alive, pipelined requests, shutdown).
 
 Everything else takes the app's way, unchanged: a resume, access control
-on, the Redis broker, a node draining or full, a change of the feed's topics
-under way, a broker that is down, a request with a body, HTTP/1.0, ``HEAD``, uvicorn's access
+on, a topic new to a node on Redis, a Redis feed (re)connecting, a node
+draining or full, a change of the feed's topics under way, a broker that is
+down, a request with a body, HTTP/1.0, ``HEAD``, uvicorn's access
 log on, an app mounted under a ``root_path``, a request pipelined behind
 another, and any query the app would refuse (it answers the 400).
 

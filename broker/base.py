@@ -247,20 +247,29 @@ def next_id(last: int, clock: Clock = time.time) -> int:
 
 
 @runtime_checkable
-class ImmediateFeed(Protocol):
-    """Optional capability: a feed in this process, so subscribing and a position need nothing awaited.
+class PositionNow(Protocol):
+    """Optional capability: :meth:`Broker.position` answered at once when nothing needs waiting for.
 
-    The embedded broker delivers to its sink synchronously: it knows where
-    a new client starts, and takes a topic into the feed, the moment it is
-    asked. With it, a node opens a fresh stream in one step, with nothing to
-    await (:meth:`api.hub.Hub.open_now`): no task, no coroutine held per stream.
+    The embedded broker always can (it delivers in this process); the Redis
+    broker can for topics its feed already carries exactly (it answers from
+    the feed). With it, a node opens a fresh stream in one step, with
+    nothing to await (:meth:`api.hub.Hub.open_now`): no task, no coroutine
+    held per stream.
     """
+
+    def position_now(self, topics: Collection[str]) -> int | None:
+        """What :meth:`Broker.position` would answer, now; None when that needs waiting (I/O, a feed connecting).
+
+        ``topics`` are subscribed. Raises BrokerUnavailable (closed).
+        """
+
+
+@runtime_checkable
+class SubscribeNow(Protocol):
+    """Optional capability: :meth:`Broker.subscribe` done at once (a feed in this process: the embedded broker)."""
 
     def subscribe_now(self, topics: Collection[str]) -> None:
         """What :meth:`Broker.subscribe` does, done when it returns. Raises BrokerUnavailable (closed)."""
-
-    def position_now(self, topics: Collection[str]) -> int:
-        """What :meth:`Broker.position` would answer, now. Raises BrokerUnavailable (closed)."""
 
 
 @runtime_checkable

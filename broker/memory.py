@@ -155,9 +155,10 @@ class MemoryBroker:
         return self._last
 
     async def position(self, topics: Collection[str]) -> int:
-        return self.position_now(topics)
+        self._check_open()
+        return self._last
 
-    def position_now(self, topics: Collection[str]) -> int:
+    def position_now(self, topics: Collection[str]) -> int | None:
         # Delivery is synchronous: everything up to the last id has reached the sink.
         self._check_open()
         return self._last

@@ -342,9 +342,9 @@ class RedisBroker:
         # in flux: wait for that attempt to end, then answer from what it left.
         while self._connecting is not None:
             await asyncio.wait([self._connecting])
-        if self._positioned and self._is_exact(topics):
-            self.counters["positions_from_feed"] += 1
-            return self._last_seen
+        position = self.position_now(topics)
+        if position is not None:
+            return position
         # A topic subscribed on the live feed since its last connect: events
         # before its subscription was confirmed never passed the feed, so start
         # at the head read after it (shared by everyone asking meanwhile).
@@ -361,6 +361,14 @@ class RedisBroker:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return head
+
+    def position_now(self, topics: Collection[str]) -> int | None:
+        """The feed's position when it carries every one of ``topics`` exactly (see :meth:`position`), else None."""
+        self._check_open()
+        if self._connecting is None and self._positioned and self._is_exact(topics):
+            self.counters["positions_from_feed"] += 1
+            return self._last_seen
+        return None
 
     async def _echo_position(self, head: int) -> None:
         try:

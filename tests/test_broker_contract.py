@@ -27,6 +27,7 @@ from broker.base import (
     NodeDirectory,
     NodeEntries,
     NodeRecord,
+    PositionNow,
     Reset,
     ResetReason,
     RetentionPolicy,
@@ -321,6 +322,22 @@ async def test_a_client_starting_at_the_position_gets_every_event_after_it(bnode
         # Everything above it, once, in order (maybe an event published just before the call too).
         assert [e for e in received if e.id > start] == [e for e in published if e.id > start]
         await broker.publish([msg("other", "unsubscribed")])
+
+
+async def test_a_position_answered_at_once_starts_a_client_exactly(bnode: Node) -> None:
+    """``position_now`` (every broker has it): once the feed carries a topic, the position, with no wait."""
+    broker, sink = bnode.broker, bnode.sink
+    assert isinstance(broker, PositionNow)
+    await broker.subscribe(["p"])
+    await broker.position(["p"])  # the topic's first client on the node
+    (carried,) = await broker.publish([msg("p", "carried")])
+    await sink.wait_for_id(carried.id)  # the feed has carried the topic past that client's start
+    now = broker.position_now(["p"])
+    assert now is not None
+    assert now >= carried.id
+    after = await broker.publish([msg("p", f"after {i}") for i in range(3)])
+    received = await sink.wait_for_id(after[-1].id)
+    assert [e for e in received if e.id > now] == after
 
 
 async def test_unsubscribe_stops_that_topic_only(bnode: Node) -> None:
