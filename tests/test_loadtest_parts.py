@@ -200,6 +200,17 @@ def test_latency_is_recorded_per_node_and_second() -> None:
     assert buckets["node-a", 5].max == 3000  # µs
 
 
+def test_the_settled_latencies_leave_out_the_first_second_of_every_node() -> None:
+    aggregate = Aggregate(1)
+    warm, settled = Histogram(), Histogram()
+    warm.record(60_000)
+    settled.record(30_000)
+    aggregate.add_buckets([["a", 0, warm.to_json()], ["b", 0, warm.to_json()], ["a", 1, settled.to_json()]])
+    aggregate.add_buckets([["b", 7, settled.to_json()]])
+    assert aggregate.latency.count == 4
+    assert (aggregate.settled().count, aggregate.settled().max) == (2, 30_000)
+
+
 def test_ledger_knows_what_was_accepted() -> None:
     ledger = Ledger(topics=2)
     items = [(0, ledger.take(0)), (0, ledger.take(0)), (1, ledger.take(1))]

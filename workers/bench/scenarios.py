@@ -250,6 +250,7 @@ def _step(
         "duplicated": r["delivery"]["duplicated"],
         "p50_ms": r["latency_ms"]["p50"],
         "p99_ms": r["latency_ms"]["p99"],
+        "settled_p99_ms": r["latency_settled_ms"]["p99"],
         "publish_p99_ms": r["publish"]["latency_ms"]["p99"],
         "client_cpu_max": max(w["max"] for w in r["tool"]["worker_cpu"]),
         "publisher_cpu": r["tool"]["publisher_cpu"]["mean"],
