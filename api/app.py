@@ -90,8 +90,8 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
             subscriptions.start()
         app.state.broker = broker
         app.state.hub = hub
-        if isinstance(app, HeraldApp) and not access.enabled:
-            app.stream_lane = StreamLane(hub, settings, cors)  # Herald's protocol answers plain streams (api.lane)
+        if isinstance(app, HeraldApp):
+            app.stream_lane = StreamLane(hub, settings, access, cors)  # Herald's protocol answers streams (api.lane)
         app.state.registry = registry
         app.state.mercure_subscriptions = subscriptions
         log.info("node %s serving on %s (broker: %s)", settings.node_id, registry.url, type(broker).__name__)
@@ -151,7 +151,7 @@ class HeraldApp(FastAPI):
     """
 
     stream_lane: StreamLane | None = None
-    """Set while the node serves (access control off): Herald's protocol answers plain streams itself (api.lane)."""
+    """Set while the node serves: Herald's protocol answers the streams it can itself (api.lane)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

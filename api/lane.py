@@ -3,31 +3,35 @@
 Through the ASGI app, a connect costs uvicorn's request cycle, a task, and
 the coroutines of the app's path to the stream, all held for as long as the
 stream is open (:mod:`api.events`, :mod:`api.stream`). Most connects need
-none of it: a fresh stream (no ``Last-Event-ID``) with access control off,
-when the broker answers the client's position at once
-(:class:`broker.base.PositionNow`: the embedded broker always, the Redis
-broker for topics its feed already carries) and the node's feed already has
-the topics or can take them at once (:class:`broker.base.SubscribeNow`: the
-embedded broker). For
-those, :class:`StreamLane` answers from the protocol's
+none of it: a fresh stream (no ``Last-Event-ID``) when
+
+* access control is off, or the client's token was verified earlier (it is
+  in the verifier's cache) and covers every topic asked for;
+* the broker answers the client's position at once
+  (:class:`broker.base.PositionNow`: the embedded broker always, the Redis
+  broker for topics its feed already carries);
+* the node's feed already has the topics, or takes them at once
+  (:class:`broker.base.SubscribeNow`: the embedded broker).
+
+For those, :class:`StreamLane` answers from the protocol's
 ``on_headers_complete`` (:mod:`api.protocol`): the head and the first chunk
 in one write, the client registered live with the hub in the same step
-(:meth:`api.hub.Hub.open_now`), and the stream then lives as callbacks, a
-:class:`LaneStream`:
+(:meth:`api.hub.Hub.open_now`), its token's expiry set as the app sets it,
+and the stream then lives as callbacks, a :class:`LaneStream`:
 
 * the hub's rounds write its events (it is the connection's direct writer,
   as :class:`api.stream.UvicornDirectWriter` is for the app's streams);
 * when the socket pushes back, its queue waits (and the client is cut off
   past its byte budget, as any stream) until the transport's
   ``resume_writing`` has it written by the next round;
-* a close (client gone, cut off, node draining) ends the response as the
-  app's stream ends it: the last chunk, then uvicorn's own
+* a close (client gone, cut off, node draining, token expired) ends the
+  response as the app's stream ends it: the last chunk, then uvicorn's own
   ``on_response_complete`` (keep-alive, pipelined requests, shutdown).
 
-Everything else takes the app's way, unchanged: a resume, access control
-on, a topic new to a node on Redis, a Redis feed (re)connecting, a node
-draining or full, a change of the feed's topics under way, a broker that is
-down, a request with a body, HTTP/1.0, ``HEAD``, uvicorn's access
+Everything else takes the app's way, unchanged: a resume, a token to verify
+or to refuse, a topic new to a node on Redis, a Redis feed (re)connecting,
+a node draining or full, a change of the feed's topics under way, a broker
+that is down, a request with a body, HTTP/1.0, ``HEAD``, uvicorn's access
 log on, an app mounted under a ``root_path``, a request pipelined behind
 another, and any query the app would refuse (it answers the 400).
 
@@ -41,11 +45,14 @@ their creation on every connect.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import httptools
 
+from api.auth.access import Access
 from api.auth.cors import Cors
+from api.auth.credentials import subscriber_token
 from api.connection import Closed, Connection
 from api.errors import RequestRejected
 from api.events import check_topics, node_id_header, parse_query
@@ -83,41 +90,39 @@ class _NothingWaits:
 class StreamLane:
     """Answers a node's ``GET /events`` from the protocol when it can (:meth:`answer`); one per app.
 
-    Built by the app's lifespan when access control is off (a token's
-    verification may need to wait for keys), and only used by
-    :class:`api.protocol.HeraldHttpToolsProtocol`.
+    Built by the app's lifespan, and only used by
+    :class:`api.protocol.HeraldHttpToolsProtocol`. With access control on it
+    takes a stream whose token the verifier has already checked (a connect
+    storm carries a few tokens: the first connect of each goes the app's
+    way, which verifies it) and that covers every topic asked for.
     """
 
-    __slots__ = ("_cors", "_headers", "_hub", "_max_topics", "_queries", "_retry_ms")
+    __slots__ = ("_access", "_cookie", "_cors", "_headers", "_hub", "_max_topics", "_queries", "_retry_ms")
 
-    def __init__(self, hub: Hub, settings: Settings, cors: Cors) -> None:
+    def __init__(self, hub: Hub, settings: Settings, access: Access, cors: Cors) -> None:
         self._hub = hub
+        self._access = access
+        self._cookie = settings.jwt_cookie
         self._cors = cors
         self._max_topics = settings.max_topics
         self._retry_ms = settings.retry_ms
         self._headers = [*RAW_HEADERS, node_id_header(settings.node_id)]
-        # Query strings seen, with their checked topics (None: not for the lane). A connect storm
-        # asks for the same few subscriptions thousands of times: each is parsed and checked once.
-        self._queries: dict[bytes, tuple[str, ...] | None] = {}
+        # Query strings seen, with their checked topics and their fields (None: not for the lane). A connect
+        # storm asks for the same few subscriptions thousands of times: each is parsed and checked once.
+        self._queries: dict[bytes, tuple[tuple[str, ...], list[tuple[str, str]]] | None] = {}
 
-    def _topics_of(self, query: bytes) -> tuple[str, ...] | None:
-        """The subscription a query string asks for, checked as the app checks it; None when it is not the lane's."""
-        asked: list[str] = []
-        topics: tuple[str, ...] | None
-        for field, text in parse_query(query.decode("latin-1")):
-            if field == "topic":
-                asked.append(text)
-            elif field == "last_event_id" and text.strip():
-                asked = []  # a resume: the app's (and no topics: None below)
-                break
-        try:
-            topics = tuple(check_topics(asked, self._max_topics))
-        except RequestRejected:
-            topics = None  # the app answers the 400
+    def _subscription_of(self, query: bytes) -> tuple[tuple[str, ...], list[tuple[str, str]]] | None:
+        """The topics a query string asks for, checked as the app checks them, and its fields; None when the
+        request is not the lane's (a resume, or topics the app refuses with a 400)."""
+        fields = parse_query(query.decode("latin-1"))
+        asked: tuple[tuple[str, ...], list[tuple[str, str]]] | None = None
+        if not any(name == "last_event_id" and value.strip() for name, value in fields):
+            with contextlib.suppress(RequestRejected):  # the app answers the 400
+                asked = tuple(check_topics([v for n, v in fields if n == "topic"], self._max_topics)), fields
         if len(self._queries) >= QUERIES_KEPT:
             self._queries.clear()
-        self._queries[query] = topics
-        return topics
+        self._queries[query] = asked
+        return asked
 
     def answer(self, protocol: HeraldHttpToolsProtocol) -> bool:
         """Serve the request whose headers ``protocol`` has just parsed as a stream, if this lane may; whether it did.
@@ -146,11 +151,20 @@ class StreamLane:
             if name in _BODY_HEADERS or (name == b"last-event-id" and value.strip()):
                 return False
         query = url.query or b""
-        topics = self._queries.get(query, _UNSEEN)
-        if topics is _UNSEEN:
-            topics = self._topics_of(query)
-        if topics is None:
+        asked = self._queries.get(query, _UNSEEN)
+        if asked is _UNSEEN:
+            asked = self._subscription_of(query)
+        if asked is None:
             return False
+        topics, fields = asked
+        grant = None
+        access = self._access
+        if access.enabled:
+            # The token the app would pick, allowed only if the verifier has it already (no signature check here).
+            token = subscriber_token(headers, fields, self._cookie, self._cors.trusts_ambient_credentials(headers))
+            allowed, grant = access.authorize_subscribe_now(token, topics)
+            if not allowed:
+                return False
         cors = self._cors
         response_headers = [*self._headers, *cors.headers(headers)] if cors else self._headers
         keep_alive = parser.should_keep_alive()
@@ -163,6 +177,8 @@ class StreamLane:
         if opened is None:
             return False
         connection, position = opened
+        if grant is not None:
+            hub.expire_at(connection, grant.expires_at)
         first = preamble(self._retry_ms, position)
         stream = LaneStream(protocol, connection, hub, keep_alive)
         protocol.cycle = stream  # type: ignore[assignment]  # what uvicorn's protocol asks a request in progress

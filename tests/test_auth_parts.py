@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from api import token as tokens
 from api.__main__ import check_access, is_loopback
 from api.auth.credentials import bearer_token, cookie_token, subscriber_token
-from api.auth.keys import KeyConfigError, StaticKey, parse_algorithms
+from api.auth.keys import JwksKeys, KeyConfigError, StaticKey, parse_algorithms
 from api.auth.selectors import TopicMatcher, selector_pattern
 from api.auth.tokens import InvalidToken, TokenVerifier
 from api.settings import Settings
@@ -137,6 +137,37 @@ async def test_failed_verifications_are_not_cached() -> None:
         with pytest.raises(InvalidToken):
             await check.verify(token)
     assert (check.verified, check.rejected) == (0, 3)
+
+
+def test_verify_now_checks_a_token_with_a_key_held_and_counts_and_caches_it_as_verify_does() -> None:
+    check = verifier()
+    token = tokens.mint(SECRET, subscribe=["a/**"], sub="7")
+    grant = check.verify_now(token)
+    assert grant is not None
+    assert grant.subscribe.covers("a/b")
+    assert check.verify_now(token) is grant  # from the cache now
+    assert (check.verified, check.rejected, check.cached) == (1, 0, 1)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        jwt.encode({"exp": int(time.time()) + 60, "herald": {}}, "y" * 40, "HS256"),  # another key
+        jwt.encode({"exp": int(time.time()) - 1, "herald": {}}, SECRET, "HS256"),  # expired
+        jwt.encode({"exp": int(time.time()) + 60, "herald": {}}, SECRET, "HS512"),  # an algorithm not configured
+        "not.a.token",
+    ],
+)
+def test_verify_now_leaves_a_bad_token_to_verify_counting_nothing(token: str) -> None:
+    check = verifier()
+    assert check.verify_now(token) is None
+    assert (check.verified, check.rejected, check.cached) == (0, 0, 0)
+
+
+def test_verify_now_does_not_wait_for_keys_to_be_fetched() -> None:
+    check = TokenVerifier(JwksKeys("http://127.0.0.1:9/jwks.json", None))
+    token = jwt.encode({"exp": int(time.time()) + 60, "herald": {}}, "z" * 40, "HS256", headers={"kid": "k1"})
+    assert check.verify_now(token) is None  # no key set loaded yet: verify() would fetch it
 
 
 async def test_the_cache_is_bounded() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,12 +19,14 @@ import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
+from api.auth.access import Access
 from api.auth.cors import Cors
 from api.connection import Closed, Connection
 from api.hub import Hub
 from api.lane import QUERIES_KEPT, LaneStream, StreamLane
 from api.protocol import HeraldHttpToolsProtocol
 from api.settings import Settings
+from api.token import mint
 from broker.base import Message
 from broker.memory import MemoryBroker
 from tests.server import run_server
@@ -79,6 +82,7 @@ class Node:
     app: App
     first: Connection
     """A client of TOPIC opened the usual way: the node feeds the topic."""
+    access: Access
 
     def serve(self, request: bytes) -> tuple[HeraldHttpToolsProtocol, Transport]:
         config = uvicorn.Config(self.app, http=HeraldHttpToolsProtocol, log_config=None, lifespan="off")
@@ -100,7 +104,10 @@ class Node:
         return [e.id for e in events]
 
 
-def node_with(client_buffer: int = 1 << 20, cors: str | None = None) -> Any:
+SECRET = "lane-test-secret-" + "x" * 40
+
+
+def node_with(client_buffer: int = 1 << 20, cors: str | None = None, auth: bool = False) -> Any:
     @pytest.fixture
     async def fixture() -> AsyncIterator[Node]:
         broker = MemoryBroker()
@@ -109,11 +116,14 @@ def node_with(client_buffer: int = 1 << 20, cors: str | None = None) -> Any:
         await hub.start()
         first = (await hub.connect([TOPIC], None)).connection
         app = App()
-        settings = Settings(node_id="n1", retry_ms=1500, max_topics=3)
-        app.stream_lane = StreamLane(hub, settings, Cors.parse(cors))
+        settings = Settings(node_id="n1", retry_ms=1500, max_topics=3, jwt_secret=SECRET if auth else None)
+        access = Access.from_settings(settings)
+        await access.start()
+        app.stream_lane = StreamLane(hub, settings, access, Cors.parse(cors))
         try:
-            yield Node(broker, hub, app, first)
+            yield Node(broker, hub, app, first, access)
         finally:
+            await access.close()
             await hub.close()
             await broker.close()
 
@@ -123,6 +133,7 @@ def node_with(client_buffer: int = 1 << 20, cors: str | None = None) -> Any:
 node = node_with()
 small_node = node_with(client_buffer=300)
 cors_node = node_with(cors="https://app.example")
+auth_node = node_with(auth=True)
 
 
 def request(target: str = f"/events?topic={TOPIC}", *headers: str, method: str = "GET", version: str = "1.1") -> bytes:
@@ -347,9 +358,52 @@ async def test_the_lane_answers_byte_for_byte_as_the_app_on_a_real_node(topic: s
 async def test_a_query_is_parsed_and_checked_once_and_the_memory_of_queries_is_bounded(node: Node) -> None:
     lane = node.app.stream_lane
     assert lane is not None
-    assert lane._topics_of(b"topic=a&topic=b&topic=a") == ("a", "b")
-    assert lane._topics_of(b"topic=a&last_event_id=7") is None
-    assert lane._topics_of(b"topic=a%20b") is None
+    assert lane._subscription_of(b"topic=a&topic=b&topic=a") == (
+        ("a", "b"),
+        [("topic", "a"), ("topic", "b"), ("topic", "a")],
+    )
+    assert lane._queries[b"topic=a&topic=b&topic=a"] is not None
+    assert lane._subscription_of(b"topic=a&last_event_id=7") is None
+    assert lane._subscription_of(b"topic=a%20b") is None
     for i in range(QUERIES_KEPT + 10):
-        lane._topics_of(f"topic=t{i}".encode())
+        lane._subscription_of(f"topic=t{i}".encode())
     assert len(lane._queries) <= QUERIES_KEPT
+
+
+async def test_a_token_opens_a_lane_stream_verified_once_that_ends_when_it_expires(auth_node: Node) -> None:
+    token = mint(SECRET, subscribe=[TOPIC], ttl=3600)
+    verifier = auth_node.access.verifier
+    assert verifier is not None
+    for how in (f"/events?topic={TOPIC}&access_token={token}", f"/events?topic={TOPIC}"):
+        header = () if "access_token" in how else (f"Authorization: Bearer {token}",)
+        protocol, transport = auth_node.serve(request(how, *header))
+        assert isinstance(protocol.cycle, LaneStream), how
+        await transport.next_write()
+    assert verifier.verified == 1  # checked by the first, cached for the second
+    expiring = [c for c in auth_node.hub._connections if c.expires_at]
+    assert len(expiring) == 2
+    assert expiring[0].expires_at == pytest.approx(time.time() + 3600, abs=5)
+    auth_node.hub._expire(expiring[0].expires_at)  # its token's exp (the timer's call)
+    assert await transport.next_write() == b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("what", "token"),
+    [
+        ("no token", None),
+        ("a token for other topics", mint(SECRET, subscribe=["other"], ttl=3600)),
+        ("a bad signature", mint("another-secret-" + "y" * 40, subscribe=[TOPIC], ttl=3600)),
+        ("an expired token", mint(SECRET, subscribe=[TOPIC], ttl=-10)),
+    ],
+    ids=lambda v: v if isinstance(v, str) and " " in v else "",
+)
+async def test_a_token_the_lane_cannot_allow_goes_to_the_app(auth_node: Node, what: str, token: str | None) -> None:
+    header = () if token is None else (f"Authorization: Bearer {token}",)
+    protocol, _ = auth_node.serve(request(f"/events?topic={TOPIC}", *header))
+    assert not isinstance(protocol.cycle, LaneStream), what
+    async with asyncio.timeout(5):
+        await auth_node.app.called.wait()
+    assert auth_node.clients() == 1
+    verifier = auth_node.access.verifier
+    assert verifier is not None
+    assert verifier.rejected == 0  # the app's way refuses and counts (this App stands in for it and does not)

@@ -169,6 +169,30 @@ class Access:
             raise _insufficient(f"the token does not allow subscribing to topic {refused!r}")
         return grant
 
+    def authorize_subscribe_now(self, token: str | None, topics: Sequence[str]) -> tuple[bool, Grant | None]:
+        """:meth:`authorize_subscribe` when it allows the client with nothing to await: ``(True, grant)``.
+
+        That is without access control, for public topics only, or with a
+        token that verifies with nothing awaited (cached, or checked with a
+        key already held: :meth:`TokenVerifier.verify_now`) and covers every
+        topic. Anything else is ``(False, None)``, with nothing logged or
+        counted: keys to fetch, or a refusal, which :meth:`authorize_subscribe`
+        makes and reports.
+        """
+        if self.verifier is None:
+            return True, None
+        private = [t for t in topics if not self.public_topics.covers(t) or is_reserved(t)]
+        if not private:
+            return True, None
+        grant = self.verifier.verify_now(token) if token is not None else None
+        if (
+            grant is None
+            or (not grant.admin and any(is_reserved(t) for t in private))
+            or grant.subscribe.first_uncovered([t for t in private if not is_reserved(t)]) is not None
+        ):
+            return False, None
+        return True, grant
+
     async def authorize_publish(self, token: str | None, topics: Sequence[str]) -> None:
         """May a producer publish to every one of ``topics``? Raises :class:`Denied` if not."""
         self.check_publish(await self.authenticate_publisher(token), topics)

@@ -64,6 +64,24 @@ class TokenCache(Generic[T]):
         self.put(token, entry, now)
         return entry
 
+    def admit(self, token: str, generation: Hashable, entry: T) -> None:
+        """Keep ``entry``, verified by the caller with ``generation``'s keys, as :meth:`through` keeps its own."""
+        if generation != self._generation:
+            self.clear()
+            self._generation = generation
+        self.verified += 1
+        self.put(token, entry)
+
+    def cached(self, token: str, generation: Hashable) -> T | None:
+        """The entry for ``token`` if :meth:`through` would answer it from the cache now, else None.
+
+        Nothing is verified, counted or dropped for a changed ``generation``
+        (:meth:`through` does that): for callers that can't wait.
+        """
+        if generation != self._generation:
+            return None
+        return self.get(token)
+
     def __len__(self) -> int:
         return len(self._entries)
 

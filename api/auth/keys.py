@@ -83,6 +83,9 @@ class KeySource(Protocol):
     async def key_for(self, kid: str | None, alg: str) -> VerificationKey:
         """The key to verify a token with ``kid``/``alg``. Raises UnknownKey or KeysUnavailable."""
 
+    def key_now(self, kid: str | None, alg: str) -> VerificationKey | None:
+        """:meth:`key_for`'s key when it is held and current (nothing to fetch), else None. Never raises."""
+
     @property
     def generation(self) -> int:
         """Changes whenever the set of keys changes (the verifier drops what it verified with the old set)."""
@@ -177,6 +180,9 @@ class StaticKey:
     async def key_for(self, kid: str | None, alg: str) -> VerificationKey:
         return self._key
 
+    def key_now(self, kid: str | None, alg: str) -> VerificationKey | None:
+        return self._key
+
 
 class JwksKeys:
     """Keys from a JSON Web Key Set URL, refreshed on an unknown ``kid`` (rotation without a restart)."""
@@ -221,6 +227,11 @@ class JwksKeys:
         if key is None:
             raise UnknownKey(f"no key {kid!r} in the key set" if kid else "the token names no key (kid)")
         return key
+
+    def key_now(self, kid: str | None, alg: str) -> VerificationKey | None:
+        if time.monotonic() - self._loaded_at > JWKS_MAX_AGE:
+            return None  # key_for refreshes the set first
+        return self._lookup(kid)
 
     def _lookup(self, kid: str | None) -> VerificationKey | None:
         if kid is None and len(self._keys) == 1:

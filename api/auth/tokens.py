@@ -26,7 +26,7 @@ from typing import Any
 import jwt
 
 from api.auth.cache import CachedVerifier, TokenCache
-from api.auth.keys import KeySource, UnknownKey
+from api.auth.keys import KeySource, UnknownKey, VerificationKey
 from api.auth.selectors import InvalidSelector, TopicMatcher
 
 CLAIM = "herald"
@@ -94,7 +94,40 @@ class TokenVerifier(CachedVerifier[Grant]):
     async def verify(self, token: str) -> Grant:
         return await self._cache.through(token, self.keys.generation, self._verify, InvalidToken)
 
+    def verify_now(self, token: str) -> Grant | None:
+        """:meth:`verify`'s grant when nothing needs awaiting: from the cache, or checked now with a key held.
+
+        None when a key would have to be fetched, and for a token that does
+        not verify: that one is neither counted nor reported here, the
+        caller leaves it to :meth:`verify` (which refuses, counts and says
+        why). A token verified here is counted and cached as :meth:`verify`
+        does it.
+        """
+        generation = self.keys.generation
+        grant = self._cache.cached(token, generation)
+        if grant is not None:
+            return grant
+        try:
+            alg, kid = self._header(token)
+            key = self.keys.key_now(kid, alg)
+            if key is None:
+                return None
+            grant = self._decode(token, alg, key)
+        except InvalidToken:
+            return None
+        self._cache.admit(token, generation, grant)
+        return grant
+
     async def _verify(self, token: str) -> Grant:
+        alg, kid = self._header(token)
+        try:
+            key = await self.keys.key_for(kid, alg)
+        except UnknownKey as exc:
+            raise InvalidToken(str(exc)) from None
+        return self._decode(token, alg, key)
+
+    def _header(self, token: str) -> tuple[str, str | None]:
+        """The token's ``alg`` (one the configuration accepts) and ``kid``; raises InvalidToken."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -103,10 +136,10 @@ class TokenVerifier(CachedVerifier[Grant]):
         if not isinstance(alg, str) or alg not in self.keys.algorithms:
             raise InvalidToken(f"algorithm {alg!r} is not accepted")
         kid = header.get("kid")
-        try:
-            key = await self.keys.key_for(kid if isinstance(kid, str) else None, alg)
-        except UnknownKey as exc:
-            raise InvalidToken(str(exc)) from None
+        return alg, kid if isinstance(kid, str) else None
+
+    def _decode(self, token: str, alg: str, key: VerificationKey) -> Grant:
+        """The grant of a token signed with ``alg``, checked with ``key``; raises InvalidToken."""
         if alg not in key.algorithms:
             raise InvalidToken(f"algorithm {alg!r} is not accepted for this key")
         try:
