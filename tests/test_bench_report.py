@@ -6,7 +6,7 @@ import shutil
 from typing import Any
 
 from workers.bench.render import per_core_targets, ratio, render, targets
-from workers.bench.scenarios import best_step, bound, kept_up, publisher_bound
+from workers.bench.scenarios import best_step, bound, in_turns, kept_up, median_run, publisher_bound
 from workers.bench.systems import pinned
 
 
@@ -169,3 +169,24 @@ def test_the_p99_target_is_judged_on_the_whole_run_and_the_settled_p99_shown_bes
         "- p99 at 5,000 subscribers and 20 events/s at most nchan's: 50.0 ms vs 45.0 ms (0.90x): **not met**",
         "  - the same after the first second (fresh connections warmed up): 35.0 ms vs 37.0 ms (1.06x)",
     ]
+
+
+def test_systems_take_turns_and_the_median_run_counts_with_every_run_listed() -> None:
+    order: list[str] = []
+
+    class Named:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    figures = {"a": iter([30.0, 10.0, 20.0]), "b": iter([5.0, 6.0, 7.0])}
+
+    def measure(system: Any) -> dict[str, Any]:
+        order.append(system.name)
+        return {"p99_ms": next(figures[system.name]), "p50_ms": 1.0}
+
+    runs = in_turns([Named("a"), Named("b")], 3, measure)  # type: ignore[list-item]
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    chosen = median_run(runs["a"], "p99_ms", "p50_ms")
+    assert chosen["p99_ms"] == 20.0
+    assert chosen["runs"] == {"p99_ms": [30.0, 10.0, 20.0], "p50_ms": [1.0, 1.0, 1.0]}
+    assert median_run([{"x": 2}, {"x": 1}], "x")["x"] == 1  # an even count: the lower middle run

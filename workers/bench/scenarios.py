@@ -421,6 +421,32 @@ def node_bound(step: dict[str, Any]) -> bool:
     return server_saturated(step) and foreign_load(step) < NOISE
 
 
+TURNS = 3
+"""Runs of each system behind the figures a single run leaves to chance (:func:`latency`'s p99 and
+:func:`idle`'s connect time: one 10-second run's p99 of a system moved 44-54 ms between runs on this
+machine); the median run counts (:func:`in_turns`, :func:`median_run`)."""
+
+
+def in_turns(
+    systems: list[System], repeats: int, measure: Callable[[System], dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """``measure(system)`` ``repeats`` times for each system, the systems taking turns (A-B-C, C-B-A, ...),
+    so a machine that slows down or speeds up during the run weighs on all of them alike; the runs by name."""
+    runs: dict[str, list[dict[str, Any]]] = {system.name: [] for system in systems}
+    for i in range(repeats):
+        for system in systems if i % 2 == 0 else list(reversed(systems)):
+            runs[system.name].append(measure(system))
+    return runs
+
+
+def median_run(runs: list[dict[str, Any]], key: str, *also: str) -> dict[str, Any]:
+    """The run whose ``key`` is the median (the lower of the two middle ones for an even count), with every
+    run's ``key`` and ``also`` figures listed under ``runs``, in the order measured."""
+    chosen = dict(sorted(runs, key=lambda run: run[key])[(len(runs) - 1) // 2])
+    chosen["runs"] = {name: [run[name] for run in runs] for name in (key, *also)}
+    return chosen
+
+
 def _alternating(
     repeats: int,
     measure: Callable[[System], dict[str, Any]],
