@@ -69,6 +69,11 @@ EVENTS_PATH = b"/events"
 QUERIES_KEPT = 1024
 """Query strings whose parsed subscription is kept (then the lane starts over)."""
 
+Header = tuple[bytes, bytes]
+
+HEADS_KEPT = 64
+"""Response heads kept (by keep-alive and CORS answer; then the lane starts over)."""
+
 _UNSEEN: Any = object()
 
 _BODY_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
@@ -97,7 +102,7 @@ class StreamLane:
     way, which verifies it) and that covers every topic asked for.
     """
 
-    __slots__ = ("_access", "_cookie", "_cors", "_headers", "_hub", "_max_topics", "_queries", "_retry_ms")
+    __slots__ = ("_access", "_cookie", "_cors", "_headers", "_heads", "_hub", "_max_topics", "_queries", "_retry_ms")
 
     def __init__(self, hub: Hub, settings: Settings, access: Access, cors: Cors) -> None:
         self._hub = hub
@@ -107,6 +112,8 @@ class StreamLane:
         self._max_topics = settings.max_topics
         self._retry_ms = settings.retry_ms
         self._headers = [*RAW_HEADERS, node_id_header(settings.node_id)]
+        # Response heads by keep-alive and CORS answer, each with the default headers it was made from.
+        self._heads: dict[tuple[bool, tuple[Header, ...]], tuple[list[Header], bytes | None]] = {}
         # Query strings seen, with their checked topics and their fields (None: not for the lane). A connect
         # storm asks for the same few subscriptions thousands of times: each is parsed and checked once.
         self._queries: dict[bytes, tuple[tuple[str, ...], list[tuple[str, str]]] | None] = {}
@@ -123,6 +130,24 @@ class StreamLane:
             self._queries.clear()
         self._queries[query] = asked
         return asked
+
+    def _head(self, default_headers: list[Header], request_headers: list[Header], keep_alive: bool) -> bytes | None:
+        """The response head (:func:`api.stream.stream_head`), made once per second, keep-alive and CORS answer.
+
+        The server's default headers change once a second (``date``), as a
+        new list: a head is kept with the list it was made from.
+        """
+        cors = self._cors
+        extra = tuple(cors.headers(request_headers)) if cors else ()
+        key = (keep_alive, extra)
+        kept = self._heads.get(key)
+        if kept is not None and kept[0] is default_headers:
+            return kept[1]
+        head = stream_head(default_headers, [*self._headers, *extra], keep_alive)
+        if len(self._heads) >= HEADS_KEPT:
+            self._heads.clear()
+        self._heads[key] = (default_headers, head)
+        return head
 
     def answer(self, protocol: HeraldHttpToolsProtocol) -> bool:
         """Serve the request whose headers ``protocol`` has just parsed as a stream, if this lane may; whether it did.
@@ -165,10 +190,8 @@ class StreamLane:
             allowed, grant = access.authorize_subscribe_now(token, topics)
             if not allowed:
                 return False
-        cors = self._cors
-        response_headers = [*self._headers, *cors.headers(headers)] if cors else self._headers
         keep_alive = parser.should_keep_alive()
-        head = stream_head(protocol.server_state.default_headers, response_headers, keep_alive)
+        head = self._head(protocol.server_state.default_headers, headers, keep_alive)
         transport = protocol.transport
         if head is None or transport.is_closing():
             return False

@@ -15,6 +15,9 @@ from hypothesis import strategies as st
 
 from api import token as tokens
 from api.__main__ import check_access, is_loopback
+from api.auth import access as access_module
+from api.auth import tokens as tokens_module
+from api.auth.access import Access
 from api.auth.credentials import bearer_token, cookie_token, subscriber_token
 from api.auth.keys import JwksKeys, KeyConfigError, StaticKey, parse_algorithms
 from api.auth.selectors import TopicMatcher, selector_pattern
@@ -168,6 +171,46 @@ def test_verify_now_does_not_wait_for_keys_to_be_fetched() -> None:
     check = TokenVerifier(JwksKeys("http://127.0.0.1:9/jwks.json", None))
     token = jwt.encode({"exp": int(time.time()) + 60, "herald": {}}, "z" * 40, "HS256", headers={"kid": "k1"})
     assert check.verify_now(token) is None  # no key set loaded yet: verify() would fetch it
+
+
+def test_a_subscription_allowed_at_once_is_kept_until_its_grant_expires_or_the_keys_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    check = verifier()
+    access = Access(check)
+    looked: list[str] = []
+    verify_now = check.verify_now
+
+    def spy(token: str) -> tokens_module.Grant | None:
+        looked.append(token)
+        return verify_now(token)
+
+    monkeypatch.setattr(check, "verify_now", spy)
+    clock = FakeClock(time.time())
+    monkeypatch.setattr(access_module, "time", clock)
+    token = tokens.mint(SECRET, subscribe=["a/**"], ttl=3600)
+    allowed, grant = access.authorize_subscribe_now(token, ("a/1",))
+    assert allowed
+    assert grant is not None
+    assert access.authorize_subscribe_now(token, ("a/1",)) == (True, grant)
+    assert len(looked) == 1  # kept: no second look
+    assert access.authorize_subscribe_now(token, ("b",)) == (False, None)  # not covered: the app refuses it
+    assert access.authorize_subscribe_now(None, ("a/1",)) == (False, None)
+    clock.now = grant.expires_at  # the grant's exp: the kept answer is no answer any more
+    access.authorize_subscribe_now(token, ("a/1",))
+    assert len(looked) == 3
+    clock.now = time.time()
+    check.keys.generation = 99  # type: ignore[misc]  # a new key set
+    access.authorize_subscribe_now(token, ("a/1",))
+    assert len(looked) == 4
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
 
 
 async def test_the_cache_is_bounded() -> None:

@@ -407,3 +407,15 @@ async def test_a_token_the_lane_cannot_allow_goes_to_the_app(auth_node: Node, wh
     verifier = auth_node.access.verifier
     assert verifier is not None
     assert verifier.rejected == 0  # the app's way refuses and counts (this App stands in for it and does not)
+
+
+async def test_the_head_is_made_once_per_second_and_kept_alive_or_not(node: Node) -> None:
+    lane = node.app.stream_lane
+    assert lane is not None
+    now = [(b"date", b"Thu, 01 Jan 2026 00:00:00 GMT")]
+    head = lane._head(now, [], True)
+    assert head is not None
+    assert lane._head(now, [], True) is head  # the same second: kept
+    assert lane._head(now, [], False) == head.replace(b"transfer-encoding", b"connection: close\r\ntransfer-encoding")
+    later = [(b"date", b"Thu, 01 Jan 2026 00:00:01 GMT")]  # uvicorn's next second: a new list
+    assert lane._head(later, [], True) == head.replace(b"00:00:00", b"00:00:01")

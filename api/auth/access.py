@@ -25,6 +25,8 @@ from api.models import is_reserved
 from api.settings import Settings
 
 REALM = "herald"
+ALLOWED_KEPT = 1024
+"""Subscriptions whose answer :meth:`Access.authorize_subscribe_now` keeps (then it starts over)."""
 
 log = logging.getLogger("herald.auth")
 
@@ -65,6 +67,8 @@ class Access:
 
     def __init__(self, verifier: TokenVerifier | None, public_topics: TopicMatcher = NOTHING) -> None:
         self.verifier = verifier
+        # authorize_subscribe_now's answers: (token, topics) -> (key set generation, grant).
+        self._allowed: dict[tuple[str | None, tuple[str, ...]], tuple[int, Grant | None]] = {}
         self.public_topics = public_topics
         self._logged_at = float("-inf")
         self._refused_since_log = 0
@@ -169,7 +173,7 @@ class Access:
             raise _insufficient(f"the token does not allow subscribing to topic {refused!r}")
         return grant
 
-    def authorize_subscribe_now(self, token: str | None, topics: Sequence[str]) -> tuple[bool, Grant | None]:
+    def authorize_subscribe_now(self, token: str | None, topics: tuple[str, ...]) -> tuple[bool, Grant | None]:
         """:meth:`authorize_subscribe` when it allows the client with nothing to await: ``(True, grant)``.
 
         That is without access control, for public topics only, or with a
@@ -179,18 +183,28 @@ class Access:
         counted: keys to fetch, or a refusal, which :meth:`authorize_subscribe`
         makes and reports.
         """
-        if self.verifier is None:
+        verifier = self.verifier
+        if verifier is None:
             return True, None
+        # A connect storm asks the same few questions thousands of times: the answers are kept while their
+        # grant is valid and the keys unchanged (a new key set, or the grant's exp, and the question is new).
+        generation = verifier.keys.generation
+        kept = self._allowed.get((token, topics))
+        if kept is not None and kept[0] == generation and (kept[1] is None or time.time() < kept[1].expires_at):
+            return True, kept[1]
         private = [t for t in topics if not self.public_topics.covers(t) or is_reserved(t)]
-        if not private:
-            return True, None
-        grant = self.verifier.verify_now(token) if token is not None else None
-        if (
-            grant is None
-            or (not grant.admin and any(is_reserved(t) for t in private))
-            or grant.subscribe.first_uncovered([t for t in private if not is_reserved(t)]) is not None
-        ):
-            return False, None
+        grant = None
+        if private:
+            grant = verifier.verify_now(token) if token is not None else None
+            if (
+                grant is None
+                or (not grant.admin and any(is_reserved(t) for t in private))
+                or grant.subscribe.first_uncovered([t for t in private if not is_reserved(t)]) is not None
+            ):
+                return False, None
+        if len(self._allowed) >= ALLOWED_KEPT:
+            self._allowed.clear()
+        self._allowed[token, topics] = (generation, grant)
         return True, grant
 
     async def authorize_publish(self, token: str | None, topics: Sequence[str]) -> None:
