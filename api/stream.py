@@ -75,9 +75,8 @@ class UvicornDirectWriter:
 
     # The last chunk framed, and its framing: in a fan-out every client's
     # chunk is the same bytes object (one event's frame, encoded once), so
-    # the hub's flush frames it once, not once per client. Shared with the
-    # protocol's own streams (api.lane), written inline in both: this runs
-    # once per client per round.
+    # the hub's flush frames it once, not once per client. The protocol's
+    # own streams (api.lane) use this same write.
     _last: tuple[bytes, bytes] = (b"", b"")
 
     def __init__(self, cycle: object) -> None:
