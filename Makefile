@@ -3,14 +3,26 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.synced
+# uv, pinned with hashes (ops/uv-requirements.txt), in a venv of its own: it installs .venv from uv.lock.
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+# uv uses the machine's Python ($(PYTHON)), never one it downloads, and installs into .venv.
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: run test setup system-deps lint demo bench bench-fanout loadtest cluster cluster-down clean
+.PHONY: run test setup system-deps lint lock upgrade-check demo bench bench-fanout loadtest cluster cluster-down clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV) || { ops/install-system-deps.sh && rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+$(UV): ops/uv-requirements.txt
+	rm -rf $(TOOLS)
+	$(PYTHON) -m venv $(TOOLS) || { ops/install-system-deps.sh && rm -rf $(TOOLS) && $(PYTHON) -m venv $(TOOLS); }
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r ops/uv-requirements.txt
+	touch $(UV)
+
+# Exactly the versions of uv.lock, what `make test` ran against (--locked: refuses a lock that pyproject.toml
+# has moved away from). Nothing else stays in .venv.
+$(STAMP): pyproject.toml uv.lock $(UV)
+	$(UV) sync --locked --python $(PYTHON)
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -30,6 +42,21 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+## Refresh uv.lock on purpose: the newest versions pyproject.toml allows (PACKAGE=name: that one only), and uv's
+## own pin from ops/uv.in. Then `make test`; when uvicorn moved, see README, Development.
+PACKAGE ?=
+lock: $(UV)
+	$(UV) lock --python $(PYTHON) $(if $(PACKAGE),--upgrade-package $(PACKAGE),--upgrade)
+	$(UV) pip compile --quiet --universal --generate-hashes --python-version 3.11 ops/uv.in -o ops/uv-requirements.txt
+	@grep -A1 '^name = "uvicorn"' uv.lock | tail -1
+
+## The newest versions the ranges allow (RESOLUTION=lowest-direct: the lowest), in a throwaway copy: what moved,
+## then lint, types and the whole suite there. UPGRADE_CHECK_ARGS="--no-tests" for lint and types only.
+RESOLUTION ?= highest
+UPGRADE_CHECK_ARGS ?=
+upgrade-check: system-deps $(UV)
+	$(PYTHON) ops/upgrade_check.py --uv $(UV) --python $(PYTHON) --resolution $(RESOLUTION) $(UPGRADE_CHECK_ARGS)
 
 # While a cluster of `make cluster AUTH=1` runs, the tools below mint their tokens from its secret
 # (unless HERALD_JWT_SECRET is set already). A token sent to a node with access control off is ignored.
@@ -80,4 +107,4 @@ cluster-down: setup
 	$(PY) -m ops.cluster stop
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .run
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache .hypothesis .run

@@ -25,11 +25,10 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 
-from api import logs, workers
+from api import adapter, logs, workers
 from api.app import create_app
 from api.auth.access import Access
 from api.auth.keys import KeyConfigError
-from api.protocol import HeraldHttpToolsProtocol
 from api.settings import Settings
 from broker.base import BrokerUnavailable
 
@@ -59,9 +58,7 @@ class HeraldServer(uvicorn.Server):
         await super().shutdown(sockets)
         # Uvicorn re-raises the stop signal once it is done, so the process
         # would die "killed by SIGTERM". It shut down cleanly: exit 0 instead.
-        captured = getattr(self, "_captured_signals", None)
-        if isinstance(captured, list):
-            captured.clear()
+        adapter.exit_cleanly_after_shutdown(self)
 
 
 def raise_open_files_limit() -> int:
@@ -151,14 +148,18 @@ def main() -> None:
 def serve(settings: Settings, slot: workers.WorkerSlot | None = None) -> None:
     """Serve the node in this process until SIGTERM/SIGINT; as worker ``slot`` on a shared port when given."""
     raise_open_files_limit()
-    app = create_app(settings)
+    app = create_app(settings)  # chooses what serves beyond ASGI (api.adapter): logged here, once
+    choice: adapter.Choice = app.state.server
+    warning = choice.warning()
+    if warning is not None:
+        log.warning("%s", warning)
     tune_gc()
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=HeraldHttpToolsProtocol,
+        http=choice.hooks.http,
         lifespan="on",
         timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
         backlog=LISTEN_BACKLOG,

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
-from api import errors
+from api import adapter, errors
+from api.adapter import DIRECT_WRITES
 from api.auth.access import Access, Denied
 from api.auth.cors import Cors, CorsMiddleware
 from api.auth.keys import KeysUnavailable
@@ -26,7 +27,6 @@ from api.events import events_response
 from api.events import router as events_router
 from api.health import router as health_router
 from api.hub import Hub
-from api.lane import StreamLane
 from api.mercure.routes import HUB_PATH as MERCURE_HUB_PATH
 from api.mercure.routes import router as mercure_router
 from api.mercure.routes import serve_subscribe
@@ -39,9 +39,11 @@ from api.monitoring import router as monitoring_router
 from api.publish import router as publish_router
 from api.registry import NodeRegistry
 from api.settings import Settings
-from api.stream import DIRECT_WRITES
 from broker.base import Broker, BrokerUnavailable, IdempotencyConflict, RetentionPolicy
 from broker.factory import create_broker
+
+if TYPE_CHECKING:
+    from api.adapter.lane import StreamLane
 
 BrokerFactory = Callable[[Settings], Broker]
 
@@ -62,6 +64,7 @@ def _default_broker(settings: Settings) -> Broker:
 def create_app(settings: Settings | None = None, broker_factory: BrokerFactory = _default_broker) -> FastAPI:
     """A Herald node. ``settings`` default to the environment."""
     settings = settings or Settings()
+    server = adapter.install(settings.uvicorn_adapter)  # what serves beyond ASGI: the adapter, or stock uvicorn
     access = Access.from_settings(settings)  # refuses an unusable key configuration now, before serving
     cors = Cors.parse(settings.cors_origins)
 
@@ -91,7 +94,9 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
         app.state.broker = broker
         app.state.hub = hub
         if isinstance(app, HeraldApp):
-            app.stream_lane = StreamLane(hub, settings, access, cors)  # Herald's protocol answers streams (api.lane)
+            app.serving = (hub, settings, access, cors)
+            # Herald's protocol answers the streams it can itself (api.adapter.lane); stock uvicorn: None.
+            app.stream_lane = adapter.active.stream_lane(hub, settings, access, cors)
         app.state.registry = registry
         app.state.mercure_subscriptions = subscriptions
         log.info("node %s serving on %s (broker: %s)", settings.node_id, registry.url, type(broker).__name__)
@@ -100,6 +105,7 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
         finally:
             if isinstance(app, HeraldApp):
                 app.stream_lane = None
+                app.serving = None
             await registry.close()
             await hub.close()
             if subscriptions is not None:
@@ -115,6 +121,7 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
         docs_url=None,  # served by api.docs from the package: no CDN
     )
     app.state.settings = settings
+    app.state.server = server
     app.state.access = access
     app.state.cors = cors
     app.add_middleware(CorsMiddleware, cors=cors)
@@ -151,22 +158,25 @@ class HeraldApp(FastAPI):
     """
 
     stream_lane: StreamLane | None = None
-    """Set while the node serves: Herald's protocol answers the streams it can itself (api.lane)."""
+    """Set while the node serves: Herald's protocol answers the streams it can itself (api.adapter.lane)."""
+
+    serving: tuple[Hub, Settings, Access, Cors] | None = None
+    """Set while the node serves: what ``GET /events`` needs, at hand (the app's state is a ``__getattr__`` each)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            server = getattr(receive, "__self__", None)
-            scope[DIRECT_WRITES] = server is not None and getattr(send, "__self__", None) is server
+            scope[DIRECT_WRITES] = adapter.active.direct_writes(receive, send)
             # The SSE fast lane (see api.events): streams skip FastAPI's request path.
             if scope["method"] == "GET" and not scope.get("root_path"):
                 path = scope["path"]
                 if path == "/events":
-                    # Awaited here, not in a helper: one coroutine fewer held under every stream (api.events).
-                    # The state's dict, not its attributes: each is a Python-level __getattr__.
-                    s = self.state._state
-                    response = await events_response(s["hub"], s["settings"], s["access"], s["cors"], scope, receive)
-                    await response(scope, receive, send)
-                    return
+                    serving = self.serving
+                    if serving is not None:
+                        # Awaited here, not in a helper: one coroutine fewer held under every stream (api.events).
+                        hub, settings, access, cors = serving
+                        response = await events_response(hub, settings, access, cors, scope, receive)
+                        await response(scope, receive, send)
+                        return
                 if path == MERCURE_HUB_PATH:  # the Mercure hub's streams too (it answers its own CORS)
                     await serve_subscribe(self.state, scope, receive, send, node_id=True)
                     return

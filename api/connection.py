@@ -102,7 +102,7 @@ class Connection:
         # per connection, for as long as it is open).
         self._waiter: asyncio.Future[None] | None = None
         self._direct: DirectWriter | None = None  # set once live, when the server allows it
-        self._on_wake: Callable[[], None] | None = None  # a writer without a task (api.lane): see wake_with
+        self._on_wake: Callable[[], None] | None = None  # a writer without a task (api.adapter.lane): see wake_with
         self._on_dirty = on_dirty  # the hub's "flush me this iteration"
         self._dirty = False  # already in the hub's flush list
         self._sending = False  # the writer task holds a chunk it has not written yet

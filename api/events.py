@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.types import Receive, Scope
 
-from api import errors
+from api import adapter, errors
 from api.auth.access import Access, Denied
 from api.auth.cors import Cors
 from api.auth.credentials import subscriber_token
@@ -34,7 +34,7 @@ from api.errors import RequestRejected
 from api.hub import Hub, Opened, Refused
 from api.models import is_topic
 from api.settings import Settings
-from api.stream import EventStreamResponse, RetryLaterResponse, connect_outcome, transport_aborter
+from api.stream import EventStreamResponse, RetryLaterResponse, connect_outcome
 from broker.base import BrokerUnavailable
 
 router = APIRouter()
@@ -168,7 +168,7 @@ async def events_response(
     )
     response: Response
     try:
-        response = await open_stream(hub, settings, access, topics, resume, token, transport_aborter(receive))
+        response = await open_stream(hub, settings, access, topics, resume, token, adapter.active.aborter(receive))
     except RequestRejected as exc:  # the app's own error answers, as the FastAPI route gives them
         response = await errors.request_rejected(Request(scope, receive), exc)
     except Denied as exc:
@@ -225,4 +225,4 @@ async def events(
         if access.enabled
         else None
     )
-    return await open_stream(hub, settings, access, topics, resume, token, transport_aborter(request.receive))
+    return await open_stream(hub, settings, access, topics, resume, token, adapter.active.aborter(request.receive))

@@ -6,9 +6,10 @@ import asyncio
 from importlib import resources
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from api.adapter import Choice
 from api.deps import AccessDep, AdminOnly, BrokerDep, HubDep, SettingsDep
 from broker.base import BrokerUnavailable, ReportsStats
 
@@ -53,11 +54,16 @@ def _rss_bytes() -> int:
         503: {"description": "Tokens can't be verified now (the JWKS is unreachable); retry later."},
     },
 )
-async def stats(hub: HubDep, broker: BrokerDep, settings: SettingsDep, access: AccessDep) -> dict[str, Any]:
+async def stats(
+    request: Request, hub: HubDep, broker: BrokerDep, settings: SettingsDep, access: AccessDep
+) -> dict[str, Any]:
     # Every task of the node's loop (an open stream costs one: uvicorn's, serving it). Counted here, on
     # request, not in Hub.stats: the node's announce reads those every second, and counting walks every task.
     figures: dict[str, int] = {**hub.stats(), "tasks": len(asyncio.all_tasks())}
     body: dict[str, Any] = {"node_id": settings.node_id, "rss_bytes": _rss_bytes(), "hub": figures}
+    server: Choice | None = getattr(request.app.state, "server", None)
+    if server is not None:  # what serves beyond ASGI (api.adapter)
+        body["server"] = {"http": server.hooks.name, "adapter": server.adapter, "uvicorn": server.uvicorn_version}
     if access.enabled:
         body["auth"] = access.stats()
     if isinstance(broker, ReportsStats):

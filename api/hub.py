@@ -85,7 +85,7 @@ class Hub:
         metrics: Metrics | None = None,
     ) -> None:
         self._broker = broker
-        # What lets open_now open a fresh stream in one step (api.lane), when the broker answers at once.
+        # What lets open_now open a fresh stream in one step (api.adapter.lane), when the broker answers at once.
         self._position_now = broker.position_now if isinstance(broker, PositionNow) else None
         self._subscribe_now = broker.subscribe_now if isinstance(broker, SubscribeNow) else None
         # Counted per write and per flush, read when Prometheus scrapes (api.metrics).

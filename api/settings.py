@@ -155,3 +155,8 @@ class Settings(BaseSettings):
         description="This node's own URL as the cluster registry shows it (default http://HOST:PORT).",
     )
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or as one JSON object each.")
+    uvicorn_adapter: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Herald's HTTP adapter onto uvicorn's internals (api.adapter): auto uses it only with a uvicorn"
+        " it was tested with, else stock uvicorn and the ASGI app (correct, slower); on always; off never.",
+    )

@@ -134,7 +134,7 @@ def _client(target: RedisTarget, pool: int, timeout: float | None, connect_timeo
         "max_connections": pool,
     }
     if target.sentinels:
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(
             list(target.sentinels),
             sentinel_kwargs={"socket_timeout": connect_timeout, "socket_connect_timeout": connect_timeout},
         )
@@ -557,7 +557,7 @@ class RedisBroker:
             finally:
                 self._end_connecting()
                 with contextlib.suppress(RedisError, OSError, RuntimeError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
             if not self._closed:
                 await asyncio.sleep(backoff)
                 # Short: a node should notice that Redis is back within a

@@ -18,17 +18,43 @@ def _stop_shared_redis() -> Iterator[None]:
     redis_server.stop_shared()
 
 
+SERVING_PATHS: dict[str, dict[str, str]] = {
+    "adapter": {},  # Herald's HTTP adapter on the locked uvicorn (api.adapter): what a node serves with
+    "stock": {"HERALD_UVICORN_ADAPTER": "off"},  # stock uvicorn and the ASGI app: a node on an untested uvicorn
+}
+"""The two ways a node can serve HTTP. Tests marked ``http_contract`` run against a node of each."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "http_contract: the HTTP contract; its node and small_node serve both ways (SERVING_PATHS)"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("http_contract") is None:
+        return
+    for name in ("node", "small_node"):
+        if name in metafunc.fixturenames:
+            metafunc.parametrize(name, list(SERVING_PATHS), indirect=True, scope="session")
+
+
+def serving_path(request: pytest.FixtureRequest) -> dict[str, str]:
+    return SERVING_PATHS[getattr(request, "param", "adapter")]
+
+
 @pytest.fixture(scope="session")
-def node() -> Iterator[Node]:
+def node(request: pytest.FixtureRequest) -> Iterator[Node]:
     """A node with default settings but a 1 s heartbeat, shared by the API tests."""
-    with run_server({"HERALD_HEARTBEAT": "1", "HERALD_NODE_ID": "test-node"}) as node:
+    with run_server({"HERALD_HEARTBEAT": "1", "HERALD_NODE_ID": "test-node", **serving_path(request)}) as node:
         yield node
 
 
 @pytest.fixture(scope="session")
-def small_node() -> Iterator[Node]:
+def small_node(request: pytest.FixtureRequest) -> Iterator[Node]:
     """A node with tiny limits, for the tests of every limit."""
     env = {
+        **serving_path(request),
         "HERALD_REPLAY_SIZE": "5",
         "HERALD_MAX_EVENT_BYTES": "1000",
         "HERALD_MAX_TOPICS": "3",

@@ -56,13 +56,16 @@ class Node:
             raise
 
 
-def start_node(env: dict[str, str] | None = None, port: int | None = None, timeout: float = 15) -> Node:
-    """Start ``python -m api`` and wait until it answers /healthz."""
+def start_node(
+    env: dict[str, str] | None = None, port: int | None = None, timeout: float = 15, command: list[str] | None = None
+) -> Node:
+    """Start ``python -m api`` (or ``command``) and wait until it answers /healthz."""
     port = port or free_port()
     with tempfile.NamedTemporaryFile(prefix="herald-node-", suffix=".log", delete=False) as log_file:
         log_path = Path(log_file.name)
     # Same session as the test run: an interrupted run takes its nodes with it.
-    process = launch.spawn(launch.node_command(), log_path, launch.node_env(port, extra=env), new_session=False)
+    environ = launch.node_env(port, extra=env)
+    process = launch.spawn(command or launch.node_command(), log_path, environ, new_session=False)
     node = Node(process, port, log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -78,9 +81,11 @@ def start_node(env: dict[str, str] | None = None, port: int | None = None, timeo
 
 
 @contextlib.contextmanager
-def run_server(env: dict[str, str] | None = None, port: int | None = None) -> Iterator[Node]:
+def run_server(
+    env: dict[str, str] | None = None, port: int | None = None, command: list[str] | None = None
+) -> Iterator[Node]:
     """A node for the duration of the block; stopped by pid afterwards, whatever happens."""
-    node = start_node(env, port)
+    node = start_node(env, port, command=command)
     try:
         yield node
     finally:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import ssl
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
 import httpx
@@ -17,6 +19,27 @@ import httpx
 from tests.sse_parser import SSEEvent, SSEParser
 
 _END = object()
+
+RETRYABLE = (httpx.HTTPError, OSError, TimeoutError)
+"""What a client that behaves like EventSource retries after: a refused or dropped connection, or no answer in
+time. Anything else is a bug in the test and ends the client's task with its exception."""
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One TLS context for every client the tests make.
+
+    httpx builds a context per client, loading the CA bundle: 20-50 ms of
+    CPU each, with the event loop blocked. A harness that made one client
+    per stream spent seconds of a test's time limit on it, more on a slower
+    machine (``test_regression_clients_built_per_connection_ate_the_connect_deadline``).
+    """
+    return ssl.create_default_context()
+
+
+def new_client(**options: object) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` that costs no CA-bundle load (:func:`tls_context`); ``options`` as httpx takes them."""
+    return httpx.AsyncClient(verify=tls_context(), **options)  # type: ignore[arg-type]
 
 
 class EventStream:
@@ -60,7 +83,7 @@ class EventStream:
             headers["Last-Event-ID"] = last_event_id
         owns = client is None
         if client is None:
-            client = httpx.AsyncClient(timeout=httpx.Timeout(timeout, read=None))
+            client = new_client(timeout=httpx.Timeout(timeout, read=None))
         request = client.build_request("GET", f"{base_url}/events", params=query, headers=headers)
         try:
             response = await asyncio.wait_for(client.send(request, stream=True), timeout)
@@ -170,7 +193,7 @@ class SteadyPublisher:
         self.pause = pause
         self.accepted: list[str] = []
         self._task: asyncio.Task[None] | None = None
-        self._client = httpx.AsyncClient()
+        self._client = new_client()
 
     async def _run(self) -> None:
         for i in range(self.count):
@@ -201,6 +224,14 @@ class SteadyPublisher:
         await self._client.aclose()
 
 
+def shared_pool(timeout: float = 10) -> httpx.AsyncClient:
+    """One connection pool for many long-lived streams: no limit on its connections, no read timeout."""
+    return new_client(
+        timeout=httpx.Timeout(timeout, read=None),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
+    )
+
+
 class ResumingClient:
     """Behaves like a browser's EventSource: whenever the stream ends, reconnect with Last-Event-ID.
 
@@ -208,8 +239,22 @@ class ResumingClient:
     each connection (``X-Node-Id``).
     """
 
-    def __init__(self, base_url: str, topics: Sequence[str], retry_delay: float = 0.1) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        topics: Sequence[str],
+        retry_delay: float = 0.1,
+        client: httpx.AsyncClient | None = None,
+        open_timeout: float = 10,
+    ) -> None:
+        """``client``: a pool shared with other clients (see :func:`shared_pool`); else each connection makes its own.
+
+        ``open_timeout`` bounds one attempt (the answer, then its first
+        bytes); an attempt that runs out is retried as any failed connect.
+        """
         self.base_url = base_url
+        self.client = client
+        self.open_timeout = open_timeout
         self.topics = list(topics)
         self.retry_delay = retry_delay
         self.events: list[SSEEvent] = []
@@ -220,6 +265,8 @@ class ResumingClient:
         # Answers a browser's EventSource would have given up on for good:
         # any status but 200, or a 200 that is not text/event-stream.
         self.fatal_answers: list[str] = []
+        self.failed_attempts = 0
+        """Connects that failed or got no first bytes in time (each retried)."""
 
     @property
     def reconnects(self) -> int:
@@ -231,8 +278,15 @@ class ResumingClient:
     async def run(self) -> None:
         while not self.stop.is_set():
             try:
-                stream = await EventStream.open(self.base_url, self.topics, last_event_id=self.last_event_id)
-            except httpx.HTTPError:
+                stream = await EventStream.open(
+                    self.base_url,
+                    self.topics,
+                    last_event_id=self.last_event_id,
+                    client=self.client,
+                    timeout=self.open_timeout,
+                )
+            except RETRYABLE:
+                self.failed_attempts += 1
                 await asyncio.sleep(self.retry_delay)  # the reconnect delay, like EventSource's retry
                 continue
             try:
@@ -241,8 +295,12 @@ class ResumingClient:
                     self.fatal_answers.append(f"{stream.response.status_code} {media_type}")
                     await asyncio.sleep(self.retry_delay)
                     continue
+                try:
+                    await asyncio.wait_for(stream.first_bytes.wait(), self.open_timeout)
+                except TimeoutError:
+                    self.failed_attempts += 1  # a 200 with no bytes in time: drop it and try again
+                    continue
                 self.nodes.append(stream.response.headers.get("x-node-id", "?"))
-                await asyncio.wait_for(stream.first_bytes.wait(), 10)
                 self.last_event_id = stream.parser.last_event_id or self.last_event_id
                 self.connected.set()
                 await self._read(stream)
@@ -267,3 +325,27 @@ class ResumingClient:
                 self.last_event_id = stream.parser.last_event_id
         finally:
             stop.cancel()
+
+
+@contextlib.asynccontextmanager
+async def resuming_clients(
+    url: str, topics: Sequence[str], count: int, connect_within: float = 30
+) -> AsyncIterator[list[ResumingClient]]:
+    """``count`` :class:`ResumingClient` on one shared pool, all connected within ``connect_within`` seconds.
+
+    The deadline covers the clients' connects only: the clients (and their
+    pool) are built before it starts. Stopped, and their pool closed, on the way out.
+    """
+    async with shared_pool() as pool:
+        clients = [ResumingClient(url, topics, client=pool) for _ in range(count)]
+        tasks = [asyncio.create_task(c.run()) for c in clients]
+        try:
+            async with asyncio.timeout(connect_within):
+                await asyncio.gather(*(c.connected.wait() for c in clients))
+            yield clients
+        finally:
+            for c in clients:
+                c.stop.set()
+            outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        crashed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        assert crashed == [], f"{len(crashed)} clients' tasks died: {crashed[:3]!r}"

@@ -8,6 +8,7 @@ import socket
 import time
 
 import httpx
+import pytest
 
 from api.app import create_app
 from api.settings import Settings
@@ -16,6 +17,8 @@ from broker.memory import MemoryBroker
 from tests.server import Node, run_server, serve_app, start_node
 from tests.sse_client import EventStream, publish
 from tests.sse_parser import SSEEvent, SSEParser
+
+pytestmark = pytest.mark.http_contract  # on both serving paths: the adapter and stock uvicorn (conftest)
 
 
 def dechunk(raw: bytes) -> bytes:

@@ -12,6 +12,8 @@ import pytest
 from tests.server import Node
 from tests.sse_client import EventStream
 
+pytestmark = pytest.mark.http_contract  # on both serving paths: the adapter and stock uvicorn (conftest)
+
 
 def post(node: Node, body: Any = None, raw: bytes | None = None) -> httpx.Response:
     if raw is not None:

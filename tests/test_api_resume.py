@@ -7,9 +7,12 @@ import json
 import random
 
 import httpx
+import pytest
 
 from tests.server import Node, run_server
 from tests.sse_client import EventStream, publish
+
+pytestmark = pytest.mark.http_contract  # on both serving paths: the adapter and stock uvicorn (conftest)
 
 
 async def publish_many(url: str, topic: str, count: int, start: int = 0) -> list[str]:

@@ -13,7 +13,7 @@ import json
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from broker.base import Message
 from ops.cluster import Cluster, free_port
 from tests import redis_server
-from tests.sse_client import EventStream, ResumingClient, SteadyPublisher, publish
+from tests.sse_client import EventStream, ResumingClient, SteadyPublisher, publish, resuming_clients
 from workers.produce import publish_direct
 
 pytestmark = pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed")
@@ -47,19 +47,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 def new_topic() -> str:
     return f"c-{uuid.uuid4().hex[:10]}"
-
-
-@contextlib.asynccontextmanager
-async def resuming_clients(url: str, topics: list[str], count: int) -> AsyncIterator[list[ResumingClient]]:
-    clients = [ResumingClient(url, topics) for _ in range(count)]
-    tasks = [asyncio.create_task(c.run()) for c in clients]
-    try:
-        await asyncio.wait_for(asyncio.gather(*(c.connected.wait() for c in clients)), 30)
-        yield clients
-    finally:
-        for c in clients:
-            c.stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
 
 
 async def until_all_have(clients: list[ResumingClient], count: int, timeout: float = 30) -> None:

@@ -1,4 +1,4 @@
-"""Streams answered by Herald's protocol itself (api.lane): the same answer, the same guarantees, no task.
+"""Streams answered by Herald's protocol itself (api.adapter.lane): the same answer, the same guarantees, no task.
 
 The protocol is driven over a transport that records its writes, with a real
 hub on the embedded broker; the last test compares the lane's answer with
@@ -19,12 +19,12 @@ import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
+from api.adapter.lane import QUERIES_KEPT, LaneStream, StreamLane
+from api.adapter.protocol import HeraldHttpToolsProtocol
 from api.auth.access import Access
 from api.auth.cors import Cors
 from api.connection import Closed, Connection
 from api.hub import Hub
-from api.lane import QUERIES_KEPT, LaneStream, StreamLane
-from api.protocol import HeraldHttpToolsProtocol
 from api.settings import Settings
 from api.token import mint
 from broker.base import Message
@@ -267,7 +267,7 @@ async def test_a_client_gone_is_detached_with_nothing_more_written(node: Node) -
     protocol.connection_lost(None)
     async with asyncio.timeout(5):
         while node.clients() != 1:
-            await asyncio.sleep(0)  # detached on the next loop turns (api.lane: LaneStream.woken)
+            await asyncio.sleep(0)  # detached on the next loop turns (api.adapter.lane: LaneStream.woken)
     await node.publish("after")
     await asyncio.sleep(0)
     assert transport.writes == []
@@ -338,7 +338,7 @@ async def test_the_lane_answers_byte_for_byte_as_the_app_on_a_real_node(topic: s
                 return int((await client.get(f"{real.url}/stats")).json()["hub"]["tasks"])
 
         before = await tasks()
-        # A request that expects a 100-continue takes the app's way (api.lane), to the same answer.
+        # A request that expects a 100-continue takes the app's way (api.adapter.lane), to the same answer.
         by_app = await asyncio.to_thread(open_stream, "Expect: 100-continue\r\n")
         after_app = await tasks()
         by_lane = [await asyncio.to_thread(open_stream) for _ in range(20)]

@@ -1,7 +1,7 @@
 """Herald's HTTP protocol and the stream's first write, against uvicorn's own behaviour.
 
-:mod:`api.protocol` keeps less per connection than uvicorn's httptools
-protocol and :func:`api.stream.send_head` writes a stream's head and first
+:mod:`api.adapter.protocol` keeps less per connection than uvicorn's httptools
+protocol and :func:`api.adapter.writes.send_head` writes a stream's head and first
 chunk at once; both must leave the bytes on the wire and the request's scope
 exactly as uvicorn would. These tests drive the real uvicorn classes over a
 transport that records its writes.
@@ -27,9 +27,11 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr
 from uvicorn.server import ServerState
 
+from api.adapter import DIRECT_WRITES
+from api.adapter.protocol import HeraldHttpToolsProtocol, LazyEvent, LazyFlowControl, local_address, remote_address
+from api.adapter.writes import send_head
 from api.events import parse_query
-from api.protocol import HeraldHttpToolsProtocol, LazyEvent, LazyFlowControl, local_address, remote_address
-from api.stream import DIRECT_WRITES, MEDIA_TYPE, send_head
+from api.stream import MEDIA_TYPE
 
 STREAM_HEADERS = [(b"content-type", MEDIA_TYPE.encode()), (b"cache-control", b"no-cache"), (b"x-node-id", b"n1")]
 FIRST = b"retry: 2000\nid: 7\n\n"

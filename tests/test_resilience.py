@@ -29,7 +29,7 @@ from broker.redis import RedisBroker
 from tests import redis_server
 from tests.redis_server import RedisServer
 from tests.server import Node, run_server, serve_app
-from tests.sse_client import EventStream, ResumingClient, SteadyPublisher, publish
+from tests.sse_client import EventStream, ResumingClient, SteadyPublisher, publish, shared_pool
 from tests.sse_parser import SSEEvent
 from tests.tcp_proxy import TcpProxy
 
@@ -164,7 +164,8 @@ async def test_redis_stopped_while_clients_reconnect_and_arrive_loses_nothing(
     """Redis down for 3 s: resuming and new clients connect meanwhile; all get 200, then every event once."""
     server, node = redis_node
     topic = new_topic()
-    clients = [ResumingClient(node.url, [topic]) for _ in range(20)]
+    pool = shared_pool()
+    clients = [ResumingClient(node.url, [topic], client=pool) for _ in range(20)]
     late: list[ResumingClient] = []
     tasks = [asyncio.create_task(c.run()) for c in clients]
     try:
@@ -176,11 +177,11 @@ async def test_redis_stopped_while_clients_reconnect_and_arrive_loses_nothing(
             stopped_at = len(accepted)
             # Clients moving here from a dead node (resuming from where they
             # were) and brand-new ones arrive during the outage.
-            movers = [ResumingClient(node.url, [topic]) for _ in range(10)]
+            movers = [ResumingClient(node.url, [topic], client=pool) for _ in range(10)]
             starts = [peer.ids()[-1] for peer in clients[: len(movers)]]
             for mover, start in zip(movers, starts, strict=True):
                 mover.last_event_id = start
-            newcomers = [ResumingClient(node.url, [topic]) for _ in range(10)]
+            newcomers = [ResumingClient(node.url, [topic], client=pool) for _ in range(10)]
             late = movers + newcomers
             tasks += [asyncio.create_task(c.run()) for c in late]
             connecting = time.monotonic()
@@ -195,6 +196,7 @@ async def test_redis_stopped_while_clients_reconnect_and_arrive_loses_nothing(
         for c in clients + late:
             c.stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        await pool.aclose()
     assert during == 0  # nothing could be accepted while Redis was down
     fatal = [a for c in clients + late for a in c.fatal_answers]
     assert fatal == []

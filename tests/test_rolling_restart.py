@@ -20,8 +20,8 @@ from ops.cluster import Cluster
 from ops.launch import NGINX
 from ops.probe import free_port
 from tests import redis_server
-from tests.sse_client import publish_reliably
-from tests.test_cluster import resuming_clients, until_all_have
+from tests.sse_client import publish_reliably, resuming_clients
+from tests.test_cluster import until_all_have
 
 pytestmark = [
     pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed"),

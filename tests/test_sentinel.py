@@ -32,7 +32,7 @@ from ops import launch
 from ops.cluster import Cluster
 from ops.probe import free_port, wait_until
 from tests import redis_server
-from tests.sse_client import ResumingClient
+from tests.sse_client import resuming_clients
 
 pytestmark = pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed")
 
@@ -85,25 +85,20 @@ async def test_failover_with_replicas_ack_loses_no_accepted_event(tmp_path: Path
     )
     await asyncio.to_thread(cluster.start)
     topic = f"ha-{uuid.uuid4().hex[:8]}"
-    clients = [ResumingClient(cluster.front_url, [topic]) for _ in range(30)]
-    tasks = [asyncio.create_task(c.run()) for c in clients]
     try:
-        await asyncio.wait_for(asyncio.gather(*(c.connected.wait() for c in clients)), 30)
-        async with httpx.AsyncClient() as client:
-            publishing = asyncio.create_task(publish_at(client, cluster.front_url, topic, 200, 8))
-            await asyncio.sleep(2)  # two seconds of steady publishing before the fault
-            killed_at = time.monotonic()
-            killed = await asyncio.to_thread(cluster.failover_redis)
-            ledger = await asyncio.wait_for(publishing, 120)
-        promoted = await asyncio.to_thread(cluster.primary)
-        last = ledger.accepted[-1]
-        async with asyncio.timeout(30):
-            while any(not c.ids() or c.ids()[-1] != last for c in clients):
-                await asyncio.sleep(0.05)  # polling the clients' own progress; they run on this loop
+        async with resuming_clients(cluster.front_url, [topic], 30) as clients:
+            async with httpx.AsyncClient() as client:
+                publishing = asyncio.create_task(publish_at(client, cluster.front_url, topic, 200, 8))
+                await asyncio.sleep(2)  # two seconds of steady publishing before the fault
+                killed_at = time.monotonic()
+                killed = await asyncio.to_thread(cluster.failover_redis)
+                ledger = await asyncio.wait_for(publishing, 120)
+            promoted = await asyncio.to_thread(cluster.primary)
+            last = ledger.accepted[-1]
+            async with asyncio.timeout(30):
+                while any(not c.ids() or c.ids()[-1] != last for c in clients):
+                    await asyncio.sleep(0.05)  # polling the clients' own progress; they run on this loop
     finally:
-        for c in clients:
-            c.stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
         await asyncio.to_thread(cluster.stop)
     accepted = set(ledger.accepted)
     for c in clients:

@@ -45,6 +45,7 @@ from starlette.datastructures import State
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from api import adapter
 from api.auth.access import Access
 from api.auth.cors import Cors
 from api.auth.keys import KeysUnavailable
@@ -75,7 +76,7 @@ from api.mercure.updates import (
     read_update,
 )
 from api.settings import Settings
-from api.stream import RetryLaterResponse, connect_outcome, transport_aborter
+from api.stream import RetryLaterResponse, connect_outcome
 from broker.base import Broker, BrokerUnavailable, Message
 
 log = logging.getLogger("herald.mercure")
@@ -411,7 +412,7 @@ async def _subscribe(
             grant.subscribe if grant is not None else None,
             exact=None if matchers.has_patterns else matchers.exact_topics,
             everything=matchers.wildcard,
-            on_overflow=transport_aborter(receive),
+            on_overflow=adapter.active.aborter(receive),
         )
     except Refused as exc:
         return RetryLaterResponse(settings.retry_ms, str(exc), outcome=f"retry_{exc.reason}")

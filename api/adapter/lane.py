@@ -14,13 +14,13 @@ none of it: a fresh stream (no ``Last-Event-ID``) when
   (:class:`broker.base.SubscribeNow`: the embedded broker).
 
 For those, :class:`StreamLane` answers from the protocol's
-``on_headers_complete`` (:mod:`api.protocol`): the head and the first chunk
+``on_headers_complete`` (:mod:`api.adapter.protocol`): the head and the first chunk
 in one write, the client registered live with the hub in the same step
 (:meth:`api.hub.Hub.open_now`), its token's expiry set as the app sets it,
 and the stream then lives as callbacks, a :class:`LaneStream`:
 
 * the hub's rounds write its events (it is the connection's direct writer,
-  as :class:`api.stream.UvicornDirectWriter` is for the app's streams);
+  as :class:`api.adapter.writes.UvicornDirectWriter` is for the app's streams);
 * when the socket pushes back, its queue waits (and the client is cut off
   past its byte budget, as any stream) until the transport's
   ``resume_writing`` has it written by the next round;
@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
+from api.adapter.writes import UvicornDirectWriter, stream_head
 from api.auth.access import Access
 from api.auth.cors import Cors
 from api.auth.credentials import subscriber_token
@@ -59,10 +60,10 @@ from api.events import check_topics, node_id_header, parse_query
 from api.hub import Hub
 from api.settings import Settings
 from api.sse import preamble
-from api.stream import RAW_HEADERS, UvicornDirectWriter, stream_head
+from api.stream import RAW_HEADERS
 
 if TYPE_CHECKING:
-    from api.protocol import HeraldHttpToolsProtocol
+    from api.adapter.protocol import HeraldHttpToolsProtocol
 
 EVENTS_PATH = b"/events"
 
@@ -96,7 +97,7 @@ class StreamLane:
     """Answers a node's ``GET /events`` from the protocol when it can (:meth:`answer`); one per app.
 
     Built by the app's lifespan, and only used by
-    :class:`api.protocol.HeraldHttpToolsProtocol`. With access control on it
+    :class:`api.adapter.protocol.HeraldHttpToolsProtocol`. With access control on it
     takes a stream whose token the verifier has already checked (a connect
     storm carries a few tokens: the first connect of each goes the app's
     way, which verifies it) and that covers every topic asked for.
@@ -132,7 +133,7 @@ class StreamLane:
         return asked
 
     def _head(self, default_headers: list[Header], request_headers: list[Header], keep_alive: bool) -> bytes | None:
-        """The response head (:func:`api.stream.stream_head`), made once per second, keep-alive and CORS answer.
+        """The response head (:func:`api.adapter.writes.stream_head`), made once per second, keep-alive and CORS answer.
 
         The server's default headers change once a second (``date``), as a
         new list: a head is kept with the list it was made from.

@@ -7,7 +7,7 @@ that task is most of what the app holds per connection, and its creation a
 tenth of a connect's CPU (``make bench``: idle memory, 5,000 connects). With
 this protocol (``python -m api`` runs it) a stream registers a callback
 instead; under any other server it falls back to the watcher task
-(:mod:`api.stream`).
+(:mod:`api.stream`). Only used through :mod:`api.adapter`, for a uvicorn it was tested with.
 
 An SSE connection lives for hours, so whatever uvicorn keeps per connection
 in case it is needed is paid for as long. This protocol keeps the same
@@ -156,7 +156,7 @@ class HeraldHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         existing = self.cycle
         if existing is None or existing.response_complete:
-            # A stream the app's lane can answer here, with no request cycle or task (api.lane).
+            # A stream the app's lane can answer here, with no request cycle or task (api.adapter.lane).
             lane = getattr(self.app, "stream_lane", None)
             if lane is not None and lane.answer(self):
                 return
@@ -188,7 +188,7 @@ class HeraldHttpToolsProtocol(HttpToolsProtocol):
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        writable = getattr(self.cycle, "writable", None)  # a stream of the lane (api.lane) writes what waited
+        writable = getattr(self.cycle, "writable", None)  # a stream of the lane (api.adapter.lane) writes what waited
         if writable is not None and not self.cycle.response_complete:
             writable()
 
