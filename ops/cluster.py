@@ -57,7 +57,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -68,7 +67,7 @@ from ops.launch import NGINX, REDIS_SERVER, ROOT, SENTINEL_MASTER
 from ops.nginx import render_local
 
 # Re-exported: tests/test_loadtest.py and older callers import them from here.
-from ops.probe import free_port, port_is_free, wait_until
+from ops.probe import free_port, port_is_free, probe_get, wait_until
 
 __all__ = [
     "NGINX",
@@ -400,7 +399,7 @@ class Cluster:
 
     def _wait_node(self, index: int) -> None:
         url = self.node_url(index)
-        self._wait_started(f"node-{index}", lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200)
+        self._wait_started(f"node-{index}", lambda: probe_get(f"{url}/readyz").status_code == 200)
 
     def start_node(self, index: int) -> None:
         """Start node ``index`` and return once its ``/readyz`` answers 200; RuntimeError if it is running."""
@@ -413,7 +412,7 @@ class Cluster:
         args = [NGINX, "-p", str(self.run_dir), "-c", str(conf), "-e", str(self.logs / "nginx-error.log"),
                 "-g", "daemon off;"]  # fmt: skip
         self._spawn("nginx", args)
-        self._wait_started("nginx", lambda: httpx.get(f"{self.front_url}/healthz", timeout=1).status_code == 200)
+        self._wait_started("nginx", lambda: probe_get(f"{self.front_url}/healthz").status_code == 200)
 
     def prometheus_config(self) -> str:
         """The config :meth:`start_prometheus` writes: every node of this cluster, the repository's alert rules."""
@@ -446,7 +445,7 @@ class Cluster:
         config.write_text(self.prometheus_config())
         self._spawn("prometheus", prometheus_args(config, data, self.prometheus_port))
         url = self.prometheus_url
-        self._wait_started("prometheus", lambda: httpx.get(f"{url}/-/ready", timeout=1).status_code == 200, 30)
+        self._wait_started("prometheus", lambda: probe_get(f"{url}/-/ready").status_code == 200, 30)
 
     # -- stopping ----------------------------------------------------------------
 
@@ -537,7 +536,7 @@ class Cluster:
         def answered_by_node() -> bool:
             # A new connection each time: nginx picks a node per request
             # (least connections; a restarted node has none).
-            response = httpx.get(f"{self.front_url}/healthz", timeout=1, headers={"Connection": "close"})
+            response = probe_get(f"{self.front_url}/healthz", headers={"Connection": "close"})
             node: str | None = response.headers.get("x-node-id")
             return node == name
 
@@ -623,14 +622,14 @@ class Cluster:
         """
 
         def node_ready(url: str) -> Callable[[], bool]:
-            return lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+            return lambda: probe_get(f"{url}/readyz").status_code == 200
 
         nodes = [
             self._process_status(name, self.node_url(i), node_ready(self.node_url(i)))
             for i, name in enumerate(self.node_names)
         ]
         nginx = self._process_status(
-            "nginx", self.front_url, lambda: httpx.get(f"{self.front_url}/healthz", timeout=1).status_code > 0
+            "nginx", self.front_url, lambda: probe_get(f"{self.front_url}/healthz").status_code > 0
         )
         redis_status = self._redis_status("redis", self.redis_port)
         del redis_status["name"]
@@ -649,9 +648,7 @@ class Cluster:
         result: dict[str, object] = {"front": self.front_url, "redis": redis_status, "nginx": nginx, "nodes": nodes}
         if self.observe:
             url = self.prometheus_url
-            prometheus = self._process_status(
-                "prometheus", url, lambda: httpx.get(f"{url}/-/ready", timeout=1).status_code == 200
-            )
+            prometheus = self._process_status("prometheus", url, lambda: probe_get(f"{url}/-/ready").status_code == 200)
             del prometheus["name"]
             result["prometheus"] = prometheus
         return result

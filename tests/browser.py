@@ -81,7 +81,7 @@ class Browser:
         self._closed = False
 
     @classmethod
-    async def launch(cls, executable: str | None = None, timeout: float = 20) -> Browser:
+    async def launch(cls, executable: str | None = None, timeout: float = 60) -> Browser:
         """Start Chromium on a free loopback port with a new profile and attach to its page.
 
         Raises :class:`BrowserError` when no page target is offered within

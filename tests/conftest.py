@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 
@@ -63,6 +64,17 @@ def small_node(request: pytest.FixtureRequest) -> Iterator[Node]:
     }
     with run_server(env) as node:
         yield node
+
+
+@pytest.fixture(scope="session")
+def native_tools() -> None:
+    """The load tool's compiled parts, built before any test times a run that uses them (a fresh checkout
+    compiles them on first use, and that time would count against the run's own time limit)."""
+    from workers.loadtest import native
+
+    with contextlib.suppress(native.NativeUnavailable):  # a test that needs them fails with this message itself
+        native.build()
+        native.build_publisher()
 
 
 @pytest.fixture

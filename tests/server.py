@@ -22,7 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from ops import launch
-from ops.probe import free_port
+from ops.probe import free_port, probe_get
 
 
 @dataclass
@@ -72,7 +72,7 @@ def start_node(
         if process.poll() is not None:
             raise RuntimeError(f"node exited with {process.returncode}:\n{node.log()}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{node.url}/healthz", timeout=1).status_code == 200:
+            if probe_get(f"{node.url}/healthz").status_code == 200:
                 return node
         time.sleep(0.05)
     process.kill()
@@ -126,7 +126,7 @@ def run_front(node_ports: list[int], timeout: float = 10) -> Iterator[Node]:
                 if process.poll() is not None:
                     raise RuntimeError(f"nginx exited with {process.returncode}:\n{front.log()}")
                 with contextlib.suppress(httpx.HTTPError):
-                    httpx.get(f"{front.url}/healthz", timeout=1)
+                    probe_get(f"{front.url}/healthz")
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"nginx did not answer within {timeout}s:\n{front.log()}")

@@ -13,6 +13,7 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
+from typing import Any
 
 import httpx
 
@@ -161,7 +162,7 @@ async def publish(
     headers = {"Authorization": f"Bearer {token}"} if token is not None else None
     if client is not None:
         return await client.post(f"{base_url}/publish", json=body, headers=headers)
-    async with httpx.AsyncClient(timeout=10) as own:
+    async with new_client(timeout=10) as own:
         return await own.post(f"{base_url}/publish", json=body, headers=headers)
 
 
@@ -204,6 +205,9 @@ class SteadyPublisher:
         """Until ``count`` events were accepted."""
         async with asyncio.timeout(timeout):
             while len(self.accepted) < count:
+                if self._task is not None and self._task.done():
+                    self._task.result()  # died: say why, now
+                    raise RuntimeError(f"the publisher stopped at {len(self.accepted)} of {count} events")
                 await asyncio.sleep(0.01)  # polling our own task's progress
 
     async def finish(self, timeout: float = 60) -> list[str]:
@@ -341,11 +345,21 @@ async def resuming_clients(
         tasks = [asyncio.create_task(c.run()) for c in clients]
         try:
             async with asyncio.timeout(connect_within):
-                await asyncio.gather(*(c.connected.wait() for c in clients))
+                connected = asyncio.ensure_future(asyncio.gather(*(c.connected.wait() for c in clients)))
+                waiting: list[asyncio.Future[Any]] = [connected, *tasks]
+                try:
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    connected.cancel()
+                ended = [t for t in tasks if t.done()]
+                if ended:  # a client's task only ends when told to stop: this one crashed before connecting
+                    ended[0].result()
+                    raise RuntimeError("a client's task ended before it connected")
             yield clients
         finally:
             for c in clients:
                 c.stop.set()
             outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        crashed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
-        assert crashed == [], f"{len(crashed)} clients' tasks died: {crashed[:3]!r}"
+            crashed = [o for o in outcomes if isinstance(o, Exception)]
+            if crashed:  # raised here, so that a test failing because of them shows them (with its own error)
+                raise ExceptionGroup(f"{len(crashed)} of {count} clients' tasks died", crashed)

@@ -15,7 +15,7 @@ from api.settings import Settings
 from broker.base import Broker, BrokerUnavailable, RetentionPolicy
 from broker.memory import MemoryBroker
 from tests.server import Node, run_server, serve_app, start_node
-from tests.sse_client import EventStream, publish
+from tests.sse_client import EventStream, new_client, publish
 from tests.sse_parser import SSEEvent, SSEParser
 
 pytestmark = pytest.mark.http_contract  # on both serving paths: the adapter and stock uvicorn (conftest)
@@ -38,7 +38,7 @@ def dechunk(raw: bytes) -> bytes:
 
 
 async def stats(url: str) -> dict[str, int]:
-    async with httpx.AsyncClient() as client:
+    async with new_client() as client:
         hub: dict[str, int] = (await client.get(f"{url}/stats")).json()["hub"]
         return hub
 

@@ -70,7 +70,13 @@ async def test_reconnecting_under_concurrent_publishing_loses_and_repeats_nothin
     while len(received) < total:
         async with await EventStream.open(node.url, [topic], last_event_id=last) as stream:
             want = min(rng.randint(1, 60), total - len(received))
-            for event in await stream.take(want, timeout=20):
+            try:
+                events = await stream.take(want, timeout=20)
+            except TimeoutError:
+                if publisher.done():
+                    publisher.result()  # the publisher died: its error is why nothing came
+                raise
+            for event in events:
                 assert event.type != "reset", event
                 received.append(event.last_event_id)
                 last = event.last_event_id

@@ -358,7 +358,7 @@ async def test_the_driver_evaluates_in_headless_chromium() -> None:
 # --------------------------------------------------------------------------- the scenarios
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)  # a cluster's and Chromium's start count against it
 async def test_both_nodes_killed_for_3_seconds(tmp_path: Path) -> None:
     async with scene(tmp_path) as s:
         s.fault()
@@ -370,7 +370,7 @@ async def test_both_nodes_killed_for_3_seconds(tmp_path: Path) -> None:
     check(s, record, "a")
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)  # a cluster's and Chromium's start count against it
 async def test_redis_down_while_the_pages_node_is_killed(tmp_path: Path) -> None:
     async with scene(tmp_path) as s:
         victim = await serving_node(s.cluster)
@@ -399,7 +399,7 @@ async def test_redis_down_while_the_pages_node_is_killed(tmp_path: Path) -> None
     check(s, record, "b")
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)  # a cluster's and Chromium's start count against it
 async def test_rolling_restart_while_publishing(tmp_path: Path) -> None:
     async with scene(tmp_path) as s:
         steps: list[str] = []

@@ -26,7 +26,11 @@ from tests import redis_server
 from tests.sse_client import EventStream, ResumingClient, SteadyPublisher, publish, resuming_clients
 from workers.produce import publish_direct
 
-pytestmark = pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed")
+pytestmark = [
+    pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed"),
+    # Each test may start (and stop) a cluster of its own, which pytest-timeout counts with the test.
+    pytest.mark.timeout(180),
+]
 
 
 @contextlib.contextmanager
@@ -278,8 +282,11 @@ async def test_lost_pubsub_connection_is_backfilled_from_the_streams(cluster: Cl
         task = asyncio.create_task(producer())
         r = aioredis.Redis.from_url(cluster.redis_url, decode_responses=True)
         for cut in range(1, 4):  # cut every node's feed, three times, while events keep coming
-            while len(accepted) < 50 * cut:
-                await asyncio.sleep(0.01)
+            async with asyncio.timeout(30):
+                while len(accepted) < 50 * cut:
+                    if task.done():
+                        task.result()  # the producer died: its error, not a timeout
+                    await asyncio.sleep(0.01)  # polling the producer's progress on this loop
             await r.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
         await r.aclose()
         await asyncio.wait_for(task, 60)
@@ -295,7 +302,6 @@ async def test_lost_pubsub_connection_is_backfilled_from_the_streams(cluster: Cl
           f"every client got all 300 once, in order")  # fmt: skip
 
 
-@pytest.mark.timeout(180)
 async def test_regression_redis_restart_then_node_kill_left_clients_missing_events(tmp_path: Path) -> None:
     """300 clients through nginx; Redis restarted, then a node SIGKILLed, back to back in one run.
 

@@ -53,7 +53,12 @@ async def test_demo_streams_a_reply_and_ticks_to_a_subscriber(demo_node: Node) -
         try:
             events: list[SSEEvent] = []
             while not (any(e.type == "reply.end" for e in events) and any(e.type == "tick" for e in events)):
-                events.append(await stream.next_event(timeout=10))
+                try:
+                    events.append(await stream.next_event(timeout=10))
+                except TimeoutError:
+                    if run.done():
+                        run.result()  # the demo producer died: its error is why nothing came
+                    raise
             stats = await asyncio.wait_for(run, RUN_TIMEOUT)
         finally:
             run.cancel()

@@ -29,7 +29,7 @@ from api.token import mint
 from ops import launch
 from ops.launch import NGINX
 from ops.nginx import render_compose, render_local
-from ops.probe import free_port, wait_until
+from ops.probe import free_port, probe_get, wait_until
 from tests.server import run_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -289,7 +289,7 @@ def test_through_nginx_cors_and_tokens_work_and_no_log_holds_a_token(tmp_path: P
                 "-g", "daemon off;"]  # fmt: skip
         nginx = launch.spawn(args, new_session=False)
         try:
-            wait_until(lambda: httpx.get(f"{front}/healthz", timeout=1).status_code == 200, "nginx", 10)
+            wait_until(lambda: probe_get(f"{front}/healthz").status_code == 200, "nginx", 10)
             with httpx.Client(base_url=front, timeout=10) as client:
                 # A page of the allowed origin publishes with fetch and a header: the preflight passes through.
                 preflight = client.options(

@@ -17,14 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jsonschema
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.app import create_app
 from api.settings import Settings
-from ops.cluster import ROOT, Cluster, free_port, wait_until
+from ops.cluster import Cluster
+from ops.launch import ROOT
+from ops.probe import free_port, probe_get, wait_until
 from tests import redis_server
 from tests.server import serve_app
 from workers.loadtest.results import SCHEMA_PATH
@@ -58,7 +59,7 @@ def run_tool(out: Path, *args: str, timeout: float = 90) -> tuple[int, dict[str,
 
 def fronted_nodes(cluster: Cluster) -> set[str]:
     """The nodes nginx sends requests to now (a round of requests through the front)."""
-    return {httpx.get(f"{cluster.front_url}/readyz", timeout=2).headers["x-node-id"] for _ in range(6)}
+    return {probe_get(f"{cluster.front_url}/readyz", timeout=2).headers["x-node-id"] for _ in range(6)}
 
 
 def validate(result: dict[str, Any]) -> None:
@@ -146,6 +147,7 @@ def test_the_html_report_renders_its_plots_in_headless_chromium(
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.usefixtures("native_tools")
 @pytest.mark.parametrize("client", ["python", "native"])
 def test_a_node_killed_mid_run_loses_nothing_and_its_clients_reconnect(
     cluster: Cluster, tmp_path: Path, client: str
@@ -237,6 +239,7 @@ class DropEveryTenthEvent:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.usefixtures("native_tools")
 @pytest.mark.parametrize("client", ["python", "native"])
 async def test_a_node_that_drops_every_tenth_event_fails_with_exactly_those_events_lost(
     tmp_path: Path, client: str

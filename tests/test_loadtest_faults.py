@@ -81,7 +81,7 @@ def run_fault(
     return report, [s["what"] for s in report["steps"]], result, printed
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)  # the cluster's start (its fixture) counts against it
 def test_a_rolling_restart_loses_nothing_and_says_when_all_were_back(cluster: Cluster, tmp_path: Path) -> None:
     fault, steps, _, printed = run_fault(cluster, tmp_path, "restart-nodes", "--restart-nodes-at", "2")
     assert steps[0] == "rolling restart"
@@ -94,7 +94,7 @@ def test_a_rolling_restart_loses_nothing_and_says_when_all_were_back(cluster: Cl
     assert "all back after" in printed
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)  # the cluster's start (its fixture) counts against it
 def test_every_node_down_at_once_loses_nothing_and_says_when_all_were_back(cluster: Cluster, tmp_path: Path) -> None:
     fault, steps, result, printed = run_fault(
         cluster, tmp_path, "stop-all-nodes", "--stop-all-nodes-at", "2", "--for", "2"

@@ -600,6 +600,7 @@ def assert_counts_agree(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.timeout(RUN_TIMEOUT + 30)
+@pytest.mark.usefixtures("native_tools")
 @pytest.mark.parametrize("client", ["python", "native"])
 def test_a_real_run_the_nodes_deliveries_equal_what_the_subscribers_read(
     node: Node, tmp_path: Path, client: str

@@ -29,6 +29,7 @@ def run_native(url: str, out: Path, *args: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.usefixtures("native_tools")
 def test_the_native_publisher_paces_single_events_and_every_accepted_one_arrives(tmp_path: Path) -> None:
     with Herald().running() as node:
         modes = {

@@ -475,7 +475,10 @@ async def test_a_subscriber_counts_what_kept_it_from_streaming(path: str, errors
     recorder = Recorder()
     sub = Subscriber(0, f"127.0.0.1:{port}", path, [0], recorder, retry_s=0.1)
     task = asyncio.create_task(sub.run(lambda: None))
-    await asyncio.sleep(0.6)
+    async with asyncio.timeout(10):
+        while recorder.told_to_retry + sum(recorder.connect_errors.values()) < 2:  # two attempts, each refused
+            assert not task.done(), task
+            await asyncio.sleep(0.02)  # polling the subscriber's own progress on this loop
     sub.stop()
     await asyncio.wait_for(task, 5)
     server.close()

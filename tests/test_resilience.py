@@ -195,8 +195,9 @@ async def test_redis_stopped_while_clients_reconnect_and_arrive_loses_nothing(
     finally:
         for c in clients + late:
             c.stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
         await pool.aclose()
+    assert [o for o in outcomes if isinstance(o, Exception)] == []  # no client's task died
     assert during == 0  # nothing could be accepted while Redis was down
     fatal = [a for c in clients + late for a in c.fatal_answers]
     assert fatal == []

@@ -39,7 +39,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         running.stop()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)  # the cluster's start and stop (its fixture) count against it
 async def test_rolling_restart_under_load_delivers_every_event_once_in_order(cluster: Cluster) -> None:
     topic = f"roll-{uuid.uuid4().hex[:10]}"
     steps: list[tuple[float, str]] = []
@@ -56,8 +56,10 @@ async def test_rolling_restart_under_load_delivers_every_event_once_in_order(clu
                 await asyncio.sleep(0.01)  # a steady stream, not a flood
 
         task = asyncio.create_task(producer())
-        while len(accepted) < 30:
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(30):
+            while len(accepted) < 30:
+                assert not task.done(), task  # publish_reliably retries until a 201: its task never ends by itself
+                await asyncio.sleep(0.01)  # polling the producer's progress on this loop
         began = time.monotonic()
         loop = asyncio.get_running_loop()
 

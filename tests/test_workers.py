@@ -26,7 +26,7 @@ from ops import launch
 from ops.probe import free_port
 from tests import redis_server
 from tests.server import Node, start_node
-from tests.sse_client import EventStream, publish
+from tests.sse_client import EventStream, new_client, publish
 
 WORKERS = 2
 TEST_TIMEOUT = 45
@@ -147,7 +147,7 @@ async def close_all(by_worker: dict[str, list[EventStream]]) -> None:
 async def client_on(url: str, worker: str) -> AsyncIterator[httpx.AsyncClient]:
     """A client whose one kept-alive connection is served by ``worker``: every request it makes goes there."""
     for _ in range(100):
-        async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1), timeout=10) as client:
+        async with new_client(base_url=url, limits=httpx.Limits(max_connections=1), timeout=10) as client:
             if (await client.get("/healthz")).headers["x-node-id"] == worker:
                 yield client
                 return

@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import ssl
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -209,8 +211,14 @@ async def scrape(client: httpx.AsyncClient, url: str, token: str | None) -> Samp
         return f"{url}/metrics is not Herald's Prometheus text ({exc})"
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context for every scrape: httpx would load the CA bundle for each client (20-50 ms of CPU a poll)."""
+    return ssl.create_default_context()
+
+
 async def scrape_all(urls: list[str], token: str | None) -> list[Sample | str]:
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(verify=_tls()) as client:
         return list(await asyncio.gather(*(scrape(client, url, token) for url in urls)))
 
 
