@@ -127,6 +127,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the throwaway copy (its path is printed)")
     parser.add_argument("pytest_args", nargs="*", help="passed to pytest (e.g. -k resume)")
     args = parser.parse_args()
+    uv = str(Path(args.uv).resolve())  # the steps run in the copy
 
     LOGS.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="herald-upgrade-check-"))
@@ -135,7 +136,7 @@ def main() -> int:
     steps: list[Step] = []
     try:
         copy_project(work)
-        relock = Step("lock", [args.uv, "lock", "--upgrade", "--resolution", args.resolution, "--python", args.python])
+        relock = Step("lock", [uv, "lock", "--upgrade", "--resolution", args.resolution, "--python", args.python])
         steps.append(run(relock, work, env))
         changes = moved(locked(ROOT / "uv.lock"), locked(work / "uv.lock")) if relock.ok else []
         print(f"\nversions that moved against uv.lock ({args.resolution}):")
@@ -147,7 +148,7 @@ def main() -> int:
                 print(f"uvicorn {uvicorn} is new to the adapter: the suite tries the adapter on it\n")
             venv = work / ".venv" / "bin"
             plan = [
-                Step("install", [args.uv, "sync", "--locked", "--python", args.python]),
+                Step("install", [uv, "sync", "--locked", "--python", args.python]),
                 Step("lint", [str(venv / "ruff"), "check", "."]),
                 Step("format", [str(venv / "ruff"), "format", "--check", "."]),
                 Step("types", [str(venv / "mypy")]),
