@@ -148,7 +148,7 @@ def main() -> int:
                 print(f"uvicorn {uvicorn} is new to the adapter: the suite tries the adapter on it\n")
             venv = work / ".venv" / "bin"
             plan = [
-                Step("install", [uv, "sync", "--locked", "--python", args.python]),
+                Step("install", [uv, "sync", "--frozen", "--python", args.python]),  # the lock just made
                 Step("lint", [str(venv / "ruff"), "check", "."]),
                 Step("format", [str(venv / "ruff"), "format", "--check", "."]),
                 Step("types", [str(venv / "mypy")]),
