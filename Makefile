@@ -93,14 +93,17 @@ loadtest: setup
 ## OBSERVE=1: Debian's Prometheus too (http://127.0.0.1:9090, or a free port when that one is taken: start
 ## and status print it), scraping every node's /metrics with the alerts of ops/prometheus-rules.yml; its data in
 ## .run/cluster/prometheus. With AUTH=1 it scrapes with an admin token (.run/cluster/prometheus-token, mode 0600).
+## TLS=1: the front serves https:// with HTTP/2 (a page's EventSources share one connection), with a certificate
+## made for the cluster by Debian's openssl (.run/cluster/tls/cert.pem: trust it, or curl --cacert it).
 ## Then: .venv/bin/python -m ops.cluster status|restart|stop-node node-1|token|... (see ops/cluster.py).
 NODES ?= 3
 SENTINEL ?=
 AUTH ?=
 OBSERVE ?=
+TLS ?=
 cluster: system-deps setup
 	NODES=$(NODES) $(PY) -m ops.cluster start --nodes $(NODES) $(if $(SENTINEL),--sentinel) $(if $(AUTH),--auth) \
-		$(if $(OBSERVE),--observe)
+		$(if $(OBSERVE),--observe) $(if $(TLS),--tls)
 
 ## Stop exactly what `make cluster` started, sentinels, replica and Prometheus included (pid files in .run/cluster).
 cluster-down: setup

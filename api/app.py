@@ -21,6 +21,7 @@ from api.adapter import DIRECT_WRITES
 from api.auth.access import Access, Denied
 from api.auth.cors import Cors, CorsMiddleware
 from api.auth.keys import KeysUnavailable
+from api.bodies import ClientGone
 from api.dashboard import router as dashboard_router
 from api.docs import router as docs_router
 from api.events import events_response
@@ -43,6 +44,7 @@ from broker.base import Broker, BrokerUnavailable, IdempotencyConflict, Retentio
 from broker.factory import create_broker
 
 if TYPE_CHECKING:
+    from api.adapter.guard import ConnectionGuard
     from api.adapter.lane import StreamLane
 
 BrokerFactory = Callable[[Settings], Broker]
@@ -53,7 +55,7 @@ log = logging.getLogger("herald.node")
 def _default_broker(settings: Settings) -> Broker:
     return create_broker(
         settings.redis_url,
-        RetentionPolicy(settings.replay_size, settings.replay_ttl),
+        RetentionPolicy(settings.replay_size, settings.replay_ttl, settings.replay_ceiling()),
         sentinels=settings.redis_sentinels,
         sentinel_master=settings.redis_sentinel_master,
         pool=settings.redis_pool,
@@ -79,8 +81,9 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
             max_connections=settings.max_connections,
             metrics=node_metrics,
         )
+        guard = adapter.active.connection_guard(settings)  # deadlines and caps before a request is in (api.adapter)
         if isinstance(node_metrics, PrometheusMetrics):
-            node_metrics.attach(NodeCollector(settings, hub, broker, access))
+            node_metrics.attach(NodeCollector(settings, hub, broker, access, guard))
         registry = NodeRegistry(settings, broker, hub)
         subscriptions = (
             ActiveSubscriptions(broker, settings.node_id, MERCURE_HUB_PATH) if settings.mercure_subscriptions else None
@@ -95,6 +98,7 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
         app.state.hub = hub
         if isinstance(app, HeraldApp):
             app.serving = (hub, settings, access, cors)
+            app.connection_guard = guard
             # Herald's protocol answers the streams it can itself (api.adapter.lane); stock uvicorn: None.
             app.stream_lane = adapter.active.stream_lane(hub, settings, access, cors)
         app.state.registry = registry
@@ -106,6 +110,9 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
             if isinstance(app, HeraldApp):
                 app.stream_lane = None
                 app.serving = None
+                app.connection_guard = None
+            if guard is not None:
+                guard.close()
             await registry.close()
             await hub.close()
             if subscriptions is not None:
@@ -131,6 +138,7 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
     app.add_exception_handler(KeysUnavailable, errors.keys_unavailable)
     app.add_exception_handler(BrokerUnavailable, errors.broker_unavailable)
     app.add_exception_handler(IdempotencyConflict, errors.idempotency_conflict)
+    app.add_exception_handler(ClientGone, errors.client_gone)
     app.include_router(publish_router)
     app.include_router(events_router)
     app.include_router(health_router)
@@ -159,6 +167,9 @@ class HeraldApp(FastAPI):
 
     stream_lane: StreamLane | None = None
     """Set while the node serves: Herald's protocol answers the streams it can itself (api.adapter.lane)."""
+
+    connection_guard: ConnectionGuard | None = None
+    """Set while the node serves: deadlines and caps for requests not in yet (api.adapter.guard)."""
 
     serving: tuple[Hub, Settings, Access, Cors] | None = None
     """Set while the node serves: what ``GET /events`` needs, at hand (the app's state is a ``__getattr__`` each)."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from api.auth.access import Denied
+from api.logs import ThrottledLog
 
 RETRY_AFTER_SECONDS = 2
 
@@ -54,3 +57,15 @@ async def broker_unavailable(request: Request, exc: Exception) -> JSONResponse:
 
 async def idempotency_conflict(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=422)
+
+
+CLIENTS_GONE = ThrottledLog(
+    logging.getLogger("herald.node"), "clients disconnected before their request's body was in; nothing was done"
+)
+"""Every client that went away mid-request on this node (``herald_client_disconnects_total``)."""
+
+
+async def client_gone(request: Request, exc: Exception) -> Response:
+    """A client gone before its body was in: counted, logged at most every few seconds, answered to no one."""
+    CLIENTS_GONE.note()
+    return Response(status_code=400)  # uvicorn drops it: the connection is gone

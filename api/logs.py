@@ -26,6 +26,8 @@ import json
 import logging
 import logging.config
 import re
+import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from uvicorn.logging import DefaultFormatter
@@ -231,3 +233,39 @@ def configure(value: str | None) -> str:
     logging.config.dictConfig(logging_config(name))
     logging.captureWarnings(True)
     return name
+
+
+class ThrottledLog:
+    """One warning at most every ``every`` seconds for an event that can come in floods, with its count.
+
+    A client can make some events as often as it likes (disconnecting in the
+    middle of its request, say). Logging each would let it flood the log;
+    this logs the first at once, then at most one line per ``every`` seconds
+    saying how many came since the previous line.
+    """
+
+    def __init__(
+        self, logger: logging.Logger, message: str, every: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._logger = logger
+        self._message = message
+        self._every = every
+        self._clock = clock
+        self._since = 0
+        self._last = -every
+        self.total = 0
+
+    def note(self) -> None:
+        self.total += 1
+        self._since += 1
+        now = self._clock()
+        if now - self._last >= self._every:
+            self._logger.warning(
+                "%s (%d since the last such line, %d in all)",
+                self._message,
+                self._since,
+                self.total,
+                extra={"count": self._since, "total": self.total},
+            )
+            self._since = 0
+            self._last = now

@@ -8,7 +8,7 @@ anything (see :mod:`api.metrics`).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -16,12 +16,15 @@ from prometheus_client.registry import Collector
 
 from api.auth.access import Access
 from api.deps import AdminOnly, HubDep, SettingsDep, require_admin
-from api.errors import RequestRejected
+from api.errors import CLIENTS_GONE, RequestRejected
 from api.hub import Hub
 from api.metrics import PrometheusMetrics, counter, gauge, labelled_counter
 from api.registry import VERSION, NodeRegistry
 from api.settings import Settings
 from broker.base import Broker, ReportsStats
+
+if TYPE_CHECKING:
+    from api.adapter.guard import ConnectionGuard
 
 router = APIRouter()
 
@@ -29,7 +32,10 @@ router = APIRouter()
 class NodeCollector(Collector):
     """The node's figures kept by its parts, read at scrape time."""
 
-    def __init__(self, settings: Settings, hub: Hub, broker: Broker, access: Access) -> None:
+    def __init__(
+        self, settings: Settings, hub: Hub, broker: Broker, access: Access, guard: ConnectionGuard | None = None
+    ) -> None:
+        self._guard = guard
         self._settings = settings
         self._hub = hub
         self._broker = broker
@@ -65,6 +71,22 @@ class NodeCollector(Collector):
         yield counter("herald_broker_replay_reads", "Replay buffer reads for resumes.", broker.get("history_reads", 0))
         yield gauge("herald_broker_pool_size", "Broker connections for commands.", broker.get("pool_size", 0))
         yield gauge("herald_broker_pool_in_use", "Broker connections in use now.", broker.get("pool_in_use", 0))
+        yield counter(
+            "herald_client_disconnects",
+            "Requests whose client went away before their body was in (nothing was done).",
+            CLIENTS_GONE.total,
+        )
+        guard = self._guard
+        if guard is not None:
+            yield labelled_counter(
+                "herald_connections_shed",
+                "Connections the node closed before their request was in, by reason (deadlines, caps).",
+                "reason",
+                guard.shed.items(),
+            )
+            yield gauge(
+                "herald_connections_waiting", "Connections waiting for their request's head or body.", guard.waiting
+            )
         if self._access.enabled:
             auth = self._access.stats()
             yield counter("herald_auth_tokens_verified", "Tokens verified (cache misses).", auth["tokens_verified"])

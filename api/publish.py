@@ -23,7 +23,7 @@ from api.deps import AccessDep, BrokerDep, HubDep, SettingsDep
 from api.errors import RequestRejected
 from api.models import MAX_BATCH, PublishBatch, Published, PublishEvent, is_reserved
 from api.settings import Settings
-from api.sse import encode_data, utf8_size
+from api.sse import encode_data, frame_size, utf8_size
 from broker.base import Broker, BrokerUnavailable, IdempotencyConflict, Message
 
 router = APIRouter()
@@ -77,7 +77,8 @@ def _validate(payload: Any) -> tuple[list[PublishEvent], bool]:
         raise RequestRejected(422, exc.errors(include_url=False, include_context=False)) from None
 
 
-def _message(index: int, item: PublishEvent, max_bytes: int) -> Message:
+def _message(index: int, item: PublishEvent, max_bytes: int) -> tuple[Message, int]:
+    """The event as the broker takes it, and at most how many bytes it is as a frame on a stream."""
     where = f"event {index}: " if index >= 0 else ""
     try:
         data = encode_data(item.data)
@@ -86,7 +87,27 @@ def _message(index: int, item: PublishEvent, max_bytes: int) -> Message:
         raise RequestRejected(422, f"{where}data can't be sent: {exc}") from None
     if size > max_bytes:
         raise RequestRejected(413, f"{where}data is {size} bytes encoded, over the limit of {max_bytes}")
-    return Message(item.topic, data, item.event)
+    return Message(item.topic, data, item.event), frame_size(data, item.event, size)
+
+
+def _messages(items: list[PublishEvent], many: bool, settings: Settings) -> list[Message]:
+    """The request's events, refused (413) when together they would not fit in a subscriber's buffer.
+
+    A batch reaches a subscriber's queue all at once, before any of it can
+    be written. Past ``HERALD_CLIENT_BUFFER`` that subscriber would be cut
+    off however fast it reads, so the node does not accept what it could not
+    deliver: an accepted publish always fits.
+    """
+    sized = [_message(i if many else -1, item, settings.max_event_bytes) for i, item in enumerate(items)]
+    total = sum(size for _, size in sized)
+    if total > settings.client_buffer:
+        raise RequestRejected(
+            413,
+            f"these events are {total} bytes as a stream's frames, over HERALD_CLIENT_BUFFER ({settings.client_buffer}"
+            " bytes, what a subscriber may have queued): a subscriber could not take them at once. Publish them in"
+            " smaller batches.",
+        )
+    return [message for message, _ in sized]
 
 
 @router.post(
@@ -181,7 +202,7 @@ async def _publish(
     if reserved is not None:
         raise RequestRejected(403, f"topic {reserved!r} is reserved for the nodes' own figures")
     access.check_publish(grant, topics)
-    messages = [_message(i if many else -1, item, settings.max_event_bytes) for i, item in enumerate(items)]
+    messages = _messages(items, many, settings)
     events = await broker.publish(messages, idempotency_key)
     published = [{"id": str(e.id), "topic": e.topic} for e in events]
     return published if many else published[0]

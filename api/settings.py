@@ -6,7 +6,7 @@ import os
 import socket
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -160,3 +160,49 @@ class Settings(BaseSettings):
         description="Herald's HTTP adapter onto uvicorn's internals (api.adapter): auto uses it only with a uvicorn"
         " it was tested with, else stock uvicorn and the ASGI app (correct, slower); on always; off never.",
     )
+    header_timeout: float = Field(
+        10, gt=0, description="Seconds a connection has to send a complete request head (then it is closed)."
+    )
+    body_timeout: float = Field(
+        20, gt=0, description="Seconds a request body may go without a byte (then 408 and the connection is closed)."
+    )
+    max_request_line: int = Field(
+        16384, ge=1024, description="Bytes of a request line at most (longer: 414); 64 topics of 200 characters fit."
+    )
+    max_header_bytes: int = Field(
+        32768, ge=4096, description="Bytes of a request's whole head (request line and headers) at most (else 431)."
+    )
+    max_sockets: int = Field(
+        0,
+        ge=0,
+        description="Open sockets one node serves at most, streams and requests alike (0: its open-files limit less"
+        " a reserve); past it the oldest connection still waiting for its request is closed to make room.",
+    )
+    replay_max_bytes: int = Field(
+        0,
+        ge=0,
+        description="Bytes the embedded broker's whole replay buffer holds at most, oldest events dropped first"
+        " (0: an eighth of the machine's memory). With Redis, Redis bounds it (maxmemory, stream trimming).",
+    )
+
+    @model_validator(mode="after")
+    def _limits_agree(self) -> Settings:
+        """Limits that contradict each other are refused at start, not discovered by a client."""
+        if self.client_buffer < self.max_event_bytes + 1024:
+            raise ValueError(
+                f"HERALD_CLIENT_BUFFER ({self.client_buffer}) must hold one event of HERALD_MAX_EVENT_BYTES"
+                f" ({self.max_event_bytes}) and its frame: at least {self.max_event_bytes + 1024}"
+            )
+        if self.max_header_bytes < self.max_request_line:
+            raise ValueError("HERALD_MAX_HEADER_BYTES must be at least HERALD_MAX_REQUEST_LINE")
+        return self
+
+    def replay_ceiling(self) -> int:
+        """:attr:`replay_max_bytes`, or its default: an eighth of this machine's physical memory."""
+        if self.replay_max_bytes:
+            return self.replay_max_bytes
+        try:
+            memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            memory = 8 * 1024**3
+        return max(64 * 1024**2, memory // 8)

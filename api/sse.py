@@ -25,6 +25,22 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 HEARTBEAT = b":\n\n"
 """A comment line: keeps proxies and clients from timing out an idle stream."""
 
+CUT_OFF_NOTICE = (
+    b": cut off: this client fell further behind than HERALD_CLIENT_BUFFER allows;"
+    b" reconnect with Last-Event-ID to resume\n\n"
+)
+"""What a client cut off for falling behind reads last (a comment: EventSource reconnects and resumes by itself)."""
+
+FRAME_OVERHEAD = len("id: 18446744073709551615\n\n")
+"""Bytes of a frame besides its ``event`` and ``data`` lines, at most (the longest id)."""
+
+
+def frame_size(data: str, event_type: str | None, data_bytes: int) -> int:
+    """At most the bytes of :func:`event_frame` for ``data`` (``data_bytes`` of UTF-8) and ``event_type``."""
+    lines = 1 + data.count("\n") + data.count("\r")
+    event_line = 0 if event_type is None else len("event: \n") + utf8_size(event_type)
+    return FRAME_OVERHEAD + event_line + data_bytes + lines * len("data: \n")
+
 
 def encode_data(value: Any) -> str:
     """The payload text of a published JSON value: strings as is, the rest compact JSON.

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from api import adapter
 from api.connection import Closed, Connection
 from api.hub import Hub, Opened
-from api.sse import HEARTBEAT, position_frame, preamble, retry_notice
+from api.sse import CUT_OFF_NOTICE, HEARTBEAT, position_frame, preamble, retry_notice
 from broker.base import BrokerUnavailable
 
 MEDIA_TYPE = "text/event-stream"
@@ -165,9 +165,10 @@ class EventStreamResponse(Response):
                 while (chunk := await connection.next_chunk()) is not None:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if connection.closed is not Closed.DISCONNECTED:
-                # After an abort (overflow) this returns at once: uvicorn knows
-                # the client is gone.
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                # Cut off for falling behind: the stream says so last (the adapter has already said it, ended the
+                # response and marked the request gone: then this returns at once).
+                last = CUT_OFF_NOTICE if connection.closed is Closed.OVERFLOW else b""
+                await send({"type": "http.response.body", "body": last, "more_body": False})
         finally:
             if notifier is not None:
                 notifier.on_lost = None  # the connection may serve another request

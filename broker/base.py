@@ -113,10 +113,13 @@ class History:
 
 @dataclass(frozen=True, slots=True)
 class RetentionPolicy:
-    """How long the replay buffer keeps events: per-topic count and age."""
+    """How long the replay buffer keeps events: per-topic count and age, and (embedded broker) all topics' bytes."""
 
     size: int = 1000
     ttl: float = 3600.0
+    max_bytes: int | None = None
+    """The whole replay buffer's bytes at most, oldest events dropped first (None: no ceiling). The embedded
+    broker's; a Redis deployment's memory is bounded by Redis (``maxmemory``, the streams' trimming)."""
 
 
 @dataclass(slots=True)

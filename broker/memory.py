@@ -6,6 +6,12 @@ after a restart is above every id the previous process issued, and a client
 resuming from an id older than this process's start gets a ``reset``
 (:attr:`~broker.base.ResetReason.LOST`).
 
+Memory has a ceiling: :attr:`~broker.base.RetentionPolicy.max_bytes` bounds
+the whole replay buffer, over every topic. Each topic keeps at most ``size``
+events, but the number of topics has no bound of its own, so past the
+ceiling the oldest events go first, whichever their topic (their topic's
+floor rises: a resume from before them gets ``reset``, as after the TTL).
+
 Atomicity comes for free: :meth:`MemoryBroker.publish` and
 :meth:`MemoryBroker.history` never await, so on the event loop each runs as
 one step and a history read can never see half a batch.
@@ -34,6 +40,17 @@ from broker.base import (
     next_id,
     now_us,
 )
+
+EVENT_OVERHEAD = 240
+"""Bytes an event costs besides its data and topic name (the object, its id, its slot in two deques), roughly."""
+
+IDEMPOTENCY_KEPT = 100_000
+"""Idempotency keys kept at most (the oldest forgotten first), whatever their TTL: each client may send new ones."""
+
+
+def event_bytes(event: Event) -> int:
+    """What one retained event is counted as against the replay buffer's byte ceiling."""
+    return len(event.data) + len(event.topic) + EVENT_OVERHEAD
 
 
 class _Topic:
@@ -76,6 +93,11 @@ class MemoryBroker:
         self._epoch = now_us(clock)
         self._last = self._epoch
         self._topics: dict[str, _Topic] = {}
+        # Every event published, oldest first, until the byte ceiling or the TTL takes it: the order in which the
+        # ceiling drops events. An event its topic has dropped already (by count) stays here, still counted,
+        # until it reaches the front: what this holds is what the ceiling bounds.
+        self._order: deque[Event] = deque()
+        self._bytes = 0
         self._announced: dict[str, tuple[str, float, float]] = {}  # node id -> (record, alive until, last seen)
         self._subscribed: set[str] = set()
         self._entries: dict[tuple[str, str], dict[str, str]] = {}  # (kind, node id) -> entries
@@ -126,9 +148,14 @@ class MemoryBroker:
                 topic.floor = topic.events.popleft().id
             topic.expire(cutoff)
             events.append(event)
+            self._order.append(event)
+            self._bytes += event_bytes(event)
+        self._trim(cutoff)
         if idempotency_key is not None:
             expiry = now_us(self._clock) + int(self._retention.ttl * 1_000_000)
             self._idempotency[idempotency_key] = (expiry, [e.id for e in events])
+            if len(self._idempotency) > IDEMPOTENCY_KEPT:
+                del self._idempotency[next(iter(self._idempotency))]
         sink = self._sink
         if sink is not None:
             for event in events:
@@ -199,9 +226,22 @@ class MemoryBroker:
         """
         return max(self._epoch, cutoff)
 
+    def _trim(self, cutoff: int) -> None:
+        """Drop the oldest events while the buffer is over its byte ceiling, and those older than ``cutoff``."""
+        order = self._order
+        ceiling = self._retention.max_bytes
+        while order and ((ceiling is not None and self._bytes > ceiling) or order[0].id < cutoff):
+            event = order.popleft()
+            self._bytes -= event_bytes(event)
+            topic = self._topics.get(event.topic)
+            if topic is not None and topic.events and topic.events[0] is event:
+                topic.events.popleft()  # still retained: the ceiling or the TTL takes it now
+                topic.floor = event.id
+
     def sweep(self) -> None:
         """Expire old events everywhere and forget topics left empty."""
         cutoff = self._cutoff()
+        self._trim(cutoff)
         for name, topic in list(self._topics.items()):
             topic.expire(cutoff)
             if not topic.events:
@@ -255,5 +295,6 @@ class MemoryBroker:
         return {
             "topics_retained": len(self._topics),
             "events_retained": sum(len(t.events) for t in self._topics.values()),
+            "retained_bytes": self._bytes,
             "topics_subscribed": len(self._subscribed),
         }

@@ -64,7 +64,7 @@ from redis.retry import Retry
 from api.token import mint
 from ops import launch
 from ops.launch import NGINX, REDIS_SERVER, ROOT, SENTINEL_MASTER
-from ops.nginx import render_local
+from ops.nginx import FrontPolicy, render_local
 
 # Re-exported: tests/test_loadtest.py and older callers import them from here.
 from ops.probe import free_port, port_is_free, probe_get, wait_until
@@ -135,6 +135,8 @@ class Cluster:
     prometheus_port: int = 0
     scrape_interval: str = "5s"
     """Prometheus' scrape and rule evaluation interval (a Prometheus duration)."""
+    tls: bool = False
+    """The front serves HTTPS and HTTP/2, with a certificate made for this cluster (:meth:`make_certificate`)."""
 
     def __post_init__(self) -> None:
         self.run_dir = self.run_dir.resolve()
@@ -153,7 +155,34 @@ class Cluster:
 
     @property
     def front_url(self) -> str:
-        return f"http://127.0.0.1:{self.front_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.front_port}"
+
+    @property
+    def certificate(self) -> tuple[Path, Path]:
+        """The front's certificate and key (with ``tls``), made at start: valid for localhost and 127.0.0.1."""
+        return self.run_dir / "tls" / "cert.pem", self.run_dir / "tls" / "key.pem"
+
+    def make_certificate(self) -> None:
+        """A self-signed certificate for the front (Debian's ``openssl``), its key readable by its owner only."""
+        certificate, key = self.certificate
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.unlink(missing_ok=True)
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+             "-keyout", str(key), "-out", str(certificate), "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        key.chmod(0o600)
+
+    def front_policy(self) -> FrontPolicy:
+        """The front's policy: the defaults, the nodes' heartbeat and CORS origins, and this cluster's TLS."""
+        certificate, key = self.certificate
+        return FrontPolicy(
+            heartbeat=float(self.env.get("HERALD_HEARTBEAT", "15")),
+            cors_origins=tuple(o.strip() for o in self.env.get("HERALD_CORS_ORIGINS", "").split(",") if o.strip()),
+            tls=(str(certificate), str(key)) if self.tls else None,
+        )
 
     @property
     def redis_url(self) -> str:
@@ -244,6 +273,7 @@ class Cluster:
             "observe": self.observe,
             "prometheus_port": self.prometheus_port,
             "scrape_interval": self.scrape_interval,
+            "tls": self.tls,
         }
         (self.run_dir / self.STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
@@ -268,6 +298,7 @@ class Cluster:
             observe=state.get("observe", False),
             prometheus_port=state.get("prometheus_port", 0),
             scrape_interval=state.get("scrape_interval", "5s"),
+            tls=state.get("tls", False),
         )
 
     # -- starting ----------------------------------------------------------------
@@ -408,7 +439,9 @@ class Cluster:
 
     def start_nginx(self) -> None:
         conf = self.run_dir / "nginx.conf"
-        conf.write_text(render_local(self.front_port, self.node_ports, self.run_dir))
+        if self.tls and not self.certificate[0].exists():
+            self.make_certificate()
+        conf.write_text(render_local(self.front_port, self.node_ports, self.run_dir, self.front_policy()))
         args = [NGINX, "-p", str(self.run_dir), "-c", str(conf), "-e", str(self.logs / "nginx-error.log"),
                 "-g", "daemon off;"]  # fmt: skip
         self._spawn("nginx", args)
@@ -959,6 +992,9 @@ def main(argv: list[str] | None = None) -> None:
         help=f"with --observe (default: {PROMETHEUS_DEFAULT_PORT} when free, else any free port)",
     )
     start.add_argument("--scrape-interval", default="5s", help="with --observe: Prometheus' (default %(default)s)")
+    start.add_argument(
+        "--tls", action="store_true", help="the front serves https:// and HTTP/2, with a certificate made for it"
+    )
     start.add_argument("--replica-port", type=int, default=0, help="default: the redis port + 1")
     start.add_argument("--first-sentinel-port", type=int, default=26380, help="sentinel i listens on this + i")
     commands.add_parser("stop", parents=[common], help="stop every process of the cluster")
@@ -1019,6 +1055,7 @@ def main(argv: list[str] | None = None) -> None:
             observe=args.observe,
             prometheus_port=(args.prometheus_port or _default_prometheus_port()) if args.observe else 0,
             scrape_interval=args.scrape_interval,
+            tls=args.tls,
         )
         cluster.start()
         # The processes outlive this command; the other commands find them by their pid files.

@@ -18,6 +18,8 @@ command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 [ -f /usr/include/cjson/cJSON.h ] || missing+=(libcjson-dev)
 # Prometheus beside `make cluster OBSERVE=1`, and promtool for checking its config and rules (one package).
 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)
+# The certificate of `make cluster TLS=1` (and of the tests of the front's HTTPS).
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 
 [ ${#missing[@]} -eq 0 ] && exit 0
 

@@ -13,9 +13,11 @@ misspelled one is an error, not a config that quietly keeps the wrong path.
 
 from __future__ import annotations
 
+import re
 import resource
 import string
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +51,56 @@ def upstream_lines(servers: Sequence[str]) -> str:
     return "\n".join(f"        server {s} max_fails=0;" for s in servers)
 
 
+@dataclass(frozen=True)
+class FrontPolicy:
+    """What the front lets the outside do: its limits, who reads the operators' pages, its CORS, its TLS.
+
+    Every default is documented in docs (operations, "The front"); the
+    renderings for compose and for ``make cluster`` start from them.
+    """
+
+    heartbeat: float = 15.0
+    """The nodes' HERALD_HEARTBEAT: a stream silent for twice this long is on a node that hangs."""
+    admin_allow: tuple[str, ...] = ("127.0.0.1", "::1")
+    """Addresses (or CIDR ranges) that may read /metrics, /stats, /cluster, /dashboard, /docs through the front."""
+    unlimited: tuple[str, ...] = ("127.0.0.1", "::1")
+    """Addresses (or CIDR ranges) the per-address limits do not count: producers and load tools of this machine."""
+    streams_per_address: int = 512
+    """Open streams one client address may hold (a NAT'd office holds many); past it: come back later."""
+    publish_rate: int = 200
+    """Publish requests per second one client address may make, on average ..."""
+    publish_burst: int = 400
+    """... and at once, beyond the rate."""
+    cors_origins: tuple[str, ...] = ()
+    """HERALD_CORS_ORIGINS: the origins nginx's own answers name back, with credentials."""
+    tls: tuple[str, str] | None = None
+    """A certificate and its key (PEM paths): HTTPS and HTTP/2 on the front's port."""
+
+
+def _listen_lines(listen: str, tls: tuple[str, str] | None) -> str:
+    if tls is None:
+        return f"        listen {listen} backlog=16384;"
+    certificate, key = tls
+    return "\n".join(
+        [
+            # HTTP/2: every EventSource of a page is a stream of one connection, where HTTP/1.1 gives a page
+            # six connections per host, so its seventh EventSource would wait for one of them to end.
+            f"        listen {listen} ssl http2 backlog=16384;",
+            f"        ssl_certificate {certificate};",
+            f"        ssl_certificate_key {key};",
+            "        ssl_protocols TLSv1.2 TLSv1.3;",
+            "        ssl_session_cache shared:herald_tls:10m;",
+            "        http2_max_concurrent_streams 256;   # EventSources per page connection",
+        ]
+    )
+
+
+def _quoted(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9.:/\-\[\]]+", value):
+        raise ValueError(f"not an address or origin nginx can be given: {value!r}")
+    return value
+
+
 def render(
     *,
     servers: Sequence[str],
@@ -59,6 +111,7 @@ def render(
     proxy_temp_path: str,
     access_log: str = "/dev/stdout",
     worker_rlimit_nofile: int = MAX_OPEN_FILES,
+    policy: FrontPolicy | None = None,
     template: str | None = None,
 ) -> str:
     """The template with every placeholder filled in; KeyError if it has one this function doesn't know.
@@ -68,16 +121,25 @@ def render(
     """
     if not servers:
         raise ValueError("nginx needs at least one upstream server")
+    policy = policy or FrontPolicy()
     text = template if template is not None else TEMPLATE.read_text()
+    admin = [f"            allow {_quoted(a)};   # may read them" for a in policy.admin_allow]
     return NginxTemplate(text).substitute(
         upstream_servers=upstream_lines(servers),
-        listen=listen,
+        listen_lines=_listen_lines(listen, policy.tls),
         error_log=error_log,
         access_log=access_log,
         pid=pid,
         client_body_temp_path=client_body_temp_path,
         proxy_temp_path=proxy_temp_path,
         worker_rlimit_nofile=str(worker_rlimit_nofile),
+        stream_read_timeout=str(max(2, round(2 * policy.heartbeat))),
+        unlimited_lines="\n".join(f"        {_quoted(a)} 0;   # not limited" for a in policy.unlimited),
+        cors_origin_lines="\n".join(f'        "{_quoted(o)}" $http_origin;   # allowed' for o in policy.cors_origins),
+        admin_access_lines="\n".join([*admin, "            deny all;   # nobody else"]),
+        streams_per_address=str(policy.streams_per_address),
+        publish_rate=str(policy.publish_rate),
+        publish_burst=str(policy.publish_burst),
     )
 
 
@@ -95,7 +157,7 @@ def render_compose() -> str:
     return GENERATED_HEADER + body
 
 
-def render_local(front_port: int, node_ports: Sequence[int], run_dir: Path) -> str:
+def render_local(front_port: int, node_ports: Sequence[int], run_dir: Path, policy: FrontPolicy | None = None) -> str:
     """A loopback cluster's config: nodes on 127.0.0.1, every path under ``run_dir``.
 
     ``run_dir`` must hold ``logs/``, ``nginx-body/`` and ``nginx-proxy/``.
@@ -112,6 +174,7 @@ def render_local(front_port: int, node_ports: Sequence[int], run_dir: Path) -> s
         client_body_temp_path=f"{run_dir}/nginx-body",
         proxy_temp_path=f"{run_dir}/nginx-proxy",
         worker_rlimit_nofile=nofile,
+        policy=policy,
     )
 
 

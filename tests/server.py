@@ -22,6 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from ops import launch
+from ops.nginx import FrontPolicy
 from ops.probe import free_port, probe_get
 
 
@@ -32,10 +33,11 @@ class Node:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -100,11 +102,12 @@ def nginx_available() -> bool:
 
 
 @contextlib.contextmanager
-def run_front(node_ports: list[int], timeout: float = 10) -> Iterator[Node]:
+def run_front(node_ports: list[int], timeout: float = 10, policy: FrontPolicy | None = None) -> Iterator[Node]:
     """The deployment's nginx (``ops/nginx.conf.template``) in front of ``node_ports``, up or not.
 
-    Yields it as a :class:`Node` (its URL is the front's); stopped by pid
-    afterwards. Any answer to ``/healthz`` means it is up.
+    Yields it as a :class:`Node` (its URL is the front's: ``https`` with a
+    ``policy`` that has TLS); stopped by pid afterwards. Any answer to
+    ``/healthz`` means it is up.
     """
     from ops import nginx
 
@@ -114,12 +117,12 @@ def run_front(node_ports: list[int], timeout: float = 10) -> Iterator[Node]:
             (run_dir / sub).mkdir()
         port = free_port()
         conf = run_dir / "nginx.conf"
-        conf.write_text(nginx.render_local(port, node_ports, run_dir))
+        conf.write_text(nginx.render_local(port, node_ports, run_dir, policy))
         log_path = run_dir / "logs" / "nginx.out"
         args = [launch.NGINX, "-p", str(run_dir), "-c", str(conf), "-e", str(run_dir / "logs" / "error.log"),
                 "-g", "daemon off;"]  # fmt: skip
         process = launch.spawn(args, log_path, new_session=False)
-        front = Node(process, port, log_path)
+        front = Node(process, port, log_path, "https" if policy is not None and policy.tls else "http")
         try:
             deadline = time.monotonic() + timeout
             while True:

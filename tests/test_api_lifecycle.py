@@ -54,7 +54,7 @@ async def wait_for_stats(url: str, **expected: int) -> dict[str, int]:
 
 
 async def test_slow_client_is_cut_off_without_hurting_publishers_or_other_clients(topic: str) -> None:
-    with run_server({"HERALD_CLIENT_BUFFER": "65536"}) as node:
+    with run_server({"HERALD_CLIENT_BUFFER": "65536", "HERALD_MAX_EVENT_BYTES": "40000"}) as node:
         # A client that stops reading: tiny receive window, never calls recv.
         slow = socket.socket()
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -20,7 +20,7 @@ from api.auth import tokens as tokens_module
 from api.auth.access import Access
 from api.auth.credentials import bearer_token, cookie_token, subscriber_token
 from api.auth.keys import JwksKeys, KeyConfigError, StaticKey, parse_algorithms
-from api.auth.selectors import TopicMatcher, selector_pattern
+from api.auth.selectors import MAX_SELECTOR_LENGTH, MAX_SELECTORS, InvalidSelector, TopicMatcher, selector_tokens
 from api.auth.tokens import InvalidToken, TokenVerifier
 from api.settings import Settings
 
@@ -90,11 +90,67 @@ def test_a_selector_without_wildcards_matches_only_itself(selector: str, topic: 
 @settings(max_examples=200, deadline=None)
 @given(st.text(min_size=1, max_size=20))
 def test_any_subject_is_substituted_literally_or_not_at_all(sub: str) -> None:
-    pattern = selector_pattern("user/{sub}/x", sub)
-    if pattern is not None:
-        assert re.fullmatch(pattern, f"user/{sub}/x")
+    steps = selector_tokens("user/{sub}/x", sub)
+    if steps is not None:
+        assert "".join(str(step) for step in steps) == f"user/{sub}/x"
+        assert TopicMatcher(["user/{sub}/x"], sub).covers(f"user/{sub}/x") or len(f"user/{sub}/x") > 200
         assert "/" not in sub
         assert "*" not in sub
+
+
+def backtracking_reference(selectors: list[str]) -> re.Pattern[str]:
+    """What selectors meant when they were compiled to Python's (backtracking) regular expressions."""
+    patterns = []
+    for selector in selectors:
+        parts = [{"**": ".*", "*": "[^/]*"}.get(piece, re.escape(piece)) for piece in re.split(r"(\*\*|\*)", selector)]
+        patterns.append("".join(parts))
+    return re.compile("(?s)" + "|".join(f"(?:{p})" for p in patterns))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.lists(st.text(alphabet="ab/*", min_size=1, max_size=8), min_size=1, max_size=3),
+    st.text(alphabet="ab/", min_size=1, max_size=10),
+)
+def test_the_automaton_covers_exactly_what_the_regular_expressions_did(selectors: list[str], topic: str) -> None:
+    expected = backtracking_reference(selectors).fullmatch(topic) is not None
+    assert TopicMatcher(selectors).covers(topic) is expected
+
+
+ADVERSARIAL = [
+    ["metrics.*.*.*.*.*"],  # HERALD_PUBLIC_TOPICS of the attack: 5 stars, then a topic of 150 dots
+    ["*." * 200],  # a token's selector with 200 stars
+    ["*a" * 250],
+    ["**a" * 170],
+    ["*/" * 250],
+    [f"{'*x' * 100}{i}" for i in range(MAX_SELECTORS)],  # the most selectors a list may hold
+]
+
+
+@pytest.mark.parametrize("selectors", ADVERSARIAL, ids=range(len(ADVERSARIAL)))
+@settings(max_examples=50, deadline=None)
+@given(filler=st.sampled_from(".ax/"), tail=st.sampled_from(["", "/", "b", "a/"]))
+def test_regression_a_crafted_topic_froze_the_node_in_selector_matching(
+    selectors: list[str], filler: str, tail: str
+) -> None:
+    """Backtracking took 12.5 s for one topic of 159 characters; one pass takes a millisecond or so here."""
+    matcher = TopicMatcher(selectors)
+    topic = "metrics." + filler * (200 - len("metrics.") - len(tail)) + tail
+    started = time.perf_counter()
+    matcher.covers(topic)
+    matcher.covers(topic[:100])
+    assert time.perf_counter() - started < 0.5  # generous for a busy machine; the backtracking took seconds
+
+
+def test_selectors_and_lists_have_limits() -> None:
+    with pytest.raises(InvalidSelector, match="at most"):
+        TopicMatcher(["a" * (MAX_SELECTOR_LENGTH + 1)])
+    with pytest.raises(InvalidSelector, match="at most"):
+        TopicMatcher(["a"] * (MAX_SELECTORS + 1))
+    with pytest.raises(InvalidSelector, match="substituted"):
+        TopicMatcher(["{sub}" * 100], "x" * 10)
+    assert TopicMatcher(["**"]).covers("a" * 200)
+    assert not TopicMatcher(["**"]).covers("a" * 201)  # no topic is that long
 
 
 # -- the verifier -----------------------------------------------------------------

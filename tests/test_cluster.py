@@ -53,6 +53,20 @@ def new_topic() -> str:
     return f"c-{uuid.uuid4().hex[:10]}"
 
 
+def diagnosis(cluster: Cluster) -> str:
+    """What each node says of itself (its hub's and broker's counters, its log's last lines): for a failure message."""
+    parts = []
+    for index, name in enumerate(cluster.node_names):
+        try:
+            stats = httpx.get(f"{cluster.node_url(index)}/stats", timeout=5).json()
+            figures = f"hub {stats['hub']}, broker {stats.get('broker')}"
+        except (httpx.HTTPError, ValueError) as exc:
+            figures = f"no /stats: {exc!r}"
+        log = (cluster.logs / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
+        parts.append(f"{name}: {figures}\n  " + "\n  ".join(log))
+    return "\n".join(parts)
+
+
 async def until_all_have(clients: list[ResumingClient], count: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while any(len(c.ids()) < count for c in clients):
@@ -290,7 +304,11 @@ async def test_lost_pubsub_connection_is_backfilled_from_the_streams(cluster: Cl
             await r.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
         await r.aclose()
         await asyncio.wait_for(task, 60)
-        await until_all_have(clients, 300)
+        try:
+            await until_all_have(clients, 300)
+        except AssertionError as exc:
+            served = sorted({(c.nodes[-1], len(c.ids())) for c in clients})
+            raise AssertionError(f"{exc}\nclients (node, events): {served}\n{diagnosis(cluster)}") from None
         stats = [(await client.get(f"{cluster.node_url(i)}/stats")).json()["broker"] for i in range(3)]
     for c in clients:
         assert c.ids() == accepted

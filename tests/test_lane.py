@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
+from api.adapter import writes
 from api.adapter.lane import QUERIES_KEPT, LaneStream, StreamLane
 from api.adapter.protocol import HeraldHttpToolsProtocol
 from api.auth.access import Access
@@ -26,6 +27,7 @@ from api.auth.cors import Cors
 from api.connection import Closed, Connection
 from api.hub import Hub
 from api.settings import Settings
+from api.sse import CUT_OFF_NOTICE
 from api.token import mint
 from broker.base import Message
 from broker.memory import MemoryBroker
@@ -286,13 +288,22 @@ async def test_a_paused_socket_gets_what_waited_once_it_resumes(node: Node) -> N
     assert written == f"id: {ids[0]}\ndata: a\n\nid: {ids[1]}\ndata: b\n\n".encode()
 
 
-async def test_regression_a_paused_lane_stream_past_its_budget_is_cut_off(small_node: Node) -> None:
+async def test_regression_a_paused_lane_stream_past_its_budget_is_cut_off(
+    small_node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
     protocol, transport = small_node.serve(request())
     await transport.next_write()
     protocol.pause_writing()
+    monkeypatch.setattr(writes, "CUT_OFF_GRACE", 0.05)
     await small_node.publish(*["x" * 100] * 5)  # 5 frames of over 100 bytes: past the 300-byte budget
-    assert transport.aborted
-    protocol.connection_lost(None)  # what the abort leads to
+    # The stream says why, ends its response and closes; the connection is dropped after a grace if unread.
+    assert transport.closed
+    assert transport.writes == [b"%x\r\n%b\r\n0\r\n\r\n" % (len(CUT_OFF_NOTICE), CUT_OFF_NOTICE)]
+    assert not transport.aborted
+    async with asyncio.timeout(5):
+        while not transport.aborted:
+            await asyncio.sleep(0.01)  # the grace (made short here) runs out
+    protocol.connection_lost(None)  # what the close leads to
     async with asyncio.timeout(5):
         while small_node.clients() != 1:
             await asyncio.sleep(0)

@@ -727,11 +727,14 @@ def test_through_nginx_the_tool_reads_every_node_of_the_local_cluster(node: Node
 def test_a_node_cutting_slow_subscribers_off_counts_the_cut_offs_the_subscribers_saw(
     node: Node, tmp_path: Path
 ) -> None:
-    # A 1 KiB budget per client and 100 events of 20 kB per publish: every burst overflows some queue.
-    with run_server({"HERALD_CLIENT_BUFFER": "1024", "HERALD_NODE_ID": "tiny-buffer"}) as tiny:
+    # A 64 KiB budget per client, events of 20 kB at 2,000 a second, and subscribers that stop reading for
+    # 50 ms after every read: they fall behind and their queues overflow. (One publish never overflows a
+    # subscriber that keeps up: the node refuses a publish larger than HERALD_CLIENT_BUFFER.)
+    env = {"HERALD_CLIENT_BUFFER": "65536", "HERALD_MAX_EVENT_BYTES": "32768", "HERALD_NODE_ID": "tiny-buffer"}
+    with run_server(env) as tiny:
         code, result, printed = run_tool(
             tmp_path, "--target", tiny.url, "--subscribers", "10", "--rate", "2000", "--duration", "1",
-            "--payload", "20000", "--drain", "3",
+            "--payload", "20000", "--drain", "3", "--batch-bytes", "60000", "--read-pause-ms", "50",
         )  # fmt: skip
     print(printed)
     server = result["server"]

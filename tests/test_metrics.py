@@ -37,7 +37,7 @@ BROKERS = [
 @pytest.fixture(scope="module", params=BROKERS)
 def metrics_node(request: pytest.FixtureRequest) -> Iterator[Node]:
     # No heartbeats during a test (so bytes can be compared exactly), a small client buffer (cut-offs).
-    env = {"HERALD_HEARTBEAT": "600", "HERALD_CLIENT_BUFFER": "65536"}
+    env = {"HERALD_HEARTBEAT": "600", "HERALD_CLIENT_BUFFER": "65536", "HERALD_MAX_EVENT_BYTES": "40000"}
     if request.param == "redis":
         env["REDIS_URL"] = redis_server.shared_server().url
     with run_server(env) as node:

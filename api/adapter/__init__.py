@@ -39,6 +39,7 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 
 if TYPE_CHECKING:
+    from api.adapter.guard import ConnectionGuard
     from api.adapter.lane import StreamLane
     from api.auth.access import Access
     from api.auth.cors import Cors
@@ -101,6 +102,10 @@ class ServerHooks:
 
     def stream_lane(self, hub: Hub, settings: Settings, access: Access, cors: Cors) -> StreamLane | None:
         """What answers streams from the protocol itself (:mod:`api.adapter.lane`), or None."""
+        return None
+
+    def connection_guard(self, settings: Settings) -> ConnectionGuard | None:
+        """Deadlines and caps for requests not in yet (:mod:`api.adapter.guard`), or None: the server's own."""
         return None
 
 

@@ -46,11 +46,12 @@ their creation on every connect.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from api.adapter.writes import UvicornDirectWriter, stream_head
+from api.adapter.writes import UvicornDirectWriter, cut_off, stream_head
 from api.auth.access import Access
 from api.auth.cors import Cors
 from api.auth.credentials import subscriber_token
@@ -69,6 +70,11 @@ EVENTS_PATH = b"/events"
 
 QUERIES_KEPT = 1024
 """Query strings whose parsed subscription is kept (then the lane starts over)."""
+
+QUERY_KEPT_BYTES = 2048
+"""Longest query string whose subscription is kept. A connect storm repeats a few short subscriptions; a client
+sending ever new long ones (up to HERALD_MAX_REQUEST_LINE each) would otherwise fill the cache with them: kept,
+the queries and their fields hold at most about QUERIES_KEPT x 2 x this many bytes."""
 
 Header = tuple[bytes, bytes]
 
@@ -127,9 +133,10 @@ class StreamLane:
         if not any(name == "last_event_id" and value.strip() for name, value in fields):
             with contextlib.suppress(RequestRejected):  # the app answers the 400
                 asked = tuple(check_topics([v for n, v in fields if n == "topic"], self._max_topics)), fields
-        if len(self._queries) >= QUERIES_KEPT:
-            self._queries.clear()
-        self._queries[query] = asked
+        if len(query) <= QUERY_KEPT_BYTES:
+            if len(self._queries) >= QUERIES_KEPT:
+                self._queries.clear()
+            self._queries[query] = asked
         return asked
 
     def _head(self, default_headers: list[Header], request_headers: list[Header], keep_alive: bool) -> bytes | None:
@@ -197,7 +204,7 @@ class StreamLane:
         if head is None or transport.is_closing():
             return False
         hub = self._hub
-        opened = hub.open_now(topics, transport.abort)
+        opened = hub.open_now(topics, functools.partial(cut_off, transport))
         if opened is None:
             return False
         connection, position = opened

@@ -17,6 +17,7 @@ All of it reads or sets attributes of uvicorn's httptools request cycle
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +26,10 @@ from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, ST
 
 from api.adapter import DIRECT_WRITES, DisconnectNotifier, ServerHooks
 from api.adapter.protocol import HeraldHttpToolsProtocol
+from api.sse import CUT_OFF_NOTICE
 
 if TYPE_CHECKING:
+    from api.adapter.guard import ConnectionGuard
     from api.adapter.lane import StreamLane
     from api.auth.access import Access
     from api.auth.cors import Cors
@@ -231,19 +234,45 @@ def disconnect_notifier(receive: Receive, on_lost: Callable[[], None]) -> Discon
     return protocol
 
 
-def transport_aborter(receive: Receive) -> Callable[[], None] | None:
-    """A way to drop the client's TCP connection at once, when the server offers one.
+CUT_OFF_GRACE = 10.0
+"""Seconds a client cut off for falling behind has to take the end of its stream before its connection is dropped."""
 
-    A client cut off for falling behind usually has a full socket buffer, so
-    the end of the response would never reach it and a polite close would
-    wait for that forever. ASGI has no "abort", but uvicorn's ``receive`` is
-    a method of its request cycle, which holds the transport; aborting it
-    frees the connection now (uvicorn then sees a disconnect). Under another
-    server, the writer is only woken and ends the response normally.
+
+def cut_off(transport: asyncio.Transport) -> None:
+    """End a stream whose client fell too far behind: say why, end the response, close; drop it if it won't read.
+
+    A client this far behind often has a full socket buffer, so what is
+    written now reaches it only if it reads again. The notice and the end of
+    the response are queued, the connection is closed gracefully, and after
+    :data:`CUT_OFF_GRACE` seconds it is dropped whatever it read: the node
+    holds nothing for a client that stopped reading. The request in progress
+    is marked gone, so nothing else is written after the end.
+    """
+    if transport.is_closing():
+        return
+    protocol = transport.get_protocol()
+    cycle = getattr(protocol, "cycle", None)
+    if getattr(cycle, "chunked_encoding", True) is True:
+        transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(CUT_OFF_NOTICE), CUT_OFF_NOTICE))
+    else:
+        transport.write(CUT_OFF_NOTICE)  # a close-delimited (HTTP/1.0) body ends with the connection
+    if cycle is not None and hasattr(cycle, "disconnected"):
+        cycle.disconnected = True
+    transport.close()
+    asyncio.get_running_loop().call_later(CUT_OFF_GRACE, transport.abort)
+
+
+def transport_aborter(receive: Receive) -> Callable[[], None] | None:
+    """How to end the stream of a client cut off for falling behind (:func:`cut_off`), when the server offers it.
+
+    ASGI has no "abort", but uvicorn's ``receive`` is a method of its
+    request cycle, which holds the transport. Under another server, the
+    writer is only woken and ends the response normally.
     """
     transport = getattr(getattr(receive, "__self__", None), "transport", None)
-    abort = getattr(transport, "abort", None)
-    return abort if callable(abort) else None
+    if transport is None or not callable(getattr(transport, "abort", None)):
+        return None
+    return functools.partial(cut_off, transport)
 
 
 class UvicornHooks(ServerHooks):
@@ -274,6 +303,11 @@ class UvicornHooks(ServerHooks):
         from api.adapter.lane import StreamLane  # the lane imports the node's modules, which import this package
 
         return StreamLane(hub, settings, access, cors)
+
+    def connection_guard(self, settings: Settings) -> ConnectionGuard | None:
+        from api.adapter.guard import ConnectionGuard, Limits
+
+        return ConnectionGuard(Limits.from_settings(settings))
 
 
 UVICORN_HOOKS = UvicornHooks()

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 
 from api.auth.keys import JwksKeys, KeyConfigError, KeySource, StaticKey
-from api.auth.selectors import NOTHING, TopicMatcher, parse_selector_list
+from api.auth.selectors import NOTHING, InvalidSelector, TopicMatcher, parse_selector_list
 from api.auth.tokens import Grant, InvalidToken, TokenVerifier
 from api.models import is_reserved
 from api.settings import Settings
@@ -104,7 +104,11 @@ class Access:
         verifier = TokenVerifier(
             keys, audience=settings.jwt_audience, issuer=settings.jwt_issuer, leeway=settings.jwt_leeway
         )
-        return cls(verifier, TopicMatcher(public))
+        try:
+            public_topics = TopicMatcher(public)
+        except InvalidSelector as exc:
+            raise KeyConfigError(f"HERALD_PUBLIC_TOPICS: {exc}") from None
+        return cls(verifier, public_topics)
 
     @property
     def enabled(self) -> bool:

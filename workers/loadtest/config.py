@@ -79,6 +79,8 @@ class LoadConfig:
     redis_url: str | None = None
     publishers: int = 4
     batch: int = 100
+    batch_bytes: int = 1_000_000
+    read_pause_ms: float = 0.0
     publisher: str = "python"  # or "native": the compiled publisher (workers/loadtest/native_publisher.py)
     pipeline: int = 1  # requests in flight per publish connection (--publisher native)
     per_request: int = 1  # events in each publish request (--publisher native; more than 1: Herald only)
@@ -136,6 +138,12 @@ class LoadConfig:
         return f"lt-{self.run_id}-*"
 
     @property
+    def events_per_request(self) -> int:
+        """Events one publish request holds at most: ``--batch``, and no more than ``--batch-bytes`` of them."""
+        per_event = self.payload + EVENT_OVERHEAD_BYTES
+        return max(1, min(self.batch, self.batch_bytes // per_event))
+
+    @property
     def longest_seconds(self) -> float:
         """An upper bound of the run's length: every phase at its longest."""
         faults = sum(v for v in (self.restart_node_after, self.stop_all_for) if v is not None)
@@ -148,6 +156,11 @@ class LoadConfig:
         for key in ("json_path", "report_path", "cluster_dir"):
             data[key] = None if data[key] is None else str(data[key])
         return data
+
+
+EVENT_OVERHEAD_BYTES = 200
+"""What an event adds to its payload on the wire and as a stream frame, at most: its sequence and times, the
+JSON around them, the frame's ``id:`` and ``data:`` lines."""
 
 
 def subscribe_path(system: str, topics: list[str], protocol: str = "native") -> str:
@@ -469,6 +482,21 @@ def parser() -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     p.add_argument(
+        "--read-pause-ms",
+        type=float,
+        default=d.read_pause_ms,
+        help="slow consumers: each subscriber reads nothing for this long after every read, so the target's"
+        " buffers fill and it cuts them off (Python client only; default %(default)s: read at full speed)",
+    )
+    p.add_argument(
+        "--batch-bytes",
+        type=int,
+        default=d.batch_bytes,
+        help="most bytes of events per publish request: a node refuses (413) a publish larger than its"
+        " HERALD_CLIENT_BUFFER (1 MiB by default), which a subscriber must be able to take at once"
+        " (default %(default)s)",
+    )
+    p.add_argument(
         "--publisher",
         choices=["python", "native"],
         default=d.publisher,
@@ -615,6 +643,8 @@ def from_args(argv: list[str] | None = None) -> LoadConfig:
     config.metrics_from = [u.strip().rstrip("/") for v in args["metrics_from"] or [] for u in v.split(",") if u.strip()]
     if config.metrics_from and not config.server_counts:
         p.error("--metrics-from and --no-server-counts contradict each other")
+    if config.read_pause_ms and config.client != "python":
+        p.error("--read-pause-ms is the Python client's (--client python)")
     config.topics = config.subscribers if args["topics"] == "each" else int(args["topics"])
     config.progress = not args["quiet"]
     problems = [
@@ -625,6 +655,8 @@ def from_args(argv: list[str] | None = None) -> LoadConfig:
         ("--payload", 0 <= config.payload <= 1_000_000),
         ("--publishers", config.publishers >= 1),
         ("--batch", 1 <= config.batch <= 1000),
+        ("--batch-bytes", config.batch_bytes >= 1024),
+        ("--read-pause-ms", 0 <= config.read_pause_ms <= 60_000),
         ("--pipeline", 1 <= config.pipeline <= 256),
         ("--per-request", 1 <= config.per_request <= 1000),
         ("--procs", 1 <= config.procs <= 64),

@@ -109,6 +109,7 @@ async def _spawn(config: LoadConfig, aggregate: Aggregate) -> list[WorkerProcess
             "subscribers": subscribers,
             "ramp": config.ramp,
             "connect_timeout": config.connect_timeout,
+            "read_pause": config.read_pause_ms / 1000,
         }
         if config.token:
             setup["token"] = config.token  # over the worker's own pipe: never on a command line
@@ -199,7 +200,7 @@ async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[st
                     topics=topics,
                     rate=rate,
                     duration=config.duration,
-                    batch=config.batch,
+                    batch=config.events_per_request,
                     retry_for=config.retry_for,
                     run_id=config.run_id,
                     seed=config.seed,

@@ -189,6 +189,11 @@ class StreamProtocol(asyncio.Protocol):
         delay = max(0.0, self._started + ANSWER_TIMEOUT - time.monotonic())
         self._timer: asyncio.TimerHandle | None = loop.call_later(delay, self._timed_out)
 
+    def _resume_reading(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self.transport.write(self._request)
@@ -197,6 +202,9 @@ class StreamProtocol(asyncio.Protocol):
         # The hot path: one call per read. Whole frames go to the subscriber
         # as one block; a partial frame waits in the buffer for the rest.
         sub = self._sub
+        if sub.read_pause and self.transport is not None:  # a slow consumer: nothing read for a while
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(sub.read_pause, self._resume_reading)
         if not sub.streaming:
             data = self._read_head(data)
             if not data:
@@ -361,6 +369,7 @@ class Subscriber:
         "path",
         "port",
         "protocol",
+        "read_pause",
         "recorder",
         "resets",
         "retry_s",
@@ -381,8 +390,10 @@ class Subscriber:
         recorder: Recorder,
         retry_s: float = 2.0,
         token: str | None = None,
+        read_pause: float = 0.0,
     ) -> None:
         self.index = index
+        self.read_pause = read_pause  # seconds without reading after each read (a slow consumer); 0: none
         self.token = token  # Herald's access token (Authorization: Bearer), None with access control off
         self.target = target  # "host:port"
         host, _, port = target.rpartition(":")

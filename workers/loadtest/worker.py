@@ -45,6 +45,7 @@ class Setup:
     connect_timeout: float
     tick: float = 0.5
     token: str | None = None  # every subscriber's access token (Authorization: Bearer), None with auth off
+    read_pause: float = 0.0  # seconds each subscriber stops reading after every read: slow consumers
 
 
 class CpuMeter:
@@ -115,7 +116,7 @@ class Worker:
         self.emit = emit
         self.recorder = Recorder()
         self.subscribers = [
-            Subscriber(index, target, path, topics, self.recorder, token=setup.token)
+            Subscriber(index, target, path, topics, self.recorder, token=setup.token, read_pause=setup.read_pause)
             for index, target, path, topics in setup.subscribers
         ]
         self.ready = 0
@@ -243,6 +244,7 @@ async def main() -> None:
         connect_timeout=raw["connect_timeout"],
         tick=raw.get("tick", 0.5),
         token=raw.get("token"),
+        read_pause=raw.get("read_pause", 0.0),
     )
     worker = Worker(setup, emit)
     background = [asyncio.create_task(measure_lag(worker.lag)), asyncio.create_task(worker.connect_all())]
