@@ -126,6 +126,9 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
         version="0.1.0",
         lifespan=lifespan,
         docs_url=None,  # served by api.docs from the package: no CDN
+        # A path that names nothing is a 404, never a redirect to a guess: Starlette's guess, a route's "$"
+        # matching before a final newline, sent ".../subscriptions/%0A/" to ".../subscriptions/%0A" (307).
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.server = server

@@ -61,6 +61,8 @@ class FrontPolicy:
 
     heartbeat: float = 15.0
     """The nodes' HERALD_HEARTBEAT: a stream silent for twice this long is on a node that hangs."""
+    header_timeout: int = 10
+    """Seconds a client has to send its request head (as the nodes' HERALD_HEADER_TIMEOUT)."""
     admin_allow: tuple[str, ...] = ("127.0.0.1", "::1")
     """Addresses (or CIDR ranges) that may read /metrics, /stats, /cluster, /dashboard, /docs through the front."""
     unlimited: tuple[str, ...] = ("127.0.0.1", "::1")
@@ -134,6 +136,7 @@ def render(
         proxy_temp_path=proxy_temp_path,
         worker_rlimit_nofile=str(worker_rlimit_nofile),
         stream_read_timeout=str(max(2, round(2 * policy.heartbeat))),
+        header_timeout=str(policy.header_timeout),
         unlimited_lines="\n".join(f"        {_quoted(a)} 0;   # not limited" for a in policy.unlimited),
         cors_origin_lines="\n".join(f'        "{_quoted(o)}" $http_origin;   # allowed' for o in policy.cors_origins),
         admin_access_lines="\n".join([*admin, "            deny all;   # nobody else"]),
