@@ -11,7 +11,7 @@ UV := $(TOOLS)/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: run test setup system-deps lint lock upgrade-check demo bench bench-fanout loadtest cluster cluster-down clean
+.PHONY: run test check setup system-deps lint lock upgrade-check demo bench bench-fanout loadtest cluster cluster-down clean
 
 $(UV): ops/uv-requirements.txt
 	rm -rf $(TOOLS)
@@ -37,6 +37,10 @@ run: setup
 ## Run the whole suite: lint, types, then every test.
 test: system-deps setup lint
 	$(PY) -m pytest
+
+## The fast loop: lint, types and the unit tests (in-process, no server started), in under a minute.
+check: setup lint
+	$(PY) -m pytest -q -m unit
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -26,10 +26,63 @@ SERVING_PATHS: dict[str, dict[str, str]] = {
 """The two ways a node can serve HTTP. Tests marked ``http_contract`` run against a node of each."""
 
 
+UNIT_MODULES = frozenset(
+    {
+        "test_auth_parts",
+        "test_deps",
+        "test_flusher",
+        "test_hub",
+        "test_lane",
+        "test_loadtest_parts",
+        "test_lock",
+        "test_mercure_authorization",
+        "test_mercure_dispatch",
+        "test_mercure_matchers",
+        "test_protocol",
+        "test_sse",
+        "test_sse_client",
+        "test_upgrade_check",
+    }
+)
+"""Modules of unit tests: in-process, no server started (``make check`` runs these)."""
+
+BROWSER_MODULES = frozenset(
+    {
+        "test_browser_auth",
+        "test_browser_resilience",
+        "test_dashboard",
+        "test_demo",
+        "test_docs_offline",
+        "test_front",
+        "test_loadtest",
+        "test_mercure_browser",
+    }
+)
+"""Modules that drive Debian's headless Chromium (besides real processes)."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "http_contract: the HTTP contract; its node and small_node serve both ways (SERVING_PATHS)"
     )
+    config.addinivalue_line("markers", "unit: in-process, no server started; what `make check` runs")
+    config.addinivalue_line("markers", "real: starts real processes (nodes, redis-server, nginx, prometheus)")
+    config.addinivalue_line("markers", "browser: drives headless Chromium")
+    config.addinivalue_line("markers", "bench: runs make bench's scenarios or the load tool's measurements")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test's kind, from its module (tests/ is flat: one module, one kind, but for the marks it gives)."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if isinstance(item, pytest.Function) else ""
+        if module in UNIT_MODULES:
+            item.add_marker(pytest.mark.unit)
+            continue
+        item.add_marker(pytest.mark.real)
+        if module in BROWSER_MODULES:
+            item.add_marker(pytest.mark.browser)
+        if module.startswith("test_bench"):
+            item.add_marker(pytest.mark.bench)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
