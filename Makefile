@@ -48,7 +48,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 ## Refresh uv.lock on purpose: the newest versions pyproject.toml allows (PACKAGE=name: that one only), and uv's
-## own pin from ops/uv.in. Then `make test`; when uvicorn moved, see README, Development.
+## own pin from ops/uv.in. Then `make test`; when uvicorn moved, see docs/development.md.
 PACKAGE ?=
 lock: $(UV)
 	$(UV) lock --python $(PYTHON) $(if $(PACKAGE),--upgrade-package $(PACKAGE),--upgrade)
@@ -99,7 +99,7 @@ loadtest: setup
 ## .run/cluster/prometheus. With AUTH=1 it scrapes with an admin token (.run/cluster/prometheus-token, mode 0600).
 ## TLS=1: the front serves https:// with HTTP/2 (a page's EventSources share one connection), with a certificate
 ## made for the cluster by Debian's openssl (.run/cluster/tls/cert.pem: trust it, or curl --cacert it).
-## Then: .venv/bin/python -m ops.cluster status|restart|stop-node node-1|token|... (see ops/cluster.py).
+## Then: .venv/bin/python -m ops.cluster status|restart|stop-node node-1|token|... (see ops/cluster/).
 NODES ?= 3
 SENTINEL ?=
 AUTH ?=

@@ -113,7 +113,7 @@ def check_access(settings: Settings, *, warn: bool = True) -> None:
         log.warning(
             "access control is off and the node listens on %s: anyone who can reach it may publish and"
             " subscribe to any topic. Set HERALD_JWT_SECRET (or HERALD_JWT_PUBLIC_KEY, HERALD_JWKS_URL)"
-            " to require tokens (README, Security).",
+            " to require tokens (docs/access-control.md).",
             settings.host,
         )
 

@@ -1,4 +1,4 @@
-"""Node settings, read from the environment (names in the README's table)."""
+"""Node settings, read from the environment (every one in docs/settings.md)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ prints a token for ``HERALD_JWT_SECRET`` (or ``--secret``), with the
 ``HERALD_JWT_AUDIENCE``/``HERALD_JWT_ISSUER`` when those are set, so it passes
 the node's checks. Like Mercure's and Centrifugo's generators, for
 development and scripts: in production your application mints its users'
-tokens with its own JWT library (the claims are in README, Security).
+tokens with its own JWT library (the claims are in docs/access-control.md).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ finds the drift before users do, without touching the checkout:
    ``.run/upgrade-check/`` (the copy is removed unless ``--keep``).
 
 Exit status 0 when every step passed, 1 otherwise. Adopting the new
-versions is then deliberate: ``make lock``, ``make test`` (README, Development).
+versions is then deliberate: ``make lock``, ``make test`` (docs/development.md).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.base import Message
-from ops.cluster import Cluster, free_port
+from ops.cluster import Cluster
+from ops.probe import free_port
 from tests import redis_server
 from tests.sse_client import EventStream, ResumingClient, SteadyPublisher, publish, resuming_clients
 from workers.produce import publish_direct

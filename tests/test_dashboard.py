@@ -54,7 +54,8 @@ import pytest
 from api.dashboard import UPLOT_VERSION
 from api.token import mint
 from broker.base import Message
-from ops.cluster import Cluster, free_port
+from ops.cluster import Cluster
+from ops.probe import free_port
 from tests import redis_server
 from tests.browser import CHROMIUM, Browser, BrowserError, chromium
 from tests.server import Node, run_server

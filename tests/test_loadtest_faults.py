@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from ops.cluster import Cluster, free_port, wait_until
+from ops.cluster import Cluster
+from ops.probe import free_port, wait_until
 from tests import redis_server
 from tests.test_loadtest import fronted_nodes, run_tool, validate
 

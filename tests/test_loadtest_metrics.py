@@ -31,7 +31,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from api.token import mint
-from ops.cluster import ROOT, Cluster, free_port
+from ops.cluster import Cluster
+from ops.launch import ROOT
+from ops.probe import free_port
 from tests import redis_server
 from tests.server import Node, run_server, serve_app
 from workers.loadtest.config import LoadConfig, from_args

@@ -29,8 +29,11 @@ import jwt
 import pytest
 import yaml
 
-from ops import cluster as ops_cluster
-from ops.cluster import (
+from ops import prometheus as ops_prometheus
+from ops.cluster import Cluster
+from ops.launch import NGINX
+from ops.probe import free_port, free_port_range
+from ops.prometheus import (
     PROMETHEUS,
     PROMETHEUS_COMPOSE_CONF,
     PROMETHEUS_CONF,
@@ -38,10 +41,7 @@ from ops.cluster import (
     PROMTOOL,
     SCRAPE_JOB,
     SCRAPE_TOKEN_TTL,
-    Cluster,
 )
-from ops.launch import NGINX
-from ops.probe import free_port, free_port_range
 from tests import redis_server
 from tests.sse_client import EventStream, publish
 from tests.test_ops_cluster import cli
@@ -176,10 +176,10 @@ def promtool(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProc
 
 
 def test_committed_prometheus_configs_are_the_renderings() -> None:
-    assert PROMETHEUS_CONF.read_text() == ops_cluster.render_prometheus_default(), (
+    assert PROMETHEUS_CONF.read_text() == ops_prometheus.render_prometheus_default(), (
         "ops/prometheus.yml is stale: run `python -m ops.cluster prometheus-config > ops/prometheus.yml`"
     )
-    assert PROMETHEUS_COMPOSE_CONF.read_text() == ops_cluster.render_prometheus_compose(), (
+    assert PROMETHEUS_COMPOSE_CONF.read_text() == ops_prometheus.render_prometheus_compose(), (
         "ops/prometheus-compose.yml is stale: run "
         "`python -m ops.cluster prometheus-config --compose > ops/prometheus-compose.yml`"
     )
@@ -199,7 +199,7 @@ def test_committed_prometheus_config_scrapes_the_default_cluster() -> None:
     (compose_job,) = compose["scrape_configs"]
     assert compose_job["job_name"] == SCRAPE_JOB
     assert compose_job["dns_sd_configs"] == [{"names": ["api"], "type": "A", "port": 8000, "refresh_interval": "15s"}]
-    assert compose_job["authorization"]["credentials_file"] == ops_cluster.COMPOSE_TOKEN_FILE
+    assert compose_job["authorization"]["credentials_file"] == ops_prometheus.COMPOSE_TOKEN_FILE
 
 
 def test_prometheus_config_command_prints_the_committed_files() -> None:
@@ -213,7 +213,7 @@ def test_prometheus_config_command_prints_the_committed_files() -> None:
             check=True,
         ).stdout
         assert printed == path.read_text()
-    five = ops_cluster.render_prometheus_default(nodes=5, first_node_port=9001)
+    five = ops_prometheus.render_prometheus_default(nodes=5, first_node_port=9001)
     assert yaml.safe_load(five)["scrape_configs"][0]["static_configs"][0]["targets"][-1] == "127.0.0.1:9005"
 
 
@@ -228,7 +228,7 @@ def test_promtool_check_config_passes_for_every_config(tmp_path: Path) -> None:
     token.write_text("t\n")
     compose = tmp_path / "compose" / "prometheus.yml"
     compose.parent.mkdir()
-    compose.write_text(PROMETHEUS_COMPOSE_CONF.read_text().replace(ops_cluster.COMPOSE_TOKEN_FILE, str(token)))
+    compose.write_text(PROMETHEUS_COMPOSE_CONF.read_text().replace(ops_prometheus.COMPOSE_TOKEN_FILE, str(token)))
     shutil.copy(PROMETHEUS_RULES, compose.parent / "prometheus-rules.yml")  # compose mounts it beside the config
     result = promtool("check", "config", str(compose))
     assert result.returncode == 0, result.stdout + result.stderr

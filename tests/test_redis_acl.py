@@ -1,7 +1,7 @@
 """ops/redis-acl.conf against a real redis-server: producers publish and nothing else, nodes run.
 
 Publishing straight to Redis bypasses Herald's HTTP access control, so the
-Redis users are the access control there (README, Security). The file is
+Redis users are the access control there (docs/access-control.md). The file is
 used as shipped (its example passwords included): the producer user
 publishes through the Redis-level contract (``workers.produce``, and
 ``publish.lua`` by EVAL and EVALSHA as another language would), a real
@@ -324,13 +324,13 @@ async def test_a_herald_node_serves_on_the_node_user(server: AclRedis, admin: re
     assert refusals(admin) == []
 
 
-# -- the README shows these very rules ------------------------------------------------
+# -- the docs show these very rules --------------------------------------------------
 
 
-def test_readme_shows_the_files_users() -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_show_the_files_users() -> None:
+    readme = (ROOT / "docs" / "access-control.md").read_text()
     users = re.findall(r"^user herald-(?:producer|node) .*$", ACL_CONF.read_text(), flags=re.M)
     assert len(users) == 2
     for line in users:
         rules = re.sub(r"#[0-9a-f]{64}", "#<sha256 of its password>", line)
-        assert rules in readme, f"README's ACL example differs from ops/redis-acl.conf: {rules}"
+        assert rules in readme, f"docs/access-control.md's ACL example differs from ops/redis-acl.conf: {rules}"

@@ -64,9 +64,9 @@ async def test_regression_malformed_pubsub_messages_do_not_stop_the_feed(raw: ai
     broker = await started(sink)
     try:
         await broker.subscribe(["t"])
-        prefix = broker._prefix
+        prefix = broker.prefix
         await raw.publish(f"{prefix}:ctl", "hello")
-        await raw.publish(broker._control, "not a number")
+        await raw.publish(broker._feed._control, "not a number")
         await raw.publish(f"{prefix}:c:t", "no separators here")
         await raw.publish(f"{prefix}:c:t", "notanumber|x|data")
         await raw.publish(f"{prefix}:c:t", b"7|x|caf\xe9")  # not UTF-8
@@ -87,10 +87,10 @@ async def test_regression_quiet_feed_is_not_reset_after_a_blip(raw: aioredis.Red
     try:
         await broker.subscribe(["quiet"])
         await broker.publish([Message("busy-elsewhere", "x")])  # the deployment moves on
-        counter = int(await raw.get(f"{broker._prefix}:id") or 0)
+        counter = int(await raw.get(f"{broker.prefix}:id") or 0)
         clock.advance(60)  # far past the TTL
         deadline = time.monotonic() + 10
-        while broker._last_seen < counter:  # the feed's health ping carries its position forward
+        while broker._feed._last_seen < counter:  # the feed's health ping carries its position forward
             assert time.monotonic() < deadline, "the feed's position never moved while quiet"
             await asyncio.sleep(0.1)
         before = broker.stats()["feed_connects"]
@@ -112,7 +112,7 @@ async def test_regression_new_data_set_with_lower_ids_is_delivered_after_a_reset
         await broker.subscribe(["t"])
         (old,) = await broker.publish([Message("t", "old")])
         await sink.wait_for(old.id)
-        for key in await raw.keys(f"{broker._prefix}:*"):
+        for key in await raw.keys(f"{broker.prefix}:*"):
             await raw.delete(key)  # Redis lost this deployment's data
         clock.advance(-30)  # and the clock that fed the old ids was ahead
         await raw.client_kill_filter(_type="pubsub")

@@ -292,7 +292,7 @@ async def test_regression_a_publish_whose_answer_was_lost_was_sent_again() -> No
             proxy.drop_answer_to(b"EVALSHA")
             with pytest.raises(BrokerUnavailable):
                 await broker.publish([Message("t", "once")])
-            entries = await broker._redis.xrange(f"{broker._prefix}:s:t")  # the source of truth
+            entries = await broker._redis.xrange(f"{broker.prefix}:s:t")  # the source of truth
             retried = await broker.publish([Message("t", "after")])  # and the broker goes on
         finally:
             await broker.close()

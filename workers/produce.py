@@ -3,7 +3,7 @@
 ``python -m workers.produce --topic orders --data '{"id": 42}' [--event created]``
 publishes one event through :class:`broker.redis.RedisBroker` (the same
 atomic script the API nodes use) and prints its id. Other languages publish
-the same way by running ``broker/lua/publish.lua`` (see the README).
+the same way by running ``broker/lua/publish.lua`` (see docs/producers.md).
 
 Straight to Redis, no access token is involved: whoever can write to Herald's
 Redis can publish anything, so Redis access *is* publish access (keep Redis

@@ -1,103 +1,33 @@
-"""A Herald cluster on this machine, without Docker: redis-server, N API nodes, nginx.
-
-``python -m ops.cluster start [--nodes 3] [--front 8080] [--sentinel]`` starts
-everything on loopback, writes ``cluster.json``, pid files and logs under
-``.run/cluster/`` and prints what runs where. Every other command acts on
-that cluster through those files, from any process::
-
-    python -m ops.cluster status [--json]          what runs, and whether it is ready
-    python -m ops.cluster restart                  rolling restart of the nodes, one at a time
-    python -m ops.cluster stop-node node-1 [--kill]
-    python -m ops.cluster start-node node-1
-    python -m ops.cluster stop-redis [NAME]        SIGTERM (default: the process named "redis")
-    python -m ops.cluster start-redis [NAME]
-    python -m ops.cluster failover                 --sentinel clusters: SIGKILL the current primary
-    python -m ops.cluster token [--publish SEL]... --auth clusters: print an access token
-    python -m ops.cluster stop                     stops exactly the processes named in the pid files
-    python -m ops.cluster prometheus-config [--compose]   print ops/prometheus.yml (or ops/prometheus-compose.yml)
-
-With ``--auth`` (``make cluster AUTH=1``) access control is on: ``start``
-generates a random ``HERALD_JWT_SECRET``, keeps it in ``jwt-secret`` (mode
-0600) in the run directory and gives it to every node, at start and at every
-restart; ``python -m ops.cluster token [--publish SEL] [--subscribe SEL]
-[--admin] [--sub ID] [--ttl S]`` prints a token signed with it (with no rights
-given, a development token that may do everything). ``stop`` deletes the
-secret: the next cluster gets a new one.
-
-With ``--observe`` (``make cluster OBSERVE=1``) Debian's ``prometheus`` runs
-beside the cluster on a loopback port (9090 when free), scraping every
-node's ``/metrics`` with the alert rules of ``ops/prometheus-rules.yml``; its
-config is ``prometheus.yml`` and its data ``prometheus/`` in the run
-directory. With ``--auth`` too, it scrapes with an admin token minted from
-the cluster's secret, kept in ``prometheus-token`` (mode 0600) and named in
-its config by ``authorization: credentials_file:``. ``ops/prometheus.yml`` is
-that config for the default layout (three nodes from port 8001, no access
-control), as ``prometheus-config`` renders it; a test checks they agree.
-
-With ``--sentinel`` Redis runs as a primary (``redis``), a replica
-(``redis-1``) and three sentinels (``sentinel-0..2``) watching master name
-``herald``; the nodes get ``REDIS_SENTINELS``/``REDIS_SENTINEL_MASTER``
-instead of ``REDIS_URL``. The tests drive the same :class:`Cluster` on free
-ports, so what they check is what ``make cluster`` runs.
-"""
+"""The :class:`Cluster`: its state file, and starting, stopping and asking its processes (see :mod:`ops.cluster`)."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from api.token import mint
 from ops import launch
-from ops.launch import NGINX, REDIS_SERVER, ROOT, SENTINEL_MASTER
+from ops.cluster.processes import Exited, alive, is_ours, write_private
+from ops.cluster.sentinel import redis_client, sentinel_command, sentinel_master
+from ops.launch import NGINX, SENTINEL_MASTER
 from ops.nginx import FrontPolicy, render_local
-
-# Re-exported: tests/test_loadtest.py and older callers import them from here.
-from ops.probe import free_port, port_is_free, probe_get, wait_until
-
-__all__ = [
-    "NGINX",
-    "PROMETHEUS",
-    "PROMTOOL",
-    "REDIS_SERVER",
-    "ROOT",
-    "SENTINEL_MASTER",
-    "Cluster",
-    "free_port",
-    "main",
-    "wait_until",
-]
-
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-"""Debian's ``prometheus`` (the ``prometheus`` package, installed by ops/install-system-deps.sh)."""
-PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
-PROMETHEUS_CONF = ROOT / "ops" / "prometheus.yml"
-"""The committed config: ``prometheus-config`` for the default cluster (see :func:`render_prometheus`)."""
-PROMETHEUS_COMPOSE_CONF = ROOT / "ops" / "prometheus-compose.yml"
-"""The committed config compose.yaml mounts: ``prometheus-config --compose``."""
-PROMETHEUS_RULES = ROOT / "ops" / "prometheus-rules.yml"
-PROMETHEUS_DEFAULT_PORT = 9090
-SCRAPE_JOB = "herald"
-SCRAPE_TOKEN_TTL = 365 * 24 * 3600
-"""Seconds the scrape token of an ``--auth --observe`` cluster is valid: it dies with the cluster's secret anyway."""
-COMPOSE_TOKEN_FILE = "/run/herald/prometheus-token"
-"""Where compose.yaml's ``prometheus-token`` service leaves the scrape token for the ``prometheus`` service."""
-DEFAULT_FIRST_NODE_PORT = 8001
-DEFAULT_NODES = 3
+from ops.probe import free_port, probe_get, wait_until
+from ops.prometheus import (
+    PROMETHEUS_RULES,
+    SCRAPE_TOKEN_TTL,
+    prometheus_args,
+    render_prometheus,
+)
 
 READY = "ready"
 NOT_READY = "not-ready"
@@ -244,7 +174,7 @@ class Cluster:
 
     def _new_secret(self) -> None:
         """A fresh random secret in :attr:`secret_file`, created readable by its owner only."""
-        _write_private(self.secret_file, secrets.token_urlsafe(48) + "\n")
+        write_private(self.secret_file, secrets.token_urlsafe(48) + "\n")
 
     def token(
         self,
@@ -344,12 +274,12 @@ class Cluster:
 
         def started() -> object:
             if process.poll() is not None:
-                raise _Exited(process.returncode)
+                raise Exited(process.returncode)
             return check()
 
         try:
-            wait_until(started, name, timeout, fatal=(_Exited,))
-        except (_Exited, RuntimeError) as error:
+            wait_until(started, name, timeout, fatal=(Exited,))
+        except (Exited, RuntimeError) as error:
             log = self.logs / f"{name}.log"
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else ""
             raise RuntimeError(f"{name} did not start ({error}); end of {log}:\n{tail}") from None
@@ -388,7 +318,7 @@ class Cluster:
         )
         (self.run_dir / name).mkdir(parents=True, exist_ok=True)
         self._spawn(name, args)
-        client = _redis_client(port)
+        client = redis_client(port)
         try:
             self._wait_started(name, client.ping)
         finally:
@@ -407,7 +337,7 @@ class Cluster:
             self._wait_started(name, functools.partial(self._sentinel_knows_everyone, port), timeout=30)
 
     def _sentinel_knows_everyone(self, port: int) -> bool:
-        info = _sentinel_master(port)
+        info = sentinel_master(port)
         return int(info["num-other-sentinels"]) >= len(self.sentinel_ports) - 1 and int(info["num-slaves"]) >= len(
             self.replica_ports
         )
@@ -473,7 +403,7 @@ class Cluster:
         data.mkdir(parents=True, exist_ok=True)
         if self.auth:
             token = self.token(admin=True, sub="prometheus", ttl=SCRAPE_TOKEN_TTL)
-            _write_private(self.prometheus_token_file, token + "\n")
+            write_private(self.prometheus_token_file, token + "\n")
         config = self.run_dir / "prometheus.yml"
         config.write_text(self.prometheus_config())
         self._spawn("prometheus", prometheus_args(config, data, self.prometheus_port))
@@ -499,14 +429,14 @@ class Cluster:
             pid = int(pid_file.read_text())
             # A pid file can outlive its process (a reboot, a crash) and the pid
             # be reused: only signal a process that is still the one we started.
-            if (process is None or pid != process.pid) and _is_ours(pid, name):
+            if (process is None or pid != process.pid) and is_ours(pid, name):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
                     try:
-                        wait_until(lambda: not _alive(pid), name, timeout)
+                        wait_until(lambda: not alive(pid), name, timeout)
                     except RuntimeError:
                         os.kill(pid, signal.SIGKILL)
-                        wait_until(lambda: not _alive(pid), name, timeout)
+                        wait_until(lambda: not alive(pid), name, timeout)
         pid_file.unlink(missing_ok=True)
 
     def kill_node(self, index: int) -> None:
@@ -604,7 +534,7 @@ class Cluster:
             return process.pid
         with contextlib.suppress(OSError, ValueError):
             pid = int((self.run_dir / f"{name}.pid").read_text())
-            if _alive(pid) and _is_ours(pid, name):
+            if alive(pid) and is_ours(pid, name):
                 return pid
         return None
 
@@ -612,7 +542,7 @@ class Cluster:
         """The redis process the sentinels name as primary now; None without sentinels or an answer."""
         for port in self.sentinel_ports:
             try:
-                address = _sentinel_command(port, "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER)
+                address = sentinel_command(port, "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER)
             except redis.RedisError:
                 continue
             if isinstance(address, list | tuple) and len(address) == 2:
@@ -633,7 +563,7 @@ class Cluster:
 
     def _redis_status(self, name: str, port: int) -> dict[str, object]:
         def ping() -> bool:
-            client = _redis_client(port)
+            client = redis_client(port)
             try:
                 return client.ping() is True
             finally:
@@ -719,400 +649,3 @@ class Cluster:
             if self.observe:
                 lines.append(f"  prometheus scrapes with an admin token in {self.prometheus_token_file} (mode 0600)")
         return "\n".join(lines)
-
-
-def _redis_client(port: int, decode_responses: bool = False) -> redis.Redis:
-    """A client for one quick question to 127.0.0.1:``port``.
-
-    No retries: redis-py retries a refused connection with backoff by
-    default, which turns every "is it up yet?" into seconds of waiting.
-    """
-    return redis.Redis(
-        port=port,
-        socket_connect_timeout=0.5,
-        socket_timeout=2,
-        decode_responses=decode_responses,
-        retry=Retry(NoBackoff(), 0),
-    )
-
-
-def _write_private(path: Path, text: str) -> None:
-    """``text`` in a new file at ``path``, created readable by its owner only."""
-    path.unlink(missing_ok=True)  # a file left by someone else keeps its mode: start afresh
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as out:
-        out.write(text)
-
-
-def prometheus_args(config: Path, data_dir: Path, port: int, retention: str = "7d") -> list[str]:
-    """Debian's ``prometheus`` with ``config``, its TSDB in ``data_dir``, listening on 127.0.0.1:``port`` only."""
-    return [
-        PROMETHEUS,
-        f"--config.file={config}",
-        f"--storage.tsdb.path={data_dir}",
-        f"--storage.tsdb.retention.time={retention}",
-        f"--web.listen-address=127.0.0.1:{port}",
-    ]
-
-
-PROMETHEUS_HEADER = """\
-# GENERATED by `python -m ops.cluster prometheus-config{options} > {path}`: edit
-# render_prometheus in ops/cluster.py, then regenerate (tests/test_prometheus.py checks they agree).
-"""
-
-_LOCAL_INTRO = """\
-# Prometheus for `make cluster` (three nodes on 127.0.0.1:8001-8003). `make cluster OBSERVE=1` runs
-# Debian's prometheus with this config rendered for the cluster's real ports (.run/cluster/prometheus.yml).
-# Run it yourself: prometheus --config.file=ops/prometheus.yml --web.listen-address=127.0.0.1:9090
-"""
-
-_COMPOSE_INTRO = """\
-# Prometheus for compose.yaml: every replica of the `api` service (Docker's DNS answers one
-# address per replica), scraped with the admin token the `prometheus-token` service writes.
-"""
-
-
-def render_prometheus(
-    targets: list[str] | None = None,
-    *,
-    dns_name: str | None = None,
-    dns_port: int = 8000,
-    scrape_interval: str = "5s",
-    rule_file: str = "prometheus-rules.yml",
-    credentials_file: str | None = None,
-    intro: str = "",
-) -> str:
-    """A Prometheus config scraping Herald nodes: ``targets`` (``host:port``), or every address of ``dns_name``.
-
-    ``rule_file`` is resolved by Prometheus relative to the config's own
-    directory. ``credentials_file`` holds the admin token sent as
-    ``Authorization: Bearer`` (Prometheus reads it at every scrape), for
-    nodes with access control on; none when metrics are public.
-    """
-    if (targets is None) == (dns_name is None):
-        raise ValueError("give either targets or dns_name")
-    lines = [
-        intro.rstrip("\n"),
-        "global:",
-        f"  scrape_interval: {scrape_interval}",
-        f"  evaluation_interval: {scrape_interval}",
-        "",
-        "# Alerts: a node down, slow-client cut-offs rising, publish errors, Redis feed down.",
-        "rule_files:",
-        f"  - {rule_file}",
-        "",
-        "scrape_configs:",
-        f"  - job_name: {SCRAPE_JOB}",
-        "    metrics_path: /metrics",
-    ]
-    if credentials_file is not None:
-        lines += [
-            "    # Nodes with access control on answer /metrics to an admin token only (or HERALD_METRICS_PUBLIC=1);",
-            "    # Prometheus reads the file at every scrape. Nodes without access control ignore it.",
-            "    authorization:",
-            "      type: Bearer",
-            f"      credentials_file: {credentials_file}",
-        ]
-    else:
-        lines += [
-            "    # Nodes with access control on answer /metrics to an admin token only (or HERALD_METRICS_PUBLIC=1):",
-            "    # authorization: {type: Bearer, credentials_file: <a file holding an admin token>}",
-            "    # (`make cluster AUTH=1 OBSERVE=1` writes one, minted from the cluster's secret, and names it here).",
-        ]
-    if targets is not None:
-        lines += ["    static_configs:", "      - targets:", *(f"          - {target}" for target in targets)]
-    else:
-        lines += [
-            "    dns_sd_configs:",
-            f"      - names: [{dns_name}]",
-            "        type: A",
-            f"        port: {dns_port}",
-            "        refresh_interval: 15s",
-        ]
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def render_prometheus_default(nodes: int = DEFAULT_NODES, first_node_port: int = DEFAULT_FIRST_NODE_PORT) -> str:
-    """``ops/prometheus.yml``: the nodes of ``make cluster`` (default layout), rules beside the config."""
-    options = (
-        ""
-        if (nodes, first_node_port) == (DEFAULT_NODES, DEFAULT_FIRST_NODE_PORT)
-        else (f" --nodes {nodes} --first-node-port {first_node_port}")
-    )
-    header = PROMETHEUS_HEADER.format(options=options, path="ops/prometheus.yml")
-    targets = [f"127.0.0.1:{first_node_port + i}" for i in range(nodes)]
-    return render_prometheus(targets, intro=header + _LOCAL_INTRO)
-
-
-def render_prometheus_compose() -> str:
-    """``ops/prometheus-compose.yml``: every replica of compose's ``api`` service, with the scrape token."""
-    header = PROMETHEUS_HEADER.format(options=" --compose", path="ops/prometheus-compose.yml")
-    return render_prometheus(
-        dns_name="api", dns_port=8000, credentials_file=COMPOSE_TOKEN_FILE, intro=header + _COMPOSE_INTRO
-    )
-
-
-class _Exited(Exception):
-    def __init__(self, code: int) -> None:
-        super().__init__(f"exited with {code}")
-
-
-def _sentinel_command(port: int, *args: str) -> object:
-    """``SENTINEL <args>`` sent to the sentinel on ``port``, its reply as decoded strings."""
-    client = _redis_client(port, decode_responses=True)
-    try:
-        reply: object = client.execute_command("SENTINEL", *args)  # type: ignore[no-untyped-call]
-        return reply
-    finally:
-        client.close()
-
-
-def _sentinel_master(port: int) -> dict[str, str]:
-    """``SENTINEL MASTER herald`` as a dict of strings (a flat list of names and values on the wire)."""
-    reply = _sentinel_command(port, "MASTER", SENTINEL_MASTER)
-    if isinstance(reply, dict):
-        return {str(k): str(v) for k, v in reply.items()}
-    assert isinstance(reply, list), reply
-    items = [str(x) for x in reply]
-    return dict(zip(items[::2], items[1::2], strict=True))
-
-
-def _expected_program(name: str) -> str:
-    """What the command line of process ``name`` contains (redis-server retitles itself, keeping its name)."""
-    if name.startswith(("redis", "sentinel")):
-        return "redis-server"
-    if name == "nginx":
-        return "nginx"
-    if name == "prometheus":
-        return "prometheus --config.file="
-    return "-m api"
-
-
-def _is_ours(pid: int, name: str) -> bool:
-    """Whether ``pid`` runs what the pid file ``name`` was written for."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return False
-    return _expected_program(name) in cmdline
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still runs. A zombie does not: it is dead, waiting for a parent
-    (maybe another program, such as a test that started the cluster) to reap it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-# -- command line ------------------------------------------------------------------
-
-
-def _node_index(cluster: Cluster, name: str) -> int:
-    if name not in cluster.node_names:
-        sys.exit(f"no node {name!r} in this cluster (nodes: {', '.join(cluster.node_names)})")
-    return cluster.node_names.index(name)
-
-
-def _print_status(cluster: Cluster, status: dict[str, object]) -> None:
-    """``status`` as a table: one line per process, redis processes with their role."""
-    rows: list[tuple[str, str, str, str]] = []
-
-    def row(name: str, entry: object, note: str = "") -> None:
-        assert isinstance(entry, dict)
-        pid = entry["pid"]
-        rows.append((name, str(entry["state"]), "-" if pid is None else str(pid), f"{entry['url']}{note}"))
-
-    row("nginx", status["nginx"])
-    if "prometheus" in status:
-        row("prometheus", status["prometheus"])
-    nodes = status["nodes"]
-    assert isinstance(nodes, list)
-    for node in nodes:
-        row(node["name"], node)
-    redis_status = status["redis"]
-    assert isinstance(redis_status, dict)
-    if not cluster.sentinel:
-        row("redis", redis_status)
-    else:
-        primary = redis_status["primary"]
-        for name in cluster.redis_names:  # the primary is not among the "replicas": list them all
-            role = "primary" if name == primary else "replica"
-            row(name, cluster._redis_status(name, cluster.redis_port_of(name)), f"   {role}")
-        for sentinel in redis_status["sentinels"]:
-            row(sentinel["name"], sentinel, f"   sentinel, master {redis_status['master_name']!r}")
-    print(f"front {status['front']}")
-    print(f"{'NAME':<12} {'STATE':<10} {'PID':<8} URL")
-    for name, state, pid, url in rows:
-        print(f"{name:<12} {state:<10} {pid:<8} {url}")
-    if cluster.auth:
-        print("access control on: tokens from `python -m ops.cluster token` (--help for their rights)")
-
-
-def _default_prometheus_port() -> int:
-    """Prometheus' own default port when nothing listens on it, else any free loopback port."""
-    return PROMETHEUS_DEFAULT_PORT if port_is_free(PROMETHEUS_DEFAULT_PORT) else free_port()
-
-
-def _running_names(run_dir: Path) -> list[str]:
-    """Processes named by pid files in ``run_dir`` that still run what they were started as."""
-    names = []
-    for pid_file in sorted(run_dir.glob("*.pid")):
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(pid_file.read_text())
-            if _alive(pid) and _is_ours(pid, pid_file.stem):
-                names.append(pid_file.stem)
-    return names
-
-
-def main(argv: list[str] | None = None) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--run-dir", type=Path, default=ROOT / ".run" / "cluster", help="pid files, logs, state")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    start = commands.add_parser("start", parents=[common], help="start redis, the nodes and nginx")
-    start.add_argument("--nodes", type=int, default=int(os.environ.get("NODES", "3")))
-    start.add_argument("--front", type=int, default=8080, help="nginx port")
-    start.add_argument("--first-node-port", type=int, default=8001, help="node i listens on this + i")
-    start.add_argument("--redis-port", type=int, default=6380)
-    start.add_argument("--no-appendonly", action="store_true", help="run Redis without AOF")
-    start.add_argument("--sentinel", action="store_true", help="a replica and three sentinels too")
-    start.add_argument(
-        "--auth", action="store_true", help="access control on: a random HERALD_JWT_SECRET for every node"
-    )
-    start.add_argument(
-        "--observe", action="store_true", help="Prometheus too, scraping every node (Debian's prometheus)"
-    )
-    start.add_argument(
-        "--prometheus-port",
-        type=int,
-        default=0,
-        help=f"with --observe (default: {PROMETHEUS_DEFAULT_PORT} when free, else any free port)",
-    )
-    start.add_argument("--scrape-interval", default="5s", help="with --observe: Prometheus' (default %(default)s)")
-    start.add_argument(
-        "--tls", action="store_true", help="the front serves https:// and HTTP/2, with a certificate made for it"
-    )
-    start.add_argument("--replica-port", type=int, default=0, help="default: the redis port + 1")
-    start.add_argument("--first-sentinel-port", type=int, default=26380, help="sentinel i listens on this + i")
-    commands.add_parser("stop", parents=[common], help="stop every process of the cluster")
-    commands.add_parser("restart", parents=[common], help="rolling restart of the nodes")
-    status = commands.add_parser("status", parents=[common], help="what runs, and whether it is ready")
-    status.add_argument("--json", action="store_true")
-    stop_node = commands.add_parser("stop-node", parents=[common], help="SIGTERM (or SIGKILL) one node")
-    stop_node.add_argument("name", help="node-0, node-1, ...")
-    stop_node.add_argument("--kill", action="store_true", help="SIGKILL: no goodbye to its clients")
-    start_node = commands.add_parser("start-node", parents=[common], help="start one node again")
-    start_node.add_argument("name")
-    for verb in ("stop", "start"):
-        redis_command = commands.add_parser(f"{verb}-redis", parents=[common], help=f"{verb} a redis-server")
-        redis_command.add_argument("name", nargs="?", default="redis", help="redis (default), redis-1, ...")
-    commands.add_parser("failover", parents=[common], help="--sentinel clusters: SIGKILL the current primary")
-    config = commands.add_parser(
-        "prometheus-config",
-        help="print ops/prometheus.yml (the default cluster's), or with --compose ops/prometheus-compose.yml",
-    )
-    config.add_argument("--compose", action="store_true", help="compose.yaml's: every replica of the api service")
-    config.add_argument("--nodes", type=int, default=DEFAULT_NODES)
-    config.add_argument("--first-node-port", type=int, default=DEFAULT_FIRST_NODE_PORT)
-    token = commands.add_parser(
-        "token",
-        parents=[common],
-        help="--auth clusters: print an access token signed with the cluster's secret",
-        description="Print an access token for this cluster. With no --publish, --subscribe or --admin: a "
-        "development token that may publish and subscribe to every topic and read /stats.",
-    )
-    token.add_argument("--publish", action="append", metavar="SELECTOR", help="may publish to (repeat)")
-    token.add_argument("--subscribe", action="append", metavar="SELECTOR", help="may subscribe to (repeat)")
-    token.add_argument("--admin", action="store_true", help="may read /stats")
-    token.add_argument("--sub", help="the subject ({sub} in selectors)")
-    token.add_argument("--ttl", type=float, default=3600, help="seconds until it expires (default %(default)g)")
-    args = parser.parse_args(argv)
-    if args.command == "prometheus-config":
-        print(render_prometheus_compose() if args.compose else render_prometheus_default(args.nodes,
-              args.first_node_port), end="")  # fmt: skip
-        return
-    run_dir: Path = args.run_dir
-
-    if args.command == "start":
-        running = _running_names(run_dir)
-        if running:
-            sys.exit(f"a cluster is already running from {run_dir} ({', '.join(running)}): stop it first")
-        for stale in run_dir.glob("*.pid"):
-            stale.unlink()
-        cluster = Cluster(
-            run_dir,
-            front_port=args.front,
-            redis_port=args.redis_port,
-            node_ports=[args.first_node_port + i for i in range(args.nodes)],
-            appendonly=not args.no_appendonly,
-            sentinel=args.sentinel,
-            replica_ports=[args.replica_port or args.redis_port + 1] if args.sentinel else [],
-            sentinel_ports=[args.first_sentinel_port + i for i in range(3)] if args.sentinel else [],
-            auth=args.auth,
-            observe=args.observe,
-            prometheus_port=(args.prometheus_port or _default_prometheus_port()) if args.observe else 0,
-            scrape_interval=args.scrape_interval,
-            tls=args.tls,
-        )
-        cluster.start()
-        # The processes outlive this command; the other commands find them by their pid files.
-        cluster.processes.clear()
-        print(cluster.describe())
-        return
-    try:
-        cluster = Cluster.load(run_dir)
-    except FileNotFoundError:
-        if args.command != "stop":
-            sys.exit(f"no cluster was started from {run_dir} (no {Cluster.STATE_FILE})")
-        cluster = Cluster(run_dir, nodes=0, redis_port=1)  # stops whatever pid files name
-    if args.command == "stop":
-        names = _running_names(run_dir)
-        cluster.stop()
-        print(f"stopped: {', '.join(names) or 'nothing was running'}")
-    elif args.command == "restart":
-        cluster.restart_nodes(on_step=lambda text: print(text, flush=True))
-    elif args.command == "status":
-        state = cluster.status()
-        if args.json:
-            print(json.dumps(state, indent=2))
-        else:
-            _print_status(cluster, state)
-    elif args.command == "stop-node":
-        cluster.stop_node(_node_index(cluster, args.name), kill=args.kill)
-        print(f"{'killed' if args.kill else 'stopped'} {args.name}")
-    elif args.command == "start-node":
-        cluster.start_node(_node_index(cluster, args.name))
-        print(f"{args.name} ready at {cluster.node_url(_node_index(cluster, args.name))}")
-    elif args.command in ("stop-redis", "start-redis"):
-        if args.name not in cluster.redis_names:
-            sys.exit(f"no redis process {args.name!r} (this cluster has: {', '.join(cluster.redis_names)})")
-        if args.command == "stop-redis":
-            cluster.stop_redis_process(args.name)
-            print(f"stopped {args.name}")
-        else:
-            cluster.start_redis_process(args.name)
-            print(f"{args.name} ready at redis://127.0.0.1:{cluster.redis_port_of(args.name)}/0")
-    elif args.command == "failover":
-        try:
-            killed = cluster.failover_redis()
-        except RuntimeError as error:
-            sys.exit(str(error))
-        print(f"killed the primary {killed}; the sentinels promote a replica (see `status`)")
-    elif args.command == "token":
-        if args.ttl <= 0:
-            sys.exit("--ttl must be positive")
-        if not (args.publish or args.subscribe or args.admin):
-            args.publish, args.subscribe, args.admin = ["**"], ["**"], True  # the development token
-        try:
-            print(cluster.token(publish=args.publish, subscribe=args.subscribe, admin=args.admin, sub=args.sub,
-                                ttl=args.ttl))  # fmt: skip
-        except RuntimeError as error:
-            sys.exit(str(error))
-    cluster.processes.clear()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,67 @@
+"""Publishing: the ``publish.lua`` script, and ``WAIT`` for replicas when asked.
+
+The script takes the ids, appends to each topic's stream and trims it by size
+and age (recording the floor), checks the idempotency key and PUBLISHes to
+each topic's channel, in one atomic step: ids are issued in the order
+messages are published, across every topic and every node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from broker.base import BrokerUnavailable, Event, IdempotencyConflict, Message, RetentionPolicy
+from broker.redis.connection import Commands
+
+ACK_TIMEOUT_MS = 2000
+"""How long a publish waits for ``replicas_ack`` replicas (``WAIT``), in milliseconds."""
+
+
+class Publisher:
+    """Publishes batches; with ``replicas_ack``, a publish returns only once that many replicas have it."""
+
+    def __init__(self, commands: Commands, retention: RetentionPolicy, replicas_ack: int) -> None:
+        self._commands = commands
+        self._retention = retention
+        self._replicas_ack = replicas_ack
+        self.last_published = 0
+        """The largest id this process published: a primary behind it after a failover lost events (the feed)."""
+
+    async def publish(self, messages: Sequence[Message], idempotency_key: str | None = None) -> list[Event]:
+        commands = self._commands
+        commands.check_open()
+        args: list[str | int] = [
+            commands.prefix,
+            commands.now(),
+            self._retention.size,
+            int(self._retention.ttl * 1_000_000),
+            idempotency_key or "",
+            len(messages),
+        ]
+        for message in messages:
+            args += [message.topic, message.type or "", message.data]
+        if self._replicas_ack:
+            _, joined = await commands.call(lambda: self._publish_and_wait(args), idempotent=False)
+        else:
+            _, joined = await commands.call(lambda: commands.publish_script(args=args), idempotent=False)
+        ids = [int(i) for i in str(joined).split(",")]
+        if len(ids) != len(messages):
+            raise IdempotencyConflict(f"idempotency key {idempotency_key!r} was used for a different request")
+        self.last_published = max(self.last_published, ids[-1])
+        return [Event(i, m.topic, m.data, m.type) for i, m in zip(ids, messages, strict=True)]
+
+    async def _publish_and_wait(self, args: list[str | int]) -> Any:
+        # WAIT counts the replicas that have everything this connection wrote,
+        # so it must follow the script on the same connection: one pipeline.
+        commands = self._commands
+        async with commands.redis.pipeline(transaction=False) as pipe:
+            await commands.publish_script(args=args, client=pipe)
+            pipe.wait(self._replicas_ack, ACK_TIMEOUT_MS)
+            result, acked = await pipe.execute()
+        if int(acked) < self._replicas_ack:
+            # Published on the primary (subscribers may have it), but a
+            # failover now could lose it: not accepted. A retry with the same
+            # Idempotency-Key waits for the replicas again, publishing nothing twice.
+            raise BrokerUnavailable(f"only {acked} of {self._replicas_ack} replicas acknowledged the publish in time")
+        return result
