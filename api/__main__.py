@@ -2,7 +2,7 @@
 
 With ``HERALD_WORKERS`` > 1 and a Redis broker this process supervises that
 many worker processes sharing the node's port instead of serving (see
-:mod:`api.workers`); each worker runs this same module and serves as below.
+:mod:`api.node.supervisor`); each worker runs this same module and serves as below.
 
 Uvicorn's graceful shutdown waits for open responses to finish, and an SSE
 stream never finishes by itself. So the server tells the hub to end every
@@ -25,10 +25,12 @@ import sys
 import uvicorn
 from fastapi import FastAPI
 
-from api import adapter, logs, workers
+from api import adapter
 from api.app import create_app
 from api.auth.access import Access
 from api.auth.keys import KeyConfigError
+from api.node import logs
+from api.node import supervisor as workers
 from api.settings import Settings
 from broker.base import BrokerUnavailable
 

@@ -22,23 +22,23 @@ from api.auth.access import Access, Denied
 from api.auth.cors import Cors, CorsMiddleware
 from api.auth.keys import KeysUnavailable
 from api.bodies import ClientGone
-from api.dashboard import router as dashboard_router
-from api.docs import router as docs_router
-from api.events import events_response
-from api.events import router as events_router
-from api.health import router as health_router
-from api.hub import Hub
+from api.core.hub import Hub
+from api.core.metrics import Metrics, NullMetrics, PrometheusMetrics
 from api.mercure.routes import HUB_PATH as MERCURE_HUB_PATH
 from api.mercure.routes import router as mercure_router
 from api.mercure.routes import serve_subscribe
 from api.mercure.subscriptions import ActiveSubscriptions
-from api.metrics import Metrics, NullMetrics, PrometheusMetrics
 from api.middleware import NodeIdMiddleware
 from api.models import TOPIC_PATTERN, PublishEvent
-from api.monitoring import NodeCollector
-from api.monitoring import router as monitoring_router
-from api.publish import router as publish_router
-from api.registry import NodeRegistry
+from api.node.registry import NodeRegistry
+from api.routes.dashboard import router as dashboard_router
+from api.routes.docs import router as docs_router
+from api.routes.events import events_response
+from api.routes.events import router as events_router
+from api.routes.health import router as health_router
+from api.routes.monitoring import NodeCollector
+from api.routes.monitoring import router as monitoring_router
+from api.routes.publish import router as publish_router
 from api.settings import Settings
 from broker.base import Broker, BrokerUnavailable, IdempotencyConflict, RetentionPolicy
 from broker.factory import create_broker
@@ -125,7 +125,7 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
         summary="Real-time push over Server-Sent Events",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url=None,  # served by api.docs from the package: no CDN
+        docs_url=None,  # served by api.routes.docs from the package: no CDN
         # A path that names nothing is a 404, never a redirect to a guess: Starlette's guess, a route's "$"
         # matching before a final newline, sent ".../subscriptions/%0A/" to ".../subscriptions/%0A" (307).
         redirect_slashes=False,
@@ -156,11 +156,11 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
 class HeraldApp(FastAPI):
     """The FastAPI app, noting per request whether streams may write to the socket directly.
 
-    It also sends ``GET /events`` straight to :func:`api.events.events_response`
+    It also sends ``GET /events`` straight to :func:`api.routes.events.events_response`
     and ``GET /.well-known/mercure`` to :func:`api.mercure.routes.serve_subscribe`
     (the SSE fast lane), ahead of FastAPI's middleware and routing.
 
-    The fast path of :mod:`api.connection` writes event bytes to the
+    The fast path of :mod:`api.core.connection` writes event bytes to the
     server's transport without going through ``send``. That is only right
     when every layer between the server and the stream leaves the body
     alone. Inside this app that holds (its middleware only add headers); an
@@ -180,13 +180,13 @@ class HeraldApp(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             scope[DIRECT_WRITES] = adapter.active.direct_writes(receive, send)
-            # The SSE fast lane (see api.events): streams skip FastAPI's request path.
+            # The SSE fast lane (see api.routes.events): streams skip FastAPI's request path.
             if scope["method"] == "GET" and not scope.get("root_path"):
                 path = scope["path"]
                 if path == "/events":
                     serving = self.serving
                     if serving is not None:
-                        # Awaited here, not in a helper: one coroutine fewer held under every stream (api.events).
+                        # Awaited here, not in a helper: one coroutine fewer under every stream (api.routes.events).
                         hub, settings, access, cors = serving
                         response = await events_response(hub, settings, access, cors, scope, receive)
                         await response(scope, receive, send)

@@ -14,7 +14,7 @@ from fastapi import Depends, Request
 from api.auth.access import Access
 from api.auth.cors import Cors
 from api.auth.credentials import subscriber_token
-from api.hub import Hub
+from api.core.hub import Hub
 from api.settings import Settings
 from broker.base import Broker
 

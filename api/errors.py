@@ -8,7 +8,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from api.auth.access import Denied
-from api.logs import ThrottledLog
+from api.node.logs import ThrottledLog
 
 RETRY_AFTER_SECONDS = 2
 

@@ -145,7 +145,7 @@ class Settings(BaseSettings):
         description="Also deliver every public Mercure update on the native API: to /events subscribers of each of"
         " its topics that is a valid native topic name (as a native event of that topic, data as is).",
     )
-    # -- operations (api.metrics, api.registry, api.logs) ----------------------
+    # -- operations (api.core.metrics, api.node.registry, api.node.logs) ----------------------
     metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics (counted per flush, not per event).")
     metrics_public: bool = Field(
         False, description="With access control on, let /metrics be scraped without an admin token."

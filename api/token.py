@@ -22,7 +22,7 @@ from typing import Any
 import jwt
 
 from api.auth.keys import HMAC_ALGORITHMS, MIN_SECRET_BYTES
-from api.auth.tokens import CLAIM
+from api.auth.verifier import CLAIM
 
 
 def claims(

@@ -256,7 +256,7 @@ class PositionNow(Protocol):
     The embedded broker always can (it delivers in this process); the Redis
     broker can for topics its feed already carries exactly (it answers from
     the feed). With it, a node opens a fresh stream in one step, with
-    nothing to await (:meth:`api.hub.Hub.open_now`): no task, no coroutine
+    nothing to await (:meth:`api.core.hub.Hub.open_now`): no task, no coroutine
     held per stream.
     """
 

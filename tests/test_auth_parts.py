@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 from api import token as tokens
 from api.__main__ import check_access, is_loopback
 from api.auth import access as access_module
-from api.auth import tokens as tokens_module
+from api.auth import verifier as tokens_module
 from api.auth.access import Access
 from api.auth.credentials import bearer_token, cookie_token, subscriber_token
 from api.auth.keys import JwksKeys, KeyConfigError, StaticKey, parse_algorithms
 from api.auth.selectors import MAX_SELECTOR_LENGTH, MAX_SELECTORS, InvalidSelector, TopicMatcher, selector_tokens
-from api.auth.tokens import InvalidToken, TokenVerifier
+from api.auth.verifier import InvalidToken, TokenVerifier
 from api.settings import Settings
 
 SECRET = secrets.token_urlsafe(48)

@@ -51,7 +51,7 @@ from typing import Any
 import httpx
 import pytest
 
-from api.dashboard import UPLOT_VERSION
+from api.routes.dashboard import UPLOT_VERSION
 from api.token import mint
 from broker.base import Message
 from ops.cluster import Cluster
@@ -74,7 +74,7 @@ SECRET = "dashboard-test-secret-" + "x" * 32
 COOKIE = "herald_token"
 WIDTH, HEIGHT = 1360, 1000
 
-FIGURES_EVERY = 1.0  # the nodes publish their figures once a second (api.registry)
+FIGURES_EVERY = 1.0  # the nodes publish their figures once a second (api.node.registry)
 TICK = 1.0  # the page redraws once a second
 SILENCE = 5.0  # a node silent for longer is gone on the page
 ONE_UPDATE = FIGURES_EVERY + TICK + 1.0  # a figure taken, the page's next redraw, and slack for a loaded machine

@@ -19,7 +19,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import pytest
 
-from api.docs import SWAGGER_UI_VERSION
+from api.routes.docs import SWAGGER_UI_VERSION
 from tests.browser import CHROMIUM, chromium
 from tests.server import Node, run_server
 

@@ -1,4 +1,4 @@
-"""When and how the hub writes its clients' queues (api.flusher).
+"""When and how the hub writes its clients' queues (api.core.flusher).
 
 The scheduling cases set the flusher's record of its last round (what it
 cost, when it ended, how many events it carried) and check what the next
@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from api import flusher as flusher_module
-from api.connection import Connection
-from api.flusher import Flusher
-from api.metrics import LatencyWindow, NullMetrics
+from api.core import flusher as flusher_module
+from api.core.connection import Connection
+from api.core.flusher import Flusher
+from api.core.metrics import LatencyWindow, NullMetrics
 
 Call = tuple[float, Callable[..., Any], tuple[Any, ...]]
 

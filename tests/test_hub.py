@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Collection
 
 import pytest
 
-from api.connection import Closed, Connection
-from api.hub import Hub, parse_event_id
-from api.sse import HEARTBEAT, event_frame
+from api.core.connection import Closed, Connection
+from api.core.hub import Hub, parse_event_id
+from api.core.sse import HEARTBEAT, event_frame
 from broker.base import Message, RetentionPolicy
 from broker.memory import MemoryBroker
 

@@ -24,10 +24,10 @@ from api.adapter.lane import QUERIES_KEPT, LaneStream, StreamLane
 from api.adapter.protocol import HeraldHttpToolsProtocol
 from api.auth.access import Access
 from api.auth.cors import Cors
-from api.connection import Closed, Connection
-from api.hub import Hub
+from api.core.connection import Closed, Connection
+from api.core.hub import Hub
+from api.core.sse import CUT_OFF_NOTICE
 from api.settings import Settings
-from api.sse import CUT_OFF_NOTICE
 from api.token import mint
 from broker.base import Message
 from broker.memory import MemoryBroker

@@ -1,4 +1,4 @@
-"""A node's log (api.logs): ``HERALD_LOG_FORMAT=text|json``, extra fields kept, never a token.
+"""A node's log (api.node.logs): ``HERALD_LOG_FORMAT=text|json``, extra fields kept, never a token.
 
 Real nodes are started with each format and their whole output (stdout and
 stderr) is read back: in JSON every line is one object with time, level,
@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from api import logs
+from api.node import logs
 from api.token import mint
 from ops import launch
 from ops.probe import free_port
@@ -148,7 +148,7 @@ def test_format_names() -> None:
 # The process-wide set-up (what a node runs first), in a process of its own: a test must not rewire pytest's logging.
 CONFIGURED = """
 import logging, sys, warnings
-from api import logs
+from api.node import logs
 logs.configure(sys.argv[1])
 log = logging.getLogger("herald.hub")
 log.info("slow client cut off", extra={"buffered": 1024, "topics": ["a", "b"], "why": "too slow"})

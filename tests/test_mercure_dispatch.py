@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from api.connection import Connection
-from api.hub import Hub
+from api.core.connection import Connection
+from api.core.hub import Hub
+from api.core.sse import event_frame
 from api.mercure.dispatch import MercureHub, Subscriber, data_of
 from api.mercure.matchers import Matchers
 from api.mercure.updates import PublicationError, Update, parse_hub_id, read_update
-from api.sse import event_frame
 from broker.memory import MemoryBroker
 
 BOOKS = "https://example.com/books/:id"

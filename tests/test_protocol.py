@@ -30,8 +30,8 @@ from uvicorn.server import ServerState
 from api.adapter import DIRECT_WRITES
 from api.adapter.protocol import HeraldHttpToolsProtocol, LazyEvent, LazyFlowControl, local_address, remote_address
 from api.adapter.writes import send_head
-from api.events import parse_query
-from api.stream import MEDIA_TYPE
+from api.core.stream import MEDIA_TYPE
+from api.routes.events import parse_query
 
 STREAM_HEADERS = [(b"content-type", MEDIA_TYPE.encode()), (b"cache-control", b"no-cache"), (b"x-node-id", b"n1")]
 FIRST = b"retry: 2000\nid: 7\n\n"

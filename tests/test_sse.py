@@ -1,4 +1,4 @@
-"""Property tests of the SSE wire encoding (api/sse.py) against a spec parser.
+"""Property tests of the SSE wire encoding (api/core/sse.py) against a spec parser.
 
 Every frame Herald sends is parsed by :class:`tests.sse_parser.SSEParser`, a
 transcription of the WHATWG "event stream interpretation" algorithm, fed the
@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from api.core.sse import HEARTBEAT, encode_data, event_frame, preamble, reset_frame
 from api.models import EVENT_TYPE_PATTERN, RESERVED_EVENT_TYPES
-from api.sse import HEARTBEAT, encode_data, event_frame, preamble, reset_frame
 from tests.sse_parser import SSEEvent, SSEParser
 
 # --- helpers -----------------------------------------------------------------

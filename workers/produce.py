@@ -27,8 +27,8 @@ from typing import Any
 
 import httpx
 
+from api.core.sse import encode_data
 from api.models import PublishEvent
-from api.sse import encode_data
 from api.token import mint_from_environment
 from broker.base import Event, Message, RetentionPolicy
 from broker.redis import RedisBroker

@@ -43,8 +43,8 @@ if TYPE_CHECKING:
     from api.adapter.lane import StreamLane
     from api.auth.access import Access
     from api.auth.cors import Cors
-    from api.connection import DirectWriter
-    from api.hub import Hub
+    from api.core.connection import DirectWriter
+    from api.core.hub import Hub
     from api.settings import Settings
 
 TESTED_UVICORN: tuple[str, ...] = ("0.55.0",)

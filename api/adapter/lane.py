@@ -2,7 +2,7 @@
 
 Through the ASGI app, a connect costs uvicorn's request cycle, a task, and
 the coroutines of the app's path to the stream, all held for as long as the
-stream is open (:mod:`api.events`, :mod:`api.stream`). Most connects need
+stream is open (:mod:`api.routes.events`, :mod:`api.core.stream`). Most connects need
 none of it: a fresh stream (no ``Last-Event-ID``) when
 
 * access control is off, or the client's token was verified earlier (it is
@@ -16,7 +16,7 @@ none of it: a fresh stream (no ``Last-Event-ID``) when
 For those, :class:`StreamLane` answers from the protocol's
 ``on_headers_complete`` (:mod:`api.adapter.protocol`): the head and the first chunk
 in one write, the client registered live with the hub in the same step
-(:meth:`api.hub.Hub.open_now`), its token's expiry set as the app sets it,
+(:meth:`api.core.hub.Hub.open_now`), its token's expiry set as the app sets it,
 and the stream then lives as callbacks, a :class:`LaneStream`:
 
 * the hub's rounds write its events (it is the connection's direct writer,
@@ -37,7 +37,7 @@ another, and any query the app would refuse (it answers the 400).
 
 The answer is the app's, byte for byte (``tests/test_lane.py`` compares
 them), and the hub's guarantees are untouched: the connection is an ordinary
-:class:`~api.connection.Connection`, only its writer differs. What it saves,
+:class:`~api.core.connection.Connection`, only its writer differs. What it saves,
 per stream (``make bench``, 5,000 connects at once, side by side): a request
 cycle, a task and four coroutine frames held for the stream's life, and
 their creation on every connect.
@@ -55,13 +55,13 @@ from api.adapter.writes import UvicornDirectWriter, cut_off, stream_head
 from api.auth.access import Access
 from api.auth.cors import Cors
 from api.auth.credentials import subscriber_token
-from api.connection import Closed, Connection
+from api.core.connection import Closed, Connection
+from api.core.hub import Hub
+from api.core.sse import preamble
+from api.core.stream import RAW_HEADERS
 from api.errors import RequestRejected
-from api.events import check_topics, node_id_header, parse_query
-from api.hub import Hub
+from api.routes.events import check_topics, node_id_header, parse_query
 from api.settings import Settings
-from api.sse import preamble
-from api.stream import RAW_HEADERS
 
 if TYPE_CHECKING:
     from api.adapter.protocol import HeraldHttpToolsProtocol
@@ -262,7 +262,7 @@ class LaneStream:
         self.keep_alive = keep_alive
         self.response_complete = False
 
-    # -- the connection's writer (api.connection.DirectWriter) -----------------
+    # -- the connection's writer (api.core.connection.DirectWriter) -----------------
 
     def ready(self) -> bool:
         return not (self._flow.write_paused or self.disconnected or self._transport.is_closing())

@@ -7,7 +7,7 @@ that task is most of what the app holds per connection, and its creation a
 tenth of a connect's CPU (``make bench``: idle memory, 5,000 connects). With
 this protocol (``python -m api`` runs it) a stream registers a callback
 instead; under any other server it falls back to the watcher task
-(:mod:`api.stream`). Only used through :mod:`api.adapter`, for a uvicorn it was tested with.
+(:mod:`api.core.stream`). Only used through :mod:`api.adapter`, for a uvicorn it was tested with.
 
 An SSE connection lives for hours, so whatever uvicorn keeps per connection
 in case it is needed is paid for as long. This protocol keeps the same

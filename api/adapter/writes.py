@@ -26,14 +26,14 @@ from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, ST
 
 from api.adapter import DIRECT_WRITES, DisconnectNotifier, ServerHooks
 from api.adapter.protocol import HeraldHttpToolsProtocol
-from api.sse import CUT_OFF_NOTICE
+from api.core.sse import CUT_OFF_NOTICE
 
 if TYPE_CHECKING:
     from api.adapter.guard import ConnectionGuard
     from api.adapter.lane import StreamLane
     from api.auth.access import Access
     from api.auth.cors import Cors
-    from api.hub import Hub
+    from api.core.hub import Hub
     from api.settings import Settings
 
 _UVICORN_HTTPTOOLS = "uvicorn.protocols.http.httptools_impl"

@@ -2,7 +2,7 @@
 
 * :mod:`api.auth.selectors`: topic selectors (``*``, ``**``, ``{sub}``);
 * :mod:`api.auth.keys`: where verification keys come from and which algorithms they allow;
-* :mod:`api.auth.tokens`: verifying a token into a :class:`~api.auth.tokens.Grant`, cached;
+* :mod:`api.auth.verifier`: verifying a token into a :class:`~api.auth.verifier.Grant`, cached;
 * :mod:`api.auth.access`: the decisions (subscribe, publish, admin), transport-free;
 * :mod:`api.auth.credentials`: where a request's token is;
 * :mod:`api.auth.cors`: which other origins' pages may use the node.

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from api.auth.keys import JwksKeys, KeyConfigError, KeySource, StaticKey
 from api.auth.selectors import NOTHING, InvalidSelector, TopicMatcher, parse_selector_list
-from api.auth.tokens import Grant, InvalidToken, TokenVerifier
+from api.auth.verifier import Grant, InvalidToken, TokenVerifier
 from api.models import is_reserved
 from api.settings import Settings
 

@@ -1,6 +1,6 @@
 """A bounded cache of verified tokens, each kept until it expires.
 
-Shared by the native API's verifier (:mod:`api.auth.tokens`) and the
+Shared by the native API's verifier (:mod:`api.auth.verifier`) and the
 Mercure hub's (:mod:`api.mercure.authorization`): a connect storm carrying a
 few tokens costs a few signature checks and dictionary lookups for the rest.
 """

@@ -72,7 +72,7 @@ log); a valid token that does not grant the operation -> 403
 ``error="invalid_request"``. ``resource_metadata`` (RFC 9728) and ``realm``
 are added when the hub configures them, on every challenge.
 
-Verified tokens are cached like :mod:`api.auth.tokens` does: bounded, keyed by
+Verified tokens are cached like :mod:`api.auth.verifier` does: bounded, keyed by
 the token, until ``exp``, emptied when the key set changes.
 """
 

@@ -1,6 +1,6 @@
 """The node's Mercure side: one feed of the hub-wide update sequence in, each Mercure subscriber out.
 
-Herald's :class:`~api.hub.Hub` routes events by exact topic. Every Mercure
+Herald's :class:`~api.core.hub.Hub` routes events by exact topic. Every Mercure
 update is one event on :data:`~api.mercure.updates.UPDATES_TOPIC`, so the hub
 hands each of them to exactly one local "connection": this module's
 :class:`_Tap`, which is not a client but the Mercure dispatcher. The tap
@@ -23,8 +23,8 @@ subscriber decodes nothing.
 
 Resume: the subscriber is registered here (live updates held aside by its
 connection) and the tap subscribed *before* the history is read, exactly as
-:meth:`api.hub.Hub.open` does for native clients, so
-:meth:`~api.connection.Connection.go_live` makes the hand-off exact.
+:meth:`api.core.hub.Hub.open` does for native clients, so
+:meth:`~api.core.connection.Connection.go_live` makes the hand-off exact.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from api.connection import Closed, Connection
-from api.hub import Hub, Opened
+from api.core.connection import Closed, Connection
+from api.core.hub import Hub, Opened
 from api.mercure.updates import EARLIEST, UPDATES_TOPIC, Update, hub_id, parse_hub_id, position_frame
 from broker.base import Broker, Event, ResetReason
 
@@ -180,7 +180,7 @@ class _Tap(Connection):
 
 
 def data_of(event_id: int, frame: bytes) -> str:
-    """The data of an event frame as :func:`api.sse.event_frame` writes one without a type.
+    """The data of an event frame as :func:`api.core.sse.event_frame` writes one without a type.
 
     The update contract's JSON is one line (JSON escapes line breaks), so the
     frame is ``id: <id>\\ndata: <json>\\n\\n``.
@@ -220,7 +220,7 @@ class MercureHub:
         everything: bool,
         on_overflow: Callable[[], None] | None = None,
     ) -> Subscriber:
-        """Register a new subscriber (pending: it gets nothing until opened). Raises ``api.hub.Refused``.
+        """Register a new subscriber (pending: it gets nothing until opened). Raises ``api.core.hub.Refused``.
 
         ``exact``: its topics, when every matcher is an exact one; ``everything``: one is ``*``.
         """

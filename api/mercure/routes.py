@@ -50,9 +50,9 @@ from api.auth.access import Access
 from api.auth.cors import Cors
 from api.auth.keys import KeysUnavailable
 from api.bodies import BodyTooLarge, read_body
+from api.core.hub import Refused
+from api.core.stream import RetryLaterResponse, connect_outcome
 from api.errors import RETRY_AFTER_SECONDS
-from api.events import node_id_header
-from api.hub import Refused
 from api.mercure.authorization import (
     LEGACY_COOKIE_NAME,
     MERCURE_DETAIL_TYPES,
@@ -75,8 +75,8 @@ from api.mercure.updates import (
     parse_form,
     read_update,
 )
+from api.routes.events import node_id_header
 from api.settings import Settings
-from api.stream import RetryLaterResponse, connect_outcome
 from broker.base import Broker, BrokerUnavailable, Message
 
 log = logging.getLogger("herald.mercure")
@@ -339,7 +339,7 @@ async def serve_subscribe(state: State, scope: Scope, receive: Receive, send: Se
 
     A stream lives for hours, and what the request path leaves on the stack
     stays for as long: :class:`api.app.HeraldApp`'s fast lane calls this
-    directly, as it answers ``/events`` (:func:`api.events.events_response`), with ``node_id``
+    directly, as it answers ``/events`` (:func:`api.routes.events.events_response`), with ``node_id``
     (the ``X-Node-Id`` header the middleware would have added). The route
     below (a plain ASGI app, no FastAPI request handling) serves the rest: an
     app mounted under a ``root_path``.
@@ -355,7 +355,7 @@ async def serve_subscribe(state: State, scope: Scope, receive: Receive, send: Se
 
 
 def _connect_outcome(response: Response) -> str:
-    """How a subscribe ended its connect (:func:`api.stream.connect_outcome`; refusals by their status)."""
+    """How a subscribe ended its connect (:func:`api.core.stream.connect_outcome`; refusals by their status)."""
     outcome = connect_outcome(response)
     if outcome is not None:
         return outcome

@@ -1,4 +1,4 @@
-"""A Mercure subscriber's ``text/event-stream``: Herald's :class:`~api.stream.EventStreamResponse`, Mercure-opened.
+"""A Mercure subscriber's ``text/event-stream``: Herald's :class:`~api.core.stream.EventStreamResponse`, Mercure-opened.
 
 The writer, the replay batching, the hand-off to live updates, direct writes,
 heartbeats and disconnect handling are Herald's own. What differs: the
@@ -16,11 +16,11 @@ import time
 
 from starlette.types import Receive, Scope, Send
 
-from api.hub import Opened
+from api.core.hub import Opened
+from api.core.sse import HEARTBEAT
+from api.core.stream import EventStreamResponse
 from api.mercure.dispatch import MercureHub, Subscriber
 from api.mercure.subscriptions import ActiveSubscriptions, Subscription
-from api.sse import HEARTBEAT
-from api.stream import EventStreamResponse
 from broker.base import BrokerUnavailable
 
 _WAIT_STEP = 0.5

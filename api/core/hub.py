@@ -7,11 +7,11 @@ broker one feed, however many clients it serves).
 
 Per event the hub encodes the SSE frame once and hands the same bytes to each
 interested connection without awaiting anything (see
-:mod:`api.connection`). Events arrive from the broker in id order, so every
+:mod:`api.core.connection`). Events arrive from the broker in id order, so every
 connection's queue is in id order too, merged across its topics.
 
 Live connections that can be written to directly are written by the hub
-itself (:mod:`api.flusher`): everything queued since a client's last write
+itself (:mod:`api.core.flusher`): everything queued since a client's last write
 (a published batch, a burst from the Redis feed, or under load whatever
 arrived meanwhile) leaves as one write, with no task woken per client.
 """
@@ -27,10 +27,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from api.connection import Closed, Connection
-from api.flusher import Flusher
-from api.metrics import LatencyWindow, Metrics, NullMetrics
-from api.sse import event_frame, reset_frame
+from api.core.connection import Closed, Connection
+from api.core.flusher import Flusher
+from api.core.metrics import LatencyWindow, Metrics, NullMetrics
+from api.core.sse import event_frame, reset_frame
 from broker.base import Broker, BrokerUnavailable, Event, PositionNow, Reset, ResetReason, SubscribeNow
 
 log = logging.getLogger("herald.hub")
@@ -88,7 +88,7 @@ class Hub:
         # What lets open_now open a fresh stream in one step (api.adapter.lane), when the broker answers at once.
         self._position_now = broker.position_now if isinstance(broker, PositionNow) else None
         self._subscribe_now = broker.subscribe_now if isinstance(broker, SubscribeNow) else None
-        # Counted per write and per flush, read when Prometheus scrapes (api.metrics).
+        # Counted per write and per flush, read when Prometheus scrapes (api.core.metrics).
         self.metrics: Metrics = metrics if metrics is not None else NullMetrics()
         self.tally = self.metrics.tally
         self._latency = LatencyWindow()
@@ -115,7 +115,7 @@ class Hub:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
         self._draining = False
-        # Writes what is queued to the clients' sockets (when, and in slices: api.flusher).
+        # Writes what is queued to the clients' sockets (when, and in slices: api.core.flusher).
         self._flusher = Flusher(lambda: self.events_in, self._latency, self.metrics)
         self._expiring: dict[float, set[Connection]] = {}  # streams by their token's exp (see expire_at)
         self.events_in = 0

@@ -29,12 +29,12 @@ from api.auth.access import Access, Denied
 from api.auth.cors import Cors
 from api.auth.credentials import subscriber_token
 from api.auth.keys import KeysUnavailable
+from api.core.hub import Hub, Opened, Refused
+from api.core.stream import EventStreamResponse, RetryLaterResponse, connect_outcome
 from api.deps import AccessDep, HubDep, SettingsDep
 from api.errors import RequestRejected
-from api.hub import Hub, Opened, Refused
 from api.models import is_topic
 from api.settings import Settings
-from api.stream import EventStreamResponse, RetryLaterResponse, connect_outcome
 from broker.base import BrokerUnavailable
 
 router = APIRouter()
@@ -62,7 +62,7 @@ async def open_stream(
     token: str | None,
     on_overflow: Callable[[], None] | None,
 ) -> Response:
-    """:func:`subscribe`, its outcome counted (api.metrics)."""
+    """:func:`subscribe`, its outcome counted (api.core.metrics)."""
     metrics = hub.metrics
     try:
         response = await subscribe(hub, settings, access, topics, resume, token, on_overflow)

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Protocol
 
-from api.metrics import WriteTally
-from api.sse import HEARTBEAT
+from api.core.metrics import WriteTally
+from api.core.sse import HEARTBEAT
 
 
 class Closed(StrEnum):

@@ -19,11 +19,11 @@ from api.auth.access import Access, Denied
 from api.auth.credentials import bearer_token
 from api.auth.keys import KeysUnavailable
 from api.bodies import BodyTooLarge, read_body
+from api.core.sse import encode_data, frame_size, utf8_size
 from api.deps import AccessDep, BrokerDep, HubDep, SettingsDep
 from api.errors import RequestRejected
 from api.models import MAX_BATCH, PublishBatch, Published, PublishEvent, is_reserved
 from api.settings import Settings
-from api.sse import encode_data, frame_size, utf8_size
 from broker.base import Broker, BrokerUnavailable, IdempotencyConflict, Message
 
 router = APIRouter()

@@ -2,7 +2,7 @@
 
 The hot path does not call into Prometheus. The figures that change per event
 or per client write are plain integers the hub, its connections and the
-broker keep anyway (:class:`WriteTally`, :meth:`api.hub.Hub.stats`,
+broker keep anyway (:class:`WriteTally`, :meth:`api.core.hub.Hub.stats`,
 ``broker.stats()``); a :class:`NodeCollector` reads them when Prometheus
 scrapes. What is *observed* rather than counted (publish durations, the
 time from publish to the socket write) goes into histograms once per

@@ -2,7 +2,7 @@
 
 :class:`NodeCollector` reads the hub's, the broker's and access control's
 own counters when Prometheus scrapes, so none of them costs the hot path
-anything (see :mod:`api.metrics`).
+anything (see :mod:`api.core.metrics`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from api.auth.access import Access
+from api.core.hub import Hub
+from api.core.metrics import PrometheusMetrics, counter, gauge, labelled_counter
 from api.deps import AdminOnly, HubDep, SettingsDep, require_admin
 from api.errors import CLIENTS_GONE, RequestRejected
-from api.hub import Hub
-from api.metrics import PrometheusMetrics, counter, gauge, labelled_counter
-from api.registry import VERSION, NodeRegistry
+from api.node.registry import VERSION, NodeRegistry
 from api.settings import Settings
 from broker.base import Broker, ReportsStats
 

@@ -21,9 +21,9 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from api import adapter
-from api.connection import Closed, Connection
-from api.hub import Hub, Opened
-from api.sse import CUT_OFF_NOTICE, HEARTBEAT, position_frame, preamble, retry_notice
+from api.core.connection import Closed, Connection
+from api.core.hub import Hub, Opened
+from api.core.sse import CUT_OFF_NOTICE, HEARTBEAT, position_frame, preamble, retry_notice
 from broker.base import BrokerUnavailable
 
 MEDIA_TYPE = "text/event-stream"

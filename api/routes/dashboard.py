@@ -1,7 +1,7 @@
 """``GET /dashboard``: the live cluster page; itself a Herald client.
 
 The page (``api/static/dashboard.html``) is an EventSource client of the
-reserved topic ``_herald/nodes`` (:data:`api.registry.NODES_TOPIC`), on
+reserved topic ``_herald/nodes`` (:data:`api.node.registry.NODES_TOPIC`), on
 which every node publishes its figures once a second, and reads
 ``GET /cluster`` every few seconds for the nodes that stopped publishing
 (gone, draining). Everything it shows comes from
@@ -32,7 +32,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from api.auth.access import Denied
 from api.deps import AccessDep, SettingsDep, require_admin
-from api.registry import NODES_TOPIC
+from api.node.registry import NODES_TOPIC
 
 router = APIRouter(include_in_schema=False)
 

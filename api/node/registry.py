@@ -11,7 +11,7 @@ Once a second each node
   is an EventSource client of it. Producers can't publish there
   (:func:`is_reserved`).
 
-The figures are the same counters ``/metrics`` shows (api.metrics), so the
+The figures are the same counters ``/metrics`` shows (api.core.metrics), so the
 page and Prometheus never disagree.
 """
 
@@ -24,7 +24,7 @@ import logging
 import time
 from typing import Any
 
-from api.hub import Hub
+from api.core.hub import Hub
 from api.models import RESERVED_TOPIC_PREFIX
 from api.settings import Settings
 from broker.base import Broker, BrokerUnavailable, Message, NodeDirectory, ReportsStats

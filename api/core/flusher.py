@@ -36,8 +36,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from api.connection import Connection
-from api.metrics import LatencyWindow, Metrics
+from api.core.connection import Connection
+from api.core.metrics import LatencyWindow, Metrics
 
 AT_ONCE = 0.0005
 """A round cheaper than this (seconds) does not delay the next one."""

@@ -214,7 +214,7 @@ def logging_config(fmt: str) -> dict[str, Any]:
             # Off (the server runs with access_log=False): a line per request is not a line to act on.
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
             "herald": {"handlers": ["herald"], "level": "INFO", "propagate": False},
-            # api.workers gives this logger a handler of its own unless it has one: this one.
+            # api.node.supervisor gives this logger a handler of its own unless it has one: this one.
             "herald.workers": {"handlers": ["herald"], "level": "INFO", "propagate": False},
         },
         "root": {"handlers": ["herald"], "level": "WARNING"},
