@@ -22,7 +22,7 @@ $(UV): ops/uv-requirements.txt
 # Exactly the versions of uv.lock, what `make test` ran against (--locked: refuses a lock that pyproject.toml
 # has moved away from). Nothing else stays in .venv.
 $(STAMP): pyproject.toml uv.lock $(UV)
-	$(UV) sync --locked --python $(PYTHON)
+	$(UV) sync --locked --extra loadtest --python $(PYTHON)
 	touch $(STAMP)
 
 setup: $(STAMP)

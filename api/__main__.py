@@ -37,8 +37,8 @@ from broker.base import BrokerUnavailable
 SHUTDOWN_GRACE_SECONDS = 2
 LISTEN_BACKLOG = 16384
 """The accept queue. uvicorn's default (2048) overflows when thousands of clients connect at
-once (a node's failover, a deploy): dropped SYNs are retried after a second, so 5,000 connects
-took 2.2 s instead of 0.85 (``make bench``). The kernel caps it at ``net.core.somaxconn``."""
+once (a node's failover, a deploy): a dropped SYN is retried only after a second, which a connect
+storm then waits for (``make bench``: storm). The kernel caps it at ``net.core.somaxconn``."""
 
 
 class HeraldServer(uvicorn.Server):

@@ -148,7 +148,7 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
     app.include_router(monitoring_router)
     app.include_router(docs_router)
     app.include_router(dashboard_router)
-    app.include_router(mercure_router)  # /.well-known/mercure (its GET takes the fast lane: HeraldApp)
+    app.include_router(mercure_router)  # /.well-known/mercure (its GET takes the ASGI shortcut: HeraldApp)
     _document_publish_body(app, settings)
     return app
 
@@ -158,7 +158,7 @@ class HeraldApp(FastAPI):
 
     It also sends ``GET /events`` straight to :func:`api.routes.events.events_response`
     and ``GET /.well-known/mercure`` to :func:`api.mercure.routes.serve_subscribe`
-    (the SSE fast lane), ahead of FastAPI's middleware and routing.
+    (the ASGI shortcut), ahead of FastAPI's middleware and routing.
 
     The fast path of :mod:`api.core.connection` writes event bytes to the
     server's transport without going through ``send``. That is only right
@@ -180,7 +180,7 @@ class HeraldApp(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             scope[DIRECT_WRITES] = adapter.active.direct_writes(receive, send)
-            # The SSE fast lane (see api.routes.events): streams skip FastAPI's request path.
+            # The ASGI shortcut (see api.routes.events): streams skip FastAPI's request path.
             if scope["method"] == "GET" and not scope.get("root_path"):
                 path = scope["path"]
                 if path == "/events":

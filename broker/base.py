@@ -2,7 +2,7 @@
 
 This module holds only the contract. Implementations live beside it
 (:mod:`broker.memory` for a single node, the Redis broker for a cluster) and
-are all held to the same test suite (``tests/test_broker_contract.py``).
+are all held to the same test suite (``tests/broker/test_broker_contract.py``).
 
 Model
 -----

@@ -113,8 +113,9 @@ def spawn(
     log: Path | None = None,
     env: Mapping[str, str] | None = None,
     new_session: bool = True,
+    cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``args`` in the project root, stdout and stderr appended to ``log`` (discarded without one).
+    """Start ``args`` in the project root (or ``cwd``), stdout and stderr appended to ``log`` (discarded without one).
 
     ``new_session`` puts the process in a session of its own, so a Ctrl-C in
     the caller's terminal does not reach it: cluster processes outlive the
@@ -124,7 +125,7 @@ def spawn(
     try:
         return subprocess.Popen(
             args,
-            cwd=ROOT,
+            cwd=cwd or ROOT,
             env=dict(env) if env is not None else None,
             stdin=subprocess.DEVNULL,
             stdout=output if output is not None else subprocess.DEVNULL,

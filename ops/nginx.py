@@ -26,7 +26,7 @@ COMPOSE_CONF = ROOT / "ops" / "nginx.conf"
 MAX_OPEN_FILES = 65536
 GENERATED_HEADER = (
     "# GENERATED from ops/nginx.conf.template by `python -m ops.nginx > ops/nginx.conf`:\n"
-    "# edit the template, then regenerate (tests/test_ops_cluster.py checks they agree).\n"
+    "# edit the template, then regenerate (tests/ops/test_ops_cluster.py checks they agree).\n"
 )
 
 

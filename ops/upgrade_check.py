@@ -58,7 +58,7 @@ def project_files() -> list[str]:
 
 
 def copy_project(into: Path) -> None:
-    """The project's files, and a git index of them (``tests/test_packaging.py`` lists files through git)."""
+    """The project's files, and a git index of them (``tests/ops/test_packaging.py`` lists files through git)."""
     for name in project_files():
         (into / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, into / name)
@@ -148,7 +148,9 @@ def main() -> int:
                 print(f"uvicorn {uvicorn} is new to the adapter: the suite tries the adapter on it\n")
             venv = work / ".venv" / "bin"
             plan = [
-                Step("install", [uv, "sync", "--frozen", "--python", args.python]),  # the lock just made
+                Step(
+                    "install", [uv, "sync", "--frozen", "--extra", "loadtest", "--python", args.python]
+                ),  # the lock just made
                 Step("lint", [str(venv / "ruff"), "check", "."]),
                 Step("format", [str(venv / "ruff"), "format", "--check", "."]),
                 Step("types", [str(venv / "mypy")]),

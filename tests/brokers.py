@@ -1,6 +1,6 @@
 """The broker implementations the contract suite runs against, and a clock tests can move.
 
-``tests/test_broker_contract.py`` runs every test once per entry of
+``tests/broker/test_broker_contract.py`` runs every test once per entry of
 :data:`BROKER_CASES`. A new implementation joins the suite by adding one
 :class:`BrokerCase` whose ``make`` creates whatever the broker needs (a
 fakeredis server, a database on a real ``redis-server``) and removes it

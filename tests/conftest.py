@@ -36,7 +36,7 @@ UNIT_MODULES = frozenset(
         "test_loadtest_parts",
         "test_lock",
         "test_mercure_authorization",
-        "test_mercure_dispatch",
+        "test_mercure_space",
         "test_mercure_matchers",
         "test_protocol",
         "test_sse",
@@ -72,7 +72,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Each test's kind, from its module (tests/ is flat: one module, one kind, but for the marks it gives)."""
+    """Each test's kind, from its module (one module, one kind, but for the marks it gives)."""
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if isinstance(item, pytest.Function) else ""
         if module in UNIT_MODULES:

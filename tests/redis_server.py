@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import redis
 
 from ops import launch
@@ -24,6 +25,10 @@ from ops.probe import free_port
 
 def available() -> bool:
     return Path(REDIS_SERVER).exists()
+
+
+needs_redis = pytest.mark.skipif(not available(), reason="redis-server is not installed")
+"""Mark a test that needs a real ``redis-server`` (``make test`` installs it)."""
 
 
 class RedisServer:

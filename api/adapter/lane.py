@@ -35,10 +35,10 @@ that is down, a request with a body, HTTP/1.0, ``HEAD``, uvicorn's access
 log on, an app mounted under a ``root_path``, a request pipelined behind
 another, and any query the app would refuse (it answers the 400).
 
-The answer is the app's, byte for byte (``tests/test_lane.py`` compares
+The answer is the app's, byte for byte (``tests/adapter/test_lane.py`` compares
 them), and the hub's guarantees are untouched: the connection is an ordinary
 :class:`~api.core.connection.Connection`, only its writer differs. What it saves,
-per stream (``make bench``, 5,000 connects at once, side by side): a request
+per stream (docs/performance.md; ``make bench``: connects, idle memory): a request
 cycle, a task and four coroutine frames held for the stream's life, and
 their creation on every connect.
 """
@@ -60,8 +60,9 @@ from api.core.hub import Hub
 from api.core.sse import preamble
 from api.core.stream import RAW_HEADERS
 from api.errors import RequestRejected
-from api.routes.events import check_topics, node_id_header, parse_query
+from api.routes.events import node_id_header, parse_query
 from api.settings import Settings
+from api.subscribe import check_topics, native_plan_now, open_subscription_now
 
 if TYPE_CHECKING:
     from api.adapter.protocol import HeraldHttpToolsProtocol
@@ -132,7 +133,7 @@ class StreamLane:
         asked: tuple[tuple[str, ...], list[tuple[str, str]]] | None = None
         if not any(name == "last_event_id" and value.strip() for name, value in fields):
             with contextlib.suppress(RequestRejected):  # the app answers the 400
-                asked = tuple(check_topics([v for n, v in fields if n == "topic"], self._max_topics)), fields
+                asked = check_topics([v for n, v in fields if n == "topic"], self._max_topics), fields
         if len(query) <= QUERY_KEPT_BYTES:
             if len(self._queries) >= QUERIES_KEPT:
                 self._queries.clear()
@@ -190,33 +191,32 @@ class StreamLane:
         if asked is None:
             return False
         topics, fields = asked
-        grant = None
         access = self._access
-        if access.enabled:
-            # The token the app would pick, allowed only if the verifier has it already (no signature check here).
-            token = subscriber_token(headers, fields, self._cookie, self._cors.trusts_ambient_credentials(headers))
-            allowed, grant = access.authorize_subscribe_now(token, topics)
-            if not allowed:
-                return False
+        # The token the app would pick (its verification only if the verifier has it already: api.subscribe).
+        token = (
+            subscriber_token(headers, fields, self._cookie, self._cors.trusts_ambient_credentials(headers))
+            if access.enabled
+            else None
+        )
+        plan = native_plan_now(access, topics, token)
+        if plan is None:
+            return False
         keep_alive = parser.should_keep_alive()
         head = self._head(protocol.server_state.default_headers, headers, keep_alive)
         transport = protocol.transport
         if head is None or transport.is_closing():
             return False
         hub = self._hub
-        opened = hub.open_now(topics, functools.partial(cut_off, transport))
+        opened = open_subscription_now(hub, plan, functools.partial(cut_off, transport))
         if opened is None:
             return False
         connection, position = opened
-        if grant is not None:
-            hub.expire_at(connection, grant.expires_at)
         first = preamble(self._retry_ms, position)
         stream = LaneStream(protocol, connection, hub, keep_alive)
         protocol.cycle = stream  # type: ignore[assignment]  # what uvicorn's protocol asks a request in progress
         protocol.on_lost = stream.lost
         transport.write(b"%b%x\r\n%b\r\n" % (head, len(first), first))
         hub.tally.bytes += len(first)
-        hub.metrics.connect("accepted")
         # Direct before live: the events go_live queues are marked for the hub's next round.
         connection.go_direct(stream)
         connection.wake_with(stream.woken)

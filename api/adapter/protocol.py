@@ -4,33 +4,33 @@ ASGI reports a disconnect only to a task blocked in ``receive()``, so every
 stream would need one more task (a coroutine chain and a future) for as long
 as it is open, just to learn that its client went away. For idle streams
 that task is most of what the app holds per connection, and its creation a
-tenth of a connect's CPU (``make bench``: idle memory, 5,000 connects). With
+good part of a connect's CPU (docs/performance.md; ``make bench``: idle memory, connects). With
 this protocol (``python -m api`` runs it) a stream registers a callback
 instead; under any other server it falls back to the watcher task
 (:mod:`api.core.stream`). Only used through :mod:`api.adapter`, for a uvicorn it was tested with.
 
 An SSE connection lives for hours, so whatever uvicorn keeps per connection
 in case it is needed is paid for as long. This protocol keeps the same
-behaviour with less of it (each figure per idle connection, ``make bench``):
+behaviour with less of it (what each saves: docs/performance.md, measured by ``make bench``):
 
 * the two ``asyncio.Event`` of a connection (the request's "message
   arrived" and the flow control's "writable again") make their waiter queue
   on the first wait, not up front: an idle stream never waits on either,
-  and each queue is a 624-byte ``deque``;
+  and each queue is a ``deque``;
 * the queue of pipelined requests is made when a request is pipelined
   (never, for EventSource and most clients): another ``deque``;
 * the connection's two addresses come from what the transport already
   knows (``peername``, ``sockname``): uvicorn asks for the transport's
   ``socket``, which makes a socket object (kept as long as the connection)
-  and two system calls, about 5 us of each connect's 75;
+  and two system calls on each connect;
 * ``--proxy-headers`` (uvicorn's default) applies ``X-Forwarded-For`` and
   ``X-Forwarded-Proto`` here, before the request's task starts, with
   uvicorn's own middleware run to completion at once, instead of the
-  middleware wrapping the app, where its suspended coroutine (about 330
-  bytes) stays on every stream's stack.
+  middleware wrapping the app, where its suspended coroutine stays on
+  every stream's stack.
 
-About 2.6 KB per idle connection in all (``make bench``: idle memory, 5,000
-streams, with the compact attribute layout kept by ``__init__``).
+The memory per idle connection is in docs/benchmarks.md (idle memory), with
+the compact attribute layout kept by ``__init__``.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ class HeraldHttpToolsProtocol(HttpToolsProtocol):
         # they are at most 29: the instances then share one key table and keep their values
         # in a small array. One attribute more (or one first set later, like ``url`` and
         # ``on_lost`` after uvicorn's own) turns each instance's attributes into a dict of
-        # its own: 1.3 KB more per connection (``make bench``: idle memory).
+        # its own, per connection, for the connection's life (``make bench``: idle memory).
         self.pipeline = ()  # not uvicorn's deque: made when a request is pipelined (on_headers_complete)
         self.url = b""
         self.on_lost = None

@@ -1,6 +1,6 @@
 """Who may publish to, subscribe to, and administer a node: the decisions, apart from any transport.
 
-Both entrances of ``GET /events`` (the fast lane and the FastAPI route),
+Both entrances of ``GET /events`` (the ASGI shortcut and the FastAPI route),
 ``POST /publish`` and the admin routes ask the same :class:`Access` before
 anything happens, the way centrifuge's subscribe/publish handlers decide
 ahead of the work. Each entrance only finds the token (see :mod:`api.auth.credentials`)

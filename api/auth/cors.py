@@ -8,7 +8,7 @@ Only the listed origins (exact ``scheme://host[:port]``) get
 origin gets no CORS header and its browser keeps the answer from the page.
 
 The same headers are produced by :meth:`Cors.headers` for the ``/events``
-fast lane (which runs ahead of the middleware stack) and by
+ASGI shortcut (which runs ahead of the middleware stack) and by
 :class:`CorsMiddleware` for everything else, including preflights.
 """
 

@@ -153,14 +153,19 @@ class TokenVerifier(CachedVerifier[Grant]):
                 options={"require": ["exp"], "verify_aud": self._audience is not None},
             )
         except jwt.PyJWTError as exc:
-            raise InvalidToken(_describe(exc)) from None
+            raise InvalidToken(describe(exc)) from None
         # PyJWT gave exp the leeway too; exp gets none (see the module's docstring).
         if not isinstance(claims["exp"], int | float) or claims["exp"] <= time.time():
             raise InvalidToken("the token has expired")
         return grant_from_claims(claims)
 
 
-def _describe(exc: jwt.PyJWTError) -> str:
+def describe(exc: jwt.PyJWTError, audience: str = "this audience") -> str:
+    """Why PyJWT refused a token, in words a client can act on (never the token itself).
+
+    Shared by both verifiers (this one and :mod:`api.mercure.authorization`);
+    ``audience`` names what an ``aud`` mismatch is not for.
+    """
     if isinstance(exc, jwt.ExpiredSignatureError):
         return "the token has expired"
     if isinstance(exc, jwt.ImmatureSignatureError):
@@ -170,7 +175,7 @@ def _describe(exc: jwt.PyJWTError) -> str:
     if isinstance(exc, jwt.MissingRequiredClaimError):
         return f"the token has no {exc.claim} claim"
     if isinstance(exc, jwt.InvalidAudienceError):
-        return "the token is not for this audience"
+        return f"the token is not for {audience}"
     if isinstance(exc, jwt.InvalidIssuerError):
         return "the token is not from an accepted issuer"
     return f"invalid token: {exc}"

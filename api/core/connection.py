@@ -19,10 +19,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from api.core.metrics import WriteTally
 from api.core.sse import HEARTBEAT
+
+if TYPE_CHECKING:
+    from api.core.routing import Selection
 
 
 class Closed(StrEnum):
@@ -76,6 +79,7 @@ class Connection:
         "closed",
         "expires_at",
         "last_id",
+        "selection",
         "topics",
     )
 
@@ -88,6 +92,9 @@ class Connection:
         tally: WriteTally | None = None,
     ) -> None:
         self.topics = topics
+        """The native topics it wants (its exact selectors); empty for a connection of another space."""
+        self.selection: Selection | None = None
+        """Its selectors, when it subscribes in another space than the native API's (set by the hub)."""
         self.last_id = 0
         self.closed: Closed | None = None
         self.expires_at = 0.0  # when the token it was opened with expires (0: never); see Hub.expire_at

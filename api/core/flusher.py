@@ -6,8 +6,8 @@ dirty connection's whole queue as one write (:meth:`Connection.flush`), in
 costs in latency when it is not loaded:
 
 When a round starts (:meth:`Flusher.mark`). While writing is cheap, at
-once. When it is expensive (many clients, each write a syscall: 40 ms for
-5,000 clients on this bench's machine), a round that waits carries more
+once. When it is expensive (many clients, each write a syscall: tens of
+milliseconds for thousands of clients), a round that waits carries more
 events per write, and events come faster than rounds can go out only under
 load; on a lightly loaded node waiting would add latency to every event. So
 the round waits as long as the last one took (capped: :data:`MAX_DELAY`)
@@ -20,9 +20,9 @@ connections, one per loop iteration, so the node reads requests between
 them: an event published while a round runs is queued at once, and goes out
 in the same round to every client the round has not reached yet (sharing
 their write with the event before it), and in the next round to the others.
-Written in one go, a round held every request back for all of its time: at
-5,000 clients and 20 events/s, an event published while one ran waited the
-whole round before its own (p99 82 ms where one round is 40).
+Written in one go, a round held every request back for all of its time: an
+event published while one ran waited the whole round before its own, which
+doubled the p99 of ``make bench``'s latency scenario (docs/performance.md).
 
 Guarantees: a connection is in at most one round at a time (its own
 ``_dirty`` flag), and each write takes its queue in order, so per-client
@@ -81,9 +81,8 @@ class Flusher:
         """Start the next round now, or later so that more events join it.
 
         * the last round carried several events: events come faster than
-          rounds, so wait as long as it took (``make bench``, single-event
-          closed loop, 1,000 subscribers: 160k -> 1.34M deliveries/s, side
-          by side);
+          rounds, so wait as long as it took (what it gains: docs/performance.md,
+          ``make bench``: single-event closed loop);
         * this event came soon after an expensive round ended (within
           :data:`BEHIND_ROUND`): it may be a publisher that waits for each
           answer (one event per request). Its answer left before the round,
@@ -95,7 +94,7 @@ class Flusher:
           time. If not, go: a paced event paid at most the probe.
         * otherwise, at once.
 
-        The probe replaced a narrow window (0.5 ms) that decided for the
+        The probe replaced a narrow fixed window that decided for the
         whole wait at once: a closed-loop publisher's next event lands
         around that (behind a Redis round trip, or a client core busy
         reading 5,000 streams), so the node was bistable between coalescing

@@ -10,6 +10,15 @@ interested connection without awaiting anything (see
 :mod:`api.core.connection`). Events arrive from the broker in id order, so every
 connection's queue is in id order too, merged across its topics.
 
+Who is interested is one question for every kind of subscription
+(:mod:`api.core.routing`): an index of selectors per *topic space*. The
+native API's space is the broker's topics themselves; another space (the
+Mercure hub's, :mod:`api.mercure.space`) is fed by one broker topic whose
+events it decodes into deliveries of its own topics. Every event, of any
+space, goes through the same :meth:`Hub.on_event` and
+:meth:`~api.core.routing.Index.fan_out`; every connection is admitted,
+opened, expired, heartbeated and drained by the same code.
+
 Live connections that can be written to directly are written by the hub
 itself (:mod:`api.core.flusher`): everything queued since a client's last write
 (a published batch, a burst from the Redis feed, or under load whatever
@@ -25,11 +34,13 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from api.core.connection import Closed, Connection
 from api.core.flusher import Flusher
 from api.core.metrics import LatencyWindow, Metrics, NullMetrics
+from api.core.routing import Delivery, Index, Selection
 from api.core.sse import event_frame, reset_frame
 from broker.base import Broker, BrokerUnavailable, Event, PositionNow, Reset, ResetReason, SubscribeNow
 
@@ -69,6 +80,31 @@ class Opened:
     fresh: bool
     replayed: int = 0
     """How many of ``frames`` are replayed events (the others: a ``reset``)."""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    """Response headers the space's protocol owes for this opening (Mercure's ``Mercure-Last-Event-ID``)."""
+
+
+class Space(Protocol):
+    """A topic space fed by one broker topic (:attr:`feed`) whose events carry topics of their own.
+
+    The space decodes the feed's events into deliveries (:meth:`decode`),
+    keeps the :class:`~api.core.routing.Index` of its connections (the hub
+    fans out through it as through its own), and opens a connection's stream
+    with its protocol's cursors (:meth:`open`). The native API needs none of
+    this: its topics are the broker's.
+    """
+
+    feed: str
+    index: Index
+
+    def decode(self, event: Event) -> Delivery | None:
+        """The delivery an event of the feed becomes; None: it is none of the space's (skipped)."""
+
+    async def open(self, hub: Hub, connection: Connection, cursor: str | None) -> Opened:
+        """What an admitted connection gets before live events (raises BrokerUnavailable)."""
+
+    def lost(self, connections: set[Connection]) -> None:
+        """The live feed lost events it can't backfill: tell ``connections`` (the space's own)."""
 
 
 class Hub:
@@ -102,15 +138,17 @@ class Hub:
         self._probe: asyncio.Task[None] | None = None
         self._client_buffer = client_buffer
         self._heartbeat = heartbeat
-        self._by_topic: dict[str, set[Connection]] = {}
+        self._native = Index()  # the native API's space: connections by the broker topics they want
+        self._by_topic = self._native.by_topic
+        self._spaces: dict[str, Space] = {}  # the other spaces, by the broker topic that feeds them
+        self._feeds: set[str] = set()  # their feeds, wanted from their first open on, for the node's life
         self._connections: set[Connection] = set()
-        self._internal: set[Connection] = set()  # connections that are not clients (Mercure's tap)
         self._subscribed: set[str] = set()
         self._sub_lock = asyncio.Lock()
-        # The most recent frames, for replays (a reconnect storm replays the
+        # The most recent deliveries, for replays (a reconnect storm replays the
         # same recent events to many clients): bounded in bytes, oldest out.
-        self._frames: dict[int, bytes] = {}
-        self._frames_size = 0
+        self._deliveries: dict[int, Delivery | None] = {}
+        self._deliveries_size = 0
         self._frame_cache_bytes = frame_cache_bytes
         self._tasks: set[asyncio.Task[None]] = set()
         self._ticker: asyncio.Task[None] | None = None
@@ -149,18 +187,25 @@ class Hub:
 
     def on_event(self, event: Event) -> None:
         self.events_in += 1
-        frame = self._remember(event)
-        connections = self._by_topic.get(event.topic)
-        if connections:
+        space = self._spaces.get(event.topic)
+        index = self._native if space is None else space.index
+        if space is not None and not (index.by_topic or index.groups):
+            return  # a space with no connection decodes nothing (a replay decodes what it needs)
+        delivery = self.delivery(event, space)
+        if delivery is not None and index.fan_out(event.id, delivery):
             topic_events = self.topic_events
             topic_events[event.topic] = topic_events.get(event.topic, 0) + 1
             self._latency.add(event.id)
-            for connection in connections:
-                connection.offer(event.id, frame)
 
     def on_reset(self, reset: Reset) -> None:
         lost = set(reset.topics)
+        for feed in lost & self._spaces.keys():
+            space = self._spaces[feed]
+            self.count_reset(reset.reason)  # the space's one reset (its clients are told in its own way)
+            space.lost(space.index.connections())
         for connection in list(self._connections):
+            if connection.selection is not None:
+                continue  # another space's: told above
             topics = tuple(t for t in connection.topics if t in lost)
             if topics:
                 connection.push(reset_frame(reset.reason, topics, None))
@@ -171,29 +216,68 @@ class Hub:
 
     # -- connections -----------------------------------------------------------
 
-    def _remember(self, event: Event) -> bytes:
-        """The event's frame, encoded once and kept while the cache's byte budget allows."""
-        frame = self._frames.get(event.id)
-        if frame is None:
-            frame = self._frames[event.id] = event_frame(event.id, event.data, event.type)
-            self._frames_size += len(frame)
-            while self._frames_size > self._frame_cache_bytes:
-                self._frames_size -= len(self._frames.pop(next(iter(self._frames))))
-        return frame
+    def delivery(self, event: Event, space: Space | None = None) -> Delivery | None:
+        """What ``event`` (of ``space``'s feed; None: a native topic) is delivered as, decoded once.
 
-    def admit(self, topics: Sequence[str], on_overflow: Callable[[], None] | None = None) -> Connection:
+        Kept by id while the cache's byte budget allows: live fan-out and the
+        replays of a reconnect storm share one encoding per event.
+        """
+        deliveries = self._deliveries
+        if event.id in deliveries:
+            return deliveries[event.id]
+        if space is None:
+            delivery: Delivery | None = Delivery((event.topic,), event_frame(event.id, event.data, event.type))
+        else:
+            delivery = space.decode(event)
+        deliveries[event.id] = delivery
+        self._deliveries_size += delivery.size if delivery is not None else 120
+        while self._deliveries_size > self._frame_cache_bytes and len(deliveries) > 1:
+            dropped = deliveries.pop(next(iter(deliveries)))
+            self._deliveries_size -= dropped.size if dropped is not None else 120
+        return delivery
+
+    def _remember(self, event: Event) -> bytes:
+        """A native event's frame (:meth:`delivery`)."""
+        delivery = self.delivery(event)
+        assert delivery is not None
+        return delivery.frame
+
+    def add_space(self, space: Space) -> None:
+        """Serve another topic space, fed by the broker topic ``space.feed`` (:class:`Space`)."""
+        self._spaces[space.feed] = space
+
+    def space(self, feed: str) -> Space | None:
+        """The space fed by the broker topic ``feed``, if the hub serves one."""
+        return self._spaces.get(feed)
+
+    def _refusal(self) -> Refused | None:
+        """Why a new stream can't be taken now (None: it can): the node's one admission rule."""
+        if self._draining:
+            return Refused("this node is shutting down", "draining")
+        if self._max_connections and len(self._connections) >= self._max_connections:
+            return Refused(f"this node serves its limit of {self._max_connections} streams", "full")
+        return None
+
+    def admit(
+        self,
+        topics: Sequence[str],
+        on_overflow: Callable[[], None] | None = None,
+        *,
+        selection: Selection | None = None,
+    ) -> Connection:
         """Register a new client of ``topics`` (pending: it gets nothing until :meth:`open`).
 
+        ``selection``: the selectors of a subscription of another space than
+        the native API's (``topics`` then empty), with its feed in ``space``.
         Raises :class:`Refused` when the node is draining or at its connection
         limit: passing causes, so the client is told to come back, not failed.
         """
-        if self._draining:
-            self.refused["draining"] += 1
-            raise Refused("this node is shutting down", "draining")
-        if self._max_connections and len(self._connections) - len(self._internal) >= self._max_connections:
-            self.refused["full"] += 1
-            raise Refused(f"this node serves its limit of {self._max_connections} streams", "full")
+        refusal = self._refusal()
+        if refusal is not None:
+            self.refused[refusal.reason] += 1
+            raise refusal
         connection = Connection(tuple(topics), self._client_buffer, on_overflow, self._flusher.mark, self.tally)
+        connection.selection = selection
         self._attach(connection)
         return connection
 
@@ -228,22 +312,33 @@ class Hub:
         keep being held aside for it), so the caller may call again once the
         broker is back (:meth:`wait_for_broker`) or :meth:`detach` it.
         """
+        space = self._space_of(connection)
+        feeds: tuple[str, ...] = connection.topics if space is None else (space.feed,)
         try:
+            if space is not None:
+                self._feeds.add(space.feed)
             # Most clients join topics the broker already feeds: then there is
             # nothing to reconcile, and no reason to queue on the lock (nor to
             # walk every topic of the node) per connect. With the lock free no
             # unsubscribe is under way, and any later one sees this client.
-            if self._sub_lock.locked() or not self._subscribed.issuperset(connection.topics):
+            if self._sub_lock.locked() or not self._subscribed.issuperset(feeds):
                 await self._reconcile()
-            opened = await self._open(connection, last_event_id)
+            if space is None:
+                opened = await self._open(connection, last_event_id)
+            else:
+                opened = await space.open(self, connection, last_event_id)
         except BrokerUnavailable as exc:
             if self._broker_up.is_set():
                 log.warning("broker unavailable: %s; new streams wait for it", exc)
             self._broker_up.clear()
             raise
-        if connection not in self._internal:
-            self.connections_total += 1
+        self.connections_total += 1
         return opened
+
+    def _space_of(self, connection: Connection) -> Space | None:
+        """The space a connection subscribes in (None: the native API's)."""
+        selection = connection.selection
+        return None if selection is None else self._spaces[selection.space]
 
     def open_now(
         self, topics: tuple[str, ...], on_overflow: Callable[[], None] | None = None
@@ -264,10 +359,9 @@ class Hub:
         position_now = self._position_now
         if (
             position_now is None
-            or self._draining
             or self._sub_lock.locked()
             or not self._broker_up.is_set()
-            or (self._max_connections and len(self._connections) - len(self._internal) >= self._max_connections)
+            or self._refusal() is not None  # refused the usual way, which counts and answers it
         ):
             return None
         try:
@@ -351,27 +445,16 @@ class Hub:
         """A client was told its resume can't be exact, for ``reason`` (``herald_resets_total``)."""
         self.resets[reason] = self.resets.get(reason, 0) + 1
 
-    def attach_internal(self, connection: Connection) -> None:
-        """Register a connection that is not a client (Mercure's dispatcher, :mod:`api.mercure.dispatch`).
-
-        It is routed to like any connection (then :meth:`open`), but no
-        figure counts it as a client: open streams, streams opened, topics
-        with clients, the connection limit.
-        """
-        self._internal.add(connection)
-        self._attach(connection)
-
     def _attach(self, connection: Connection) -> None:
         self._connections.add(connection)
-        for topic in connection.topics:
-            self._by_topic.setdefault(topic, set()).add(connection)
+        space = self._space_of(connection)
+        (self._native if space is None else space.index).add(connection)
 
     def detach(self, connection: Connection) -> None:
         """Forget a connection; topics left without clients are unsubscribed soon after."""
         if connection not in self._connections:
             return
         self._connections.discard(connection)
-        self._internal.discard(connection)
         if connection.expires_at:
             group = self._expiring.get(connection.expires_at)
             if group is not None:
@@ -380,16 +463,13 @@ class Hub:
             self.cutoffs += 1
         elif connection.closed is Closed.EXPIRED:
             self.expired += 1
-        orphaned = False
-        for topic in connection.topics:
-            connections = self._by_topic.get(topic)
-            if connections is None:
-                continue
-            connections.discard(connection)
-            if not connections:
-                del self._by_topic[topic]
-                self.topic_events.pop(topic, None)
-                orphaned = True
+        space = self._space_of(connection)
+        if space is not None:
+            space.index.remove(connection)
+            return  # its feed stays wanted (Hub.open)
+        orphaned = self._native.remove(connection)
+        for topic in orphaned:
+            self.topic_events.pop(topic, None)
         if orphaned and not self._draining:
             task = asyncio.create_task(self._reconcile_quietly())
             self._tasks.add(task)
@@ -403,7 +483,7 @@ class Hub:
         subscribed to the wrong set.
         """
         async with self._sub_lock:
-            wanted = self._by_topic.keys()
+            wanted = self._by_topic.keys() | self._feeds
             added = [t for t in wanted if t not in self._subscribed]
             if added:
                 await self._broker.subscribe(added)
@@ -460,15 +540,11 @@ class Hub:
     def broker_up(self) -> bool:
         return self._broker_up.is_set()
 
-    def _internal_topics(self) -> int:
-        """Topics only internal connections want (they have no client)."""
-        return len({t for c in self._internal for t in c.topics if self._by_topic.get(t, set()) <= self._internal})
-
     def stats(self) -> dict[str, int]:
         return {
-            "connections": len(self._connections) - len(self._internal),
+            "connections": len(self._connections),
             "connections_total": self.connections_total,
-            "topics": len(self._by_topic) - self._internal_topics(),
+            "topics": len(self._by_topic),
             "topics_subscribed": len(self._subscribed),
             "events_in": self.events_in,
             "cutoffs": self.cutoffs,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -105,6 +105,7 @@ class EventStreamResponse(Response):
         resume: str | None,
         retry_ms: int,
         heartbeat: float,
+        hooks: tuple[Callable[[], None], Callable[[], None]] | None = None,
     ) -> None:
         # Not Response.__init__: it would add a Content-Length for an empty body.
         self.status_code = 200
@@ -117,9 +118,13 @@ class EventStreamResponse(Response):
         self._resume = resume
         self._retry_ms = retry_ms
         self._heartbeat = heartbeat
+        self._hooks = hooks  # called as the answer starts and when it ends (Mercure's active subscriptions)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         connection = self._connection
+        hooks = self._hooks
+        if hooks is not None:
+            hooks[0]()
         server = adapter.active
         watcher: asyncio.Task[None] | None = None
         notifier = server.disconnect_notifier(receive, self._client_gone)
@@ -177,6 +182,8 @@ class EventStreamResponse(Response):
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             self._hub.detach(connection)
+            if hooks is not None:
+                hooks[1]()
 
     def _client_gone(self) -> None:
         """The server's protocol calls this when the client's connection is lost (a bound method: no partial kept)."""

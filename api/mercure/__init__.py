@@ -11,12 +11,13 @@
 * :mod:`api.mercure.updates`: how Mercure updates flow through the broker
   (one hub-wide ordered sequence: every update is one event of the reserved
   topic ``_herald/mercure``);
-* :mod:`api.mercure.dispatch`: the node's one tap on that topic, handing each
-  update to the local subscribers it matches (exact topics by lookup, patterns
-  per distinct matcher set, answers cached per topic);
-* :mod:`api.mercure.stream`: a subscriber's stream (Herald's, with Mercure's ids);
+* :mod:`api.mercure.space`: the hub's Mercure topic space: how the hub decodes
+  that topic's events into deliveries of Mercure topics, and Mercure's cursors
+  on resume (the fan-out, by exact topic and by pattern group, is the hub's
+  own: :mod:`api.core.routing`);
+* :mod:`api.mercure.subscriptions`: active subscriptions (events and the API);
 * :mod:`api.mercure.routes`: the ``/.well-known/mercure`` endpoint (publish,
-  subscribe) wired into the app.
+  subscribe: a thin caller of :mod:`api.subscribe`) wired into the app.
 
 :mod:`~api.mercure.matchers` and :mod:`~api.mercure.authorization` are pure
 (no I/O but the key source's): the endpoint turns their exceptions into

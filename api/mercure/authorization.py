@@ -88,6 +88,7 @@ import jwt
 
 from api.auth.cache import CachedVerifier, TokenCache
 from api.auth.keys import KeySource, UnknownKey
+from api.auth.verifier import describe
 from api.mercure.matchers import DEFAULT_HUB_URL, Matcher, MatcherError, Matchers
 
 ACCESS_TOKEN_TYPE: Final = "at+jwt"
@@ -575,7 +576,7 @@ class MercureTokenVerifier(CachedVerifier[MercureGrant]):
             )
         except jwt.MissingRequiredClaimError as exc:
             if exc.claim != "aud":
-                raise self.invalid_token(_describe(exc)) from None
+                raise self.invalid_token(describe(exc, "this hub (aud)")) from None
             # A legacy token (whatever its typ) may go without aud; one it carries is checked.
             try:
                 claims = jwt.decode(
@@ -586,11 +587,11 @@ class MercureTokenVerifier(CachedVerifier[MercureGrant]):
                     options={"require": ["exp"], "verify_iat": False, "verify_aud": False},
                 )
             except jwt.PyJWTError as inner:
-                raise self.invalid_token(_describe(inner)) from None
+                raise self.invalid_token(describe(inner, "this hub (aud)")) from None
             if "aud" in claims or not is_legacy_claims(claims):
                 raise self.invalid_token("the token has no aud claim") from None
         except jwt.PyJWTError as exc:
-            raise self.invalid_token(_describe(exc)) from None
+            raise self.invalid_token(describe(exc, "this hub (aud)")) from None
         if legacy and not is_legacy_claims(claims):
             raise self.invalid_token(f"the token's typ is {typ!r}, not at+jwt")
         # PyJWT gives exp the leeway and reads numbers from strings: exp gets none and must be a number.
@@ -626,17 +627,3 @@ class MercureTokenVerifier(CachedVerifier[MercureGrant]):
         if source is None:
             raise self.invalid_token("the token is not from a trusted issuer")
         return source
-
-
-def _describe(exc: jwt.PyJWTError) -> str:
-    if isinstance(exc, jwt.ExpiredSignatureError):
-        return "the token has expired"
-    if isinstance(exc, jwt.ImmatureSignatureError):
-        return "the token is not valid yet (nbf)"
-    if isinstance(exc, jwt.InvalidSignatureError):
-        return "the token's signature does not verify"
-    if isinstance(exc, jwt.MissingRequiredClaimError):
-        return f"the token has no {exc.claim} claim"
-    if isinstance(exc, jwt.InvalidAudienceError):
-        return "the token is not for this hub (aud)"
-    return f"invalid token: {exc}"

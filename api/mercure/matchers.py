@@ -43,8 +43,8 @@ by a visited set), with no backtracking engine, so matching is
 the ``url`` crate (the WHATWG URL Standard). Python's ``re`` (backtracking)
 is never used on a pattern. Linear is not free, though: the constant grows
 with the number of capture groups and with the size of custom regular
-expressions (measured: 128 groups make a test of a 2 KB topic take ~25 ms; a
-``\\w{1000}`` group takes ~100 ms to compile, Unicode classes being large). So
+expressions (many groups make a test of a long topic take milliseconds; a
+large repeated class takes far longer to compile, Unicode classes being large). So
 a pattern is also held to a cost budget when it is compiled:
 
 * at most :data:`MAX_PATTERN_GROUPS` groups (named groups, wildcards and

@@ -27,11 +27,12 @@ Bearer`` as the spec's "Error Responses" says) and their own CORS headers
 (``HERALD_CORS_ORIGINS``, with credentials, never ``*``): the app's CORS
 middleware covers the native routes only. They are left out of the OpenAPI
 document (the Mercure spec is their reference). Subscribing is a plain ASGI
-app (:func:`serve_subscribe`), reached by the node's fast lane.
+app (:func:`serve_subscribe`), reached by the node's ASGI shortcut.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable
@@ -50,7 +51,8 @@ from api.auth.access import Access
 from api.auth.cors import Cors
 from api.auth.keys import KeysUnavailable
 from api.bodies import BodyTooLarge, read_body
-from api.core.hub import Refused
+from api.core.hub import Hub
+from api.core.routing import Selection
 from api.core.stream import RetryLaterResponse, connect_outcome
 from api.errors import RETRY_AFTER_SECONDS
 from api.mercure.authorization import (
@@ -63,9 +65,8 @@ from api.mercure.authorization import (
     missing_token,
     token_from,
 )
-from api.mercure.dispatch import MercureHub
 from api.mercure.matchers import DEFAULT_HUB_URL, MAX_MATCHERS, MatcherError, Matchers, check_publication_topic
-from api.mercure.stream import MercureStreamResponse
+from api.mercure.space import MercureSpace, space_of
 from api.mercure.subscriptions import CONTEXT, ActiveSubscriptions, parse_api_path, select, subscriptions_of
 from api.mercure.updates import (
     UPDATES_TOPIC,
@@ -77,6 +78,7 @@ from api.mercure.updates import (
 )
 from api.routes.events import node_id_header
 from api.settings import Settings
+from api.subscribe import Plan, open_subscription
 from broker.base import Broker, BrokerUnavailable, Message
 
 log = logging.getLogger("herald.mercure")
@@ -190,11 +192,9 @@ class HubConfig:
         return document
 
 
-def _parts(state: State) -> tuple[MercureHub, HubConfig]:
-    """The app's Mercure dispatcher and configuration, made on first use (after the lifespan built the hub)."""
-    mercure: MercureHub | None = getattr(state, "mercure", None)
-    if mercure is None or mercure.hub is not state.hub:
-        mercure = state.mercure = MercureHub(state.hub, state.broker)
+def _parts(state: State) -> tuple[MercureSpace, HubConfig]:
+    """The hub's Mercure space and the app's Mercure configuration, made on first use (after the lifespan)."""
+    mercure = space_of(state.hub, state.broker)
     config: HubConfig | None = getattr(state, "mercure_config", None)
     if config is None:
         config = state.mercure_config = HubConfig.from_settings(state.settings, state.access)
@@ -338,7 +338,7 @@ async def serve_subscribe(state: State, scope: Scope, receive: Receive, send: Se
     """``GET /.well-known/mercure`` as plain ASGI: no ``Request``, no dependency solving.
 
     A stream lives for hours, and what the request path leaves on the stack
-    stays for as long: :class:`api.app.HeraldApp`'s fast lane calls this
+    stays for as long: :class:`api.app.HeraldApp`'s ASGI shortcut calls this
     directly, as it answers ``/events`` (:func:`api.routes.events.events_response`), with ``node_id``
     (the ``X-Node-Id`` header the middleware would have added). The route
     below (a plain ASGI app, no FastAPI request handling) serves the rest: an
@@ -347,8 +347,9 @@ async def serve_subscribe(state: State, scope: Scope, receive: Receive, send: Se
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     mercure, config = _parts(state)
     tracker = _tracker(state)
-    response = await _subscribe(mercure, config, state.settings, state.cors, scope, receive, tracker)
-    state.hub.metrics.connect(_connect_outcome(response))
+    response = await _subscribe(state.hub, mercure, config, state.settings, state.cors, scope, receive, tracker)
+    if connect_outcome(response) is None:  # a refusal (open_subscription counts the others)
+        state.hub.metrics.connect(_connect_outcome(response))
     if node_id:
         response.raw_headers.append(node_id_header(state.settings.node_id))
     await _with_cors(response, state.cors, headers)(scope, receive, send)
@@ -378,7 +379,8 @@ router.routes.append(
 
 
 async def _subscribe(
-    mercure: MercureHub,
+    hub: Hub,
+    mercure: MercureSpace,
     config: HubConfig,
     settings: Settings,
     cors: Cors,
@@ -406,42 +408,33 @@ async def _subscribe(
     if grant is None and not config.anonymous:
         return _refused(config.missing_token())
     cursor = _cursor(headers, query)
-    try:
-        subscriber = mercure.admit(
-            matchers,
-            grant.subscribe if grant is not None else None,
+    plan = Plan(
+        selection=Selection(
+            mercure.feed,
             exact=None if matchers.has_patterns else matchers.exact_topics,
+            matcher=matchers,
             everything=matchers.wildcard,
-            on_overflow=adapter.active.aborter(receive),
+            reader=grant.subscribe if grant is not None else None,
+        ),
+        cursor=cursor,
+        expires_at=grant.expires_at if grant is not None else 0.0,
+        # The answer to a resume must say where it starts (Mercure-Last-Event-ID): it can't wait for the broker.
+        may_wait=cursor is None,
+        cursor_header=b"mercure-last-event-id",
+    )
+    if tracker is not None:
+        subscriptions = subscriptions_of(matchers, grant)
+        plan.hooks = (
+            functools.partial(tracker.started, subscriptions),
+            functools.partial(tracker.ended, subscriptions),
         )
-    except Refused as exc:
-        return RetryLaterResponse(settings.retry_ms, str(exc), outcome=f"retry_{exc.reason}")
-    if grant is not None:
-        mercure.hub.expire_at(subscriber.connection, grant.expires_at)
-    try:
-        resumed = await mercure.open(subscriber, cursor)
-    except BrokerUnavailable:
-        if cursor is not None:
-            # The answer to a resume must say where it starts (Mercure-Last-Event-ID): come back.
-            mercure.detach(subscriber)
-            response: Response = RetryLaterResponse(settings.retry_ms, "waiting for the broker", outcome="retry_broker")
-            response.raw_headers.append((b"mercure-last-event-id", cursor.encode()))
-            return response
-        resumed = None
-    except BaseException:
-        mercure.detach(subscriber)
-        raise
-    response = MercureStreamResponse(
-        mercure,
-        subscriber,
-        resumed.opened if resumed is not None else None,
+    response = await open_subscription(
+        hub,
+        plan,
         retry_ms=settings.retry_ms,
         heartbeat=settings.heartbeat,
-        tracker=tracker,
-        subscriptions=subscriptions_of(matchers, grant) if tracker is not None else (),
+        on_overflow=adapter.active.aborter(receive),
     )
-    if resumed is not None and resumed.last_event_id is not None:
-        response.raw_headers.append((b"mercure-last-event-id", resumed.last_event_id.encode()))
     if any(name == "access_token" for name, _ in query):
         # "URI Query Parameter": a success answer to a request carrying its token in the URL is private.
         private = [(n, b"private, no-cache" if n == b"cache-control" else v) for n, v in response.raw_headers]

@@ -1,16 +1,16 @@
 """``GET /events``: subscribe to topics over Server-Sent Events, resuming where the client left.
 
-Two entrances, one implementation (:func:`open_stream`):
+Two entrances, one decision (:mod:`api.subscribe`, through :func:`open_stream`):
 
 * :func:`events_response`, plain ASGI whose answer :class:`api.app.HeraldApp`
   sends for ``GET /events`` before FastAPI's routing. A stream lives for
   hours and every frame of the request path stays in memory for as long:
-  FastAPI's routing, middleware and dependency solving held about 8 KB per
+  FastAPI's routing, middleware and dependency solving held several KB per
   idle connection and most of the CPU of a connect (``make bench``: idle
   memory, 5,000 connects at once). Here a connect is a query-string parse
   and the hub's work.
 * the FastAPI route below: the same stream for an app mounted where the
-  fast lane does not match (under a ``root_path``), and the route the
+  ASGI shortcut does not match (under a ``root_path``), and the route the
   OpenAPI document describes.
 """
 
@@ -28,29 +28,14 @@ from api import adapter, errors
 from api.auth.access import Access, Denied
 from api.auth.cors import Cors
 from api.auth.credentials import subscriber_token
-from api.auth.keys import KeysUnavailable
-from api.core.hub import Hub, Opened, Refused
-from api.core.stream import EventStreamResponse, RetryLaterResponse, connect_outcome
+from api.core.hub import Hub
+from api.core.stream import connect_outcome
 from api.deps import AccessDep, HubDep, SettingsDep
 from api.errors import RequestRejected
-from api.models import is_topic
 from api.settings import Settings
-from broker.base import BrokerUnavailable
+from api.subscribe import Plan, count_refusal, native_plan, open_subscription
 
 router = APIRouter()
-
-
-def check_topics(topics: list[str], max_topics: int) -> list[str]:
-    """The topics of a subscription, checked; RequestRejected (400) when there is no valid list."""
-    if not topics:
-        raise RequestRejected(400, "give at least one topic: /events?topic=NAME")
-    if len(topics) > max_topics:
-        raise RequestRejected(400, f"at most {max_topics} topics per connection, got {len(topics)}")
-    bad = [t for t in topics if not is_topic(t)]
-    if bad:
-        raise RequestRejected(400, f"invalid topic name {bad[0][:210]!r}: use 1-200 letters, digits and _ - . : / @")
-    # A topic named twice is one subscription, kept in the order first given.
-    return list(dict.fromkeys(topics))
 
 
 async def open_stream(
@@ -62,68 +47,17 @@ async def open_stream(
     token: str | None,
     on_overflow: Callable[[], None] | None,
 ) -> Response:
-    """:func:`subscribe`, its outcome counted (api.core.metrics)."""
-    metrics = hub.metrics
+    """The answer to a native subscribe (:mod:`api.subscribe` decides it), its outcome counted."""
     try:
-        response = await subscribe(hub, settings, access, topics, resume, token, on_overflow)
-    except RequestRejected:
-        metrics.connect("bad_request")
+        plan = await native_plan(access, topics, settings.max_topics, resume, token, settings.retry_ms)
+    except (RequestRejected, Denied) as exc:
+        count_refusal(hub, exc)
         raise
-    except Denied as exc:
-        metrics.connect("unauthorized" if exc.status_code == 401 else "forbidden")
-        raise
-    outcome = connect_outcome(response)
-    if outcome is not None:
-        metrics.connect(outcome)
-    return response
-
-
-async def subscribe(
-    hub: Hub,
-    settings: Settings,
-    access: Access,
-    topics: list[str],
-    resume: str | None,
-    token: str | None,
-    on_overflow: Callable[[], None] | None,
-) -> Response:
-    """The response for a subscription. Only the client's own mistakes raise (RequestRejected, Denied: 4xx).
-
-    Every passing cause is answered ``200 text/event-stream``, the only
-    answer a browser's EventSource retries: a node that can't take the
-    stream (draining, full) or can't verify tokens now (JWKS unreachable)
-    tells the client to come back; a broker that is unavailable makes the
-    stream wait for it (see :class:`EventStreamResponse`). A stream opened
-    with a token ends when the token expires.
-    """
-    topics = check_topics(topics, settings.max_topics)
-    if resume is not None and not resume.strip():
-        resume = None  # an empty id means "no id yet", as EventSource sends it
-    try:
-        # Without access control there is nothing to await (a coroutine per connect saved).
-        grant = await access.authorize_subscribe(token, topics) if access.enabled else None
-    except KeysUnavailable as exc:
-        return RetryLaterResponse(settings.retry_ms, str(exc), outcome="retry_keys")
-    try:
-        connection = hub.admit(topics, on_overflow=on_overflow)
-    except Refused as exc:
-        return RetryLaterResponse(settings.retry_ms, str(exc), outcome=f"retry_{exc.reason}")
-    if grant is not None:
-        hub.expire_at(connection, grant.expires_at)
-    try:
-        opened: Opened | None = await hub.open(connection, resume)
-    except BrokerUnavailable:
-        opened = None
-    except BaseException:
-        hub.detach(connection)
-        raise
-    return EventStreamResponse(
-        hub,
-        connection,
-        opened,
-        resume=resume,
-        retry_ms=settings.retry_ms,
-        heartbeat=settings.heartbeat,
+    if not isinstance(plan, Plan):
+        hub.metrics.connect(connect_outcome(plan) or "retry_keys")
+        return plan
+    return await open_subscription(
+        hub, plan, retry_ms=settings.retry_ms, heartbeat=settings.heartbeat, on_overflow=on_overflow
     )
 
 
@@ -153,7 +87,7 @@ async def events_response(
 
     It returns rather than sends: :class:`api.app.HeraldApp` awaits the
     response itself, so this frame (its query, topics, token) is gone while
-    the stream lives (``make bench``: idle memory, about 0.4 KB a stream).
+    the stream lives (``make bench``: idle memory).
     """
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     query = parse_query(scope.get("query_string", b"").decode("latin-1"))

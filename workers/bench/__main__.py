@@ -33,7 +33,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from workers.bench import scenarios
+from workers.bench import baseline, scenarios
 from workers.bench.render import render
 from workers.bench.systems import ROOT, HeraldCluster, HeraldWorkers, all_systems
 
@@ -82,12 +82,27 @@ def main(argv: list[str] | None = None) -> None:
         help="publishing modes of the throughput scenario, a subset of: %(default)s",
     )
     parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="only compare this checkout's Herald with commit REF's, side by side (docs/benchmarks-baseline.md)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each side per figure, with --baseline")
+    parser.add_argument(
         "--render", type=Path, metavar="RESULTS_JSON", help="only redraw docs/benchmarks.md from saved results"
     )
     args = parser.parse_args(argv)
     if args.render:
         DOC.write_text(render(json.loads(args.render.read_text())))
         print(f"written to {DOC}")
+        return
+    if args.baseline:
+        result = baseline.compare(args.baseline, args.repeats, args.seconds, args.quick)
+        result["date"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        result["machine"] = machine()
+        for row in baseline.verdicts(result):
+            print(f"  {row['label']}: {row['before']:,.1f} -> {row['after']:,.1f} ({row['ratio']:.3f})", flush=True)
+        if not args.quick:
+            baseline.save(result)
         return
     wanted = args.systems.split(",")
     chosen = args.scenarios.split(",")

@@ -74,6 +74,8 @@ class System:
     port: int = 0
     protocol: str = "native"  # the load tool's --protocol: Herald's own API, or its Mercure hub ("mercure")
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    source: Path | None = None
+    """Where the server's code is (None: this checkout); a Herald of another commit (``--baseline``)."""
 
     @property
     def address(self) -> str:
@@ -100,7 +102,9 @@ class System:
         RUN_DIR.mkdir(parents=True, exist_ok=True)
         args, env = self.command()
         log = RUN_DIR / f"{self.name}.log"
-        self.processes.append(launch.spawn(pinned(self.server_cores(), args), log, {**launch.clean_environ(), **env}))
+        self.processes.append(
+            launch.spawn(pinned(self.server_cores(), args), log, {**launch.clean_environ(), **env}, cwd=self.source)
+        )
         wait_until(lambda: httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200, self.name, 30)
 
     def server_cores(self) -> str:

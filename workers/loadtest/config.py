@@ -472,7 +472,7 @@ def parser() -> argparse.ArgumentParser:
         "--publishers",
         type=int,
         default=d.publishers,
-        help="parallel publish lanes, each owning topics (default %(default)s)",
+        help="parallel publish pacers, each owning topics (default %(default)s)",
     )
     p.add_argument(
         "--batch",
@@ -500,7 +500,7 @@ def parser() -> argparse.ArgumentParser:
         "--publisher",
         choices=["python", "native"],
         default=d.publisher,
-        help="the Python lanes, or the compiled publisher: one event per request, paced, closed loop or "
+        help="the Python pacers, or the compiled publisher: one event per request, paced, closed loop or "
         "--pipeline, its own CPU reported; for when the publisher must not limit the server (default %(default)s)",
     )
     p.add_argument(

@@ -5,7 +5,7 @@
   a fraction of the CPU per read, so the tool can out-run a server that
   writes once per event per socket.
 * ``sse_publisher.c``: ``--publisher native`` runs it in place of the
-  Python lanes (:mod:`workers.loadtest.publisher`): one event per request,
+  Python pacers (:mod:`workers.loadtest.publisher`): one event per request,
   closed loop or pipelined (``--pipeline``), at a few microseconds of CPU
   per request, so the publisher is never what limits a fast server.
 

@@ -1,12 +1,12 @@
 """``--publisher native``: the compiled publisher (``csrc/sse_publisher.c``) driven from the runner.
 
-It replaces the Python lanes of :mod:`workers.loadtest.publisher` when the
+It replaces the Python pacers of :mod:`workers.loadtest.publisher` when the
 publisher must not be what limits the server: one event per request (or
 exactly ``--per-request`` events, Herald's batches), closed loop
 (``--pipeline 1``: one request in flight per connection) or pipelined
 (``--pipeline K``), paced to ``--rate`` for ``--duration`` seconds, over
-``--publishers`` keep-alive connections (lanes, each owning its topics as
-the Python lanes do, so a topic's order holds). Its result fills the same
+``--publishers`` keep-alive connections (pacers, each owning its topics as
+the Python pacers do, so a topic's order holds). Its result fills the same
 :class:`~workers.loadtest.publisher.Ledger`, so the drain, the accounting
 and the report do not know which publisher ran; its own CPU, per second,
 is the run's ``publisher_cpu``.
@@ -43,11 +43,11 @@ def setup_message(config: LoadConfig) -> dict[str, Any]:
         "topics": [config.topic_name(t) for t in range(config.topics)],
         "rate": config.rate,
         "duration": config.duration,
-        "lanes": config.publishers,
+        "pacers": config.publishers,
         "pipeline": config.pipeline,
         "batch": config.per_request,
         "size": config.payload,
-        # A request unanswered this long is given up as uncertain (the Python lanes retry for as long).
+        # A request unanswered this long is given up as uncertain (the Python pacers retry for as long).
         "answer_timeout": max(1.0, min(config.retry_for, 30.0)),
     }
     if config.token:
@@ -66,7 +66,7 @@ class NativePublisher:
 
     @classmethod
     async def start(cls, config: LoadConfig, timeout: float) -> NativePublisher:
-        """Spawn it (built first if needed) and wait until every lane is connected, at most ``timeout`` s."""
+        """Spawn it (built first if needed) and wait until every pacer is connected, at most ``timeout`` s."""
         process = await asyncio.create_subprocess_exec(
             str(native.build_publisher()), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 26
         )
@@ -119,7 +119,7 @@ class NativePublisher:
 
 
 def fill_ledger(ledger: Ledger, result: dict[str, Any]) -> None:
-    """Put the native publisher's ``result`` into ``ledger``, as the Python lanes would have recorded it."""
+    """Put the native publisher's ``result`` into ``ledger``, as the Python pacers would have recorded it."""
     ledger.accepted = int(result["accepted"])
     ledger.refused = int(result["refused"])
     ledger.uncertain = int(result["uncertain"])

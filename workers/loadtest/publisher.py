@@ -1,9 +1,9 @@
 """The load tool's producer: events at a steady rate, each numbered per topic, and a ledger of what was accepted.
 
-Publishing is split into *lanes*, each owning a disjoint set of topics and
+Publishing is split into *pacers*, each owning a disjoint set of topics and
 sending one request at a time. One request in flight per topic is what
 makes "out of order" meaningful: two concurrent requests for one topic have
-no order to keep. A lane that falls behind its schedule (a slow answer, an
+no order to keep. A pacer that falls behind its schedule (a slow answer, an
 outage) sends the overdue events in batches of up to ``batch``, which the
 publish endpoint takes atomically and in order.
 
@@ -144,7 +144,7 @@ class HttpSender:
         targets: list[str],
         names: list[str],
         size: int,
-        lane: int,
+        pacer: int,
         system: str = "herald",
         token: str | None = None,
         protocol: str = "native",
@@ -157,8 +157,8 @@ class HttpSender:
         self.size = size
         self.system = system
         self.protocol = protocol
-        self.lane = lane
-        self.at = lane % len(targets)
+        self.pacer = pacer
+        self.at = pacer % len(targets)
         self.warmed = 0
 
     def _request(self, events: list[tuple[str, str]]) -> tuple[str, str]:
@@ -187,10 +187,10 @@ class HttpSender:
         return "application/json" if self.system == "herald" else "text/plain"
 
     async def warmup(self) -> None:
-        # A topic of its own (no subscriber has it), so nothing measured sees it; a key of each lane's own,
-        # so every warm-up is one publish the nodes count (not a repeat of another lane's).
+        # A topic of its own (no subscriber has it), so nothing measured sees it; a key of each pacer's own,
+        # so every warm-up is one publish the nodes count (not a repeat of another pacer's).
         topic = f"{self.names[0]}-warmup"
-        status = await self._post([(topic, payload(0, 0, time.time_ns(), self.size))], f"{topic}-{self.lane}")
+        status = await self._post([(topic, payload(0, 0, time.time_ns(), self.size))], f"{topic}-{self.pacer}")
         self.warmed = 1 if status in (200, 201) else 0
 
     async def __call__(self, items: list[tuple[int, int]], sent_ns: int, key: str) -> int | str:
@@ -226,7 +226,7 @@ class RedisSender:
 
 
 @dataclass
-class Lane:
+class Pacer:
     """One sequential publisher for its own topics, at ``rate`` events/s for ``duration`` seconds."""
 
     index: int
@@ -252,7 +252,7 @@ class Lane:
             if self.stopping.is_set():
                 return
             if elapsed >= self.duration:
-                # Time is up. A lane a little behind (its last requests were
+                # Time is up. A pacer a little behind (its last requests were
                 # slow) sends what it still owes as one last batch, so a run
                 # publishes rate x duration events, not one fewer by chance;
                 # one far behind does not: the target could not keep up.
@@ -272,7 +272,7 @@ class Lane:
             sent += count
 
     def _take(self, rng: random.Random, count: int) -> list[tuple[int, int]]:
-        """The next ``count`` events: (topic, its next sequence number), topics drawn from this lane's."""
+        """The next ``count`` events: (topic, its next sequence number), topics drawn from this pacer's."""
         return [(t, self.ledger.take(t)) for t in (rng.choice(self.topics) for _ in range(count))]
 
     async def publish(self, items: list[tuple[int, int]], key: str) -> None:
@@ -297,7 +297,7 @@ class Lane:
             delay = min(delay * 2, 1.0)
 
 
-def lanes_for(topics: int, lanes: int) -> list[list[int]]:
-    """Topic indices per lane: topic ``t`` belongs to lane ``t % lanes``."""
-    lanes = max(1, min(lanes, topics))
-    return [list(range(i, topics, lanes)) for i in range(lanes)]
+def pacers_for(topics: int, pacers: int) -> list[list[int]]:
+    """Topic indices per pacer: topic ``t`` belongs to pacer ``t % pacers``."""
+    pacers = max(1, min(pacers, topics))
+    return [list(range(i, topics, pacers)) for i in range(pacers)]

@@ -22,7 +22,7 @@ from workers.loadtest import native
 from workers.loadtest.config import LoadConfig, raise_open_files
 from workers.loadtest.faults import Fault, inject, load_cluster
 from workers.loadtest.native_publisher import NativePublisher, fill_ledger
-from workers.loadtest.publisher import HttpSender, Lane, Ledger, RedisSender, Sender, lanes_for
+from workers.loadtest.publisher import HttpSender, Ledger, Pacer, RedisSender, Sender, pacers_for
 from workers.loadtest.results import Aggregate, build, progress_line
 from workers.loadtest.server_counts import plan
 from workers.loadtest.worker import CpuMeter, MachineCpu
@@ -134,12 +134,12 @@ def faults_of(config: LoadConfig) -> list[Fault]:
     return sorted(faults, key=lambda f: f.at)
 
 
-def _sender(config: LoadConfig, lane: int) -> Sender:
+def _sender(config: LoadConfig, pacer: int) -> Sender:
     names = [config.topic_name(t) for t in range(config.topics)]
     if config.publish == "redis":
         assert config.redis_url is not None
         return RedisSender(config.redis_url, names, config.payload, RetentionPolicy())
-    return HttpSender(config.targets, names, config.payload, lane, config.system, config.token, config.protocol)
+    return HttpSender(config.targets, names, config.payload, pacer, config.system, config.token, config.protocol)
 
 
 async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -177,12 +177,12 @@ async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[st
         if ready < config.subscribers:
             say(f"only {ready:,} of {config.subscribers:,} subscribers connected; publishing anyway")
 
-        topic_lanes = lanes_for(config.topics, config.publishers)
+        topic_pacers = pacers_for(config.topics, config.publishers)
         if config.publisher == "native":
             # Its connections are open before time zero: no warm-up publish needed.
             fast = await NativePublisher.start(config, config.connect_timeout)
         else:
-            senders.extend(_sender(config, index) for index in range(len(topic_lanes)))
+            senders.extend(_sender(config, index) for index in range(len(topic_pacers)))
             await asyncio.gather(*(send.warmup() for send in senders))
 
         # Publishing starts: the timeline's zero, for the workers and the faults alike.
@@ -190,12 +190,12 @@ async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[st
         ledger.t0 = time.monotonic()
         for worker in workers:
             await worker.send({"cmd": "go", "t0_ns": t0_ns})
-        lanes = []
-        # The Python lanes, one per sender (none with the native publisher, which paces its own).
-        for index, (topics, send) in enumerate(zip(topic_lanes if fast is None else [], senders, strict=True)):
+        pacers = []
+        # The Python pacers, one per sender (none with the native publisher, which paces its own).
+        for index, (topics, send) in enumerate(zip(topic_pacers if fast is None else [], senders, strict=True)):
             rate = config.rate * len(topics) / config.topics
-            lanes.append(
-                Lane(
+            pacers.append(
+                Pacer(
                     index=index,
                     topics=topics,
                     rate=rate,
@@ -217,7 +217,7 @@ async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[st
             await fast.go()
             publishing: asyncio.Future[Any] = asyncio.ensure_future(fast.wait())
         else:
-            publishing = asyncio.gather(*(lane.run() for lane in lanes))
+            publishing = asyncio.gather(*(pacer.run() for pacer in pacers))
         shown: dict[str, float] = {}
 
         def show(note: str = "") -> None:

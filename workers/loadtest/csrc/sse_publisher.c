@@ -12,24 +12,24 @@
  *
  * Contract (JSON lines on stdin and stdout, like the subscriber worker):
  *   stdin  {"setup": {"host", "port", "system": "herald"|"nchan"|"sse-starlette"|"mercure",
- *                     "topics": [names...], "rate", "duration", "lanes",
+ *                     "topics": [names...], "rate", "duration", "pacers",
  *                     "pipeline", "batch", "size", "answer_timeout", "token"?}}
- *          -> connects `lanes` keep-alive HTTP/1.1 connections, then
+ *          -> connects `pacers` keep-alive HTTP/1.1 connections, then
  *   stdout {"type": "ready", "connected": n}
  *   stdin  {"cmd": "go"}  -> publishing starts (the run's time zero)
  *   stdout {"type": "progress", "accepted", "failed", "cpu"}   about every second
  *   stdout {"type": "result", ...}  once publishing is over, then it exits.
  *
  * Publishing, and why:
- *   - lane i owns topics t with t % lanes == i (publisher.py's lanes_for) and
+ *   - pacer i owns topics t with t % pacers == i (publisher.py's pacers_for) and
  *     one connection; its events are numbered per topic from 1, and the
- *     topics of a lane take turns;
+ *     topics of a pacer take turns;
  *   - closed loop (pipeline 1): one request in flight per connection, the
  *     next sent only once the answer is in, as a notification service
  *     publishes; pipelined (pipeline K): up to K requests in flight on the
  *     connection. HTTP/1.1 answers requests of one connection in order, and
  *     a topic belongs to one connection, so a topic's order holds either way;
- *   - paced: a lane sends what is due by `rate x elapsed` (never ahead of
+ *   - paced: a pacer sends what is due by `rate x elapsed` (never ahead of
  *     schedule), as fast as answers allow when behind; it never sends more
  *     than `rate x duration` events, and stops sending when `duration` is up,
  *     so a target that cannot keep up shows as an achieved rate below the
@@ -72,7 +72,7 @@
 #define PROGRAM_NAME "sse-publisher"
 #include "common.h"
 
-#define RECONNECT_DELAY 0.05 /* seconds before a lane whose connection failed connects again */
+#define RECONNECT_DELAY 0.05 /* seconds before a pacer whose connection failed connects again */
 #define MAX_SECONDS 86400    /* per-second counters: a run is at most a day (config.py) */
 
 /* ------------------------------------------------- clocks (more in common.h) */
@@ -109,9 +109,9 @@ typedef struct {
     int fd;            /* -1: not connected */
     int connecting;    /* a non-blocking connect in progress */
     double retry_at;   /* when to connect again after a failure */
-    int *topics;       /* the topics this lane owns */
+    int *topics;       /* the topics this pacer owns */
     int ntopics, next; /* round robin over them */
-    double rate;       /* events/s of this lane */
+    double rate;       /* events/s of this pacer */
     int64_t quota;     /* events it publishes in the whole run */
     int64_t sent;
     request_t *ring; /* requests in flight, oldest first (pipeline slots) */
@@ -119,7 +119,7 @@ typedef struct {
     int head, inflight;
     double waiting_since; /* when the oldest in-flight request was sent */
     sbuf out, in;
-} lane_t;
+} pacer_t;
 
 static struct {
     enum system system;
@@ -128,11 +128,11 @@ static struct {
     char **names;
     int ntopics;
     double rate, duration, answer_timeout;
-    int nlanes, pipeline, batch, size;
+    int npacers, pipeline, batch, size;
     char *auth; /* "Authorization: Bearer <token>\r\n", or "" */
 } cfg;
 
-static lane_t *lanes;
+static pacer_t *pacers;
 static int64_t *last_seq;        /* per topic: the highest sequence number handed out */
 static int64_t **unaccepted;     /* per topic: sequence numbers not accepted */
 static int *unaccepted_n, *unaccepted_cap;
@@ -174,14 +174,14 @@ static void give_up(const item_t *items, int n, int was_refused) {
 
 /* ------------------------------------------------------------ connections */
 
-static void watch(lane_t *l, uint32_t events, int op) {
+static void watch(pacer_t *l, uint32_t events, int op) {
     struct epoll_event ev = {.events = events, .data.ptr = l};
     epoll_ctl(epfd, op, l->fd, &ev);
 }
 
-static void want_write(lane_t *l, int on) { watch(l, EPOLLIN | (on ? EPOLLOUT : 0), EPOLL_CTL_MOD); }
+static void want_write(pacer_t *l, int on) { watch(l, EPOLLIN | (on ? EPOLLOUT : 0), EPOLL_CTL_MOD); }
 
-static void start_connect(lane_t *l) {
+static void start_connect(pacer_t *l) {
     l->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (l->fd < 0) {
         perror("sse-publisher: socket");
@@ -199,7 +199,7 @@ static void start_connect(lane_t *l) {
 }
 
 /* The connection is gone (reset, closed, timed out): what was in flight is uncertain, connect again soon. */
-static void drop(lane_t *l, const char *why, double now) {
+static void drop(pacer_t *l, const char *why, double now) {
     if (l->fd >= 0) {
         epoll_ctl(epfd, EPOLL_CTL_DEL, l->fd, NULL);
         close(l->fd);
@@ -246,8 +246,8 @@ static void append_form_value(sbuf *b, const char *v) {
     }
 }
 
-/* One request of `n` events (the lane's next topics and sequence numbers) appended to the lane's output. */
-static void queue_request(lane_t *l, int n, double now) {
+/* One request of `n` events (the pacer's next topics and sequence numbers) appended to the pacer's output. */
+static void queue_request(pacer_t *l, int n, double now) {
     int slot = (l->head + l->inflight) % cfg.pipeline;
     item_t *items = l->items + (size_t)slot * (size_t)cfg.batch;
     int64_t sent_ns = wall_ns();
@@ -300,7 +300,7 @@ static void queue_request(lane_t *l, int n, double now) {
     l->sent += n;
 }
 
-static void flush_out(lane_t *l, double now) {
+static void flush_out(pacer_t *l, double now) {
     while (l->out.len) {
         ssize_t n = send(l->fd, l->out.p, l->out.len, MSG_NOSIGNAL);
         if (n < 0 && errno == EINTR) continue;
@@ -317,8 +317,8 @@ static void flush_out(lane_t *l, double now) {
     want_write(l, 0);
 }
 
-/* Events this lane owes by now; how many the next request carries (0: none yet). */
-static int next_request_size(lane_t *l, double now) {
+/* Events this pacer owes by now; how many the next request carries (0: none yet). */
+static int next_request_size(pacer_t *l, double now) {
     if (l->sent >= l->quota) return 0;
     int64_t due = (int64_t)(l->rate * (now - t0)) + 1;
     if (due > l->quota) due = l->quota;
@@ -329,7 +329,7 @@ static int next_request_size(lane_t *l, double now) {
     return l->sent + due == l->quota ? (int)due : 0;
 }
 
-static void pump(lane_t *l, double now) {
+static void pump(pacer_t *l, double now) {
     if (!going || l->fd < 0 || l->connecting || now - t0 >= cfg.duration) return;
     int queued = 0, n;
     while (l->inflight < cfg.pipeline && (n = next_request_size(l, now)) > 0) {
@@ -379,7 +379,7 @@ static ssize_t response_length(const char *b, size_t len, int *status, int *clos
     return head + body <= len ? (ssize_t)(head + body) : 0;
 }
 
-static void on_answer(lane_t *l, int status, double now) {
+static void on_answer(pacer_t *l, int status, double now) {
     int slot = l->head;
     request_t *r = &l->ring[slot];
     item_t *items = l->items + (size_t)slot * (size_t)cfg.batch;
@@ -402,7 +402,7 @@ static void on_answer(lane_t *l, int status, double now) {
     last_answer = now;
 }
 
-static void on_readable(lane_t *l, double now) {
+static void on_readable(pacer_t *l, double now) {
     sb_reserve(&l->in, 65536);
     ssize_t n = recv(l->fd, l->in.p + l->in.len, l->in.cap - l->in.len - 1, 0);
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
@@ -429,7 +429,7 @@ static void on_readable(lane_t *l, double now) {
     pump(l, now);
 }
 
-static void on_writable(lane_t *l, double now) {
+static void on_writable(pacer_t *l, double now) {
     if (l->connecting) {
         int err = 0;
         socklen_t len = sizeof err;
@@ -450,7 +450,7 @@ static void on_writable(lane_t *l, double now) {
 
 static int connected(void) {
     int n = 0;
-    for (int i = 0; i < cfg.nlanes; i++) n += lanes[i].fd >= 0 && !lanes[i].connecting;
+    for (int i = 0; i < cfg.npacers; i++) n += pacers[i].fd >= 0 && !pacers[i].connecting;
     return n;
 }
 
@@ -539,9 +539,9 @@ static void setup(cJSON *s) {
     cfg.batch = (int)num(s, "batch", 1);
     cfg.size = (int)num(s, "size", 100);
     cfg.ntopics = cJSON_GetArraySize(topics);
-    cfg.nlanes = (int)num(s, "lanes", 1);
-    if (cfg.nlanes > cfg.ntopics) cfg.nlanes = cfg.ntopics; /* a lane owns at least one topic */
-    if (cfg.pipeline < 1 || cfg.batch < 1 || cfg.nlanes < 1 || cfg.rate <= 0 || cfg.duration <= 0 ||
+    cfg.npacers = (int)num(s, "pacers", 1);
+    if (cfg.npacers > cfg.ntopics) cfg.npacers = cfg.ntopics; /* a pacer owns at least one topic */
+    if (cfg.pipeline < 1 || cfg.batch < 1 || cfg.npacers < 1 || cfg.rate <= 0 || cfg.duration <= 0 ||
         cfg.duration > MAX_SECONDS - 2 || (cfg.batch > 1 && cfg.system != HERALD)) {
         fprintf(stderr, "sse-publisher: bad setup (batches are Herald's only)\n");
         exit(2);
@@ -563,15 +563,15 @@ static void setup(cJSON *s) {
     unaccepted = calloc((size_t)cfg.ntopics, sizeof(int64_t *));
     unaccepted_n = calloc((size_t)cfg.ntopics, sizeof(int));
     unaccepted_cap = calloc((size_t)cfg.ntopics, sizeof(int));
-    lanes = calloc((size_t)cfg.nlanes, sizeof(lane_t));
-    for (int i = 0; i < cfg.nlanes; i++) {
-        lane_t *l = &lanes[i];
+    pacers = calloc((size_t)cfg.npacers, sizeof(pacer_t));
+    for (int i = 0; i < cfg.npacers; i++) {
+        pacer_t *l = &pacers[i];
         l->index = i;
-        for (int t = i; t < cfg.ntopics; t += cfg.nlanes) {
+        for (int t = i; t < cfg.ntopics; t += cfg.npacers) {
             l->topics = xrealloc(l->topics, sizeof(int) * (size_t)(l->ntopics + 1));
             l->topics[l->ntopics++] = t;
         }
-        /* publisher.py's share: rate x (this lane's topics / all topics); quota rounded down like its Lane. */
+        /* publisher.py's share: rate x (this pacer's topics / all topics); quota rounded down like its Pacer. */
         l->rate = cfg.rate * l->ntopics / cfg.ntopics;
         l->quota = (int64_t)(l->rate * cfg.duration);
         l->ring = calloc((size_t)cfg.pipeline, sizeof(request_t));
@@ -595,18 +595,18 @@ static int on_line(char *line) {
 }
 
 static int all_sent(void) {
-    for (int i = 0; i < cfg.nlanes; i++)
-        if (lanes[i].sent < lanes[i].quota) return 0;
+    for (int i = 0; i < cfg.npacers; i++)
+        if (pacers[i].sent < pacers[i].quota) return 0;
     return 1;
 }
 
 /* Seconds (monotonic) when something next needs doing without a socket event: an event falling due on a
-   lane that may send, a lane to connect again, the end of publishing. */
+   pacer that may send, a pacer to connect again, the end of publishing. */
 static double next_wake(double now) {
     double wake = now + 1.0;
     if (going && t0 + cfg.duration < wake) wake = t0 + cfg.duration;
-    for (int i = 0; i < cfg.nlanes; i++) {
-        lane_t *l = &lanes[i];
+    for (int i = 0; i < cfg.npacers; i++) {
+        pacer_t *l = &pacers[i];
         if (l->fd < 0) {
             if (l->retry_at < wake) wake = l->retry_at;
             continue;
@@ -615,7 +615,7 @@ static double next_wake(double now) {
             double limit = l->waiting_since + cfg.answer_timeout;
             if (limit < wake) wake = limit;
         }
-        /* A lane with every pipeline slot taken waits for an answer, not for the clock (no busy loop). */
+        /* A pacer with every pipeline slot taken waits for an answer, not for the clock (no busy loop). */
         if (!going || l->connecting || l->inflight >= cfg.pipeline || l->sent >= l->quota) continue;
         int64_t need = l->sent + cfg.batch - 1;
         if (need > l->quota - 1) need = l->quota - 1;
@@ -637,10 +637,10 @@ int main(void) {
     for (;;) {
         double now = mono();
         int timeout = 1000;
-        if (lanes) {
+        if (pacers) {
             int busy = 0;
-            for (int i = 0; i < cfg.nlanes; i++) {
-                lane_t *l = &lanes[i];
+            for (int i = 0; i < cfg.npacers; i++) {
+                pacer_t *l = &pacers[i];
                 if (l->fd < 0 && now >= l->retry_at && (!going || now - t0 < cfg.duration)) start_connect(l);
                 if (l->fd >= 0 && l->inflight && now - l->waiting_since > cfg.answer_timeout) drop(l, "timeout", now);
                 pump(l, now);
@@ -655,9 +655,9 @@ int main(void) {
                 emit_progress(now);
                 next_progress = now + 1.0;
             }
-            if (!going && !ready_sent && connected() == cfg.nlanes) {
+            if (!going && !ready_sent && connected() == cfg.npacers) {
                 sbuf b = {0};
-                sb_printf(&b, "{\"type\":\"ready\",\"connected\":%d}", cfg.nlanes);
+                sb_printf(&b, "{\"type\":\"ready\",\"connected\":%d}", cfg.npacers);
                 emit(&b);
                 ready_sent = 1;
             }
@@ -669,7 +669,7 @@ int main(void) {
         int n = epoll_wait(epfd, events, 256, timeout);
         now = mono();
         for (int i = 0; i < n; i++) {
-            lane_t *l = events[i].data.ptr;
+            pacer_t *l = events[i].data.ptr;
             if (!l) {
                 sb_reserve(&stdin_buf, 65536);
                 ssize_t r = read(STDIN_FILENO, stdin_buf.p + stdin_buf.len, stdin_buf.cap - stdin_buf.len - 1);
@@ -685,7 +685,7 @@ int main(void) {
                 char *nl;
                 while ((nl = memchr(stdin_buf.p, '\n', stdin_buf.len))) {
                     *nl = 0;
-                    if (on_line(stdin_buf.p) && !going && lanes) {
+                    if (on_line(stdin_buf.p) && !going && pacers) {
                         going = 1;
                         t0 = mono();
                         start_cpu = cpu_mark = cpu_seconds();

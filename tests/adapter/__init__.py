@@ -1,0 +1,1 @@
+"""The HTTP adapter onto uvicorn (api/adapter): the protocol, the stream lane, the connection guard."""

@@ -1,0 +1,1 @@
+"""The brokers (broker/): their shared contract, the Redis feed, ACL and Sentinel."""

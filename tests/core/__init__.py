@@ -1,0 +1,1 @@
+"""The core (api/core): the hub, the flusher, the SSE format."""

@@ -1,0 +1,1 @@
+"""The test harness's own tests (tests/sse_client.py)."""

@@ -1,0 +1,1 @@
+"""The Mercure hub (api/mercure): matchers, authorization, the space, the endpoint, its browser and resilience."""

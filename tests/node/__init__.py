@@ -1,0 +1,1 @@
+"""The node process (api/node): worker supervision, logs, the node registry."""

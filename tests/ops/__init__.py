@@ -1,0 +1,1 @@
+"""Deployment (ops/): the cluster, nginx front, Prometheus, deployment files, the lock and packaging."""

@@ -1,0 +1,1 @@
+"""The tools (workers/): the load tool, the bench, the demo."""
