@@ -41,6 +41,7 @@ UNIT_MODULES = frozenset(
         "test_protocol",
         "test_sse",
         "test_sse_client",
+        "test_subscribe",
         "test_upgrade_check",
     }
 )

@@ -105,8 +105,8 @@ class Connection:
         self._size = 0
         self._pending: list[tuple[int, bytes]] | None = []
         # The writer task's wake-up, created only while it waits: an idle
-        # stream holds no Event (an Event and its deque cost about 700 bytes,
-        # per connection, for as long as it is open).
+        # stream holds no Event (an Event and its deque would be a large part of an idle
+        # stream's bytes, per connection, for as long as it is open: ``make bench``, idle).
         self._waiter: asyncio.Future[None] | None = None
         self._direct: DirectWriter | None = None  # set once live, when the server allows it
         self._on_wake: Callable[[], None] | None = None  # a writer without a task (api.adapter.lane): see wake_with

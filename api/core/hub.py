@@ -286,7 +286,8 @@ class Hub:
 
         Connections are grouped by deadline, one timer per group: a token's
         ``exp`` is a whole second, and a connect storm carries a few tokens,
-        so 5,000 streams cost a timer or a few, not 5,000 (about 670 bytes each).
+        so thousands of streams cost a timer or a few, not one timer handle each
+        held for the stream's life.
         """
         connection.expires_at = deadline
         group = self._expiring.get(deadline)
@@ -376,8 +377,8 @@ class Hub:
             return None
         if position is None:
             return None
-        connection = Connection(topics, self._client_buffer, on_overflow, self._flusher.mark, self.tally)
-        self._attach(connection)
+        # Admitted the one way (nothing ran since _refusal said yes: it can't refuse now).
+        connection = self.admit(topics, on_overflow)
         self.connections_total += 1
         return connection, position
 

@@ -280,17 +280,20 @@ class Feed:
                 pending.discard(message["channel"])
         self._pubsub = pubsub
         self._commands.counters["feed_connects"] += 1
+        # What the snapshot must hold, sampled *before* it is read: an event
+        # this node publishes while the read is in flight may come after it,
+        # and taking it for a lost one would skip it (the epoch would rise
+        # above it: every client of this node missed that event).
+        known = max(self._last_seen, self._publisher.last_published)
         # Everything up to the snapshot's head is now either backfilled or
         # irrelevant; live messages at or below it are duplicates.
         snapshot = await self._reads.read(topics, self._last_seen if resync else 0)
-        if resync and snapshot.epoch == self._epoch:
-            known = max(self._last_seen, self._publisher.last_published)
-            if snapshot.head < known:
-                # The new primary is behind what this node already delivered
-                # or published: a failover lost those events. Mark the data
-                # set so every resume from before them is reset, not holed.
-                await self._mark_lost(known)
-                snapshot = await self._reads.read(topics, self._last_seen)
+        if resync and snapshot.epoch == self._epoch and snapshot.head < known:
+            # The new primary is behind what this node already delivered
+            # or published: a failover lost those events. Mark the data
+            # set so every resume from before them is reset, not holed.
+            await self._mark_lost(known, snapshot.head)
+            snapshot = await self._reads.read(topics, self._last_seen)
         if not resync:
             self._epoch = snapshot.epoch
         elif snapshot.epoch != self._epoch:
@@ -320,11 +323,13 @@ class Feed:
             await pubsub.unsubscribe(*stale)
         self._feed_up.set()
 
-    async def _mark_lost(self, lost: int) -> None:
+    async def _mark_lost(self, lost: int, head: int) -> None:
         self._commands.counters["lost_marked"] += 1
         log.error(
-            "redis lost events up to id %d (a failover before replicas had them): resumes from before it get a reset",
+            "redis lost events up to id %d, its head is %d (a failover before replicas had them): resumes from"
+            " before it get a reset",
             lost,
+            head,
         )
         args: list[str | int] = [self._commands.prefix, lost, self._epoch_channel]
         await self._commands.call(lambda: self._commands.mark_lost_script(args=args))

@@ -126,3 +126,46 @@ async def test_regression_new_data_set_with_lower_ids_is_delivered_after_a_reset
         assert sink.resets[0].reason == ResetReason.LOST
     finally:
         await broker.close()
+
+
+async def test_regression_a_publish_answered_during_the_feeds_backfill_read_is_not_taken_for_lost(
+    raw: aioredis.Redis,
+) -> None:
+    """A node's own publish, answered while its reconnecting feed's snapshot read is in flight, is news, not loss.
+
+    The feed took "what this node published" *after* the read returned: a publish
+    that ran after the read looked lost (above the snapshot's head), the epoch
+    rose above it and the backfill skipped it, so every client of the node
+    missed that one event (a load run with a Redis restart: 50 events lost,
+    one for each subscriber of one node).
+    """
+    sink = Sink()
+    broker = await started(sink)
+    feed = broker._feed
+    published: list[Event] = []
+    read = feed._reads.read
+
+    async def read_then_publish(topics: object, after: int) -> object:
+        snapshot = await read(topics, after)  # type: ignore[arg-type]
+        if not published:  # the node's publish runs after the read, its answer comes before the feed resumes
+            published.extend(await broker.publish([Message("t", "during the read")]))
+        return snapshot
+
+    try:
+        await broker.subscribe(["t"])
+        (before,) = await broker.publish([Message("t", "before")])
+        await sink.wait_for(before.id)
+        connects = broker.stats()["feed_connects"]
+        feed._reads.read = read_then_publish  # type: ignore[method-assign,assignment]
+        await raw.client_kill_filter(_type="pubsub")
+        deadline = time.monotonic() + 10
+        while broker.stats()["feed_connects"] == connects or not published:
+            assert time.monotonic() < deadline, "the feed did not reconnect"
+            await asyncio.sleep(0.05)
+        await sink.wait_for(published[0].id)
+        assert broker.stats()["lost_marked"] == 0
+        assert sink.resets == []
+        assert [e.data for e in sink.events] == ["before", "during the read"]
+    finally:
+        feed._reads.read = read  # type: ignore[method-assign]
+        await broker.close()

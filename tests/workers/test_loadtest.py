@@ -9,8 +9,8 @@ every 10th event must be reported with exactly the events it dropped.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,13 +27,12 @@ from ops.cluster import Cluster
 from ops.launch import ROOT
 from ops.probe import probe_get, wait_until
 from tests import redis_server
+from tests.browser import CHROMIUM, chromium
 from tests.clusters import cluster_running
 from tests.server import serve_app
 from workers.loadtest.results import SCHEMA_PATH
 
 pytestmark = pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed")
-
-CHROMIUM = shutil.which("chromium")
 
 
 @pytest.fixture(scope="module")
@@ -114,33 +113,26 @@ def test_the_result_matches_its_json_schema(short_run: tuple[int, dict[str, Any]
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (ops/install-system-deps.sh installs it)")
 @pytest.mark.timeout(120)
-def test_the_html_report_renders_its_plots_in_headless_chromium(
-    short_run: tuple[int, dict[str, Any], Path], tmp_path: Path
+async def test_the_html_report_renders_its_plots_in_headless_chromium(
+    short_run: tuple[int, dict[str, Any], Path],
 ) -> None:
     _, _, report = short_run
-    assert CHROMIUM is not None
     html = report.read_text()
     assert "<script" in html
-    assert "<script src=" not in html
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--virtual-time-budget=10000"]  # fmt: skip
-    dom = subprocess.run(
-        [CHROMIUM, *flags, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", report.as_uri()],
-        capture_output=True, text=True, timeout=90, check=True,
-    ).stdout  # fmt: skip
-    # plotly.js marks each plot it has drawn, and draws its axes as SVG.
-    assert dom.count("js-plotly-plot") >= 5
-    assert dom.count('class="main-svg"') >= 5
-    assert "PASS: every accepted event reached every subscriber" in dom
-    shot = tmp_path / "report.png"
-    subprocess.run(
-        [CHROMIUM, *flags, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1200,3000",
-         f"--screenshot={shot}", report.as_uri()],
-        capture_output=True, timeout=90, check=True,
-    )  # fmt: skip
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert shot.stat().st_size > 50_000  # plots, not a blank page
+    assert "<script src=" not in html  # self-contained: plotly.js is in the page, no CDN
+    async with chromium() as browser:  # the suite's one Chromium harness (tests/browser.py)
+        await browser.navigate(report.as_uri(), timeout=30)
+        # plotly.js marks each plot it has drawn, and draws its axes as SVG.
+        plots = await browser.until("document.querySelectorAll('.js-plotly-plot').length", lambda n: n >= 5, 30)
+        axes = await browser.evaluate("document.querySelectorAll('.main-svg').length")
+        text = await browser.evaluate("document.body.innerText")
+        shot = await browser.send("Page.captureScreenshot", {"format": "png"}, timeout=30)
+    assert plots >= 5
+    assert axes >= 5
+    assert "PASS: every accepted event reached every subscriber" in text
+    png = base64.b64decode(shot["data"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(png) > 20_000  # plots, not a blank page
 
 
 @pytest.mark.timeout(150)

@@ -7,9 +7,9 @@ under 1/128 of its value: every percentile is exact to within 0.8 %, from
 their counts, so each worker process records its own and the parent adds
 them up without ever holding a list of samples.
 
-Why not the ``hdrhistogram`` package: its ``record_value`` costs about
-1.4 µs in pure Python, this one about 0.33 µs, and recording sits on the
-load tool's per-event path, where the tool has to out-run the server.
+Why not the ``hdrhistogram`` package: its ``record_value`` is pure Python
+and several times this one's cost (docs/performance.md), and recording sits
+on the load tool's per-event path, where the tool has to out-run the server.
 """
 
 from __future__ import annotations
