@@ -24,7 +24,7 @@ Only the client's own mistakes raise (RequestRejected, Denied: 4xx).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from starlette.responses import Response
 
@@ -54,7 +54,7 @@ class Plan:
     """Whether the stream may start before the broker answers and wait for it (else: come back)."""
     cursor_header: bytes | None = None
     """The header a "come back" to a resume names its cursor in (Mercure's ``Mercure-Last-Event-ID``)."""
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    headers: tuple[tuple[bytes, bytes], ...] = ()
     """Response headers every answer to it carries."""
     hooks: tuple[Callable[[], None], Callable[[], None]] | None = None
     """Called when the stream starts and when it ends (Mercure's active subscriptions)."""

@@ -276,9 +276,19 @@ class Hub:
         if refusal is not None:
             self.refused[refusal.reason] += 1
             raise refusal
-        connection = Connection(tuple(topics), self._client_buffer, on_overflow, self._flusher.mark, self.tally)
-        connection.selection = selection
-        self._attach(connection)
+        return self._admitted(tuple(topics), on_overflow, selection)
+
+    def _admitted(
+        self, topics: tuple[str, ...], on_overflow: Callable[[], None] | None, selection: Selection | None
+    ) -> Connection:
+        """A connection :meth:`_refusal` has just let in, made and registered (every stream is made here)."""
+        connection = Connection(topics, self._client_buffer, on_overflow, self._flusher.mark, self.tally)
+        if selection is not None:
+            connection.selection = selection
+            self._spaces[selection.space].index.add(connection)
+        else:
+            self._native.add(connection)
+        self._connections.add(connection)
         return connection
 
     def expire_at(self, connection: Connection, deadline: float) -> None:
@@ -377,8 +387,7 @@ class Hub:
             return None
         if position is None:
             return None
-        # Admitted the one way (nothing ran since _refusal said yes: it can't refuse now).
-        connection = self.admit(topics, on_overflow)
+        connection = self._admitted(topics, on_overflow, None)  # _refusal said yes above, and nothing ran since
         self.connections_total += 1
         return connection, position
 
@@ -445,11 +454,6 @@ class Hub:
     def count_reset(self, reason: str) -> None:
         """A client was told its resume can't be exact, for ``reason`` (``herald_resets_total``)."""
         self.resets[reason] = self.resets.get(reason, 0) + 1
-
-    def _attach(self, connection: Connection) -> None:
-        self._connections.add(connection)
-        space = self._space_of(connection)
-        (self._native if space is None else space.index).add(connection)
 
     def detach(self, connection: Connection) -> None:
         """Forget a connection; topics left without clients are unsubscribed soon after."""

@@ -77,7 +77,7 @@ async def test_a_plan_that_may_not_wait_is_told_to_come_back_with_its_cursor(
 
 @pytest.mark.timeout(10)
 async def test_a_grant_expiry_and_the_plans_headers_reach_the_stream(hub: Hub) -> None:
-    plan = Plan(("a",), expires_at=4_102_444_800.0, headers=[(b"x-extra", b"1")])
+    plan = Plan(("a",), expires_at=4_102_444_800.0, headers=((b"x-extra", b"1"),))
     response = await answer(hub, plan)
     assert isinstance(response, EventStreamResponse)
     assert (b"x-extra", b"1") in response.raw_headers

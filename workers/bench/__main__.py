@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=5, help="runs of each side per figure, with --baseline")
     parser.add_argument(
+        "--figures",
+        help="with --baseline: only these figures (comma-separated keys of workers.bench.baseline.FIGURES), each"
+        " measured --repeats times; written to .run/bench/baseline-figures.json, not to docs",
+    )
+    parser.add_argument(
         "--render", type=Path, metavar="RESULTS_JSON", help="only redraw docs/benchmarks.md from saved results"
     )
     args = parser.parse_args(argv)
@@ -96,12 +101,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"written to {DOC}")
         return
     if args.baseline:
-        result = baseline.compare(args.baseline, args.repeats, args.seconds, args.quick)
+        only = set(args.figures.split(",")) if args.figures else None
+        if only and only - {key for key, _, _ in baseline.FIGURES}:
+            parser.error(f"unknown figures: {', '.join(sorted(only - {k for k, _, _ in baseline.FIGURES}))}")
+        result = baseline.compare(args.baseline, args.repeats, args.seconds, args.quick, only)
         result["date"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         result["machine"] = machine()
         for row in baseline.verdicts(result):
-            print(f"  {row['label']}: {row['before']:,.1f} -> {row['after']:,.1f} ({row['ratio']:.3f})", flush=True)
-        if not args.quick:
+            print(f"  {row['label']}: {row['before']:,.3f} -> {row['after']:,.3f} ({row['ratio']:.3f})", flush=True)
+        if only:
+            baseline.RESULTS.with_name("baseline-figures.json").write_text(json.dumps(result, indent=2))
+        elif not args.quick:
             baseline.save(result)
         return
     wanted = args.systems.split(",")
