@@ -47,8 +47,12 @@ for i = 1, n do
     floor = math.max(floor, epoch, cutoff)
   else
     -- Events past the TTL that no publish has trimmed yet count as dropped.
-    local old = redis.call('XREVRANGE', stream, fmt(cutoff - 1), '-', 'COUNT', 1)
-    if #old > 0 then floor = math.max(floor, entry_id(old[1])) end
+    -- (Probed only when the oldest entry is that old: see publish.lua.)
+    local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+    if #oldest > 0 and entry_id(oldest[1]) < cutoff then
+      local old = redis.call('XREVRANGE', stream, fmt(cutoff - 1), '-', 'COUNT', 1)
+      floor = math.max(floor, entry_id(old[1]))
+    end
   end
   local start = math.max(tonumber(after) + 1, cutoff)
   local flat = {}
