@@ -74,20 +74,18 @@ def check_topics(topics: list[str], max_topics: int) -> tuple[str, ...]:
 
 
 async def native_plan(
-    access: Access, topics: list[str], max_topics: int, resume: str | None, token: str | None, retry_ms: int
-) -> Plan | Response:
-    """The plan of a native subscription, or the "come back" of a verifier that can't check its token now.
+    access: Access, topics: list[str], max_topics: int, resume: str | None, token: str | None
+) -> Plan:
+    """The plan of a native subscription.
 
-    Raises RequestRejected (bad topics) and Denied (the token).
+    Raises RequestRejected (bad topics), Denied (the token) and KeysUnavailable
+    (the verifier can't check tokens now: :func:`keys_unavailable` answers it).
     """
     checked = check_topics(topics, max_topics)
     if resume is not None and not resume.strip():
         resume = None  # an empty id means "no id yet", as EventSource sends it
-    try:
-        # Without access control there is nothing to await (a coroutine per connect saved).
-        grant = await access.authorize_subscribe(token, checked) if access.enabled else None
-    except KeysUnavailable as exc:
-        return RetryLaterResponse(retry_ms, str(exc), outcome="retry_keys")
+    # Without access control there is nothing to await (a coroutine per connect saved).
+    grant = await access.authorize_subscribe(token, checked) if access.enabled else None
     return Plan(checked, cursor=resume, expires_at=grant.expires_at if grant is not None else 0.0)
 
 
@@ -150,7 +148,7 @@ async def _open(
         hub,
         connection,
         opened,
-        resume=plan.cursor if plan.selection is None else None,
+        resume=plan.cursor,  # (a plan that may not wait never streams without an opening: no resume to wait with)
         retry_ms=retry_ms,
         heartbeat=heartbeat,
         hooks=plan.hooks,
@@ -176,6 +174,12 @@ def open_subscription_now(
         hub.expire_at(opened[0], plan.expires_at)
     hub.metrics.connect("accepted")
     return opened
+
+
+def keys_unavailable(hub: Hub, retry_ms: int, exc: KeysUnavailable) -> Response:
+    """The answer to a subscribe whose token can't be checked now (JWKS unreachable): come back, counted."""
+    hub.metrics.connect("retry_keys")
+    return RetryLaterResponse(retry_ms, str(exc), outcome="retry_keys")
 
 
 def count_refusal(hub: Hub, exc: RequestRejected | Denied) -> None:

@@ -40,7 +40,7 @@ from typing import Protocol
 from api.core.connection import Closed, Connection
 from api.core.flusher import Flusher
 from api.core.metrics import LatencyWindow, Metrics, NullMetrics
-from api.core.routing import Delivery, Index, Selection
+from api.core.routing import ENTRY_BYTES, Delivery, Index, Selection
 from api.core.sse import event_frame, reset_frame
 from broker.base import Broker, BrokerUnavailable, Event, PositionNow, Reset, ResetReason, SubscribeNow
 
@@ -139,7 +139,7 @@ class Hub:
         self._client_buffer = client_buffer
         self._heartbeat = heartbeat
         self._native = Index()  # the native API's space: connections by the broker topics they want
-        self._by_topic = self._native.by_topic
+        self._by_topic = self._native.by_topic  # (the same dict: its topics are the broker's)
         self._spaces: dict[str, Space] = {}  # the other spaces, by the broker topic that feeds them
         self._feeds: set[str] = set()  # their feeds, wanted from their first open on, for the node's life
         self._connections: set[Connection] = set()
@@ -203,16 +203,14 @@ class Hub:
             space = self._spaces[feed]
             self.count_reset(reset.reason)  # the space's one reset (its clients are told in its own way)
             space.lost(space.index.connections())
-        for connection in list(self._connections):
-            if connection.selection is not None:
-                continue  # another space's: told above
+        by_topic = self._native.by_topic
+        for connection in {c for topic in lost for c in by_topic.get(topic, ())}:  # the native clients of them
             topics = tuple(t for t in connection.topics if t in lost)
-            if topics:
-                connection.push(reset_frame(reset.reason, topics, None))
-                self.resets[reset.reason] = self.resets.get(reset.reason, 0) + 1
-                if reset.reason == ResetReason.LOST:
-                    # A new data set: its ids need not be above the old ones.
-                    connection.last_id = 0
+            connection.push(reset_frame(reset.reason, topics, None))
+            self.resets[reset.reason] = self.resets.get(reset.reason, 0) + 1
+            if reset.reason == ResetReason.LOST:
+                # A new data set: its ids need not be above the old ones.
+                connection.last_id = 0
 
     # -- connections -----------------------------------------------------------
 
@@ -230,10 +228,10 @@ class Hub:
         else:
             delivery = space.decode(event)
         deliveries[event.id] = delivery
-        self._deliveries_size += delivery.size if delivery is not None else 120
+        self._deliveries_size += delivery.size if delivery is not None else ENTRY_BYTES
         while self._deliveries_size > self._frame_cache_bytes and len(deliveries) > 1:
             dropped = deliveries.pop(next(iter(deliveries)))
-            self._deliveries_size -= dropped.size if dropped is not None else 120
+            self._deliveries_size -= dropped.size if dropped is not None else ENTRY_BYTES
         return delivery
 
     def _remember(self, event: Event) -> bytes:

@@ -33,6 +33,9 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from api.core.connection import Connection
 
+ENTRY_BYTES = 120
+"""What a kept delivery (or a kept "no delivery") costs beyond its bytes, about: the object and its cache slot."""
+
 MATCH_CACHE = 4096
 """Topics whose answer a group or a reader keeps (then its cache starts over): a byte bound per cache."""
 
@@ -61,7 +64,7 @@ class Delivery:
     @property
     def size(self) -> int:
         """Bytes it holds, about (the frame counts twice when a space decoded a payload of the same size)."""
-        return len(self.frame) * (2 if self.payload is not None else 1) + 120
+        return len(self.frame) * (2 if self.payload is not None else 1) + ENTRY_BYTES
 
 
 def cached_match(cache: dict[str, bool], matcher: TopicMatcher, topic: str) -> bool:
@@ -197,7 +200,6 @@ class Index:
         topics) is offered it once.
         """
         topics = delivery.topics
-        frame = delivery.frame
         by_topic = self.by_topic
         reached = False
         if by_topic:
@@ -208,23 +210,11 @@ class Index:
                 exact = {c for topic in topics for c in by_topic.get(topic, ())}
             if exact:
                 reached = True
-                if delivery.private:
-                    for connection in exact:
-                        selection = connection.selection
-                        if selection is not None and selection.may_read(topics):
-                            connection.offer(event_id, frame)
-                else:
-                    for connection in exact:
-                        connection.offer(event_id, frame)
+                _offer(exact, event_id, delivery)
         for group in self.groups.values():
             if group.selects(topics):
                 reached = True
-                for connection in group.members:
-                    if delivery.private:
-                        selection = connection.selection
-                        if selection is None or not selection.may_read(topics):
-                            continue
-                    connection.offer(event_id, frame)
+                _offer(group.members, event_id, delivery)
         return reached
 
     def connections(self) -> set[Connection]:
@@ -233,3 +223,17 @@ class Index:
         for group in self.groups.values():
             found |= group.members
         return found
+
+
+def _offer(connections: Iterable[Connection], event_id: int, delivery: Delivery) -> None:
+    """Offer ``delivery`` to each of ``connections``; a private one only to those whose reader allows it."""
+    frame = delivery.frame
+    if not delivery.private:
+        for connection in connections:
+            connection.offer(event_id, frame)
+        return
+    topics = delivery.topics
+    for connection in connections:
+        selection = connection.selection
+        if selection is not None and selection.may_read(topics):
+            connection.offer(event_id, frame)

@@ -53,7 +53,7 @@ from api.auth.keys import KeysUnavailable
 from api.bodies import BodyTooLarge, read_body
 from api.core.hub import Hub
 from api.core.routing import Selection
-from api.core.stream import RetryLaterResponse, connect_outcome
+from api.core.stream import connect_outcome
 from api.errors import RETRY_AFTER_SECONDS
 from api.mercure.authorization import (
     LEGACY_COOKIE_NAME,
@@ -78,7 +78,7 @@ from api.mercure.updates import (
 )
 from api.routes.events import node_id_header
 from api.settings import Settings
-from api.subscribe import Plan, open_subscription
+from api.subscribe import Plan, keys_unavailable, open_subscription
 from broker.base import Broker, BrokerUnavailable, Message
 
 log = logging.getLogger("herald.mercure")
@@ -348,7 +348,7 @@ async def serve_subscribe(state: State, scope: Scope, receive: Receive, send: Se
     mercure, config = _parts(state)
     tracker = _tracker(state)
     response = await _subscribe(state.hub, mercure, config, state.settings, state.cors, scope, receive, tracker)
-    if connect_outcome(response) is None:  # a refusal (open_subscription counts the others)
+    if connect_outcome(response) is None:  # a refusal (api.subscribe counts every stream and "come back")
         state.hub.metrics.connect(_connect_outcome(response))
     if node_id:
         response.raw_headers.append(node_id_header(state.settings.node_id))
@@ -404,7 +404,7 @@ async def _subscribe(
     except BearerError as exc:
         return _refused(exc)
     except KeysUnavailable as exc:
-        return RetryLaterResponse(settings.retry_ms, str(exc), outcome="retry_keys")
+        return keys_unavailable(hub, settings.retry_ms, exc)
     if grant is None and not config.anonymous:
         return _refused(config.missing_token())
     cursor = _cursor(headers, query)

@@ -28,12 +28,12 @@ from api import adapter, errors
 from api.auth.access import Access, Denied
 from api.auth.cors import Cors
 from api.auth.credentials import subscriber_token
+from api.auth.keys import KeysUnavailable
 from api.core.hub import Hub
-from api.core.stream import connect_outcome
 from api.deps import AccessDep, HubDep, SettingsDep
 from api.errors import RequestRejected
 from api.settings import Settings
-from api.subscribe import Plan, count_refusal, native_plan, open_subscription
+from api.subscribe import count_refusal, keys_unavailable, native_plan, open_subscription
 
 router = APIRouter()
 
@@ -49,13 +49,12 @@ async def open_stream(
 ) -> Response:
     """The answer to a native subscribe (:mod:`api.subscribe` decides it), its outcome counted."""
     try:
-        plan = await native_plan(access, topics, settings.max_topics, resume, token, settings.retry_ms)
+        plan = await native_plan(access, topics, settings.max_topics, resume, token)
     except (RequestRejected, Denied) as exc:
         count_refusal(hub, exc)
         raise
-    if not isinstance(plan, Plan):
-        hub.metrics.connect(connect_outcome(plan) or "retry_keys")
-        return plan
+    except KeysUnavailable as exc:
+        return keys_unavailable(hub, settings.retry_ms, exc)
     return await open_subscription(
         hub, plan, retry_ms=settings.retry_ms, heartbeat=settings.heartbeat, on_overflow=on_overflow
     )

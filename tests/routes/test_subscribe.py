@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from api.auth.keys import KeysUnavailable
 from api.core.hub import Hub
 from api.core.routing import Selection
 from api.core.stream import EventStreamResponse, RetryLaterResponse
@@ -15,7 +16,14 @@ from api.errors import RequestRejected
 from api.mercure.matchers import Matchers
 from api.mercure.space import space_of
 from api.mercure.updates import UPDATES_TOPIC
-from api.subscribe import Plan, check_topics, native_plan_now, open_subscription, open_subscription_now
+from api.subscribe import (
+    Plan,
+    check_topics,
+    keys_unavailable,
+    native_plan_now,
+    open_subscription,
+    open_subscription_now,
+)
 from broker.base import BrokerUnavailable
 from broker.memory import MemoryBroker
 
@@ -105,3 +113,14 @@ def test_the_lane_plans_only_what_needs_no_awaiting() -> None:
     assert native_plan_now(Open(), ("a",), None) == Plan(("a",))  # type: ignore[arg-type]
     assert native_plan_now(Closed(), ("a",), "known") == Plan(("a",))  # type: ignore[arg-type]
     assert native_plan_now(Closed(), ("a",), "unknown") is None  # type: ignore[arg-type]
+
+
+def test_every_entrance_counts_a_verifier_that_cannot_check_tokens_now(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The native route and the Mercure endpoint both answer it with keys_unavailable: come back, counted once."""
+    seen = outcomes(hub, monkeypatch)
+    response = keys_unavailable(hub, 1000, KeysUnavailable("the JWKS is unreachable"))
+    assert isinstance(response, RetryLaterResponse)
+    assert response.outcome == "retry_keys"
+    assert seen == ["retry_keys"]

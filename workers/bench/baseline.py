@@ -32,6 +32,8 @@ from workers.bench.systems import ROOT, RUN_DIR, Herald, HeraldMercure, System
 
 DOC = ROOT / "docs" / "benchmarks-baseline.md"
 RESULTS = RUN_DIR / "baseline.json"
+SIDES = ("before", "after")
+"""The baseline's runs, then this checkout's (:func:`workers.bench.scenarios.alternating` takes turns)."""
 TOLERANCE = 0.05
 """How far "after" may be from "before" on any figure (the reshape's bound: 5 %)."""
 
@@ -67,18 +69,6 @@ def _pair(make: Callable[[], System], source: Path) -> tuple[System, System]:
     return before, after
 
 
-def _turns(repeats: int, pair: tuple[System, System], measure: Callable[[System], float]) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {"before": [], "after": []}
-    before, after = pair
-    for i in range(repeats):
-        order = (("before", before), ("after", after)) if i % 2 == 0 else (("after", after), ("before", before))
-        for key, system in order:
-            value = measure(system)
-            samples[key].append(value)
-            print(f"  {system.name}: {value}", flush=True)
-    return samples
-
-
 def compare(
     ref: str, repeats: int = 5, seconds: float = 5.0, quick: bool = False, only: set[str] | None = None
 ) -> dict[str, Any]:
@@ -101,9 +91,9 @@ def compare(
             def fanout(system: System, n: int = subscribers) -> float:
                 return float(scenarios.saturation(system, n, seconds)["delivered_per_s"])
 
-            figures[f"fanout_{subscribers}"] = _turns(repeats, native, fanout)
+            figures[f"fanout_{subscribers}"] = scenarios.alternating(repeats, fanout, *native, SIDES)
     if "p99_ms" in wanted:
-        figures["p99_ms"] = _turns(slow, native, lambda s: scenarios.latency(s)["p99_ms"])
+        figures["p99_ms"] = scenarios.alternating(slow, lambda s: float(scenarios.latency(s)["p99_ms"]), *native, SIDES)
     idle: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
 
     def idle_run(system: System) -> float:
@@ -112,13 +102,13 @@ def compare(
         return float(run["connect_all_s"])
 
     if "connect_all_s" in wanted:
-        figures["connect_all_s"] = _turns(slow, native, idle_run)
+        figures["connect_all_s"] = scenarios.alternating(slow, idle_run, *native, SIDES)
         figures["kb_per_connection"] = {side: [run["kb_per_connection"] for run in runs] for side, runs in idle.items()}
         figures["connect_p50_ms"] = {side: [run["connect_p50_ms"] for run in runs] for side, runs in idle.items()}
     if "mercure_fanout_1000" in wanted:
         mercure = _pair(lambda: HeraldMercure("mercure"), source)
-        figures["mercure_fanout_1000"] = _turns(
-            repeats, mercure, lambda s: scenarios.saturation(s, 1000, seconds)["delivered_per_s"]
+        figures["mercure_fanout_1000"] = scenarios.alternating(
+            repeats, lambda s: float(scenarios.saturation(s, 1000, seconds)["delivered_per_s"]), *mercure, SIDES
         )
     return {"baseline": commit, "repeats": repeats, "figures": figures, "machine": None}
 

@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -421,6 +421,8 @@ def node_bound(step: dict[str, Any]) -> bool:
     return server_saturated(step) and foreign_load(step) < NOISE
 
 
+T = TypeVar("T")
+
 TURNS = 3
 """Runs of each system behind the figures a single run leaves to chance (:func:`latency`'s p99 and
 :func:`idle`'s connect time: one 10-second run's p99 of a system moved 44-54 ms between runs on this
@@ -447,19 +449,19 @@ def median_run(runs: list[dict[str, Any]], key: str, *also: str) -> dict[str, An
     return chosen
 
 
-def _alternating(
+def alternating(
     repeats: int,
-    measure: Callable[[System], dict[str, Any]],
+    measure: Callable[[System], T],
     off: System | None = None,
     on: System | None = None,
     keys: tuple[str, str] = ("off", "on"),
-) -> dict[str, list[dict[str, Any]]]:
+) -> dict[str, list[T]]:
     """``measure(system)`` ``repeats`` times on two Herald systems (default: access control off and on), in
     A-B B-A order, so a machine that slows down or speeds up during the run weighs on both alike; the
     samples under ``keys`` (the first for ``off``), round ``i`` of each side at index ``i``."""
     off, on = off or Herald(), on or Herald(auth=True)
     first, second = keys
-    samples: dict[str, list[dict[str, Any]]] = {first: [], second: []}
+    samples: dict[str, list[T]] = {first: [], second: []}
     for i in range(repeats):
         for key, system in ((first, off), (second, on)) if i % 2 == 0 else ((second, on), (first, off)):
             samples[key].append(measure(system))
@@ -476,8 +478,8 @@ def auth_cost(
     deployment with a few tokens: each verified once, then found in the
     node's cache), and the publisher its own.
     """
-    connects = _alternating(repeats, lambda system: idle(system, connections))
-    fanout = _alternating(repeats, lambda system: saturation(system, subscribers, seconds))
+    connects = alternating(repeats, lambda system: idle(system, connections))
+    fanout = alternating(repeats, lambda system: saturation(system, subscribers, seconds))
     result = {
         "repeats": repeats,
         "connects": {"connections": connections, **connects},
@@ -494,7 +496,7 @@ METRICS_TOLERANCE = 0.03
 def metrics_cost(subscribers: int = 1000, seconds: float = 5.0, repeats: int = 5) -> dict[str, Any]:
     """Metrics off (``HERALD_METRICS=0``) vs on, in the same run: the fan-out throughput to ``subscribers``
     (closed loop at saturation), ``repeats`` runs of each, alternated; judged by :func:`metrics_verdict`."""
-    fanout = _alternating(
+    fanout = alternating(
         repeats, lambda system: saturation(system, subscribers, seconds), Herald(metrics=False), Herald()
     )
     result = {"repeats": repeats, "fanout": {"subscribers": subscribers, "mode": CLOSED.key, **fanout}}
@@ -581,11 +583,11 @@ def mercure_cost(
     of its own kind. Judged by :func:`mercure_figures`.
     """
     native, mercure = (HeraldMercure(protocol) for protocol in MERCURE_PROTOCOLS)
-    fanout = _alternating(
+    fanout = alternating(
         repeats, lambda system: saturation(system, subscribers, seconds), native, mercure, MERCURE_PROTOCOLS
     )
     memory = (
-        _alternating(idle_repeats, lambda system: idle(system, idle_connections), native, mercure, MERCURE_PROTOCOLS)
+        alternating(idle_repeats, lambda system: idle(system, idle_connections), native, mercure, MERCURE_PROTOCOLS)
         if idle_repeats
         else {}
     )
