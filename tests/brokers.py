@@ -3,7 +3,7 @@
 ``tests/broker/test_broker_contract.py`` runs every test once per entry of
 :data:`BROKER_CASES`. A new implementation joins the suite by adding one
 :class:`BrokerCase` whose ``make`` creates whatever the broker needs (a
-fakeredis server, a database on a real ``redis-server``) and removes it
+key prefix of its own on the shared real ``redis-server``) and removes it
 again on exit.
 """
 
@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
-import fakeredis
 import pytest
 
 from broker.base import Broker, Clock, RetentionPolicy
@@ -79,16 +78,6 @@ async def _memory(retention: RetentionPolicy, clock: Clock) -> AsyncIterator[Bro
 
 
 @asynccontextmanager
-async def _fakeredis(retention: RetentionPolicy, clock: Clock) -> AsyncIterator[Broker]:
-    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=True)
-    broker = RedisBroker("redis://fake", retention, clock=clock, client=client)
-    try:
-        yield broker
-    finally:
-        await broker.close()
-
-
-@asynccontextmanager
 async def _real_redis(retention: RetentionPolicy, clock: Clock) -> AsyncIterator[Broker]:
     # A fresh key prefix is a fresh, empty store on the shared server.
     server = redis_server.shared_server()
@@ -101,6 +90,5 @@ async def _real_redis(retention: RetentionPolicy, clock: Clock) -> AsyncIterator
 
 BROKER_CASES: list[BrokerCase] = [
     BrokerCase("memory", _memory),
-    BrokerCase("fakeredis", _fakeredis),
     BrokerCase("redis", _real_redis),
 ]

@@ -2,13 +2,22 @@
 --
 -- ARGV[1] key prefix; ARGV[2] "" (Redis's clock) or now (microseconds); ARGV[3] replay ttl (microseconds);
 -- ARGV[4] after: the id to resume after ("0" with no topics reads just head and epoch);
--- ARGV[5] n; then n topics.
+-- ARGV[5] replay size: events kept per topic; ARGV[6] n; then n topics.
 --
 -- Returns {head, epoch, {floor, {id, type, data, id, type, data, ...}} per topic}.
 -- head is the last id issued; every retained event of these topics up to head
 -- is returned (ids above `after`, younger than the TTL), and any later event is
 -- published after this read. A topic's floor is the largest id it may have
 -- dropped: a resume from below it can't be exact.
+--
+-- The replay window is decided here (publish.lua only appends): a topic's
+-- events are the newest `size` entries of its stream younger than the TTL.
+-- Its floor is the largest of: the stream's max-deleted-entry-id (what the
+-- topic had before the stream was created), the entry just before the newest
+-- `size` (publish.lua's approximate trim always keeps it), the newest entry
+-- older than the TTL, and the legacy floor key herald:f:<topic> (written by
+-- version 2's publish.lua, which producers may still run). A topic with no
+-- stream has floor max(epoch, now - ttl).
 
 local prefix = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -20,16 +29,18 @@ if now == nil then
 end
 local ttl = tonumber(ARGV[3])
 local after = ARGV[4]
-local n = tonumber(ARGV[5])
+local size = tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
 
--- (Redis scripts can't share code: the helpers and the epoch set-up below
--- are kept identical in publish.lua and history.lua.)
+-- (Redis scripts can't share code: fmt and the epoch set-up below are kept
+-- identical in publish.lua and history.lua.)
 local function fmt(x) return string.format('%.0f', x) end
-local function entry_id(entry) return tonumber((string.gsub(entry[1], '-.*', ''))) end
+local function entry_id(id) return tonumber(string.sub(id, 1, string.find(id, '-', 1, true) - 1)) end
 
 local counter_key = prefix .. ':id'
-local last = tonumber(redis.call('GET', counter_key) or '0')
-local epoch = tonumber(redis.call('GET', prefix .. ':epoch') or '-1')
+local state = redis.call('MGET', counter_key, prefix .. ':epoch')
+local last = tonumber(state[1] or '0')
+local epoch = tonumber(state[2] or '-1')
 if epoch < 0 then
   -- A new data set: start it here, so that ids issued from now on are above its epoch.
   epoch = math.max(last, now)
@@ -41,30 +52,45 @@ end
 local cutoff = now - ttl
 local topics = {}
 for i = 1, n do
-  local stream = prefix .. ':s:' .. ARGV[5 + i]
-  local floor = tonumber(redis.call('GET', prefix .. ':f:' .. ARGV[5 + i]) or '0')
-  if redis.call('EXISTS', stream) == 0 then
+  local stream = prefix .. ':s:' .. ARGV[6 + i]
+  local info = redis.pcall('XINFO', 'STREAM', stream)
+  -- herald:f:<topic>, where contract version 2's publish.lua kept the floor:
+  -- a producer still running that script trims exactly and records it there.
+  local floor = tonumber(redis.call('GET', prefix .. ':f:' .. ARGV[6 + i]) or '0')
+  local flat = {}
+  if info.err then
+    -- No stream (XINFO's only error here): anything the topic had is older than the TTL or the epoch.
     floor = math.max(floor, epoch, cutoff)
   else
-    -- Events past the TTL that no publish has trimmed yet count as dropped.
-    -- (Probed only when the oldest entry is that old: see publish.lua.)
-    local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
-    if #oldest > 0 and entry_id(oldest[1]) < cutoff then
+    local length, deleted, first = 0, '0-0', nil
+    for j = 1, #info, 2 do
+      local k = info[j]
+      if k == 'length' then length = info[j + 1]
+      elseif k == 'max-deleted-entry-id' then deleted = info[j + 1]
+      elseif k == 'first-entry' then first = info[j + 1] end
+    end
+    floor = math.max(floor, entry_id(deleted))
+    if length > size then
+      -- Past the size: the entry just before the newest `size` is the largest out of the window.
+      local out = redis.call('XRANGE', stream, '-', '+', 'COUNT', length - size)
+      floor = math.max(floor, entry_id(out[#out][1]))
+    end
+    if first and entry_id(first[1]) < cutoff then
+      -- Past the TTL: the newest entry older than the cutoff (probed only when the oldest is that old).
       local old = redis.call('XREVRANGE', stream, fmt(cutoff - 1), '-', 'COUNT', 1)
-      floor = math.max(floor, entry_id(old[1]))
+      floor = math.max(floor, entry_id(old[1][1]))
     end
-  end
-  local start = math.max(tonumber(after) + 1, cutoff)
-  local flat = {}
-  for _, entry in ipairs(redis.call('XRANGE', stream, fmt(start), '+')) do
-    local fields = entry[2]
-    local data, etype = '', ''
-    for j = 1, #fields, 2 do
-      if fields[j] == 'd' then data = fields[j + 1] elseif fields[j] == 'e' then etype = fields[j + 1] end
+    local start = math.max(tonumber(after), floor) + 1
+    for _, entry in ipairs(redis.call('XRANGE', stream, fmt(start), '+')) do
+      local fields = entry[2]
+      local data, etype = '', ''
+      for j = 1, #fields, 2 do
+        if fields[j] == 'd' then data = fields[j + 1] elseif fields[j] == 'e' then etype = fields[j + 1] end
+      end
+      flat[#flat + 1] = string.sub(entry[1], 1, string.find(entry[1], '-', 1, true) - 1)
+      flat[#flat + 1] = etype
+      flat[#flat + 1] = data
     end
-    flat[#flat + 1] = string.gsub(entry[1], '-.*', '')
-    flat[#flat + 1] = etype
-    flat[#flat + 1] = data
   end
   topics[i] = {fmt(floor), flat}
 end

@@ -14,9 +14,22 @@
 -- For each event, in order and as one step: take the next id
 -- (max(last + 1, now): decimal, seeded from the clock so it never goes back,
 -- even after Redis lost the counter), XADD it to the topic's stream with the
--- id as entry id, trim the stream by size and age while recording the
--- largest dropped id (the topic's floor), and PUBLISH it on the topic's
--- channel as "<id>|<type>|<data>".
+-- id as entry id, and PUBLISH it on the topic's channel as "<id>|<type>|<data>".
+--
+-- Retention is decided by the reader (history.lua), not paid for here: the
+-- replay window is the newest `size` entries younger than the TTL. Memory is
+-- bounded by XADD's approximate trim, which keeps at least size + 1 entries
+-- (whole radix-tree nodes go, so the entry just before the window is always
+-- kept and the reader knows the window's floor exactly), and by the stream's
+-- expiry, a TTL after its last publish. The only floor written is a new
+-- stream's: whatever the topic had before is gone, all of it older than the
+-- TTL or the epoch; it is the stream's own max-deleted-entry-id (XSETID), so
+-- it lives and dies with the stream at no cost per publish.
+--
+-- Cost: a script's price is mostly its redis.call()s (INFO commandstats;
+-- make bench's redis-cost scenario measures it against a minimal script), so
+-- a publish to an existing stream is one XADD, one PEXPIRE and one PUBLISH,
+-- plus TIME, one MGET and one SET per batch.
 
 local prefix = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -31,10 +44,9 @@ local ttl = tonumber(ARGV[4])
 local idem = ARGV[5]
 local n = tonumber(ARGV[6])
 
--- (Redis scripts can't share code: the helpers and the epoch set-up below
--- are kept identical in publish.lua and history.lua.)
+-- (Redis scripts can't share code: fmt and the epoch set-up below are kept
+-- identical in publish.lua and history.lua.)
 local function fmt(x) return string.format('%.0f', x) end
-local function entry_id(entry) return tonumber((string.gsub(entry[1], '-.*', ''))) end
 
 -- An idempotency record is "<expiry µs>:<ids>"; it counts until its expiry
 -- on the publishers' clock (PX only collects it).
@@ -56,8 +68,9 @@ end
 -- A data set without an epoch is new (first use, or Redis lost its data):
 -- nothing before its epoch can be replayed.
 local counter_key = prefix .. ':id'
-local last = tonumber(redis.call('GET', counter_key) or '0')
-local epoch = tonumber(redis.call('GET', prefix .. ':epoch') or '-1')
+local state = redis.call('MGET', counter_key, prefix .. ':epoch')
+local last = tonumber(state[1] or '0')
+local epoch = tonumber(state[2] or '-1')
 if epoch < 0 then
   epoch = math.max(last, now)
   redis.call('SET', prefix .. ':epoch', fmt(epoch))
@@ -65,7 +78,7 @@ if epoch < 0 then
 end
 
 local ttl_ms = math.max(1, math.ceil(ttl / 1000))
-local cutoff = now - ttl
+local keep = maxlen + 1
 local ids = {}
 for i = 0, n - 1 do
   local topic = ARGV[7 + 3 * i]
@@ -73,35 +86,23 @@ for i = 0, n - 1 do
   local data = ARGV[9 + 3 * i]
   last = math.max(last + 1, now)
   local id = fmt(last)
+  local entry = id .. '-0'
   local stream = prefix .. ':s:' .. topic
-  local floor_key = prefix .. ':f:' .. topic
-  local floor = tonumber(redis.call('GET', floor_key) or '0')
-  if redis.call('EXISTS', stream) == 0 then
-    -- Whatever the topic had is gone, and all of it was older than the TTL.
-    floor = math.max(floor, epoch, cutoff)
-  end
+  local added
   if etype == '' then
-    redis.call('XADD', stream, id .. '-0', 'd', data)
+    added = redis.call('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', keep, entry, 'd', data)
   else
-    redis.call('XADD', stream, id .. '-0', 'd', data, 'e', etype)
+    added = redis.call('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', keep, entry, 'd', data, 'e', etype)
   end
-  local len = redis.call('XLEN', stream)
-  if len > maxlen then
-    local dropped = redis.call('XRANGE', stream, '-', '+', 'COUNT', len - maxlen)
-    floor = math.max(floor, entry_id(dropped[#dropped]))
-    redis.call('XTRIM', stream, 'MAXLEN', maxlen)
+  if not added then
+    -- A new stream: its floor is everything it could have had before.
+    if etype == '' then
+      redis.call('XADD', stream, entry, 'd', data)
+    else
+      redis.call('XADD', stream, entry, 'd', data, 'e', etype)
+    end
+    redis.call('XSETID', stream, entry, 'MAXDELETEDID', fmt(math.max(epoch, now - ttl)) .. '-0')
   end
-  -- Age: only when the oldest entry is older than the cutoff. (Probing with
-  -- XREVRANGE from the cutoff backwards on every publish walked the whole
-  -- stream when nothing was that old: most of a publish's cost on a busy
-  -- topic, by INFO commandstats.) The oldest entry is one forward step.
-  local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
-  if #oldest > 0 and entry_id(oldest[1]) < cutoff then
-    local old = redis.call('XREVRANGE', stream, fmt(cutoff - 1), '-', 'COUNT', 1)
-    floor = math.max(floor, entry_id(old[1]))
-    redis.call('XTRIM', stream, 'MINID', fmt(cutoff))
-  end
-  redis.call('SET', floor_key, fmt(floor), 'PX', ttl_ms)
   redis.call('PEXPIRE', stream, ttl_ms)
   redis.call('PUBLISH', prefix .. ':c:' .. topic, id .. '|' .. etype .. '|' .. data)
   ids[#ids + 1] = id

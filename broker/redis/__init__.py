@@ -6,13 +6,20 @@ Redis-level contract (also in docs/producers.md, for producers in any language):
 * ``<prefix>:epoch``      the first id of this data set; ids at or below it
                           were issued before Redis last lost its data
 * ``<prefix>:s:<topic>``  the topic's replay stream; entry id ``<id>-0``,
-                          fields ``d`` (data) and ``e`` (event type, if any)
-* ``<prefix>:f:<topic>``  the topic's floor: the largest id it has dropped
+                          fields ``d`` (data) and ``e`` (event type, if any);
+                          its max-deleted-entry-id is what the topic had
+                          before the stream was created
+* ``<prefix>:f:<topic>``  (contract version 2, still read) a floor kept by
+                          producers running version 2's script
 * ``<prefix>:c:<topic>``  the topic's pub/sub channel; message ``<id>|<type>|<data>``
 * ``<prefix>:idem:<key>`` ids published under an idempotency key
 
-Publishing is the ``publish.lua`` script: id, stream append and trim, and
-PUBLISH in one atomic step. The stream is the source of truth; pub/sub is
+Publishing is the ``publish.lua`` script: id, stream append (trimmed
+approximately, keeping at least ``size + 1`` entries) and PUBLISH in one
+atomic step; it reads nothing of the stream, which is what keeps its cost
+near a bare XADD. Retention is the reader's: ``history.lua`` takes the newest
+``size`` entries younger than the TTL as the replay window and works out each
+topic's floor (the largest id it may have dropped) from the stream itself. The stream is the source of truth; pub/sub is
 only the fast path. A node's feed can lose messages (its connection drops),
 so after every reconnect it backfills from the streams everything after the
 last id it delivered, and only then reads the live channel again, dropping

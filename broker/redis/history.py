@@ -125,6 +125,7 @@ class Reads:
             commands.now(),
             int(self._retention.ttl * 1_000_000),
             after,
+            self._retention.size,
             len(topics),
             *topics,
         ]

@@ -20,7 +20,9 @@ on side by side (5,000 connects at once, fan-out throughput), judged
 within 10 %; the mercure one measures the same node's fan-out through its
 Mercure hub (``/.well-known/mercure``) and through the native API side by
 side (alternated rounds, medians and the median ratio), and the idle memory
-per connection of each.
+per connection of each; the redis-cost one measures Redis's own CPU per
+published event, Herald's against a minimal script's in the same run
+(:mod:`workers.bench.redis_cost`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from workers.bench import baseline, scenarios
+from workers.bench import baseline, redis_cost, scenarios
 from workers.bench.render import render
 from workers.bench.systems import ROOT, HeraldCluster, HeraldWorkers, all_systems
 
@@ -41,6 +43,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / ".run" / "bench" / "results.json"
 SCENARIOS = (
     "throughput", "latency", "many-topics", "idle", "storm", "multi-node", "cores", "auth", "metrics", "mercure",
+    "redis-cost",
 )  # fmt: skip
 PLAN = {
     1000: [25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1200.0, 1600.0, 2400.0, 3200.0],
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown modes: {', '.join(sorted(unknown))}")
     systems = [s for s in all_systems() if s.name in wanted]
+    partial = set(chosen) != set(SCENARIOS)
     plan, cluster_plan = (PLAN, CLUSTER_PLAN) if not args.quick else (QUICK_PLAN, [5.0])
     seconds = args.seconds if not args.quick else min(args.seconds, 3.0)
     results: dict[str, Any] = {
@@ -143,27 +147,27 @@ def main(argv: list[str] | None = None) -> None:
                 entry["throughput"][mode.key] = {
                     str(subs): scenarios.throughput(system, subs, rates, seconds, mode) for subs, rates in plan.items()
                 }
-                save(results | {"systems": results["systems"] | {system.name: entry}}, args.quick)
+                save(results | {"systems": results["systems"] | {system.name: entry}}, args.quick, partial)
         if "many-topics" in chosen:
             entry["many_topics"] = scenarios.many_topics(system)
         if "storm" in chosen:
             entry["storm"] = scenarios.storm(system, 500 if args.quick else 5000)
         results["systems"][system.name] = entry
-        save(results, args.quick)  # what is measured is kept, whatever happens later
+        save(results, args.quick, partial)  # what is measured is kept, whatever happens later
     # The figures one run leaves to chance: every system several times, taking turns; the median run counts.
     turns = 1 if args.quick else scenarios.TURNS
     if "latency" in chosen:
         print(f"== latency, {turns} run(s) of each system in turns", flush=True)
         for name, runs in scenarios.in_turns(systems, turns, scenarios.latency).items():
             results["systems"][name]["latency"] = scenarios.median_run(runs, "p99_ms", "settled_p99_ms", "p50_ms")
-        save(results, args.quick)
+        save(results, args.quick, partial)
     if "idle" in chosen:
         print(f"== idle connections, {turns} run(s) of each system in turns", flush=True)
         count = 500 if args.quick else 5000
         for name, runs in scenarios.in_turns(systems, turns, lambda system: scenarios.idle(system, count)).items():
             results["systems"][name]["idle"] = scenarios.median_run(runs, "connect_all_s", "kb_per_connection")
             print(f"  {name} idle {results['systems'][name]['idle']}", flush=True)
-        save(results, args.quick)
+        save(results, args.quick, partial)
     if "multi-node" in chosen:
         print("== multi-node (redis + nodes + nginx)", flush=True)
         results["cluster"] = {
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         results["cores"] = {
             str(workers): scenarios.throughput(HeraldWorkers(workers), 1000, rates, seconds) for workers in (1, 2)
         }
-        save(results, args.quick)
+        save(results, args.quick, partial)
     if "auth" in chosen:
         print("== access control off vs on (one node, embedded broker)", flush=True)
         results["auth"] = (
@@ -183,11 +187,11 @@ def main(argv: list[str] | None = None) -> None:
             if not args.quick
             else scenarios.auth_cost(connections=500, seconds=seconds, repeats=1)
         )
-        save(results, args.quick)
+        save(results, args.quick, partial)
     if "metrics" in chosen:
         print("== metrics off vs on (one node, embedded broker)", flush=True)
         results["metrics"] = scenarios.metrics_cost(seconds=seconds, repeats=5 if not args.quick else 1)
-        save(results, args.quick)
+        save(results, args.quick, partial)
     if "mercure" in chosen:
         print("== Mercure hub vs native API (one node, embedded broker)", flush=True)
         results["mercure"] = (
@@ -195,18 +199,36 @@ def main(argv: list[str] | None = None) -> None:
             if not args.quick
             else scenarios.mercure_cost(seconds=seconds, repeats=1, idle_connections=500, idle_repeats=1)
         )
-        save(results, args.quick)
+        save(results, args.quick, partial)
+    if "redis-cost" in chosen:
+        print("== Redis CPU per published event: Herald vs a minimal script (one node, Redis broker)", flush=True)
+        results["redis_cost"] = (
+            redis_cost.redis_cost() if not args.quick else redis_cost.redis_cost(events=5000, repeats=1)
+        )
+        save(results, args.quick, partial)
+        if not args.quick:
+            redis_cost.DOC.write_text(redis_cost.page(results["redis_cost"], results["date"], results["machine"]))
+            print(f"written to {redis_cost.DOC}", flush=True)
     print(render(results))
-    save(results, args.quick)
-    if not args.quick:
+    save(results, args.quick, partial)
+    if partial and not args.quick:
+        print(f"some scenarios only: {DOC} (the last full run's) left as it was; results in {RESULTS.parent}")
+    elif not args.quick:
         print(f"written to {DOC} and {RESULTS}")
 
 
-def save(results: dict[str, Any], quick: bool) -> None:
-    """Write the results so far and the page drawn from them (not for a --quick smoke run)."""
+def save(results: dict[str, Any], quick: bool, partial: bool = False) -> None:
+    """Write the results so far and the page drawn from them (not for a --quick smoke run).
+
+    A run of some scenarios only (``partial``) keeps its results apart (``results-partial.json``) and leaves
+    ``docs/benchmarks.md``, the page of the last full run, alone.
+    """
     if quick:
         return
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if partial:
+        RESULTS.with_name("results-partial.json").write_text(json.dumps(results, indent=1))
+        return
     RESULTS.write_text(json.dumps(results, indent=1))
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text(render(results))

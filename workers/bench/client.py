@@ -14,26 +14,18 @@ import selectors
 import subprocess
 import time
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from workers.bench.systems import CLIENT_CORE, pinned
 from workers.loadtest import native
 
 
-class NativeClient:
-    """One ``sse-worker`` process with ``subscribers`` connections (``(index, "host:port", path, topics)``)."""
+class LineProcess:
+    """A compiled load program spoken to in JSON lines over its stdin and stdout (``argv``, already pinned)."""
 
-    def __init__(
-        self, subscribers: list[tuple[int, str, str, list[int]]], ramp: float = 0.0, token: str | None = None
-    ) -> None:
-        self.process = subprocess.Popen(
-            pinned(CLIENT_CORE, [str(native.build())]), stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
+    def __init__(self, argv: list[str]) -> None:
+        self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._buffer = b""
-        setup: dict[str, Any] = {"worker": 0, "subscribers": subscribers, "ramp": ramp, "connect_timeout": 60.0}
-        if token:
-            setup["token"] = token  # every subscriber's Authorization: Bearer (access control on)
-        self.send({"setup": setup})
 
     def send(self, message: dict[str, Any]) -> None:
         assert self.process.stdin is not None
@@ -60,6 +52,30 @@ class NativeClient:
                     raise RuntimeError(f"the load client exited (status {self.process.wait()}) before {kind!r}")
                 self._buffer += chunk
 
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class NativeClient(LineProcess):
+    """One ``sse-worker`` process with ``subscribers`` connections (``(index, "host:port", path, topics)``)."""
+
+    def __init__(
+        self, subscribers: list[tuple[int, str, str, list[int]]], ramp: float = 0.0, token: str | None = None
+    ) -> None:
+        super().__init__(pinned(CLIENT_CORE, [str(native.build())]))
+        setup: dict[str, Any] = {"worker": 0, "subscribers": subscribers, "ramp": ramp, "connect_timeout": 60.0}
+        if token:
+            setup["token"] = token  # every subscriber's Authorization: Bearer (access control on)
+        self.send({"setup": setup})
+
     def ready(self, timeout: float = 90) -> dict[str, Any]:
         """Wait until every subscriber has had its 200; from now on, every subscriber counts (go)."""
         message = self.wait_for("ready", timeout)
@@ -70,14 +86,3 @@ class NativeClient:
         """Stop, and the per-subscriber accounting against ``last`` (every event accepted)."""
         self.send({"cmd": "finish", "last": {str(t): n for t, n in last.items()}, "unaccepted": {}})
         return self.wait_for("result", 60)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-
-    def __enter__(self) -> NativeClient:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()

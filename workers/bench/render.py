@@ -6,6 +6,7 @@ import json
 import statistics
 from typing import Any
 
+from workers.bench import redis_cost
 from workers.bench.scenarios import (
     AUTH_TOLERANCE,
     BATCH,
@@ -422,6 +423,11 @@ def _round(value: float | None) -> int | None:
     return None if value is None else round(value)
 
 
+def redis_cost_section(results: dict[str, Any]) -> list[str]:
+    measured = results.get("redis_cost")
+    return ["", "## Redis CPU per published event (issue 23)", "", *redis_cost.section(measured)] if measured else []
+
+
 def render(results: dict[str, Any]) -> str:
     systems = results["systems"]
     names = list(systems)
@@ -473,6 +479,7 @@ def render(results: dict[str, Any]) -> str:
         lines += ["", "## Targets (issue 13: metrics, on vs off in the same run)", "", *metrics]
     lines += _auth(results)
     lines += mercure_section(results)
+    lines += redis_cost_section(results)
     lines += ["", "## Steps", "", "Every step of every run (rate = events/s published):", ""]
     for n in names:
         for mode, runs in systems[n]["throughput"].items():
