@@ -120,6 +120,20 @@ def check_access(settings: Settings, *, warn: bool = True) -> None:
         )
 
 
+def check_redis(settings: Settings) -> None:
+    """Refuse a ``REDIS_URL`` that names a Redis Cluster node, before anything starts (see CLUSTER_UNSUPPORTED).
+
+    A Redis that can't be reached now is a passing fault: the node starts and its feed keeps trying (and checks
+    again when it connects).
+    """
+    if settings.redis_url is None or settings.redis_sentinels:
+        return
+    from broker.redis.connection import CLUSTER_UNSUPPORTED, is_cluster_node_now
+
+    if is_cluster_node_now(settings.redis_url):
+        sys.exit(f"herald: refusing to start: {CLUSTER_UNSUPPORTED}")
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -138,6 +152,8 @@ def main() -> None:
     settings = Settings()
     slot = workers.worker_slot()
     check_access(settings, warn=slot is None)  # a worker's supervisor has warned already
+    if slot is None:
+        check_redis(settings)
     if slot is not None:
         workers.become_worker(slot)
     elif settings.workers > 1:

@@ -2,6 +2,7 @@
 
 from broker.base import (
     Broker,
+    BrokerMisconfigured,
     BrokerUnavailable,
     Event,
     EventSink,
@@ -16,6 +17,7 @@ from broker.memory import MemoryBroker
 
 __all__ = [
     "Broker",
+    "BrokerMisconfigured",
     "BrokerUnavailable",
     "Event",
     "EventSink",

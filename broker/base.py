@@ -45,6 +45,13 @@ class BrokerUnavailable(Exception):
     """
 
 
+class BrokerMisconfigured(Exception):
+    """The broker's target can't serve Herald as configured: not a passing fault, so the node must not start.
+
+    Raised by ``start`` (for example, ``REDIS_URL`` names a Redis Cluster node).
+    """
+
+
 class IdempotencyConflict(Exception):
     """An idempotency key already published a different number of events."""
 

@@ -10,14 +10,25 @@ producers hold: the :class:`~broker.base.Broker` contract over those parts.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Collection, Mapping, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from broker.base import BrokerUnavailable, Clock, Event, EventSink, History, Message, NodeRecord, RetentionPolicy
-from broker.redis.connection import Commands, RedisTarget, make_client
+from broker.base import (
+    BrokerMisconfigured,
+    BrokerUnavailable,
+    Clock,
+    Event,
+    EventSink,
+    History,
+    Message,
+    NodeRecord,
+    RetentionPolicy,
+)
+from broker.redis.connection import CLUSTER_UNSUPPORTED, Commands, RedisTarget, is_cluster_node, make_client
 from broker.redis.directory import Directory
 from broker.redis.feed import Feed
 from broker.redis.history import Reads
@@ -61,6 +72,7 @@ class RedisBroker:
             "read_retries": 0,
             "lost_marked": 0,
         }
+        self._commands_timeout = timeout
         self._redis: aioredis.Redis = client or make_client(target, pool, timeout, timeout)
         self._feed_redis: aioredis.Redis = client or make_client(target, 2, None, timeout)
         self._commands = Commands(self._redis, pool, prefix, clock, self.counters)
@@ -77,6 +89,16 @@ class RedisBroker:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self, sink: EventSink) -> None:
+        """Start the feed; BrokerMisconfigured, before anything starts, when the target is a Redis Cluster node.
+
+        (A Redis that can't be reached is a passing fault: the node starts and the feed keeps trying, and
+        checks again when it connects.)
+        """
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(self._commands_timeout):
+                cluster = await is_cluster_node(self._redis)
+            if cluster:
+                raise BrokerMisconfigured(CLUSTER_UNSUPPORTED)
         await self._feed.start(sink)
 
     async def close(self) -> None:

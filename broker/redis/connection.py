@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from broker.base import BrokerUnavailable, Clock, now_us
 
@@ -138,3 +139,35 @@ class Commands:
     def now(self) -> str:
         """The scripts' "now": empty for Redis's clock, or the injected clock in µs."""
         return "" if self._clock is None else str(now_us(self._clock))
+
+
+CLUSTER_UNSUPPORTED = (
+    "REDIS_URL names a node of a Redis Cluster (INFO cluster: cluster_enabled:1). This version of Herald needs one "
+    "Redis server or a Sentinel-managed primary (REDIS_SENTINELS): on a cluster a publish script reaches only the "
+    'keys of its own node\'s slots, so most publishes would fail. See docs/operations.md, "Redis deployments".'
+)
+"""Why a node refuses a Redis Cluster, in its log and its exit."""
+
+
+async def is_cluster_node(client: aioredis.Redis) -> bool:
+    """Whether ``client``'s server runs in cluster mode (``INFO cluster``); connection errors propagate.
+
+    A user that may not run ``INFO`` (``ops/redis-acl.conf``'s don't) can't tell: taken for no cluster.
+    """
+    try:
+        info = await client.info("cluster")
+    except ResponseError:
+        return False
+    return bool(int(info.get("cluster_enabled", 0)))
+
+
+def is_cluster_node_now(url: str, timeout: float = 2.0) -> bool:
+    """:func:`is_cluster_node` for a node's start, before its event loop: False when Redis can't be reached now."""
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=None)
+    try:
+        info = client.info("cluster")
+    except (RedisError, OSError):
+        return False
+    finally:
+        client.close()
+    return bool(int(info.get("cluster_enabled", 0)))
