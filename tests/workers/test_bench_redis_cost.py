@@ -26,9 +26,11 @@ def test_both_workloads_are_measured_both_ways_side_by_side() -> None:
             assert all(us > 0 for us in figures["herald_runs_us"] + figures["minimal_runs_us"])
             assert figures["ratio"] > 0
         assert row["http"]["events_per_s"] > 0  # the node accepted what the publisher sent
+        assert len(row["per_feed_delivery_runs_us"]) == 2  # every feed had every event (else it raised)
     page = redis_cost.page(result, "today", "this machine")
     assert page.count("| at capacity |") == 2
     assert page.count("| one node, HTTP |") == 2
+    assert "**Each node feed**" in page
 
 
 def test_a_ratio_over_the_target_is_missed() -> None:

@@ -57,6 +57,8 @@ WORKLOADS = {"hot": 1, "topics": 10_000}
 """Workload name -> how many topics its events go to, round-robin."""
 TARGET = 2.0
 """Herald's Redis CPU per event may be at most this many times the minimal script's (at capacity)."""
+FEEDS = 8
+"""Node feeds subscribed to every topic for the per-feed-delivery figure (what each more node costs Redis)."""
 SIZE = 1000
 """Events kept per topic: Herald's default (HERALD_REPLAY_SIZE), the minimal script's MAXLEN."""
 TTL_MS = 3_600_000
@@ -132,6 +134,42 @@ def _herald_http(system: Herald, names: list[str], seconds: float) -> tuple[int,
     return int(result["accepted"]), float(result["seconds"])
 
 
+async def _with_feeds(client: aioredis.Redis, port: int, names: list[str], run: Awaitable[int]) -> float:
+    """Redis's CPU µs per event accepted by ``run`` while FEEDS node feeds are subscribed to every topic.
+
+    Each feed is what a node's is: one connection subscribed to the topics' channels, read as it comes; the
+    CPU is read once every feed has had every event (Redis writes to a slow reader later, not less).
+    """
+    feeds = [aioredis.Redis(host="127.0.0.1", port=port) for _ in range(FEEDS)]
+    pubsubs = [feed.pubsub() for feed in feeds]
+    try:
+        for pubsub in pubsubs:
+            for start in range(0, len(names), 1000):
+                await pubsub.subscribe(*(f"herald:c:{n}" for n in names[start : start + 1000]))
+            confirmed = 0
+            while confirmed < len(names):
+                message = await pubsub.get_message(timeout=10)
+                assert message is not None, "no subscribe confirmation"
+                confirmed += message["type"] == "subscribe"
+        before = await redis_cpu(client)
+        accepted = await run
+
+        async def drain(pubsub: Any) -> None:
+            got = 0
+            while got < accepted:
+                message = await pubsub.get_message(timeout=10)
+                assert message is not None, f"a feed had {got} of {accepted} events"
+                got += message["type"] == "message"
+
+        await asyncio.gather(*(drain(pubsub) for pubsub in pubsubs))
+        return (await redis_cpu(client) - before) / max(1, accepted) * 1e6
+    finally:
+        for pubsub in pubsubs:
+            await pubsub.aclose()
+        for feed in feeds:
+            await feed.aclose()
+
+
 async def _cost(client: aioredis.Redis, run: Awaitable[int]) -> float:
     """Redis's CPU µs per event accepted by ``run`` (a coroutine: nothing runs before it is awaited here)."""
     before = await redis_cpu(client)
@@ -178,11 +216,16 @@ async def _measure(
                 await _herald_direct(broker, names, fill)
                 await _minimal(client, names, fill)
             capacity: tuple[list[float], list[float]] = ([], [])
+            feeds: list[float] = []
             http: tuple[list[float], list[float]] = ([], [])
             rates: list[float] = []
             for _ in range(repeats):
                 with on_server_core():
                     capacity[0].append(await _cost(client, _herald_direct(broker, names, events)))
+                    with_feeds = await _with_feeds(
+                        client, system.redis_port, names, _herald_direct(broker, names, events)
+                    )
+                    feeds.append((with_feeds - capacity[0][-1]) / FEEDS)
                     capacity[1].append(await _cost(client, _minimal(client, names, events)))
                 before = await redis_cpu(client)
                 accepted, took = await asyncio.to_thread(_herald_http, system, names, seconds)
@@ -193,6 +236,8 @@ async def _measure(
             out[name] = {
                 "topics": topics,
                 "capacity": _summary(*capacity, events=events),
+                "per_feed_delivery_us": round(statistics.median(feeds), 2),
+                "per_feed_delivery_runs_us": [round(f, 2) for f in feeds],
                 "http": _summary(*http, events_per_s=round(statistics.median(rates))),
             }
             for way in ("capacity", "http"):
@@ -202,6 +247,9 @@ async def _measure(
                     f"per event, {row['ratio']}x" + (f" (target <= {TARGET}x)" if way == "capacity" else ""),
                     flush=True,
                 )
+            print(
+                f"  {name}: each node feed subscribed adds {out[name]['per_feed_delivery_us']} µs per event", flush=True
+            )
         return out
     finally:
         await broker.close()
@@ -267,4 +315,15 @@ def verdicts(result: dict[str, Any]) -> list[str]:
                 f"| {labels.get(name, name)} | {label} | {figures['herald_us']} µs | {figures['minimal_us']} µs | "
                 f"{figures['ratio']}x | ~{figures['events_per_core_s']:,} | {target} |"
             )
+    feeds = ", ".join(
+        f"{labels.get(name, name)}: {row['per_feed_delivery_us']} µs" for name, row in result.items()
+        if "per_feed_delivery_us" in row
+    )  # fmt: skip
+    if feeds:
+        lines += [
+            "",
+            f"**Each node feed** subscribed to the topics adds, per published event, at capacity ({FEEDS} feeds"
+            f" subscribed, read as they come, against none; medians): {feeds}. A topic's events cost Redis"
+            " the publish plus this for every node that has a subscriber of it (docs/capacity.md).",
+        ]
     return lines
