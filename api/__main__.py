@@ -121,17 +121,18 @@ def check_access(settings: Settings, *, warn: bool = True) -> None:
 
 
 def check_redis(settings: Settings) -> None:
-    """Refuse a ``REDIS_URL`` that names a Redis Cluster node, before anything starts (see CLUSTER_UNSUPPORTED).
+    """Refuse a ``REDIS_URL`` whose server can't serve Herald (a Redis Cluster node, a Redis before 7.0).
 
     A Redis that can't be reached now is a passing fault: the node starts and its feed keeps trying (and checks
     again when it connects).
     """
     if settings.redis_url is None or settings.redis_sentinels:
         return
-    from broker.redis.connection import CLUSTER_UNSUPPORTED, is_cluster_node_now
+    from broker.redis.connection import check_server_now
 
-    if is_cluster_node_now(settings.redis_url):
-        sys.exit(f"herald: refusing to start: {CLUSTER_UNSUPPORTED}")
+    problem = check_server_now(settings.redis_url)
+    if problem is not None:
+        sys.exit(f"herald: refusing to start: {problem}")
 
 
 def is_loopback(host: str) -> bool:

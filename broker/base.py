@@ -15,8 +15,10 @@ A broker owns three things for a deployment:
   counter, and an id is never smaller than its publish time in microseconds.
   That last property lets retention by age trim by id.
 * the **replay buffer**: per topic, the last ``replay_size`` events, none
-  kept much longer than ``replay_ttl`` seconds and none dropped for age before
-  it. It is the source of truth for resume.
+  replayed past ``replay_ttl`` seconds and none dropped for age before it. It
+  is the source of truth for resume. (The Redis broker may hold older entries
+  a while longer, until a size trim or its stream's expiry; they are never
+  replayed.)
 * the **live feed** to one node: the node subscribes to the topics its
   clients want, and the broker calls the node's :class:`EventSink` with every
   event published on them, in id order, each exactly once.

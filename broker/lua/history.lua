@@ -16,7 +16,9 @@
 -- topic had before the stream was created), the entry just before the newest
 -- `size` (publish.lua's approximate trim always keeps it), the newest entry
 -- older than the TTL, and the legacy floor key herald:f:<topic> (written by
--- version 2's publish.lua, which producers may still run). A topic with no
+-- version 2's publish.lua, which producers may still run). A stream trimmed
+-- to `size` or below by a publisher with a smaller size has dropped entries
+-- nobody recorded: its floor is just below its oldest entry. A topic with no
 -- stream has floor max(epoch, now - ttl).
 
 local prefix = ARGV[1]
@@ -56,16 +58,18 @@ for i = 1, n do
   local info = redis.pcall('XINFO', 'STREAM', stream)
   -- herald:f:<topic>, where contract version 2's publish.lua kept the floor:
   -- a producer still running that script trims exactly and records it there.
-  local floor = tonumber(redis.call('GET', prefix .. ':f:' .. ARGV[6 + i]) or '0')
+  local legacy = redis.call('GET', prefix .. ':f:' .. ARGV[6 + i])
+  local floor = tonumber(legacy or '0')
   local flat = {}
   if info.err then
     -- No stream (XINFO's only error here): anything the topic had is older than the TTL or the epoch.
     floor = math.max(floor, epoch, cutoff)
   else
-    local length, deleted, first = 0, '0-0', nil
+    local length, added, deleted, first = 0, 0, '0-0', nil
     for j = 1, #info, 2 do
       local k = info[j]
       if k == 'length' then length = info[j + 1]
+      elseif k == 'entries-added' then added = info[j + 1]
       elseif k == 'max-deleted-entry-id' then deleted = info[j + 1]
       elseif k == 'first-entry' then first = info[j + 1] end
     end
@@ -74,6 +78,12 @@ for i = 1, n do
       -- Past the size: the entry just before the newest `size` is the largest out of the window.
       local out = redis.call('XRANGE', stream, '-', '+', 'COUNT', length - size)
       floor = math.max(floor, entry_id(out[#out][1]))
+    elseif added > length and first and not legacy then
+      -- Trimmed to the size or below: not by this reader's publish.lua (it keeps size + 1), but by a
+      -- producer or node with a smaller size. What it dropped is gone unrecorded: everything before
+      -- the oldest entry kept counts as dropped (a reset where the gap held nothing of this topic,
+      -- never a hole).
+      floor = math.max(floor, entry_id(first[1]) - 1)
     end
     if first and entry_id(first[1]) < cutoff then
       -- Past the TTL: the newest entry older than the cutoff (probed only when the oldest is that old).

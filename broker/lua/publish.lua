@@ -74,8 +74,10 @@ local epoch = tonumber(state[2] or '-1')
 if epoch < 0 then
   epoch = math.max(last, now)
   redis.call('SET', prefix .. ':epoch', fmt(epoch))
-  last = epoch
 end
+-- Never at or below the epoch, even if the counter alone was lost (a new
+-- stream's floor, XSETID's MAXDELETEDID, must stay below its first id).
+last = math.max(last, epoch)
 
 local ttl_ms = math.max(1, math.ceil(ttl / 1000))
 local keep = maxlen + 1

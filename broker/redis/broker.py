@@ -28,7 +28,7 @@ from broker.base import (
     NodeRecord,
     RetentionPolicy,
 )
-from broker.redis.connection import CLUSTER_UNSUPPORTED, Commands, RedisTarget, is_cluster_node, make_client
+from broker.redis.connection import Commands, RedisTarget, check_server, make_client
 from broker.redis.directory import Directory
 from broker.redis.feed import Feed
 from broker.redis.history import Reads
@@ -89,16 +89,16 @@ class RedisBroker:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self, sink: EventSink) -> None:
-        """Start the feed; BrokerMisconfigured, before anything starts, when the target is a Redis Cluster node.
+        """Start the feed; BrokerMisconfigured, before anything starts, when the server can't serve Herald.
 
         (A Redis that can't be reached is a passing fault: the node starts and the feed keeps trying, and
         checks again when it connects.)
         """
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(self._commands_timeout):
-                cluster = await is_cluster_node(self._redis)
-            if cluster:
-                raise BrokerMisconfigured(CLUSTER_UNSUPPORTED)
+                problem = await check_server(self._redis)
+            if problem is not None:
+                raise BrokerMisconfigured(problem)
         await self._feed.start(sink)
 
     async def close(self) -> None:

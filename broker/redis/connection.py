@@ -142,32 +142,58 @@ class Commands:
 
 
 CLUSTER_UNSUPPORTED = (
-    "REDIS_URL names a node of a Redis Cluster (INFO cluster: cluster_enabled:1). This version of Herald needs one "
-    "Redis server or a Sentinel-managed primary (REDIS_SENTINELS): on a cluster a publish script reaches only the "
-    'keys of its own node\'s slots, so most publishes would fail. See docs/operations.md, "Redis deployments".'
+    "REDIS_URL names a node of a Redis Cluster (HELLO: mode cluster). This version of Herald needs one Redis "
+    "server or a Sentinel-managed primary (REDIS_SENTINELS): on a cluster a publish script reaches only the keys "
+    'of its own node\'s slots, so most publishes would fail. See docs/operations.md, "Redis deployments".'
 )
 """Why a node refuses a Redis Cluster, in its log and its exit."""
 
+MINIMUM_REDIS = (7, 0)
+"""publish.lua keeps a new stream's floor with ``XSETID … MAXDELETEDID``, history.lua reads it back (XINFO)."""
 
-async def is_cluster_node(client: aioredis.Redis) -> bool:
-    """Whether ``client``'s server runs in cluster mode (``INFO cluster``); connection errors propagate.
 
-    A user that may not run ``INFO`` (``ops/redis-acl.conf``'s don't) can't tell: taken for no cluster.
+def server_problem(hello: object) -> str | None:
+    """What makes the server that answered ``HELLO 2`` unfit for Herald (a cluster node, a Redis before 7.0).
+
+    ``HELLO`` answers every authenticated user, whatever its ACL (``INFO`` would be refused, and noted in
+    ACL LOG, for ``ops/redis-acl.conf``'s users).
     """
+    if isinstance(hello, list):
+        hello = dict(zip(hello[::2], hello[1::2], strict=False))
+    if not isinstance(hello, dict):
+        return None
+    fields = {k.decode() if isinstance(k, bytes) else str(k): v for k, v in hello.items()}
+    text = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in fields.items()}
+    if text.get("mode") == "cluster":
+        return CLUSTER_UNSUPPORTED
+    version = text.get("version", "")
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if len(parts) == 2 and parts < MINIMUM_REDIS:
+        return (
+            f"Redis {version} is too old: Herald needs Redis {MINIMUM_REDIS[0]}.{MINIMUM_REDIS[1]} or later "
+            "(a new replay stream keeps its floor with XSETID ... MAXDELETEDID)"
+        )
+    return None
+
+
+async def check_server(client: aioredis.Redis) -> str | None:
+    """:func:`server_problem` of ``client``'s server; connection errors propagate, a Redis without HELLO is too old."""
     try:
-        info = await client.info("cluster")
+        hello = await client.execute_command("HELLO", 2)  # type: ignore[no-untyped-call]
     except ResponseError:
-        return False
-    return bool(int(info.get("cluster_enabled", 0)))
+        return server_problem({"version": "5"})
+    return server_problem(hello)
 
 
-def is_cluster_node_now(url: str, timeout: float = 2.0) -> bool:
-    """:func:`is_cluster_node` for a node's start, before its event loop: False when Redis can't be reached now."""
+def check_server_now(url: str, timeout: float = 2.0) -> str | None:
+    """:func:`check_server` for a node's start, before its event loop: None when Redis can't be reached now."""
     client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=None)
     try:
-        info = client.info("cluster")
+        hello = client.execute_command("HELLO", 2)  # type: ignore[no-untyped-call]
+    except ResponseError:
+        return server_problem({"version": "5"})
     except (RedisError, OSError):
-        return False
+        return None
     finally:
         client.close()
-    return bool(int(info.get("cluster_enabled", 0)))
+    return server_problem(hello)

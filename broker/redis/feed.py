@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from broker.base import BrokerUnavailable, Event, EventSink, Reset, ResetReason
-from broker.redis.connection import CLUSTER_UNSUPPORTED, Commands, is_cluster_node
+from broker.redis.connection import Commands, check_server
 from broker.redis.history import Reads
 from broker.redis.publish import Publisher
 
@@ -51,7 +51,7 @@ class Feed:
         # The feed has its own client: its connection blocks reading, and must
         # not time out while the channels are quiet (a health ping keeps it honest).
         self._feed_redis = client
-        self._told_cluster = False
+        self._told_unfit = False
         self._reads = reads
         self._publisher = publisher
         prefix = commands.prefix
@@ -270,12 +270,13 @@ class Feed:
     async def _connect_feed(self, pubsub: Any, resync: bool) -> None:
         """Subscribe everything wanted, backfill what the feed missed, then go live."""
         topics = tuple(self._topics)  # subscribe() waits while this runs, so this stays the set
-        if await is_cluster_node(self._feed_redis):
-            # Redis was down when the node started, and came back as a cluster node: refuse, and say why once.
-            if not self._told_cluster:
-                log.error(CLUSTER_UNSUPPORTED)
-                self._told_cluster = True
-            raise BrokerUnavailable(CLUSTER_UNSUPPORTED)
+        problem = await check_server(self._feed_redis)
+        if problem is not None:
+            # Redis was down when the node started, and came back unfit (a cluster node): refuse, say why once.
+            if not self._told_unfit:
+                log.error("%s", problem)
+                self._told_unfit = True
+            raise BrokerUnavailable(problem)
         channels = [self._control, self._epoch_channel, *(self._channel_prefix + t for t in topics)]
         await pubsub.subscribe(*channels)
         pending = set(channels)

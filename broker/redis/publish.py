@@ -1,9 +1,10 @@
 """Publishing: the ``publish.lua`` script, and ``WAIT`` for replicas when asked.
 
-The script takes the ids, appends to each topic's stream and trims it by size
-and age (recording the floor), checks the idempotency key and PUBLISHes to
-each topic's channel, in one atomic step: ids are issued in the order
-messages are published, across every topic and every node.
+The script takes the ids, appends to each topic's stream (trimmed
+approximately, keeping at least size + 1 entries: the replay window and its
+floor are the reader's, ``history.lua``), checks the idempotency key and
+PUBLISHes to each topic's channel, in one atomic step: ids are issued in the
+order messages are published, across every topic and every node.
 """
 
 from __future__ import annotations

@@ -125,3 +125,27 @@ async def test_regression_a_producer_on_the_version_2_script_keeps_its_floors(ra
         assert [e.id for e in (await broker.history(["t"], ids[3])).events] == [ids[4], later.id]
     finally:
         await broker.close()
+
+
+@pytest.mark.timeout(60)
+async def test_regression_a_publisher_with_a_smaller_size_leaves_no_silent_hole() -> None:
+    """A producer on the default size (1,000) under nodes with a larger one, or a size being changed: the stream
+    is trimmed below the reader's window with nothing recorded. The reader must say ``reset``, not skip."""
+    prefix = f"sizes-{uuid.uuid4().hex[:8]}"
+    url = redis_server.shared_server().url
+    small = RedisBroker(url, RetentionPolicy(size=10, ttl=60), prefix=prefix)
+    large = RedisBroker(url, RetentionPolicy(size=1000, ttl=60), prefix=prefix)
+    try:
+        published = [event for i in range(500) for event in await small.publish([Message("t", f"e{i}")])]
+        stale = await large.history(["t"], published[0].id)
+        assert stale.reset is not None  # events 2..~400 are gone: told, not skipped
+        kept = [e.id for e in stale.events]
+        assert kept == [e.id for e in published[-len(kept) :]]  # what is kept is the newest, in order
+        assert len(kept) < 500
+        # From inside what is kept, the resume is exact.
+        exact = await large.history(["t"], published[-2].id)
+        assert exact.reset is None
+        assert [e.id for e in exact.events] == [published[-1].id]
+    finally:
+        await small.close()
+        await large.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.redis.connection import server_problem
 from ops import launch
 from ops.cluster.redis_cluster import SLOTS, RedisCluster
 from ops.probe import free_port, wait_until
@@ -56,7 +57,7 @@ def test_a_node_pointed_at_a_cluster_refuses_to_start_and_says_why(cluster: Redi
     log = log_path.read_text(errors="replace")
     assert code != 0, log
     assert "Redis Cluster" in log, log
-    assert "cluster_enabled:1" in log, log
+    assert "HELLO: mode cluster" in log, log
     assert "REDIS_SENTINELS" in log, log  # what to use instead
     assert "Traceback" not in log, log
 
@@ -81,3 +82,20 @@ def test_a_killed_primary_is_replaced_by_its_replica_within_seconds(cluster: Red
     shard = next(s for s in cluster.shards() if s.slots == first.slots)
     assert shard.primary == first.replicas[0]
     assert shard.replicas == (first.primary,)
+
+
+@pytest.mark.parametrize(
+    ("hello", "unfit"),
+    [
+        ({"server": "redis", "version": "7.0.15", "mode": "standalone"}, None),
+        ({"server": "redis", "version": "7.2.4", "mode": "cluster"}, "Redis Cluster"),
+        ([b"server", b"redis", b"version", b"6.2.14", b"mode", b"standalone"], "Redis 7.0 or later"),
+    ],
+)
+def test_what_hello_says_decides_whether_a_node_starts(hello: object, unfit: str | None) -> None:
+    problem = server_problem(hello)
+    if unfit is None:
+        assert problem is None
+    else:
+        assert problem is not None
+        assert unfit in problem
