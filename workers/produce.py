@@ -38,6 +38,17 @@ MINTED_TTL = 300.0
 """Seconds a token minted for one ``--url`` publish is valid."""
 
 
+def nodes_retention() -> RetentionPolicy:
+    """The nodes' replay size and TTL as this environment says (HERALD_REPLAY_SIZE, HERALD_REPLAY_TTL).
+
+    A producer writing to Redis must use the nodes' values: ``publish.lua`` trims each stream to the size it is
+    given (plus one), so a smaller size than the nodes' makes their resumes ``reset`` earlier than they need to.
+    """
+    return RetentionPolicy(
+        int(os.environ.get("HERALD_REPLAY_SIZE", "1000")), float(os.environ.get("HERALD_REPLAY_TTL", "3600"))
+    )
+
+
 async def publish_direct(
     redis_url: str,
     messages: Sequence[Message],
@@ -49,9 +60,9 @@ async def publish_direct(
     """Publish ``messages`` atomically through Redis; the events with their ids.
 
     ``retention`` must match the nodes' HERALD_REPLAY_SIZE and HERALD_REPLAY_TTL
-    (the publisher trims the streams).
+    (the publisher trims the streams); by default, what :func:`nodes_retention` reads from the environment.
     """
-    broker = RedisBroker(redis_url, retention, prefix=prefix)
+    broker = RedisBroker(redis_url, retention or nodes_retention(), prefix=prefix)
     try:
         return await broker.publish(messages, idempotency_key)
     finally:
@@ -110,8 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="JSON; a JSON string is sent as is")
     parser.add_argument("--event", help="SSE event type")
     parser.add_argument("--idempotency-key")
-    parser.add_argument("--replay-size", type=int, default=int(os.environ.get("HERALD_REPLAY_SIZE", "1000")))
-    parser.add_argument("--replay-ttl", type=float, default=float(os.environ.get("HERALD_REPLAY_TTL", "3600")))
+    defaults = nodes_retention()
+    parser.add_argument("--replay-size", type=int, default=defaults.size)
+    parser.add_argument("--replay-ttl", type=float, default=defaults.ttl)
     args = parser.parse_args(argv)
     if args.token is not None and args.url is None:
         parser.error(

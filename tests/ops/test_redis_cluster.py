@@ -9,15 +9,20 @@ most publishes (a script there reaches only its own node's slots).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.exceptions import RedisError
 
 from broker.redis.connection import server_problem
 from ops import launch
 from ops.cluster.redis_cluster import SLOTS, RedisCluster
+from ops.cluster.sentinel import redis_client
 from ops.probe import free_port, wait_until
 from tests.redis_server import needs_redis
 
@@ -99,3 +104,59 @@ def test_what_hello_says_decides_whether_a_node_starts(hello: object, unfit: str
     else:
         assert problem is not None
         assert unfit in problem
+
+
+@pytest.mark.timeout(120)
+async def test_sharded_pubsub_takes_one_connection_per_shard_and_follows_a_failover(cluster: RedisCluster) -> None:
+    """What the cluster feed's design leans on (ARCHITECTURE.md, "Redis Cluster: the design"): redis-py's
+    ClusterPubSub subscribes many channels over one connection per shard, and after a primary is killed the
+    channels of its shard deliver again from the replica that took over."""
+    client = AsyncRedisCluster(host="127.0.0.1", port=cluster.running_ports()[0], decode_responses=True)
+    pubsub = client.pubsub()
+    channels = [f"herald:{{t{i}}}:c" for i in range(60)]
+    killed: int | None = None
+    try:
+        async with asyncio.timeout(100):
+            await client.initialize()
+            await pubsub.ssubscribe(*channels)
+
+            async def deliver_all(marker: str) -> None:
+                """Publish on every channel until every one delivered (pub/sub is at most once: a message
+                published before the subscriber is back on a new primary is gone, so ask again)."""
+                waiting = set(channels)
+                while waiting:
+                    for channel in waiting:
+                        with contextlib.suppress(RedisError):  # refused until the replica takes over
+                            await client.spublish(channel, f"{marker}:{channel}")
+                    deadline = asyncio.get_running_loop().time() + 0.5
+                    while waiting and asyncio.get_running_loop().time() < deadline:
+                        message = await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=0.1)
+                        if message is not None and message["type"] == "smessage":
+                            got_marker, _, channel = str(message["data"]).partition(":")
+                            if got_marker == marker:
+                                waiting.discard(channel)
+
+            await deliver_all("a")
+            for shard in cluster.shards():  # one subscriber connection on each primary, for all 60 channels
+                assert pubsub_clients(shard.primary) == 1
+
+            killed = cluster.shards()[0].primary
+            cluster.kill(killed)
+            await deliver_all("b")  # every channel again, the killed shard's too, from its new primary
+            for shard in cluster.shards():
+                assert pubsub_clients(shard.primary) == 1
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+        if killed is not None:
+            cluster.start_process(killed)
+            wait_until(cluster.ready, "the old primary back as a replica", timeout=30)
+
+
+def pubsub_clients(port: int) -> int:
+    client = redis_client(port, decode_responses=True)
+    try:
+        listed = client.execute_command("CLIENT", "LIST", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
+    return len(listed) if isinstance(listed, list) else str(listed).count("id=")

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from broker.base import RetentionPolicy
 from workers.loadtest import native
 from workers.loadtest.config import LoadConfig, raise_open_files
 from workers.loadtest.faults import Fault, inject, load_cluster
@@ -26,6 +25,7 @@ from workers.loadtest.publisher import HttpSender, Ledger, Pacer, RedisSender, S
 from workers.loadtest.results import Aggregate, build, progress_line
 from workers.loadtest.server_counts import plan
 from workers.loadtest.worker import CpuMeter, MachineCpu
+from workers.produce import nodes_retention
 
 FINISH_TIMEOUT = 30.0
 FILES_PER_SUBSCRIBER = 1
@@ -138,7 +138,7 @@ def _sender(config: LoadConfig, pacer: int) -> Sender:
     names = [config.topic_name(t) for t in range(config.topics)]
     if config.publish == "redis":
         assert config.redis_url is not None
-        return RedisSender(config.redis_url, names, config.payload, RetentionPolicy())
+        return RedisSender(config.redis_url, names, config.payload, nodes_retention())
     return HttpSender(config.targets, names, config.payload, pacer, config.system, config.token, config.protocol)
 
 
