@@ -121,16 +121,17 @@ def check_access(settings: Settings, *, warn: bool = True) -> None:
 
 
 def check_redis(settings: Settings) -> None:
-    """Refuse a ``REDIS_URL`` whose server can't serve Herald (a Redis Cluster node, a Redis before 7.0).
+    """Refuse a ``REDIS_URL`` whose server can't serve Herald (a Redis before 7.0).
 
     A Redis that can't be reached now is a passing fault: the node starts and its feed keeps trying (and checks
     again when it connects).
     """
     if settings.redis_url is None or settings.redis_sentinels:
         return
-    from broker.redis.connection import check_server_now
+    from broker.redis.connection import hello_now, server_problem
 
-    problem = check_server_now(settings.redis_url)
+    hello = hello_now(settings.redis_url)
+    problem = None if hello is None else server_problem(hello, cluster=True)
     if problem is not None:
         sys.exit(f"herald: refusing to start: {problem}")
 

@@ -58,6 +58,7 @@ def _default_broker(settings: Settings) -> Broker:
         RetentionPolicy(settings.replay_size, settings.replay_ttl, settings.replay_ceiling()),
         sentinels=settings.redis_sentinels,
         sentinel_master=settings.redis_sentinel_master,
+        cluster_nodes=settings.redis_cluster_nodes,
         pool=settings.redis_pool,
         replicas_ack=settings.redis_replicas_ack,
     )

@@ -61,6 +61,16 @@ class Settings(BaseSettings):
         pattern=r"^\s*[^,:\s]+:[0-9]+\s*(,\s*[^,:\s]+:[0-9]+\s*)*$",
         description="Sentinels (host:port,host:port,...) that name the Redis primary; wins over REDIS_URL.",
     )
+    redis_cluster_nodes: str | None = Field(
+        None,
+        validation_alias=AliasChoices("REDIS_CLUSTER_NODES"),
+        pattern=r"^\s*[^,:\s]+:[0-9]+\s*(,\s*[^,:\s]+:[0-9]+\s*)*$",
+        description=(
+            "Seed nodes (host:port,...) of a Redis Cluster to use as the broker (any node will do; a REDIS_URL"
+            " naming a cluster node is detected at start without it). All of Herald's keys share one hash slot"
+            ' for now: one shard carries them (docs/operations.md, "Redis deployments").'
+        ),
+    )
     redis_sentinel_master: str = Field(
         "herald",
         validation_alias=AliasChoices("REDIS_SENTINEL_MASTER"),

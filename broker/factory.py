@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
 from broker.base import Broker, RetentionPolicy
 from broker.memory import MemoryBroker
+
+if TYPE_CHECKING:
+    from broker.redis import RedisTarget
 
 
 def create_broker(
@@ -12,21 +18,44 @@ def create_broker(
     *,
     sentinels: str | None = None,
     sentinel_master: str = "herald",
+    cluster_nodes: str | None = None,
     pool: int = 50,
     replicas_ack: int = 0,
 ) -> Broker:
-    """The embedded broker when neither ``redis_url`` nor ``sentinels`` is set, else the Redis broker.
+    """The embedded broker when no Redis is configured, else the Redis broker.
 
     ``sentinels`` (``host:port,host:port``) win over ``redis_url``: the
     broker then follows the primary that the sentinels name ``sentinel_master``.
+    ``cluster_nodes`` (``host:port,...``) names a Redis Cluster; so does a
+    ``redis_url`` whose server says it is a cluster node (``HELLO``, asked
+    now: a Redis that can't be reached now is taken for one server).
     """
-    if redis_url is None and not sentinels:
+    if redis_url is None and not sentinels and not cluster_nodes:
         return MemoryBroker(retention)
     # Only when asked for: the embedded broker needs no Redis client.
-    from broker.redis import RedisBroker, RedisTarget
+    from broker.redis import RedisBroker
+
+    target = redis_target(redis_url, sentinels=sentinels, sentinel_master=sentinel_master, cluster_nodes=cluster_nodes)
+    return RedisBroker(target, retention, pool=pool, replicas_ack=replicas_ack)
+
+
+def redis_target(
+    redis_url: str | None,
+    *,
+    sentinels: str | None = None,
+    sentinel_master: str = "herald",
+    cluster_nodes: str | None = None,
+) -> RedisTarget:
+    """Which Redis the settings name (see :func:`create_broker`): also what a producer writing to Redis uses."""
+    from broker.redis import RedisTarget
+    from broker.redis.connection import hello_now, is_cluster
 
     if sentinels:
-        target = RedisTarget(sentinels=RedisTarget.parse_sentinels(sentinels), master=sentinel_master)
-    else:
-        target = RedisTarget(url=redis_url)
-    return RedisBroker(target, retention, pool=pool, replicas_ack=replicas_ack)
+        return RedisTarget(sentinels=RedisTarget.parse_sentinels(sentinels), master=sentinel_master)
+    if cluster_nodes or (redis_url is not None and is_cluster(hello_now(redis_url))):
+        seeds = RedisTarget.parse_sentinels(cluster_nodes, "a cluster node") if cluster_nodes else ()
+        if redis_url is not None:
+            url = urlsplit(redis_url)
+            seeds = (*seeds, (url.hostname or "127.0.0.1", url.port or 6379))
+        return RedisTarget(url=redis_url, cluster=seeds)
+    return RedisTarget(url=redis_url)

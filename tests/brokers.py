@@ -19,7 +19,7 @@ import pytest
 
 from broker.base import Broker, Clock, RetentionPolicy
 from broker.memory import MemoryBroker
-from broker.redis import RedisBroker
+from broker.redis import RedisBroker, RedisTarget
 from tests import redis_server
 
 BrokerFactory = Callable[[RetentionPolicy, Clock], AbstractAsyncContextManager[Broker]]
@@ -88,7 +88,20 @@ async def _real_redis(retention: RetentionPolicy, clock: Clock) -> AsyncIterator
         await broker.close()
 
 
+@asynccontextmanager
+async def _redis_cluster(retention: RetentionPolicy, clock: Clock) -> AsyncIterator[Broker]:
+    # A fresh key prefix (a hash tag of its own: one slot) is a fresh, empty store on the shared cluster.
+    cluster = redis_server.shared_cluster()
+    target = RedisTarget(cluster=tuple(("127.0.0.1", port) for port in cluster.running_ports()))
+    broker = RedisBroker(target, retention, clock=clock, prefix=f"test-{uuid.uuid4().hex[:10]}")
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
 BROKER_CASES: list[BrokerCase] = [
     BrokerCase("memory", _memory),
     BrokerCase("redis", _real_redis),
+    BrokerCase("redis-cluster", _redis_cluster),
 ]

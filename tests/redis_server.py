@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from ops import launch
+from ops.cluster.redis_cluster import RedisCluster
 from ops.launch import REDIS_SERVER
 from ops.probe import free_port
 
@@ -105,8 +106,27 @@ def shared_server() -> RedisServer:
     return _shared
 
 
+_shared_cluster: tuple[RedisCluster, Path] | None = None
+
+
+def shared_cluster() -> RedisCluster:
+    """One local Redis Cluster (3 primaries, a replica each) for the whole test session (``stop_shared``)."""
+    global _shared_cluster
+    if _shared_cluster is None:
+        data = Path(tempfile.mkdtemp(prefix="herald-redis-cluster-"))
+        cluster = RedisCluster([free_port() for _ in range(6)], data)
+        _shared_cluster = (cluster, data)
+        cluster.start()
+    return _shared_cluster[0]
+
+
 def stop_shared() -> None:
-    global _shared
+    global _shared, _shared_cluster
     if _shared is not None:
         _shared.cleanup()
         _shared = None
+    if _shared_cluster is not None:
+        cluster, data = _shared_cluster
+        _shared_cluster = None
+        cluster.stop()
+        shutil.rmtree(data, ignore_errors=True)

@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import functools
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -363,3 +365,34 @@ async def resuming_clients(
             crashed = [o for o in outcomes if isinstance(o, Exception)]
             if crashed:  # raised here, so that a test failing because of them shows them (with its own error)
                 raise ExceptionGroup(f"{len(crashed)} of {count} clients' tasks died", crashed)
+
+
+@dataclass
+class Ledger:
+    """What the publisher was told: accepted ids in order, and how each failure looked."""
+
+    accepted: list[str] = field(default_factory=list)
+    failures: list[tuple[float, str]] = field(default_factory=list)  # (seconds into the run, status or error)
+
+
+async def publish_at(client: httpx.AsyncClient, url: str, topic: str, rate: float, seconds: float) -> Ledger:
+    """One event after another at ``rate``/s for ``seconds``, each retried with its Idempotency-Key until 201."""
+    ledger = Ledger()
+    started = time.monotonic()
+    for i in range(int(rate * seconds)):
+        await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
+        key = uuid.uuid4().hex
+        while True:
+            try:
+                response = await client.post(
+                    f"{url}/publish", json={"topic": topic, "data": i}, headers={"Idempotency-Key": key}, timeout=5
+                )
+            except httpx.HTTPError as exc:
+                ledger.failures.append((time.monotonic() - started, type(exc).__name__))
+            else:
+                if response.status_code == 201:
+                    ledger.accepted.append(response.json()["id"])
+                    break
+                ledger.failures.append((time.monotonic() - started, str(response.status_code)))
+            await asyncio.sleep(0.05)  # a producer's retry delay
+    return ledger

@@ -31,6 +31,7 @@ from api.core.sse import encode_data
 from api.models import PublishEvent
 from api.token import mint_from_environment
 from broker.base import Event, Message, RetentionPolicy
+from broker.factory import redis_target
 from broker.redis import RedisBroker
 
 HTTP_TIMEOUT = 10.0
@@ -62,7 +63,8 @@ async def publish_direct(
     ``retention`` must match the nodes' HERALD_REPLAY_SIZE and HERALD_REPLAY_TTL
     (the publisher trims the streams); by default, what :func:`nodes_retention` reads from the environment.
     """
-    broker = RedisBroker(redis_url, retention or nodes_retention(), prefix=prefix)
+    target = redis_target(redis_url, cluster_nodes=os.environ.get("REDIS_CLUSTER_NODES"))  # a cluster: detected
+    broker = RedisBroker(target, retention or nodes_retention(), prefix=prefix)
     try:
         return await broker.publish(messages, idempotency_key)
     finally:

@@ -59,6 +59,10 @@ class RedisBroker:
         replicas_ack: int = 0,
     ) -> None:
         target = url if isinstance(url, RedisTarget) else RedisTarget(url=url)
+        if target.cluster and not prefix.startswith("{"):
+            # One hash tag for every key: on a Redis Cluster they all share one slot (a script reaches one).
+            prefix = "{" + prefix + "}"
+        self._cluster = bool(target.cluster)
         retention = retention or RetentionPolicy()
         self.counters = {
             "feed_connects": 0,
@@ -78,7 +82,7 @@ class RedisBroker:
         self._commands = Commands(self._redis, pool, prefix, clock, self.counters)
         self._publisher = Publisher(self._commands, retention, replicas_ack)
         self._reads = Reads(self._commands, retention)
-        self._feed = Feed(self._commands, self._feed_redis, self._reads, self._publisher)
+        self._feed = Feed(self._commands, self._feed_redis, self._reads, self._publisher, cluster=self._cluster)
         self._directory = Directory(self._commands)
 
     @property
@@ -96,7 +100,7 @@ class RedisBroker:
         """
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(self._commands_timeout):
-                problem = await check_server(self._redis)
+                problem = await check_server(self._redis, self._cluster)
             if problem is not None:
                 raise BrokerMisconfigured(problem)
         await self._feed.start(sink)

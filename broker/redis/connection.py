@@ -15,13 +15,16 @@ Passing faults heal here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -49,15 +52,18 @@ class RedisTarget:
     url: str | None = None
     sentinels: tuple[tuple[str, int], ...] = ()
     master: str = "herald"
+    cluster: tuple[tuple[str, int], ...] = ()
+    """Seed nodes of a Redis Cluster (``host:port`` each; any node will do): set, the target is that cluster
+    (and ``url``, if any, gives only the user and password)."""
 
     @classmethod
-    def parse_sentinels(cls, text: str) -> tuple[tuple[str, int], ...]:
+    def parse_sentinels(cls, text: str, what: str = "a sentinel") -> tuple[tuple[str, int], ...]:
         """``host:port,host:port`` as pairs; ValueError on a malformed entry."""
         pairs = []
         for item in text.split(","):
             host, sep, port = item.strip().rpartition(":")
             if not sep or not host or not port.isdigit():
-                raise ValueError(f"a sentinel is host:port, got {item.strip()!r}")
+                raise ValueError(f"{what} is host:port, got {item.strip()!r}")
             pairs.append((host.strip("[]"), int(port)))
         return tuple(pairs)
 
@@ -73,6 +79,17 @@ def make_client(target: RedisTarget, pool: int, timeout: float | None, connect_t
         "retry": Retry(NoBackoff(), 0),
         "max_connections": pool,
     }
+    if target.cluster:
+        del options["max_connections"]  # per node, below
+        credentials = urlsplit(target.url) if target.url else None  # REDIS_URL's user and password, if any
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.cluster],
+            max_connections=pool,
+            username=unquote(credentials.username) if credentials and credentials.username else None,
+            password=unquote(credentials.password) if credentials and credentials.password else None,
+            **options,
+        )
+        return cast(aioredis.Redis, cluster)  # the commands Herald uses are the same on both
     if target.sentinels:
         sentinel = Sentinel(
             list(target.sentinels),
@@ -98,6 +115,9 @@ class Commands:
         self.closed = False
         self._clock = clock
         self._slots = asyncio.Semaphore(pool)
+        self.keys = [f"{prefix}:id"]
+        """Every script's KEYS: on a Redis Cluster they route the script to the slot of Herald's keys (the prefix
+        is a hash tag there, so all of them share one slot); one Redis ignores them (the scripts use ARGV)."""
         self.publish_script = client.register_script(PUBLISH_SCRIPT)
         self.history_script = client.register_script(HISTORY_SCRIPT)
         self.mark_lost_script = client.register_script(MARK_LOST_SCRIPT)
@@ -123,6 +143,8 @@ class Commands:
                 self.counters["read_retries"] += 1
                 return await command()
         except (RedisError, OSError) as exc:
+            if not isinstance(exc, ResponseError):  # a node that died or moved, not a refusal
+                await refresh_topology(self.redis)
             raise BrokerUnavailable(f"redis: {exc}") from exc
         finally:
             self._slots.release()
@@ -142,29 +164,25 @@ class Commands:
 
 
 CLUSTER_UNSUPPORTED = (
-    "REDIS_URL names a node of a Redis Cluster (HELLO: mode cluster). This version of Herald needs one Redis "
-    "server or a Sentinel-managed primary (REDIS_SENTINELS): on a cluster a publish script reaches only the keys "
-    'of its own node\'s slots, so most publishes would fail. See docs/operations.md, "Redis deployments".'
+    "Redis answers as a node of a Redis Cluster (HELLO: mode cluster), but this broker was set up for one Redis "
+    "server (Redis could not be reached when the node started, so it could not tell). Set REDIS_CLUSTER_NODES, or "
+    'restart the node once Redis answers. See docs/operations.md, "Redis deployments".'
 )
-"""Why a node refuses a Redis Cluster, in its log and its exit."""
+"""Why a broker set up for one Redis refuses a cluster node it meets later."""
 
 MINIMUM_REDIS = (7, 0)
 """publish.lua keeps a new stream's floor with ``XSETID … MAXDELETEDID``, history.lua reads it back (XINFO)."""
 
 
-def server_problem(hello: object) -> str | None:
-    """What makes the server that answered ``HELLO 2`` unfit for Herald (a cluster node, a Redis before 7.0).
+def server_problem(hello: object, cluster: bool = False) -> str | None:
+    """What makes the server that answered ``HELLO 2`` unfit for Herald: a Redis before 7.0, or a cluster node
+    where one Redis was configured (``cluster``: a cluster was, and is expected).
 
     ``HELLO`` answers every authenticated user, whatever its ACL (``INFO`` would be refused, and noted in
     ACL LOG, for ``ops/redis-acl.conf``'s users).
     """
-    if isinstance(hello, list):
-        hello = dict(zip(hello[::2], hello[1::2], strict=False))
-    if not isinstance(hello, dict):
-        return None
-    fields = {k.decode() if isinstance(k, bytes) else str(k): v for k, v in hello.items()}
-    text = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in fields.items()}
-    if text.get("mode") == "cluster":
+    text = _hello_fields(hello)
+    if text.get("mode") == "cluster" and not cluster:
         return CLUSTER_UNSUPPORTED
     version = text.get("version", "")
     parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
@@ -176,24 +194,57 @@ def server_problem(hello: object) -> str | None:
     return None
 
 
-async def check_server(client: aioredis.Redis) -> str | None:
+async def check_server(client: aioredis.Redis, cluster: bool = False) -> str | None:
     """:func:`server_problem` of ``client``'s server; connection errors propagate, a Redis without HELLO is too old."""
     try:
-        hello = await client.execute_command("HELLO", 2)  # type: ignore[no-untyped-call]
+        if isinstance(client, RedisCluster):  # any node answers for the cluster (a keyless command needs one named)
+            hello = await client.execute_command("HELLO", "2", target_nodes=RedisCluster.RANDOM)
+        else:
+            hello = await client.execute_command("HELLO", "2")  # type: ignore[no-untyped-call]
     except ResponseError:
         return server_problem({"version": "5"})
-    return server_problem(hello)
+    return server_problem(hello, cluster)
 
 
-def check_server_now(url: str, timeout: float = 2.0) -> str | None:
-    """:func:`check_server` for a node's start, before its event loop: None when Redis can't be reached now."""
+def hello_now(url: str, timeout: float = 2.0) -> object:
+    """The server's ``HELLO 2`` answer, for a node's start (before its event loop): None when it can't be reached
+    now, ``{"version": "5"}`` from a Redis that has no HELLO (before 6.0)."""
     client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=None)
     try:
-        hello = client.execute_command("HELLO", 2)  # type: ignore[no-untyped-call]
+        reply: object = client.execute_command("HELLO", 2)  # type: ignore[no-untyped-call]
+        return reply
     except ResponseError:
-        return server_problem({"version": "5"})
+        return {"version": "5"}
     except (RedisError, OSError):
         return None
     finally:
         client.close()
-    return server_problem(hello)
+
+
+def is_cluster(hello: object) -> bool:
+    """Whether a ``HELLO`` answer (see :func:`hello_now`) comes from a Redis Cluster node."""
+    return _hello_fields(hello).get("mode") == "cluster"
+
+
+def _hello_fields(hello: object) -> dict[str, str]:
+    """A ``HELLO`` answer (a map, or RESP2's flat list; bytes or text) as text fields."""
+    if isinstance(hello, list):
+        hello = dict(zip(hello[::2], hello[1::2], strict=False))
+    if not isinstance(hello, dict):
+        return {}
+    return {
+        (k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
+        for k, v in hello.items()
+    }
+
+
+async def refresh_topology(client: aioredis.Redis) -> None:
+    """On a Redis Cluster, read which node serves which slots again (after a failover, the replica that took over).
+
+    redis-py (8.2, the version locked and tested) refreshes its slot map by itself only when its own retries are
+    on; Herald's are off (a publish is never sent twice), so a client kept sending to a dead primary. This is the
+    one place that reaches into its internals (``nodes_manager.initialize``). One Redis: nothing to do.
+    """
+    if isinstance(client, RedisCluster):
+        with contextlib.suppress(RedisError, OSError):
+            await client.nodes_manager.initialize()

@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from broker.base import BrokerUnavailable, Event, EventSink, Reset, ResetReason
-from broker.redis.connection import Commands, check_server
+from broker.redis.connection import Commands, check_server, refresh_topology
 from broker.redis.history import Reads
 from broker.redis.publish import Publisher
 
@@ -46,8 +46,11 @@ log = logging.getLogger("herald.redis")
 class Feed:
     """The live feed of one node: subscriptions, positions, reconnects and backfills (see the module docstring)."""
 
-    def __init__(self, commands: Commands, client: aioredis.Redis, reads: Reads, publisher: Publisher) -> None:
+    def __init__(
+        self, commands: Commands, client: aioredis.Redis, reads: Reads, publisher: Publisher, *, cluster: bool = False
+    ) -> None:
         self._commands = commands
+        self._cluster = cluster
         # The feed has its own client: its connection blocks reading, and must
         # not time out while the channels are quiet (a health ping keeps it honest).
         self._feed_redis = client
@@ -242,6 +245,7 @@ class Feed:
                 elif self._feed_up.is_set():
                     log.warning("redis feed lost (%s); reconnecting", exc)
                 self._feed_down()
+                await refresh_topology(self._feed_redis)
             finally:
                 self._end_connecting()
                 with contextlib.suppress(RedisError, OSError, RuntimeError):
@@ -270,7 +274,7 @@ class Feed:
     async def _connect_feed(self, pubsub: Any, resync: bool) -> None:
         """Subscribe everything wanted, backfill what the feed missed, then go live."""
         topics = tuple(self._topics)  # subscribe() waits while this runs, so this stays the set
-        problem = await check_server(self._feed_redis)
+        problem = await check_server(self._feed_redis, self._cluster)
         if problem is not None:
             # Redis was down when the node started, and came back unfit (a cluster node): refuse, say why once.
             if not self._told_unfit:
@@ -340,7 +344,7 @@ class Feed:
             head,
         )
         args: list[str | int] = [self._commands.prefix, lost, self._epoch_channel]
-        await self._commands.call(lambda: self._commands.mark_lost_script(args=args))
+        await self._commands.call(lambda: self._commands.mark_lost_script(keys=self._commands.keys, args=args))
 
     async def _read_feed(self, pubsub: Any) -> None:
         quiet_since = time.monotonic()

@@ -12,8 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
+
 from broker.base import BrokerUnavailable, Event, IdempotencyConflict, Message, RetentionPolicy
-from broker.redis.connection import Commands
+from broker.redis.connection import PUBLISH_SCRIPT, Commands
 
 ACK_TIMEOUT_MS = 2000
 """How long a publish waits for ``replicas_ack`` replicas (``WAIT``), in milliseconds."""
@@ -45,7 +48,9 @@ class Publisher:
         if self._replicas_ack:
             _, joined = await commands.call(lambda: self._publish_and_wait(args), idempotent=False)
         else:
-            _, joined = await commands.call(lambda: commands.publish_script(args=args), idempotent=False)
+            _, joined = await commands.call(
+                lambda: commands.publish_script(keys=commands.keys, args=args), idempotent=False
+            )
         ids = [int(i) for i in str(joined).split(",")]
         if len(ids) != len(messages):
             raise IdempotencyConflict(f"idempotency key {idempotency_key!r} was used for a different request")
@@ -56,9 +61,28 @@ class Publisher:
         # WAIT counts the replicas that have everything this connection wrote,
         # so it must follow the script on the same connection: one pipeline.
         commands = self._commands
+        if isinstance(commands.redis, RedisCluster):
+            try:
+                return await self._pipeline_and_wait(args)
+            except ResponseError as exc:
+                if "NOSCRIPT" not in str(exc) and "No matching script" not in str(exc):
+                    raise
+            # redis-py loads a pipeline's scripts on one Redis, not on a cluster: a new primary (scripts are not
+            # replicated) or a fresh cluster refuses the EVALSHA, which therefore did not run. Load, send again.
+            owner = commands.redis.get_node_from_key(commands.keys[0])
+            await commands.redis.execute_command("SCRIPT", "LOAD", PUBLISH_SCRIPT, target_nodes=owner)
+        return await self._pipeline_and_wait(args)
+
+    async def _pipeline_and_wait(self, args: list[str | int]) -> Any:
+        commands = self._commands
         async with commands.redis.pipeline(transaction=False) as pipe:
-            await commands.publish_script(args=args, client=pipe)
-            pipe.wait(self._replicas_ack, ACK_TIMEOUT_MS)
+            await commands.publish_script(keys=commands.keys, args=args, client=pipe)
+            if isinstance(commands.redis, RedisCluster):
+                # A keyless command could go to any primary: name the one that owns Herald's slot.
+                owner = commands.redis.get_node_from_key(commands.keys[0])
+                pipe.execute_command("WAIT", self._replicas_ack, ACK_TIMEOUT_MS, target_nodes=owner)
+            else:
+                pipe.wait(self._replicas_ack, ACK_TIMEOUT_MS)
             result, acked = await pipe.execute()
         if int(acked) < self._replicas_ack:
             # Published on the primary (subscribers may have it), but a

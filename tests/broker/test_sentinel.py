@@ -17,7 +17,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,40 +31,9 @@ from ops import launch
 from ops.cluster import Cluster
 from ops.probe import free_port, wait_until
 from tests import redis_server
-from tests.sse_client import resuming_clients
+from tests.sse_client import publish_at, resuming_clients
 
 pytestmark = pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed")
-
-
-@dataclass
-class Ledger:
-    """What the publisher was told: accepted ids in order, and how each failure looked."""
-
-    accepted: list[str] = field(default_factory=list)
-    failures: list[tuple[float, str]] = field(default_factory=list)  # (seconds into the run, status or error)
-
-
-async def publish_at(client: httpx.AsyncClient, url: str, topic: str, rate: float, seconds: float) -> Ledger:
-    """One event after another at ``rate``/s for ``seconds``, each retried with its Idempotency-Key until 201."""
-    ledger = Ledger()
-    started = time.monotonic()
-    for i in range(int(rate * seconds)):
-        await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
-        key = uuid.uuid4().hex
-        while True:
-            try:
-                response = await client.post(
-                    f"{url}/publish", json={"topic": topic, "data": i}, headers={"Idempotency-Key": key}, timeout=5
-                )
-            except httpx.HTTPError as exc:
-                ledger.failures.append((time.monotonic() - started, type(exc).__name__))
-            else:
-                if response.status_code == 201:
-                    ledger.accepted.append(response.json()["id"])
-                    break
-                ledger.failures.append((time.monotonic() - started, str(response.status_code)))
-            await asyncio.sleep(0.05)  # a producer's retry delay
-    return ledger
 
 
 @pytest.mark.timeout(180)
