@@ -99,14 +99,18 @@ loadtest: setup
 ## .run/cluster/prometheus. With AUTH=1 it scrapes with an admin token (.run/cluster/prometheus-token, mode 0600).
 ## TLS=1: the front serves https:// with HTTP/2 (a page's EventSources share one connection), with a certificate
 ## made for the cluster by Debian's openssl (.run/cluster/tls/cert.pem: trust it, or curl --cacert it).
+## REDIS=cluster: Redis is a Redis Cluster (3 primaries with a replica each, ports 6380-6385): every Herald key
+## in one hash slot for now, so one shard carries Herald and the cluster fails it over (docs/operations.md).
 ## Then: .venv/bin/python -m ops.cluster status|restart|stop-node node-1|token|... (see ops/cluster/).
 NODES ?= 3
 SENTINEL ?=
 AUTH ?=
 OBSERVE ?=
 TLS ?=
+REDIS ?=
 cluster: system-deps setup
 	NODES=$(NODES) $(PY) -m ops.cluster start --nodes $(NODES) $(if $(SENTINEL),--sentinel) $(if $(AUTH),--auth) \
+		$(if $(filter cluster,$(REDIS)),--redis-cluster) \
 		$(if $(OBSERVE),--observe) $(if $(TLS),--tls)
 
 ## Stop exactly what `make cluster` started, sentinels, replica and Prometheus included (pid files in .run/cluster).

@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     start.add_argument("--no-appendonly", action="store_true", help="run Redis without AOF")
     start.add_argument("--sentinel", action="store_true", help="a replica and three sentinels too")
     start.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="Redis is a Redis Cluster: 3 primaries with a replica each, on --redis-port and the 5 ports after it",
+    )
+    start.add_argument(
         "--auth", action="store_true", help="access control on: a random HERALD_JWT_SECRET for every node"
     )
     start.add_argument(
@@ -168,7 +173,14 @@ def main(argv: list[str] | None = None) -> None:
             node_ports=[args.first_node_port + i for i in range(args.nodes)],
             appendonly=not args.no_appendonly,
             sentinel=args.sentinel,
-            replica_ports=[args.replica_port or args.redis_port + 1] if args.sentinel else [],
+            replica_ports=(
+                [args.redis_port + i for i in range(1, 6)]
+                if args.redis_cluster
+                else [args.replica_port or args.redis_port + 1]
+                if args.sentinel
+                else []
+            ),
+            redis_cluster=args.redis_cluster,
             sentinel_ports=[args.first_sentinel_port + i for i in range(3)] if args.sentinel else [],
             auth=args.auth,
             observe=args.observe,

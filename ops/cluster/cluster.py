@@ -18,6 +18,7 @@ import redis
 from api.token import mint
 from ops import launch
 from ops.cluster.processes import Exited, alive, is_ours, write_private
+from ops.cluster.redis_cluster import REDIS_CLI, SLOTS, cluster_args, shards_of
 from ops.cluster.sentinel import redis_client, sentinel_command, sentinel_master
 from ops.launch import NGINX, SENTINEL_MASTER
 from ops.nginx import FrontPolicy, render_local
@@ -67,10 +68,20 @@ class Cluster:
     """Prometheus' scrape and rule evaluation interval (a Prometheus duration)."""
     tls: bool = False
     """The front serves HTTPS and HTTP/2, with a certificate made for this cluster (:meth:`make_certificate`)."""
+    redis_cluster: bool = False
+    """Redis is a Redis Cluster: ``redis`` and ``redis-1``..``redis-5``, 3 primaries with a replica each
+    (:mod:`ops.cluster.redis_cluster`), the nodes' REDIS_URL naming ``redis``."""
+    bus_ports: list[int] = field(default_factory=list)
+    """With ``redis_cluster``: each redis process's cluster bus port, in :attr:`redis_names` order."""
 
     def __post_init__(self) -> None:
         self.run_dir = self.run_dir.resolve()
         self.redis_port = self.redis_port or free_port()
+        if self.redis_cluster:
+            if not self.replica_ports:
+                self.replica_ports = [free_port() for _ in range(5)]
+            if not self.bus_ports:
+                self.bus_ports = [free_port() for _ in range(1 + len(self.replica_ports))]
         if not self.node_ports:
             self.node_ports = [free_port() for _ in range(self.nodes)]
         if self.sentinel:
@@ -204,6 +215,8 @@ class Cluster:
             "prometheus_port": self.prometheus_port,
             "scrape_interval": self.scrape_interval,
             "tls": self.tls,
+            "redis_cluster": self.redis_cluster,
+            "bus_ports": self.bus_ports,
         }
         (self.run_dir / self.STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
@@ -229,6 +242,8 @@ class Cluster:
             prometheus_port=state.get("prometheus_port", 0),
             scrape_interval=state.get("scrape_interval", "5s"),
             tls=state.get("tls", False),
+            redis_cluster=state.get("redis_cluster", False),
+            bus_ports=state.get("bus_ports", []),
         )
 
     # -- starting ----------------------------------------------------------------
@@ -247,6 +262,8 @@ class Cluster:
         try:
             for name in self.redis_names:
                 self.start_redis_process(name)
+            if self.redis_cluster:
+                self._create_redis_cluster()
             if self.sentinel:
                 self._start_sentinels()
             # Nodes start side by side (each takes about a second to import):
@@ -306,6 +323,16 @@ class Cluster:
         """
         self._refuse_if_running(name)
         port = self.redis_port_of(name)
+        if self.redis_cluster:  # a cluster node: it finds its place (and role) in nodes.conf when restarted
+            (self.run_dir / name).mkdir(parents=True, exist_ok=True)
+            bus = self.bus_ports[self.redis_names.index(name)]
+            self._spawn(name, cluster_args(port, bus, self.run_dir / name, 2000))
+            client = redis_client(port)
+            try:
+                self._wait_started(name, client.ping)
+            finally:
+                client.close()
+            return
         primary_port = self.redis_port
         if self.sentinel:
             primary = self.primary()
@@ -323,6 +350,25 @@ class Cluster:
             self._wait_started(name, client.ping)
         finally:
             client.close()
+
+    def _create_redis_cluster(self) -> None:
+        """Join the redis processes into one cluster (``redis-cli --cluster create``) and wait until it serves."""
+        ports = [self.redis_port, *self.replica_ports]
+        create = [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
+        create += ["--cluster-replicas", "1", "--cluster-yes"]
+        done = subprocess.run(create, capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+        def serving() -> bool:
+            shards = shards_of(self.redis_port)
+            return (
+                len(shards) == 3
+                and sum(s.slot_count for s in shards) == SLOTS
+                and all(len(s.replicas) == 1 for s in shards)
+            )
+
+        wait_until(serving, "the Redis Cluster serving every slot, a replica for each primary", 60)
 
     def _start_sentinels(self) -> None:
         for name, port in zip(self.sentinel_names, self.sentinel_ports, strict=True):
@@ -607,6 +653,15 @@ class Cluster:
                 self._redis_status(name, port) | {"url": f"redis://127.0.0.1:{port}"}
                 for name, port in zip(self.sentinel_names, self.sentinel_ports, strict=True)
             ]
+        if self.redis_cluster:
+            try:
+                shards = shards_of(self.redis_port if self.pid_of("redis") else self.replica_ports[0])
+            except (redis.RedisError, OSError):
+                shards = []
+            redis_status["shards"] = [
+                {"primary": s.primary, "replicas": list(s.replicas), "slots": [list(r) for r in s.slots]}
+                for s in shards
+            ]
         del nginx["name"]
         result: dict[str, object] = {"front": self.front_url, "redis": redis_status, "nginx": nginx, "nodes": nodes}
         if self.observe:
@@ -623,9 +678,12 @@ class Cluster:
             f"{name:<15} {self.node_url(i)}   logs {self.logs}/{name}.log" for i, name in enumerate(self.node_names)
         ]
         aof = f"  (AOF in {self.run_dir}/redis)" if self.appendonly else ""
+        role = "cluster node" if self.redis_cluster else "replica"
         lines.append(f"redis           {self.redis_url}   logs {self.logs}/redis.log{aof}")
         for name, port in zip(self.redis_names[1:], self.replica_ports, strict=True):
-            lines.append(f"{name:<15} redis://127.0.0.1:{port}/0   replica   logs {self.logs}/{name}.log")
+            lines.append(f"{name:<15} redis://127.0.0.1:{port}/0   {role}   logs {self.logs}/{name}.log")
+        if self.redis_cluster:
+            lines.append("  a Redis Cluster: its shards in `python -m ops.cluster status --json` (redis.shards)")
         for name, port in zip(self.sentinel_names, self.sentinel_ports, strict=True):
             lines.append(f"{name:<15} 127.0.0.1:{port}   sentinel (master {SENTINEL_MASTER!r})")
         if self.observe:

@@ -15,6 +15,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,6 +26,7 @@ from redis.exceptions import RedisError
 from broker.base import BrokerUnavailable, Message, RetentionPolicy
 from broker.redis import RedisBroker, RedisTarget
 from broker.redis.connection import server_problem
+from ops.cluster import Cluster
 from ops.cluster.redis_cluster import SLOTS, RedisCluster, Shard
 from ops.cluster.sentinel import redis_client
 from ops.probe import free_port, wait_until
@@ -263,3 +265,32 @@ async def test_a_producer_publishes_straight_to_the_cluster_with_workers_produce
         assert [e.id for e in history.events] == [second.id]
     finally:
         await broker.close()
+
+
+@pytest.mark.timeout(120)
+async def test_make_cluster_with_redis_cluster_serves_through_nginx_and_shows_its_shards(tmp_path: Path) -> None:
+    """``make cluster REDIS=cluster``'s topology (``ops.cluster start --redis-cluster``): a Redis Cluster under the
+    nodes and nginx; ``status`` shows its three shards; an event published through the front reaches a stream."""
+    herald = Cluster(tmp_path / "cluster", nodes=2, front_port=free_port(), redis_cluster=True)
+    await asyncio.to_thread(herald.start)
+    try:
+        status = herald.status()
+        redis_status = status["redis"]
+        assert isinstance(redis_status, dict)
+        shards = redis_status["shards"]
+        assert len(shards) == 3
+        assert all(len(shard["replicas"]) == 1 for shard in shards)
+        assert all(node["state"] == "ready" for node in status["nodes"])  # type: ignore[attr-defined]
+        topic = f"front-{uuid.uuid4().hex[:8]}"
+        async with httpx.AsyncClient(timeout=10) as client:
+            first = await publish_reliably(client, herald.front_url, {"topic": topic, "data": "one"})
+            second = await publish_reliably(client, herald.front_url, {"topic": topic, "data": "two"})
+        async with (
+            asyncio.timeout(30),
+            await EventStream.open(herald.front_url, [topic], last_event_id=first) as stream,
+        ):
+            (event,) = await stream.take(1)
+        assert event.last_event_id == second
+        assert Cluster.load(herald.run_dir).status()["redis"]["shards"] == shards  # type: ignore[index]
+    finally:
+        await asyncio.to_thread(herald.stop)
