@@ -62,7 +62,6 @@ class RedisBroker:
         if target.cluster and not prefix.startswith("{"):
             # One hash tag for every key: on a Redis Cluster they all share one slot (a script reaches one).
             prefix = "{" + prefix + "}"
-        self._cluster = bool(target.cluster)
         retention = retention or RetentionPolicy()
         self.counters = {
             "feed_connects": 0,
@@ -82,7 +81,7 @@ class RedisBroker:
         self._commands = Commands(self._redis, pool, prefix, clock, self.counters)
         self._publisher = Publisher(self._commands, retention, replicas_ack)
         self._reads = Reads(self._commands, retention)
-        self._feed = Feed(self._commands, self._feed_redis, self._reads, self._publisher, cluster=self._cluster)
+        self._feed = Feed(self._commands, self._feed_redis, self._reads, self._publisher)
         self._directory = Directory(self._commands)
 
     @property
@@ -100,7 +99,7 @@ class RedisBroker:
         """
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(self._commands_timeout):
-                problem = await check_server(self._redis, self._cluster)
+                problem = await check_server(self._redis)
             if problem is not None:
                 raise BrokerMisconfigured(problem)
         await self._feed.start(sink)

@@ -194,15 +194,21 @@ def server_problem(hello: object, cluster: bool = False) -> str | None:
     return None
 
 
-async def check_server(client: aioredis.Redis, cluster: bool = False) -> str | None:
-    """:func:`server_problem` of ``client``'s server; connection errors propagate, a Redis without HELLO is too old."""
+NO_HELLO = {"version": "5"}
+"""What a Redis without ``HELLO`` (before 6.0) is taken to answer: too old."""
+
+
+async def check_server(client: aioredis.Redis) -> str | None:
+    """:func:`server_problem` of ``client``'s server, a cluster expected if ``client`` is a cluster client;
+    connection errors propagate."""
+    cluster = isinstance(client, RedisCluster)
     try:
         if isinstance(client, RedisCluster):  # any node answers for the cluster (a keyless command needs one named)
             hello = await client.execute_command("HELLO", "2", target_nodes=RedisCluster.RANDOM)
         else:
             hello = await client.execute_command("HELLO", "2")  # type: ignore[no-untyped-call]
     except ResponseError:
-        return server_problem({"version": "5"})
+        hello = NO_HELLO
     return server_problem(hello, cluster)
 
 
@@ -214,7 +220,7 @@ def hello_now(url: str, timeout: float = 2.0) -> object:
         reply: object = client.execute_command("HELLO", 2)  # type: ignore[no-untyped-call]
         return reply
     except ResponseError:
-        return {"version": "5"}
+        return NO_HELLO
     except (RedisError, OSError):
         return None
     finally:

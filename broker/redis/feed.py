@@ -46,11 +46,8 @@ log = logging.getLogger("herald.redis")
 class Feed:
     """The live feed of one node: subscriptions, positions, reconnects and backfills (see the module docstring)."""
 
-    def __init__(
-        self, commands: Commands, client: aioredis.Redis, reads: Reads, publisher: Publisher, *, cluster: bool = False
-    ) -> None:
+    def __init__(self, commands: Commands, client: aioredis.Redis, reads: Reads, publisher: Publisher) -> None:
         self._commands = commands
-        self._cluster = cluster
         # The feed has its own client: its connection blocks reading, and must
         # not time out while the channels are quiet (a health ping keeps it honest).
         self._feed_redis = client
@@ -274,7 +271,7 @@ class Feed:
     async def _connect_feed(self, pubsub: Any, resync: bool) -> None:
         """Subscribe everything wanted, backfill what the feed missed, then go live."""
         topics = tuple(self._topics)  # subscribe() waits while this runs, so this stays the set
-        problem = await check_server(self._feed_redis, self._cluster)
+        problem = await check_server(self._feed_redis)
         if problem is not None:
             # Redis was down when the node started, and came back unfit (a cluster node): refuse, say why once.
             if not self._told_unfit:

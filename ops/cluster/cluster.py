@@ -18,7 +18,8 @@ import redis
 from api.token import mint
 from ops import launch
 from ops.cluster.processes import Exited, alive, is_ours, write_private
-from ops.cluster.redis_cluster import REDIS_CLI, SLOTS, cluster_args, shards_of
+from ops.cluster.redis_cluster import cluster_args, complete, shards_of
+from ops.cluster.redis_cluster import create as create_redis_cluster
 from ops.cluster.sentinel import redis_client, sentinel_command, sentinel_master
 from ops.launch import NGINX, SENTINEL_MASTER
 from ops.nginx import FrontPolicy, render_local
@@ -324,25 +325,18 @@ class Cluster:
         self._refuse_if_running(name)
         port = self.redis_port_of(name)
         if self.redis_cluster:  # a cluster node: it finds its place (and role) in nodes.conf when restarted
-            (self.run_dir / name).mkdir(parents=True, exist_ok=True)
-            bus = self.bus_ports[self.redis_names.index(name)]
-            self._spawn(name, cluster_args(port, bus, self.run_dir / name, 2000))
-            client = redis_client(port)
-            try:
-                self._wait_started(name, client.ping)
-            finally:
-                client.close()
-            return
-        primary_port = self.redis_port
-        if self.sentinel:
-            primary = self.primary()
-            primary_port = self.redis_port_of(primary) if primary is not None else self.redis_port
-        args = launch.redis_args(
-            port,
-            data_dir=self.run_dir / name,
-            appendonly=self.appendonly,
-            replicaof=primary_port if primary_port != port else None,
-        )
+            args = cluster_args(port, self.bus_ports[self.redis_names.index(name)], self.run_dir / name, 2000)
+        else:
+            primary_port = self.redis_port
+            if self.sentinel:
+                primary = self.primary()
+                primary_port = self.redis_port_of(primary) if primary is not None else self.redis_port
+            args = launch.redis_args(
+                port,
+                data_dir=self.run_dir / name,
+                appendonly=self.appendonly,
+                replicaof=primary_port if primary_port != port else None,
+            )
         (self.run_dir / name).mkdir(parents=True, exist_ok=True)
         self._spawn(name, args)
         client = redis_client(port)
@@ -352,23 +346,13 @@ class Cluster:
             client.close()
 
     def _create_redis_cluster(self) -> None:
-        """Join the redis processes into one cluster (``redis-cli --cluster create``) and wait until it serves."""
-        ports = [self.redis_port, *self.replica_ports]
-        create = [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
-        create += ["--cluster-replicas", "1", "--cluster-yes"]
-        done = subprocess.run(create, capture_output=True, text=True, timeout=60, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
-
-        def serving() -> bool:
-            shards = shards_of(self.redis_port)
-            return (
-                len(shards) == 3
-                and sum(s.slot_count for s in shards) == SLOTS
-                and all(len(s.replicas) == 1 for s in shards)
-            )
-
-        wait_until(serving, "the Redis Cluster serving every slot, a replica for each primary", 60)
+        """Join the redis processes into one cluster (3 primaries, a replica each) and wait until it serves."""
+        create_redis_cluster([self.redis_port, *self.replica_ports], 1)
+        wait_until(
+            lambda: complete(shards_of(self.redis_port), 3, 1),
+            "the Redis Cluster serving every slot, a replica for each primary",
+            60,
+        )
 
     def _start_sentinels(self) -> None:
         for name, port in zip(self.sentinel_names, self.sentinel_ports, strict=True):

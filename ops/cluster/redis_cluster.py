@@ -88,6 +88,24 @@ def shards_of(port: int) -> list[Shard]:
     return sorted(shards, key=lambda s: s.slots[0][0])
 
 
+def create(ports: list[int], replicas: int, timeout: float = 60.0) -> None:
+    """Join the redis-servers on ``ports`` into one cluster, ``replicas`` per primary (redis-cli --cluster create)."""
+    command = [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports)]
+    command += ["--cluster-replicas", str(replicas), "--cluster-yes"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+
+def complete(shards: list[Shard], primaries: int, replicas: int) -> bool:
+    """Whether ``shards`` are ``primaries`` serving every slot, each with ``replicas`` replicas."""
+    return (
+        len(shards) == primaries
+        and sum(s.slot_count for s in shards) == SLOTS
+        and all(len(s.replicas) == replicas for s in shards)
+    )
+
+
 @dataclass
 class RedisCluster:
     """``primaries`` x (1 + ``replicas``) redis-server processes on ``ports``, one cluster once :meth:`start` ends.
@@ -120,11 +138,7 @@ class RedisCluster:
             self.start_process(port)
         for port in self.ports:
             wait_until(lambda p=port: redis_client(p).ping(), f"redis-server on {port}", timeout)  # type: ignore[misc]
-        create = [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports)]
-        create += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
-        done = subprocess.run(create, capture_output=True, text=True, timeout=timeout, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+        create(self.ports, self.replicas, timeout)
         wait_until(self.ready, "the Redis Cluster serving every slot, every replica in", timeout)
 
     def start_process(self, port: int) -> None:
@@ -145,12 +159,7 @@ class RedisCluster:
             state = info.get("cluster_state") if isinstance(info, dict) else None  # redis-py parses it
             if state != "ok":
                 return False
-        shards = self.shards()
-        return (
-            len(shards) == self.primaries
-            and sum(s.slot_count for s in shards) == SLOTS
-            and all(len(s.replicas) == self.replicas for s in shards)
-        )
+        return complete(self.shards(), self.primaries, self.replicas)
 
     def shards(self) -> list[Shard]:
         """The shards now, as the first running process sees them."""

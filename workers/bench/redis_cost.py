@@ -151,18 +151,20 @@ async def _with_feeds(client: aioredis.Redis, port: int, names: list[str], run: 
                 message = await pubsub.get_message(timeout=10)
                 assert message is not None, "no subscribe confirmation"
                 confirmed += message["type"] == "subscribe"
-        before = await redis_cpu(client)
-        accepted = await run
 
-        async def drain(pubsub: Any) -> None:
+        async def drain(pubsub: Any, accepted: int) -> None:
             got = 0
             while got < accepted:
                 message = await pubsub.get_message(timeout=10)
                 assert message is not None, f"a feed had {got} of {accepted} events"
                 got += message["type"] == "message"
 
-        await asyncio.gather(*(drain(pubsub) for pubsub in pubsubs))
-        return (await redis_cpu(client) - before) / max(1, accepted) * 1e6
+        async def published_and_read() -> int:
+            accepted = await run
+            await asyncio.gather(*(drain(pubsub, accepted) for pubsub in pubsubs))
+            return accepted
+
+        return await _cost(client, published_and_read())
     finally:
         for pubsub in pubsubs:
             await pubsub.aclose()
