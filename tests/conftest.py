@@ -39,6 +39,7 @@ UNIT_MODULES = frozenset(
         "test_mercure_space",
         "test_mercure_matchers",
         "test_protocol",
+        "test_redis_keys",
         "test_sse",
         "test_sse_client",
         "test_subscribe",

@@ -22,5 +22,5 @@ local last = tonumber(redis.call('GET', prefix .. ':id') or '0')
 if last < lost then
   redis.call('SET', prefix .. ':id', fmt(lost))
 end
-redis.call('PUBLISH', ARGV[3], fmt(epoch))
+redis.call(string.sub(prefix, 1, 1) == '{' and 'SPUBLISH' or 'PUBLISH', ARGV[3], fmt(epoch))
 return fmt(epoch)

@@ -1,6 +1,8 @@
 -- Herald: publish a batch of events atomically (the Redis-level contract, see README).
 --
--- KEYS: none (keys depend on the topics; Herald targets one Redis, not Redis Cluster).
+-- KEYS: ignored by the script (it names its keys from ARGV). On a Redis Cluster the caller declares every
+-- key it touches (<prefix>:id, :epoch, :idem:<key>, each topic's stream), so Redis routes the call to their
+-- slot and refuses it whole (ASK, TRYAGAIN) while that slot migrates, instead of failing half-way.
 -- ARGV[1]  key prefix, e.g. "herald"
 -- ARGV[2]  "" to use Redis's clock (do this), or now in microseconds since the epoch (tests)
 -- ARGV[3]  replay size: events kept per topic
@@ -43,6 +45,9 @@ local maxlen = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4])
 local idem = ARGV[5]
 local n = tonumber(ARGV[6])
+-- A prefix that is a hash tag ("{herald}") names a Redis Cluster deployment: its channels are sharded
+-- (SPUBLISH), so an event travels to its shard's nodes only, not over the whole cluster's bus.
+local publish = string.sub(prefix, 1, 1) == '{' and 'SPUBLISH' or 'PUBLISH'
 
 -- (Redis scripts can't share code: fmt and the epoch set-up below are kept
 -- identical in publish.lua and history.lua.)
@@ -106,7 +111,7 @@ for i = 0, n - 1 do
     redis.call('XSETID', stream, entry, 'MAXDELETEDID', fmt(math.max(epoch, now - ttl)) .. '-0')
   end
   redis.call('PEXPIRE', stream, ttl_ms)
-  redis.call('PUBLISH', prefix .. ':c:' .. topic, id .. '|' .. etype .. '|' .. data)
+  redis.call(publish, prefix .. ':c:' .. topic, id .. '|' .. etype .. '|' .. data)
   ids[#ids + 1] = id
 end
 redis.call('SET', counter_key, fmt(last))

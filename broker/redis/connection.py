@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
@@ -116,11 +116,36 @@ class Commands:
         self._clock = clock
         self._slots = asyncio.Semaphore(pool)
         self.keys = [f"{prefix}:id"]
-        """Every script's KEYS: on a Redis Cluster they route the script to the slot of Herald's keys (the prefix
-        is a hash tag there, so all of them share one slot); one Redis ignores them (the scripts use ARGV)."""
+        """A script's KEYS when it names no other key (one Redis: every script's; the scripts use ARGV)."""
+        self.cluster = isinstance(client, RedisCluster)
         self.publish_script = client.register_script(PUBLISH_SCRIPT)
         self.history_script = client.register_script(HISTORY_SCRIPT)
         self.mark_lost_script = client.register_script(MARK_LOST_SCRIPT)
+
+    def publish_keys(self, topics: Iterable[str], idempotency_key: str | None) -> list[str]:
+        """``publish.lua``'s KEYS: on a Redis Cluster every key it touches, else just the counter.
+
+        Declared keys are what a cluster routes a script by and checks before running it: while Herald's slot
+        migrates, a call whose keys are not all on one side is refused whole (``ASK``, ``TRYAGAIN``) instead of
+        failing half-way through a batch (a script is not rolled back). One Redis ignores them: no cost there.
+        """
+        if not self.cluster:
+            return self.keys
+        prefix = self.prefix
+        keys = [f"{prefix}:id", f"{prefix}:epoch", *dict.fromkeys(f"{prefix}:s:{t}" for t in topics)]
+        if idempotency_key:
+            keys.append(f"{prefix}:idem:{idempotency_key}")
+        return keys
+
+    def history_keys(self, topics: Iterable[str]) -> list[str]:
+        """``history.lua``'s KEYS (see :meth:`publish_keys`): its streams and their version 2 floors, on a cluster."""
+        if not self.cluster:
+            return self.keys
+        prefix = self.prefix
+        keys = [f"{prefix}:id", f"{prefix}:epoch"]
+        for topic in topics:
+            keys += (f"{prefix}:s:{topic}", f"{prefix}:f:{topic}")
+        return keys
 
     async def call(self, command: Callable[[], Awaitable[Any]], *, idempotent: bool = True) -> Any:
         """Run one command on a pooled connection, waiting for a free one; BrokerUnavailable on failure.

@@ -33,12 +33,14 @@ from collections.abc import Collection
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from broker.base import BrokerUnavailable, Event, EventSink, Reset, ResetReason
 from broker.redis.connection import Commands, check_server, refresh_topology
 from broker.redis.history import Reads
 from broker.redis.publish import Publisher
+from broker.redis.sharded import ShardedPubSub
 
 log = logging.getLogger("herald.redis")
 
@@ -46,8 +48,11 @@ log = logging.getLogger("herald.redis")
 class Feed:
     """The live feed of one node: subscriptions, positions, reconnects and backfills (see the module docstring)."""
 
-    def __init__(self, commands: Commands, client: aioredis.Redis, reads: Reads, publisher: Publisher) -> None:
+    def __init__(
+        self, commands: Commands, client: aioredis.Redis, reads: Reads, publisher: Publisher, *, replica: bool = False
+    ) -> None:
         self._commands = commands
+        self._replica = replica  # on a cluster: read the feed from a replica of Herald's shard
         # The feed has its own client: its connection blocks reading, and must
         # not time out while the channels are quiet (a health ping keeps it honest).
         self._feed_redis = client
@@ -154,7 +159,9 @@ class Feed:
 
     async def _send_round(self, head: str) -> None:
         """Publish ``head`` on this node's control channel: once it comes back, the feed has passed it."""
-        await self._commands.call(functools.partial(self._commands.redis.publish, self._control, head))
+        redis = self._commands.redis
+        send = redis.spublish if self._commands.cluster else redis.publish  # where publish.lua sends (sharded)
+        await self._commands.call(functools.partial(send, self._control, head))
 
     def _is_exact(self, topics: Collection[str]) -> bool:
         for topic in topics:
@@ -226,9 +233,10 @@ class Feed:
         backoff = 0.05
         resync = False
         while not self._commands.closed:
-            pubsub = self._feed_redis.pubsub()
             self._connecting = asyncio.get_running_loop().create_future()
+            pubsub: Any = None
             try:
+                pubsub = self._open_pubsub()
                 await self._connect_feed(pubsub, resync)
                 backoff = 0.05
                 resync = True  # any later reconnect must backfill
@@ -245,13 +253,20 @@ class Feed:
                 await refresh_topology(self._feed_redis)
             finally:
                 self._end_connecting()
-                with contextlib.suppress(RedisError, OSError, RuntimeError):
-                    await pubsub.aclose()
+                if pubsub is not None:
+                    with contextlib.suppress(RedisError, OSError, RuntimeError):
+                        await pubsub.aclose()
             if not self._commands.closed:
                 await asyncio.sleep(backoff)
                 # Short: a node should notice that Redis is back within a
                 # fraction of a second, not after a long backoff.
                 backoff = min(backoff * 2, 0.5)
+
+    def _open_pubsub(self) -> Any:
+        """The feed's connection: plain pub/sub on one Redis, sharded on a cluster's node serving Herald's slot."""
+        if isinstance(self._feed_redis, RedisCluster):
+            return ShardedPubSub(self._feed_redis, self._commands.keys[0], replica=self._replica)
+        return self._feed_redis.pubsub()
 
     def _end_connecting(self) -> None:
         connecting, self._connecting = self._connecting, None
@@ -341,7 +356,8 @@ class Feed:
             head,
         )
         args: list[str | int] = [self._commands.prefix, lost, self._epoch_channel]
-        await self._commands.call(lambda: self._commands.mark_lost_script(keys=self._commands.keys, args=args))
+        keys = self._commands.history_keys(())  # the counter and the epoch
+        await self._commands.call(lambda: self._commands.mark_lost_script(keys=keys, args=args))
 
     async def _read_feed(self, pubsub: Any) -> None:
         quiet_since = time.monotonic()

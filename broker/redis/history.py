@@ -129,7 +129,8 @@ class Reads:
             len(topics),
             *topics,
         ]
-        head, epoch, per_topic = await commands.call(lambda: commands.history_script(keys=commands.keys, args=args))
+        keys = commands.history_keys(topics)
+        head, epoch, per_topic = await commands.call(lambda: commands.history_script(keys=keys, args=args))
         floors: dict[str, int] = {}
         streams: list[list[Event]] = []
         for topic, (floor, flat) in zip(topics, per_topic, strict=True):

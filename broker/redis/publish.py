@@ -45,25 +45,24 @@ class Publisher:
         ]
         for message in messages:
             args += [message.topic, message.type or "", message.data]
+        keys = commands.publish_keys((m.topic for m in messages), idempotency_key)
         if self._replicas_ack:
-            _, joined = await commands.call(lambda: self._publish_and_wait(args), idempotent=False)
+            _, joined = await commands.call(lambda: self._publish_and_wait(keys, args), idempotent=False)
         else:
-            _, joined = await commands.call(
-                lambda: commands.publish_script(keys=commands.keys, args=args), idempotent=False
-            )
+            _, joined = await commands.call(lambda: commands.publish_script(keys=keys, args=args), idempotent=False)
         ids = [int(i) for i in str(joined).split(",")]
         if len(ids) != len(messages):
             raise IdempotencyConflict(f"idempotency key {idempotency_key!r} was used for a different request")
         self.last_published = max(self.last_published, ids[-1])
         return [Event(i, m.topic, m.data, m.type) for i, m in zip(ids, messages, strict=True)]
 
-    async def _publish_and_wait(self, args: list[str | int]) -> Any:
+    async def _publish_and_wait(self, keys: list[str], args: list[str | int]) -> Any:
         # WAIT counts the replicas that have everything this connection wrote,
         # so it must follow the script on the same connection: one pipeline.
         commands = self._commands
         if isinstance(commands.redis, RedisCluster):
             try:
-                return await self._pipeline_and_wait(args)
+                return await self._pipeline_and_wait(keys, args)
             except ResponseError as exc:
                 if "NOSCRIPT" not in str(exc) and "No matching script" not in str(exc):
                     raise
@@ -71,12 +70,12 @@ class Publisher:
             # replicated) or a fresh cluster refuses the EVALSHA, which therefore did not run. Load, send again.
             owner = commands.redis.get_node_from_key(commands.keys[0])
             await commands.redis.execute_command("SCRIPT", "LOAD", PUBLISH_SCRIPT, target_nodes=owner)
-        return await self._pipeline_and_wait(args)
+        return await self._pipeline_and_wait(keys, args)
 
-    async def _pipeline_and_wait(self, args: list[str | int]) -> Any:
+    async def _pipeline_and_wait(self, keys: list[str], args: list[str | int]) -> Any:
         commands = self._commands
         async with commands.redis.pipeline(transaction=False) as pipe:
-            await commands.publish_script(keys=commands.keys, args=args, client=pipe)
+            await commands.publish_script(keys=keys, args=args, client=pipe)
             if isinstance(commands.redis, RedisCluster):
                 # A keyless command could go to any primary: name the one that owns Herald's slot.
                 owner = commands.redis.get_node_from_key(commands.keys[0])

@@ -106,6 +106,26 @@ def complete(shards: list[Shard], primaries: int, replicas: int) -> bool:
     )
 
 
+def node_id(port: int) -> str:
+    """The cluster node id of the redis-server on ``port`` (``CLUSTER MYID``)."""
+    client = redis_client(port, decode_responses=True)
+    try:
+        return str(client.execute_command("CLUSTER MYID"))  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
+
+
+def reshard(source: int, target: int, slots: int, timeout: float = 120.0) -> None:
+    """Move ``slots`` slots from the primary on ``source`` to the one on ``target`` (``redis-cli --cluster
+    reshard``, as an operator does it: the source's lowest-numbered slots, their keys migrated while serving)."""
+    command = [REDIS_CLI, "--cluster", "reshard", f"127.0.0.1:{source}"]
+    command += ["--cluster-from", node_id(source), "--cluster-to", node_id(target)]
+    command += ["--cluster-slots", str(slots), "--cluster-yes"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"redis-cli --cluster reshard failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+
 @dataclass
 class RedisCluster:
     """``primaries`` x (1 + ``replicas``) redis-server processes on ``ports``, one cluster once :meth:`start` ends.

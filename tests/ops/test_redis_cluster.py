@@ -10,27 +10,26 @@ failover; spreading topics over the shards is issue 23's next step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import json
 import signal
+import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.crc import key_slot
-from redis.exceptions import RedisError
 
 from broker.base import BrokerUnavailable, Message, RetentionPolicy
 from broker.redis import RedisBroker, RedisTarget
 from broker.redis.connection import server_problem
 from ops.cluster import Cluster
-from ops.cluster.redis_cluster import SLOTS, RedisCluster, Shard
+from ops.cluster.redis_cluster import SLOTS, RedisCluster, Shard, reshard
 from ops.cluster.sentinel import redis_client
 from ops.probe import free_port, wait_until
-from tests.redis_server import needs_redis
+from tests.redis_server import needs_redis, shared_cluster
 from tests.server import run_server
 from tests.sse_client import EventStream, publish_at, publish_reliably, resuming_clients
 from workers.produce import publish_direct
@@ -38,14 +37,11 @@ from workers.produce import publish_direct
 pytestmark = needs_redis
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    servers = RedisCluster([free_port() for _ in range(6)], tmp_path_factory.mktemp("redis-cluster"))
-    try:
-        servers.start()
-        yield servers
-    finally:
-        servers.stop()
+@pytest.fixture
+def cluster() -> RedisCluster:
+    """The session's local Redis Cluster (the broker contract suite's too): tests here kill its primaries and move
+    Herald's slot, and each leaves it whole again (every primary with its replica) for the next."""
+    return shared_cluster()
 
 
 @pytest.mark.timeout(90)
@@ -143,51 +139,71 @@ def test_what_hello_says_decides_whether_a_node_starts(hello: object, unfit: str
         assert unfit in problem
 
 
-@pytest.mark.timeout(120)
-async def test_sharded_pubsub_takes_one_connection_per_shard_and_follows_a_failover(cluster: RedisCluster) -> None:
-    """What the cluster feed's design leans on (ARCHITECTURE.md, "Redis Cluster: the design"): redis-py's
-    ClusterPubSub subscribes many channels over one connection per shard, and after a primary is killed the
-    channels of its shard deliver again from the replica that took over."""
-    client = AsyncRedisCluster(host="127.0.0.1", port=cluster.running_ports()[0], decode_responses=True)
-    pubsub = client.pubsub()
-    channels = [f"herald:{{t{i}}}:c" for i in range(60)]
-    killed: int | None = None
-    try:
-        async with asyncio.timeout(100):
-            await client.initialize()
-            await pubsub.ssubscribe(*channels)
+@pytest.mark.timeout(90)
+async def test_each_node_keeps_one_sharded_subscriber_connection_on_heralds_shard_and_none_elsewhere(
+    cluster: RedisCluster,
+) -> None:
+    """The feed reads SSUBSCRIBE on the node serving Herald's slot: one connection per node however many topics
+    its clients want, on that shard only (SPUBLISH reaches no other shard, unlike PUBLISH over the cluster bus)."""
+    topics = [f"conn-{uuid.uuid4().hex[:8]}-{i}" for i in range(20)]
+    owner = herald_shard(cluster).primary
+    before = {shard.primary: pubsub_clients(shard.primary) for shard in cluster.shards()}
+    with run_server({"REDIS_URL": cluster.url}) as node:
+        async with asyncio.timeout(60), httpx.AsyncClient(base_url=node.url, timeout=10) as client:
+            streams = [await EventStream.open(node.url, [topic]) for topic in topics]
+            try:
+                await publish_reliably(client, node.url, {"topic": topics[-1], "data": "x"})
+                (event,) = await streams[-1].take(1)
+                assert event.data == "x"
+                after = {shard.primary: pubsub_clients(shard.primary) for shard in cluster.shards()}
+            finally:
+                for stream in streams:
+                    await stream.close()
+    assert after[owner] - before[owner] == 1
+    assert all(after[port] == before[port] for port in after if port != owner), (before, after)
 
-            async def deliver_all(marker: str) -> None:
-                """Publish on every channel until every one delivered (pub/sub is at most once: a message
-                published before the subscriber is back on a new primary is gone, so ask again)."""
-                waiting = set(channels)
-                while waiting:
-                    for channel in waiting:
-                        with contextlib.suppress(RedisError):  # refused until the replica takes over
-                            await client.spublish(channel, f"{marker}:{channel}")
-                    deadline = asyncio.get_running_loop().time() + 0.5
-                    while waiting and asyncio.get_running_loop().time() < deadline:
-                        message = await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=0.1)
-                        if message is not None and message["type"] == "smessage":
-                            got_marker, _, channel = str(message["data"]).partition(":")
-                            if got_marker == marker:
-                                waiting.discard(channel)
 
-            await deliver_all("a")
-            for shard in cluster.shards():  # one subscriber connection on each primary, for all 60 channels
-                assert pubsub_clients(shard.primary) == 1
-
-            killed = cluster.shards()[0].primary
-            cluster.kill(killed)
-            await deliver_all("b")  # every channel again, the killed shard's too, from its new primary
-            for shard in cluster.shards():
-                assert pubsub_clients(shard.primary) == 1
-    finally:
-        await pubsub.aclose()
-        await client.aclose()
-        if killed is not None:
-            cluster.start_process(killed)
-            wait_until(cluster.ready, "the old primary back as a replica", timeout=30)
+@pytest.mark.timeout(240)
+async def test_a_slot_migration_under_publishing_loses_and_duplicates_nothing(cluster: RedisCluster) -> None:
+    """``redis-cli --cluster reshard`` moves Herald's slot to another shard while a node publishes 100 events/s
+    (retried with an Idempotency-Key when refused): the subscribers, on another node, get every accepted event once
+    and in order; the feeds follow the slot (the server's ``sunsubscribe``, then a backfill from the stream)."""
+    source = herald_shard(cluster)
+    target = next(shard for shard in cluster.shards() if shard.primary != source.primary)
+    slot = key_slot(b"{herald}:id")
+    # redis-cli moves the source's lowest-numbered slots: as many as it takes to include Herald's.
+    count = sum(min(end, slot) - start + 1 for start, end in source.slots if start <= slot)
+    env = {"REDIS_URL": cluster.url}
+    topic = f"reshard-{uuid.uuid4().hex[:8]}"
+    with run_server(env) as subscribed, run_server(env) as publishing_node:
+        async with resuming_clients(subscribed.url, [topic], 10) as clients, httpx.AsyncClient() as client:
+            publishing = asyncio.create_task(publish_at(client, publishing_node.url, topic, 100, 8))
+            await asyncio.sleep(1)  # steady publishing before the move
+            moved_at = time.monotonic()
+            await asyncio.to_thread(reshard, source.primary, target.primary, count)
+            moved_in = time.monotonic() - moved_at
+            ledger = await asyncio.wait_for(publishing, 150)
+            last = ledger.accepted[-1]
+            async with asyncio.timeout(30):
+                while any(not c.ids() or c.ids()[-1] != last for c in clients):
+                    await asyncio.sleep(0.05)  # polling the clients' own progress; they run on this loop
+            assert herald_shard(cluster).primary == target.primary
+            assert pubsub_clients(target.primary) >= 2  # both nodes' feeds followed the slot
+            feed = (await client.get(f"{subscribed.url}/stats")).json()["broker"]
+    assert feed["feed_connects"] >= 2, feed  # the server's sunsubscribe ended the feed; it reconnected on the new owner
+    accepted = set(ledger.accepted)
+    for c in clients:
+        got = c.ids()
+        assert [i for i in got if i in accepted] == ledger.accepted  # every accepted event, once, in order
+        assert len(got) == len(set(got))
+        assert c.fatal_answers == []
+    assert {s for _, s in ledger.failures} <= {"503"}, ledger.failures
+    print(
+        f"\nRedis Cluster reshard: {count} slots (Herald's among them) moved in {moved_in:.1f} s under 100 publishes/s;"
+        f" {len(ledger.accepted)} events accepted, {len(ledger.failures)} attempts refused and retried; "
+        f"{len(clients)} subscribers each got all {len(ledger.accepted)} once, in order; their node's feed"
+        f" reconnected {feed['feed_connects'] - 1} times, {feed['backfilled_events']} events backfilled"
+    )
 
 
 def herald_shard(cluster: RedisCluster) -> Shard:
@@ -265,6 +281,28 @@ async def test_a_producer_publishes_straight_to_the_cluster_with_workers_produce
         assert [e.id for e in history.events] == [second.id]
     finally:
         await broker.close()
+
+
+@pytest.mark.timeout(120)
+async def test_the_load_tools_redis_publisher_speaks_the_cluster_contract(
+    cluster: RedisCluster, tmp_path: Path
+) -> None:
+    """``workers.loadtest --publish redis`` pointed at a cluster node (not the one owning Herald's slot) publishes
+    through the cluster contract, and a node on the cluster delivers every event."""
+    seed = next(port for port in cluster.running_ports() if port != herald_shard(cluster).primary)
+    out = tmp_path / "result.json"
+    with run_server({"REDIS_URL": cluster.url}) as node:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "workers.loadtest", "--quiet", "--ramp", "0.3", "--drain", "15", "--json", str(out),
+             f"--target={node.url}", "--subscribers", "50", "--topics", "each", "--rate", "200", "--duration", "2",
+             "--publish", "redis", "--redis-url", f"redis://127.0.0.1:{seed}/0"],
+            capture_output=True, text=True, timeout=90, check=False,
+        )  # fmt: skip
+    assert out.exists(), done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert done.returncode == 0, result["verdict"]
+    assert result["delivery"]["delivered"] == result["delivery"]["expected"] == 400
 
 
 @pytest.mark.timeout(120)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import time
 from collections import Counter
@@ -36,6 +37,7 @@ from urllib.parse import urlencode
 import httpx
 
 from broker.base import Message, RetentionPolicy
+from broker.factory import redis_target
 from broker.redis import RedisBroker
 from workers.loadtest.config import MERCURE_PATH
 from workers.loadtest.histogram import Histogram
@@ -201,10 +203,12 @@ class HttpSender:
 
 
 class RedisSender:
-    """Straight to Redis through the broker's publish script, as ``workers.produce`` does."""
+    """Straight to Redis through the broker's publish script, as ``workers.produce`` does (a Redis Cluster node's
+    URL is detected the same way: ``HELLO``, or ``REDIS_CLUSTER_NODES``)."""
 
     def __init__(self, redis_url: str, names: list[str], size: int, retention: RetentionPolicy) -> None:
-        self.broker = RedisBroker(redis_url, retention)
+        target = redis_target(redis_url, cluster_nodes=os.environ.get("REDIS_CLUSTER_NODES"))
+        self.broker = RedisBroker(target, retention)
         self.names = names
         self.size = size
         self.warmed = 0  # straight to Redis: not through any node's publish endpoint
