@@ -61,6 +61,7 @@ def _default_broker(settings: Settings) -> Broker:
         cluster_nodes=settings.redis_cluster_nodes,
         pool=settings.redis_pool,
         replicas_ack=settings.redis_replicas_ack,
+        partitions=settings.redis_partitions,
     )
 
 

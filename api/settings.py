@@ -80,6 +80,16 @@ class Settings(BaseSettings):
     redis_pool: int = Field(
         50, ge=1, description="Redis connections for commands; more concurrent commands wait for one."
     )
+    redis_partitions: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Partitions the topics are spread over, each its own data set in its own hash slot (on a Redis Cluster:"
+            " spread over the shards). A deployment constant: every node and producer must use the same. 1: one"
+            ' data set, ids are integers; more: clients\' ids are cursors (docs/operations.md, "Redis deployments").'
+        ),
+    )
     redis_replicas_ack: int = Field(
         0,
         ge=0,

@@ -80,6 +80,8 @@ class Event:
     topic: str
     data: str
     type: str | None = None
+    cursor: str | None = None
+    """The ``id:`` clients are sent when it is not ``id`` itself (a broker with :class:`Cursors`)."""
 
 
 class ResetReason:
@@ -274,6 +276,30 @@ class PositionNow(Protocol):
 
         ``topics`` are subscribed. Raises BrokerUnavailable (closed).
         """
+
+
+@runtime_checkable
+class Cursors(Protocol):
+    """Optional capability: the ids clients hold are cursors, not the integer positions the node orders by.
+
+    A broker whose topics are spread over partitions, each with its own
+    sequence (:mod:`broker.redis.spread`), has no deployment-wide integer: a
+    client's place is a vector, one position per partition. The node still
+    orders its feed by integers (the broker numbers what it delivers, in
+    delivery order: :attr:`Event.id`), so the hub's hand-off from replay to
+    live works as with any broker; the vector travels as text
+    (:attr:`Event.cursor`, and the texts these methods return for positions).
+    Such a broker's :meth:`Broker.position` and :meth:`Broker.history` are not
+    used by the hub.
+    """
+
+    async def position_cursor(self, topics: Collection[str]) -> tuple[int, str]:
+        """:meth:`Broker.position`, and the cursor text a client starting there is told."""
+
+    async def history_from(self, topics: Collection[str], cursor: str) -> tuple[History, str] | None:
+        """The events of ``topics`` after ``cursor`` (each with its :attr:`Event.cursor`), and the cursor text of
+        ``History.head`` (a position, as from :meth:`position_cursor`); None when ``cursor`` is not one this
+        deployment issues. Raises BrokerUnavailable."""
 
 
 @runtime_checkable

@@ -21,6 +21,7 @@ def create_broker(
     cluster_nodes: str | None = None,
     pool: int = 50,
     replicas_ack: int = 0,
+    partitions: int = 1,
 ) -> Broker:
     """The embedded broker when no Redis is configured, else the Redis broker.
 
@@ -28,7 +29,8 @@ def create_broker(
     broker then follows the primary that the sentinels name ``sentinel_master``.
     ``cluster_nodes`` (``host:port,...``) names a Redis Cluster; so does a
     ``redis_url`` whose server says it is a cluster node (``HELLO``, asked
-    now: a Redis that can't be reached now is taken for one server).
+    now: a Redis that can't be reached now is taken for one server). ``partitions`` above 1 spreads the
+    topics over that many data sets, one hash slot each (:mod:`broker.redis.spread`); no Redis: ignored.
     """
     if redis_url is None and not sentinels and not cluster_nodes:
         return MemoryBroker(retention)
@@ -36,6 +38,10 @@ def create_broker(
     from broker.redis import RedisBroker
 
     target = redis_target(redis_url, sentinels=sentinels, sentinel_master=sentinel_master, cluster_nodes=cluster_nodes)
+    if partitions > 1:
+        from broker.redis.spread import SpreadBroker
+
+        return SpreadBroker(target, retention, partitions=partitions, pool=pool, replicas_ack=replicas_ack)
     return RedisBroker(target, retention, pool=pool, replicas_ack=replicas_ack)
 
 

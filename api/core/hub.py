@@ -42,7 +42,7 @@ from api.core.flusher import Flusher
 from api.core.metrics import LatencyWindow, Metrics, NullMetrics
 from api.core.routing import ENTRY_BYTES, Delivery, Index, Selection
 from api.core.sse import event_frame, reset_frame
-from broker.base import Broker, BrokerUnavailable, Event, PositionNow, Reset, ResetReason, SubscribeNow
+from broker.base import Broker, BrokerUnavailable, Cursors, Event, PositionNow, Reset, ResetReason, SubscribeNow
 
 log = logging.getLogger("herald.hub")
 
@@ -82,6 +82,13 @@ class Opened:
     """How many of ``frames`` are replayed events (the others: a ``reset``)."""
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     """Response headers the space's protocol owes for this opening (Mercure's ``Mercure-Last-Event-ID``)."""
+    cursor: str | None = None
+    """The id the client is told for ``position`` when it is not ``position`` itself (a broker with Cursors)."""
+
+    @property
+    def marker(self) -> int | str:
+        """What the client's ``id:`` is at ``position``."""
+        return self.position if self.cursor is None else self.cursor
 
 
 class Space(Protocol):
@@ -123,6 +130,10 @@ class Hub:
         self._broker = broker
         # What lets open_now open a fresh stream in one step (api.adapter.lane), when the broker answers at once.
         self._position_now = broker.position_now if isinstance(broker, PositionNow) else None
+        # A broker whose clients hold cursors, not positions (topics over partitions): opens take the long way.
+        self._cursors = broker if isinstance(broker, Cursors) else None
+        if self._cursors is not None:
+            self._position_now = None
         self._subscribe_now = broker.subscribe_now if isinstance(broker, SubscribeNow) else None
         # Counted per write and per flush, read when Prometheus scrapes (api.core.metrics).
         self.metrics: Metrics = metrics if metrics is not None else NullMetrics()
@@ -224,7 +235,8 @@ class Hub:
         if event.id in deliveries:
             return deliveries[event.id]
         if space is None:
-            delivery: Delivery | None = Delivery((event.topic,), event_frame(event.id, event.data, event.type))
+            marker = event.id if event.cursor is None else event.cursor
+            delivery: Delivery | None = Delivery((event.topic,), event_frame(marker, event.data, event.type))
         else:
             delivery = space.decode(event)
         deliveries[event.id] = delivery
@@ -430,6 +442,8 @@ class Hub:
             await asyncio.sleep(0.25)
 
     async def _open(self, connection: Connection, last_event_id: str | None) -> Opened:
+        if self._cursors is not None:
+            return await self._open_at_cursor(self._cursors, connection, last_event_id)
         topics = connection.topics
         if last_event_id is None:
             position = await self._broker.position(topics)
@@ -448,6 +462,34 @@ class Hub:
         # Clients resuming together replay the same events: encode each once.
         frames.extend(self._remember(event) for event in history.events)
         return Opened(connection, frames, history.head, fresh=False, replayed=len(history.events))
+
+    async def _open_at_cursor(self, cursors: Cursors, connection: Connection, last_event_id: str | None) -> Opened:
+        """:meth:`_open` with a broker whose clients hold cursors (:class:`~broker.base.Cursors`).
+
+        Replayed frames carry each client's own cursor (where its replay has got to, in every partition), so
+        they are made per stream, not taken from the frame cache; live frames stay shared.
+        """
+        topics = connection.topics
+        if last_event_id is not None:
+            answer = await cursors.history_from(topics, last_event_id)
+            if answer is not None:
+                history, cursor = answer
+                frames: list[bytes] = []
+                if history.reset is not None:
+                    frames.append(
+                        reset_frame(history.reset.reason, history.reset.topics, None if history.events else cursor)
+                    )
+                    self.count_reset(history.reset.reason)
+                frames.extend(event_frame(e.cursor, e.data, e.type) for e in history.events)
+                return Opened(
+                    connection, frames, history.head, fresh=False, replayed=len(history.events), cursor=cursor
+                )
+        position, cursor = await cursors.position_cursor(topics)
+        if last_event_id is None:
+            return Opened(connection, [], position, fresh=True, cursor=cursor)
+        self.count_reset(ResetReason.INVALID_ID)
+        frames = [reset_frame(ResetReason.INVALID_ID, topics, cursor)]
+        return Opened(connection, frames, position, fresh=False, cursor=cursor)
 
     def count_reset(self, reason: str) -> None:
         """A client was told its resume can't be exact, for ``reason`` (``herald_resets_total``)."""

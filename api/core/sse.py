@@ -52,7 +52,7 @@ def encode_data(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def event_frame(event_id: int | None, data: str, event_type: str | None = None) -> bytes:
+def event_frame(event_id: int | str | None, data: str, event_type: str | None = None) -> bytes:
     """One complete event: ``id``, optional ``event``, ``data`` lines, blank line.
 
     Only line breaks split ``data`` (not the other characters that
@@ -65,7 +65,7 @@ def event_frame(event_id: int | None, data: str, event_type: str | None = None) 
     return f"{head}{body}\n".encode()
 
 
-def preamble(retry_ms: int, position: int | None) -> bytes:
+def preamble(retry_ms: int, position: int | str | None) -> bytes:
     """The first bytes of every stream: the reconnect hint, and for a new client its position.
 
     ``id:`` without ``data:`` dispatches no event, but a conforming client
@@ -90,7 +90,7 @@ def retry_notice(retry_ms: int, why: str) -> bytes:
     return f"retry: {retry_ms}\n: {_one_line(why)}\n\n".encode()
 
 
-def position_frame(position: int) -> bytes:
+def position_frame(position: int | str) -> bytes:
     """``id:`` without data: the client records its position and nothing is dispatched (see :func:`preamble`)."""
     return f"id: {position}\n\n".encode()
 
@@ -99,7 +99,7 @@ def _one_line(text: str) -> str:
     return _LINE_BREAK.sub(" ", text)
 
 
-def reset_frame(reason: str, topics: tuple[str, ...], position: int | None) -> bytes:
+def reset_frame(reason: str, topics: tuple[str, ...], position: int | str | None) -> bytes:
     """The ``reset`` event: the client's resume cannot be exact for ``topics``.
 
     It carries ``position`` as its id when no replayed event follows it, so a

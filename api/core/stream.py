@@ -138,11 +138,11 @@ class EventStreamResponse(Response):
                 await server.send_head(scope, receive, send, self.raw_headers, notice)
                 opened = await self._wait_and_open(send)
                 if opened is not None and opened.fresh:
-                    first = position_frame(opened.position)
+                    first = position_frame(opened.marker)
                     await send({"type": "http.response.body", "body": first, "more_body": True})
                     tally.bytes += len(first)
             else:
-                first = preamble(self._retry_ms, opened.position if opened.fresh else None)
+                first = preamble(self._retry_ms, opened.marker if opened.fresh else None)
                 await server.send_head(scope, receive, send, self.raw_headers, first)
                 tally.bytes += len(first)
             if opened is not None:

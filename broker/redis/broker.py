@@ -55,6 +55,7 @@ class RedisBroker:
         clock: Clock | None = None,
         timeout: float = 2.0,
         client: aioredis.Redis | None = None,
+        feed_client: aioredis.Redis | None = None,
         pool: int = 50,
         replicas_ack: int = 0,
     ) -> None:
@@ -76,8 +77,10 @@ class RedisBroker:
             "lost_marked": 0,
         }
         self._commands_timeout = timeout
+        # Clients given are shared (the partitions of a SpreadBroker): whoever made them closes them.
+        self._owns_clients = client is None
         self._redis: aioredis.Redis = client or make_client(target, pool, timeout, timeout)
-        self._feed_redis: aioredis.Redis = client or make_client(target, 2, None, timeout)
+        self._feed_redis: aioredis.Redis = feed_client or client or make_client(target, 2, None, timeout)
         self._commands = Commands(self._redis, pool, prefix, clock, self.counters)
         self._publisher = Publisher(self._commands, retention, replicas_ack)
         self._reads = Reads(self._commands, retention)
@@ -108,6 +111,8 @@ class RedisBroker:
         self._commands.closed = True
         await self._feed.close()
         await self._reads.close()
+        if not self._owns_clients:
+            return
         with contextlib.suppress(RedisError, OSError):
             await self._redis.aclose()
         if self._feed_redis is not self._redis:
@@ -133,6 +138,11 @@ class RedisBroker:
 
     async def position(self, topics: Collection[str]) -> int:
         return await self._feed.position(topics)
+
+    @property
+    def feed(self) -> Feed:
+        """The live feed (a SpreadBroker reads its partitions' positions from it)."""
+        return self._feed
 
     def position_now(self, topics: Collection[str]) -> int | None:
         """The feed's position when it carries every one of ``topics`` exactly, else None (see :class:`Feed`)."""

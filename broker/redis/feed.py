@@ -84,6 +84,7 @@ class Feed:
         self._echoing = False  # a head is on its way round the feed (see position())
         self._epoch = -1
         self._tasks: set[asyncio.Task[None]] = set()
+        self._rounds: list[tuple[int, asyncio.Future[None]]] = []  # positions awaited by reach()
 
     @property
     def up(self) -> bool:
@@ -148,6 +149,49 @@ class Feed:
             self._commands.counters["positions_from_feed"] += 1
             return self._last_seen
         return None
+
+    @property
+    def last_seen(self) -> int:
+        """The feed's position: every event of its exact topics up to it has reached the sink, later ones will."""
+        return self._last_seen
+
+    async def reach(self, topics: Collection[str], at_least: int) -> None:
+        """Return once the feed carries ``topics`` exactly and its position is at least ``at_least`` (or the head,
+        if that is lower: an id above the head is the caller's to judge). Raises BrokerUnavailable.
+
+        What a resume on partitioned topics needs (:mod:`broker.redis.spread`): replaying up to the feed's position
+        and going live from there is exact only once the feed is past the client's own position in this partition.
+        One round per call at most: the head is read, sent round the feed, and its return awaited (shared by every
+        caller waiting for the same or a lower head).
+        """
+        await self.position(topics)  # waits for a connecting feed; starts making fresh topics exact
+        if self.position_now(topics) is not None and self._last_seen >= at_least:
+            return
+        head = await self._reads.head()
+        if self._last_seen < head:
+            future = next((f for target, f in self._rounds if target >= head and not f.done()), None)
+            if future is None:
+                future = asyncio.get_running_loop().create_future()
+                self._rounds.append((head, future))
+                await self._send_round(str(head))
+            try:
+                await asyncio.wait_for(asyncio.shield(future), 5)
+            except TimeoutError:
+                raise BrokerUnavailable("the redis feed did not bring its position round in time") from None
+        if self.position_now(topics) is None:  # the feed reconnected meanwhile: its position is in flux
+            raise BrokerUnavailable("the redis feed is reconnecting")
+
+    def _passed(self) -> None:
+        """The position moved: release the rounds it passed (:meth:`reach`)."""
+        last = self._last_seen
+        kept = []
+        for target, future in self._rounds:
+            if target <= last:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                kept.append((target, future))
+        self._rounds = kept
 
     async def _echo_position(self, head: int) -> None:
         try:
@@ -279,6 +323,11 @@ class Feed:
             if not future.done():
                 future.set_exception(BrokerUnavailable("redis feed lost"))
         self._confirmations.clear()
+        for _, future in self._rounds:
+            if not future.done():
+                future.set_exception(BrokerUnavailable("redis feed lost"))
+                future.exception()  # retrieved here: a round nobody awaits any more must not be reported
+        self._rounds = []
         # Every topic is backfilled from the feed's position when it is back.
         self._exact = set(self._topics)
         self._exact_at.clear()
@@ -337,6 +386,8 @@ class Feed:
                 self._sink.on_event(event)
             self._commands.counters["backfilled_events"] += len(history.events)
         self._last_seen = max(self._last_seen, snapshot.head)
+        if self._rounds:
+            self._passed()
         self._positioned = True
         self._exact = self._topics.intersection(topics)
         self._exact_at.clear()
@@ -396,6 +447,8 @@ class Feed:
             if channel == self._control:
                 with contextlib.suppress(ValueError):
                     self._last_seen = max(self._last_seen, int(message["data"]))
+                if self._rounds:
+                    self._passed()
                 return
             try:
                 raw_id, event_type, data = message["data"].split("|", 2)

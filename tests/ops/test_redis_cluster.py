@@ -190,6 +190,9 @@ async def test_a_slot_migration_under_publishing_loses_and_duplicates_nothing(cl
             assert herald_shard(cluster).primary == target.primary
             assert pubsub_clients(target.primary) >= 2  # both nodes' feeds followed the slot
             feed = (await client.get(f"{subscribed.url}/stats")).json()["broker"]
+    # Back where it was (the target's lowest slots are the ones it took): the session's cluster stays as made.
+    await asyncio.to_thread(reshard, target.primary, source.primary, count)
+    assert herald_shard(cluster).primary == source.primary
     assert feed["feed_connects"] >= 2, feed  # the server's sunsubscribe ended the feed; it reconnected on the new owner
     accepted = set(ledger.accepted)
     for c in clients:

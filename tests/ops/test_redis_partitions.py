@@ -1,0 +1,248 @@
+"""Topics spread over partitions (``HERALD_REDIS_PARTITIONS``) on the session's local Redis Cluster.
+
+Real processes: the cluster (3 primaries with a replica each), real nodes.
+What must hold: the partitions land on every shard and publishing spreads
+over them; a client whose topics live on several shards resumes exactly on
+any node (cursors); a cursor that can't be covered gets ``reset``; a shard's
+primary killed under publishing loses no accepted event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from redis.crc import key_slot
+
+from broker.base import Event, Message, Reset, ResetReason, RetentionPolicy
+from broker.redis import RedisTarget
+from broker.redis.cursor import decode, encode
+from broker.redis.spread import SpreadBroker, partition_of, partition_tags
+from ops.cluster.redis_cluster import RedisCluster, Shard
+from ops.cluster.sentinel import redis_client
+from ops.probe import wait_until
+from tests.redis_server import needs_redis, shared_cluster
+from tests.server import run_server
+from tests.sse_client import EventStream, ResumingClient, resuming_clients
+
+pytestmark = needs_redis
+
+PARTITIONS = 3
+
+
+@pytest.fixture
+def cluster() -> RedisCluster:
+    return shared_cluster()
+
+
+def topics_on_each_partition(partitions: int = PARTITIONS) -> list[str]:
+    """One fresh topic per partition, in partition order."""
+    found: dict[int, str] = {}
+    base = uuid.uuid4().hex[:8]
+    i = 0
+    while len(found) < partitions:
+        topic = f"spread-{base}-{i}"
+        found.setdefault(partition_of(topic, partitions), topic)
+        i += 1
+    return [found[k] for k in range(partitions)]
+
+
+def shard_of(cluster: RedisCluster, tag: str) -> Shard:
+    slot = key_slot(f"{tag}:id".encode())
+    return next(s for s in cluster.shards() if any(start <= slot <= end for start, end in s.slots))
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.resets: list[Reset] = []
+
+    def on_event(self, event: Event) -> None:
+        self.events.append(event)
+
+    def on_reset(self, reset: Reset) -> None:
+        self.resets.append(reset)
+
+
+@contextlib.asynccontextmanager
+async def spread_broker(cluster: RedisCluster, retention: RetentionPolicy | None = None) -> AsyncIterator[SpreadBroker]:
+    target = RedisTarget(cluster=tuple(("127.0.0.1", port) for port in cluster.running_ports()))
+    broker = SpreadBroker(target, retention or RetentionPolicy(), partitions=PARTITIONS)
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
+def test_cursors_are_short_and_read_back_exactly() -> None:
+    now = int(time.time() * 1_000_000)
+    three = [now, now - 1_234, now - 3_600_000_000]  # one partition quiet for an hour
+    sixteen = [now - i * 5_000 for i in range(16)]  # sixteen busy partitions, 5 ms apart
+    assert decode(encode(three), 3) == three
+    assert decode(encode(sixteen), 16) == sixteen
+    assert len(encode(three)) <= 25
+    assert len(encode(sixteen)) <= 80
+    for bad in ("", "12", "1.0.0", encode(three) + ".0", "Z.0.0.0", "1.2.0.0", "1..0.0", "x" * 2000, "\u0661.0.0.0"):
+        assert decode(bad, 3) is None, bad
+
+
+@pytest.mark.timeout(60)
+def test_the_partitions_land_on_every_shard(cluster: RedisCluster) -> None:
+    tags = partition_tags(PARTITIONS)
+    assert tags[0] == "{herald}"  # one partition is the one-slot deployment
+    assert len({shard_of(cluster, tag).primary for tag in tags}) == len(cluster.shards()) == 3
+
+
+@pytest.mark.timeout(90)
+async def test_publishing_spreads_over_the_shards_and_a_batch_keeps_its_order(cluster: RedisCluster) -> None:
+    topics = topics_on_each_partition()
+    async with spread_broker(cluster) as broker:
+        events = await broker.publish([Message(t, f"{t}/{i}") for i in range(2) for t in topics])
+        assert [e.data for e in events] == [f"{t}/{i}" for i in range(2) for t in topics]
+        again = await broker.publish([Message(t, "x") for t in topics], idempotency_key=topics[0])
+        retried = await broker.publish([Message(t, "x") for t in topics], idempotency_key=topics[0])
+        assert [e.id for e in retried] == [e.id for e in again]  # nothing published twice, in any partition
+        for tag, topic in zip(partition_tags(PARTITIONS), topics, strict=True):
+            admin = redis_client(shard_of(cluster, tag).primary, decode_responses=True)
+            try:
+                assert admin.xlen(f"{tag}:s:{topic}") == 3
+            finally:
+                admin.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_resume_over_every_shard_is_exact_and_an_uncovered_cursor_is_reset(cluster: RedisCluster) -> None:
+    topics = topics_on_each_partition()
+    async with spread_broker(cluster, RetentionPolicy(size=5)) as broker:
+        sink = Sink()
+        await broker.start(sink)
+        await broker.subscribe(topics)
+        _, start = await broker.position_cursor(topics)
+        await broker.publish([Message(t, f"{t}/{i}") for i in range(3) for t in topics])
+        async with asyncio.timeout(10):
+            while len(sink.events) < 9:
+                await asyncio.sleep(0.01)  # the feed runs on this loop
+        assert sorted(e.data for e in sink.events) == sorted(f"{t}/{i}" for i in range(3) for t in topics)
+        middle = sink.events[4]
+        answer = await broker.history_from(topics, middle.cursor or "")
+        assert answer is not None
+        history, _ = answer
+        assert history.reset is None
+        assert [e.data for e in history.events] == [e.data for e in sink.events[5:]]  # exactly what came after
+        # Resuming from any replayed event's cursor gets exactly the rest of the replay.
+        again = await broker.history_from(topics, history.events[0].cursor or "")
+        assert again is not None
+        assert [e.data for e in again[0].events] == [e.data for e in sink.events[6:]]
+
+        # More than the replay size published to one topic after the start: that topic is reset, the others exact.
+        await broker.publish([Message(topics[1], f"more/{i}") for i in range(6)])
+        answer = await broker.history_from(topics, start)
+        assert answer is not None
+        history, _ = answer
+        assert history.reset == Reset(ResetReason.EXPIRED, (topics[1],))
+        assert assert_datas(history.events, topics[0]) == [f"{topics[0]}/{i}" for i in range(3)]
+
+        assert await broker.history_from(topics, "12345") is None  # an integer id: not a cursor here
+        assert await broker.history_from(topics, encode([1, 1, 10**17])) is None  # beyond a partition's head
+
+
+def assert_datas(events: list[Event], topic: str) -> list[str]:
+    return [e.data for e in events if e.topic == topic]
+
+
+@pytest.mark.timeout(120)
+async def test_a_client_of_topics_on_every_shard_resumes_exactly_on_another_node(cluster: RedisCluster) -> None:
+    topics = topics_on_each_partition()
+    env = {"REDIS_URL": cluster.url, "HERALD_REDIS_PARTITIONS": str(PARTITIONS)}
+    with run_server(env) as first, run_server(env) as second:
+        async with asyncio.timeout(60), httpx.AsyncClient(timeout=10) as client:
+
+            async def publish(data: list[str]) -> None:
+                for i, item in enumerate(data):
+                    answer = await client.post(f"{second.url}/publish", json={"topic": topics[i % 3], "data": item})
+                    assert answer.status_code == 201, answer.text
+
+            async with await EventStream.open(first.url, topics) as stream:
+                await publish([f"a{i}" for i in range(6)])
+                got = await stream.take(6)
+            assert [e.data for e in got] == [f"a{i}" for i in range(6)]  # one publisher, in order
+            ids = [e.last_event_id for e in got]
+            assert len(set(ids)) == 6
+            assert max(len(i.encode()) for i in ids) <= 30, ids
+            await publish([f"b{i}" for i in range(6)])
+            async with await EventStream.open(second.url, topics, last_event_id=ids[3]) as resumed:
+                replayed = await resumed.take(8)
+                await publish(["c0"])
+                (live,) = await resumed.take(1)
+            assert [e.data for e in replayed] == ["a4", "a5", *(f"b{i}" for i in range(6))]
+            assert all(e.type != "reset" for e in replayed)
+            assert live.data == "c0"
+
+
+@pytest.mark.timeout(180)
+async def test_a_shards_primary_killed_under_publishing_loses_no_accepted_event(cluster: RedisCluster) -> None:
+    """Partition 1's primary SIGKILLed while a node publishes 100 events/s round the three partitions' topics with
+    HERALD_REDIS_REPLICAS_ACK=1 (each retried with its Idempotency-Key until accepted): every subscriber gets every
+    accepted event once, in order per topic, and the other shards' topics never stop being accepted."""
+    topics = topics_on_each_partition()
+    shard = shard_of(cluster, partition_tags(PARTITIONS)[1])
+    env = {"REDIS_URL": cluster.url, "HERALD_REDIS_REPLICAS_ACK": "1", "HERALD_REDIS_PARTITIONS": str(PARTITIONS)}
+    accepted: list[str] = []
+    refused: dict[str, list[float]] = {t: [] for t in topics}
+    with run_server(env) as subscribed, run_server(env) as publishing_node:
+        async with resuming_clients(subscribed.url, topics, 10) as clients, httpx.AsyncClient() as client:
+
+            async def publishing(rate: float, seconds: float) -> None:
+                started = time.monotonic()
+                for i in range(int(rate * seconds)):
+                    await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
+                    topic, key = topics[i % 3], uuid.uuid4().hex
+                    while True:
+                        with contextlib.suppress(httpx.HTTPError):
+                            answer = await client.post(
+                                f"{publishing_node.url}/publish",
+                                json={"topic": topic, "data": f"{topic}/{i}"},
+                                headers={"Idempotency-Key": key},
+                                timeout=5,
+                            )
+                            if answer.status_code == 201:
+                                accepted.append(f"{topic}/{i}")
+                                break
+                        refused[topic].append(time.monotonic() - started)
+                        await asyncio.sleep(0.05)
+
+            task = asyncio.create_task(publishing(100, 8))
+            await asyncio.sleep(2)
+            cluster.kill(shard.primary)
+            await asyncio.sleep(1)
+            cluster.start_process(shard.primary)  # back as the new primary's replica, so WAIT can be answered
+            await asyncio.wait_for(task, 150)
+            async with asyncio.timeout(30):
+                while any(len(received(c)) < len(accepted) for c in clients):
+                    await asyncio.sleep(0.05)  # polling the clients' own progress; they run on this loop
+    wait_until(cluster.ready, "the old primary back as a replica", timeout=30)
+    for c in clients:
+        got = received(c)
+        assert len(got) == len(set(got)) == len(accepted)
+        for topic in topics:  # in order per topic
+            assert [d for d in got if d.startswith(topic)] == [d for d in accepted if d.startswith(topic)]
+        assert c.fatal_answers == []
+    assert not refused[topics[0]], refused  # the other shards never stopped
+    assert not refused[topics[2]], refused
+    outage = max(refused[topics[1]], default=0.0) - min(refused[topics[1]], default=0.0)
+    assert outage < 15, refused
+    print(
+        f"\nspread over {PARTITIONS} partitions: partition 1's shard primary SIGKILLed under 100 publishes/s; "
+        f"{len(accepted)} events accepted, {len(refused[topics[1]])} attempts on its topic refused over {outage:.2f} s"
+        f" (none on the other shards'); {len(clients)} subscribers each got all {len(accepted)} once, in order per"
+        " topic"
+    )
+
+
+def received(client: ResumingClient) -> list[str]:
+    return [e.data for e in client.events if e.type != "reset"]
