@@ -301,6 +301,17 @@ class Cursors(Protocol):
         ``History.head`` (a position, as from :meth:`position_cursor`); None when ``cursor`` is not one this
         deployment issues. Raises BrokerUnavailable."""
 
+    def sequence(self, topic: str, cursor: str) -> int:
+        """Where ``cursor`` stands in ``topic``'s own sequence (its partition's; 0 when it is no cursor here).
+
+        A protocol whose whole feed is one topic numbers by that sequence (the Mercure hub: ``#<n>``), which is
+        the same on every node; the ``id`` a publish answers is in it too.
+        """
+
+    def cursor(self, topic: str, sequence: int) -> str:
+        """A cursor at ``sequence`` of ``topic``'s own sequence (and at 0 in every other): to resume a
+        one-topic protocol's ``#<n>`` by :meth:`history_from`."""
+
 
 @runtime_checkable
 class SubscribeNow(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -34,15 +35,27 @@ def create_broker(
     """
     if redis_url is None and not sentinels and not cluster_nodes:
         return MemoryBroker(retention)
-    # Only when asked for: the embedded broker needs no Redis client.
+    target = redis_target(redis_url, sentinels=sentinels, sentinel_master=sentinel_master, cluster_nodes=cluster_nodes)
+    return redis_broker(target, retention, partitions=partitions, pool=pool, replicas_ack=replicas_ack)
+
+
+def redis_broker(
+    target: RedisTarget, retention: RetentionPolicy, *, partitions: int = 1, pool: int = 50, replicas_ack: int = 0
+) -> Broker:
+    """The Redis broker for ``target``: one data set, or the topics over ``partitions`` (what nodes and producers
+    writing straight to Redis both use, so they agree on where a topic lives)."""
     from broker.redis import RedisBroker
 
-    target = redis_target(redis_url, sentinels=sentinels, sentinel_master=sentinel_master, cluster_nodes=cluster_nodes)
     if partitions > 1:
         from broker.redis.spread import SpreadBroker
 
         return SpreadBroker(target, retention, partitions=partitions, pool=pool, replicas_ack=replicas_ack)
     return RedisBroker(target, retention, pool=pool, replicas_ack=replicas_ack)
+
+
+def partitions_setting() -> int:
+    """``HERALD_REDIS_PARTITIONS`` as a producer outside a node reads it (a node reads it with its settings)."""
+    return max(1, int(os.environ.get("HERALD_REDIS_PARTITIONS", "1")))
 
 
 def redis_target(

@@ -30,8 +30,8 @@ import httpx
 from api.core.sse import encode_data
 from api.models import PublishEvent
 from api.token import mint_from_environment
-from broker.base import Event, Message, RetentionPolicy
-from broker.factory import redis_target
+from broker.base import Broker, Event, Message, RetentionPolicy
+from broker.factory import partitions_setting, redis_broker, redis_target
 from broker.redis import RedisBroker
 
 HTTP_TIMEOUT = 10.0
@@ -64,7 +64,12 @@ async def publish_direct(
     (the publisher trims the streams); by default, what :func:`nodes_retention` reads from the environment.
     """
     target = redis_target(redis_url, cluster_nodes=os.environ.get("REDIS_CLUSTER_NODES"))  # a cluster: detected
-    broker = RedisBroker(target, retention or nodes_retention(), prefix=prefix)
+    partitions = partitions_setting()  # the nodes' HERALD_REDIS_PARTITIONS: where each topic lives
+    broker: Broker
+    if partitions > 1:
+        broker = redis_broker(target, retention or nodes_retention(), partitions=partitions)
+    else:
+        broker = RedisBroker(target, retention or nodes_retention(), prefix=prefix)
     try:
         return await broker.publish(messages, idempotency_key)
     finally:

@@ -25,6 +25,7 @@ import logging
 from api.core.connection import Closed, Connection
 from api.core.hub import Hub, Opened
 from api.core.routing import Delivery, Index
+from api.mercure.sequence import FeedSequence
 from api.mercure.updates import EARLIEST, UPDATES_TOPIC, Update, hub_id, parse_hub_id, position_frame
 from broker.base import Broker, Event, ResetReason
 
@@ -41,6 +42,7 @@ class MercureSpace:
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+        self.sequence = FeedSequence(broker, UPDATES_TOPIC)
         self.index = Index()
         self.skipped = 0  # events of the feed that were no update of the contract
 
@@ -49,7 +51,7 @@ class MercureSpace:
         if update is None:
             self.skipped += 1
             return None
-        return Delivery(update.topics, update.frame(event.id), update.private, update)
+        return Delivery(update.topics, update.frame(self.sequence.of(event)), update.private, update)
 
     def lost(self, connections: set[Connection]) -> None:
         """Every subscriber reconnects and resumes: Mercure has no ``reset`` event.
@@ -73,30 +75,29 @@ class MercureSpace:
         (``Mercure-Last-Event-ID``, owed whenever a cursor was sent) is in
         the opening's ``headers``.
         """
-        feed = (UPDATES_TOPIC,)
+        sequence = self.sequence
         if not cursor:
             # No cursor; or an empty one, which names no update: the stream starts now, and
             # ``Mercure-Last-Event-ID`` is where "now" is.
-            position = await self.broker.position(feed)
-            opened = Opened(connection, [position_frame(position)], position, fresh=False)
+            position, now = await sequence.position()
+            opened = Opened(connection, [position_frame(now)], position, fresh=False)
             if cursor is not None:
-                opened.headers.append(_answer(hub_id(position)))
+                opened.headers.append(_answer(hub_id(now)))
             return opened
         after = parse_hub_id(cursor)
         answer = cursor
         events: list[Event]
         if after is not None:
-            history = await self.broker.history(feed, after)
-            head, events = history.head, history.events
+            history, head_number = await sequence.history(after)
             if history.reset is not None:
                 answer = EARLIEST
                 hub.count_reset(history.reset.reason)  # Mercure's reset: Mercure-Last-Event-ID: earliest
                 if history.reset.reason == ResetReason.INVALID_ID:  # from the future: nothing to go on
-                    history = await self.broker.history(feed, 0)
-                    head, events = history.head, history.events
+                    history, head_number = await sequence.history(0)
         else:
-            history = await self.broker.history(feed, 0)
-            head, events = history.head, history.events
+            history, head_number = await sequence.history(0)
+        head, events = history.head, history.events
+        if after is None:
             if cursor == EARLIEST:
                 answer = EARLIEST
             else:
@@ -109,16 +110,20 @@ class MercureSpace:
         selection = connection.selection
         frames: list[bytes] = []
         for event in events:
-            delivery = hub.delivery(event, self)
+            delivery = self._delivery(hub, event)
             if delivery is not None and selection is not None and selection.can_receive(delivery):
                 frames.append(delivery.frame)
         replayed = len(frames)
         if not frames:
-            frames.append(position_frame(head))
+            frames.append(position_frame(head_number))
         return Opened(connection, frames, head, fresh=False, replayed=replayed, headers=[_answer(answer)])
 
+    def _delivery(self, hub: Hub, event: Event) -> Delivery | None:
+        """A replayed event's delivery: from the hub's cache, unless replays are numbered apart from it."""
+        return self.decode(event) if self.sequence.numbered_apart else hub.delivery(event, self)
+
     def _carries(self, hub: Hub, event: Event, update_id: str) -> bool:
-        delivery = hub.delivery(event, self)
+        delivery = self._delivery(hub, event)
         return delivery is not None and isinstance(delivery.payload, Update) and delivery.payload.id == update_id
 
     @property

@@ -53,6 +53,7 @@ from urllib.parse import quote, unquote
 
 from api.mercure.authorization import MercureGrant
 from api.mercure.matchers import EXACT, LEGACY, Matcher, Matchers
+from api.mercure.sequence import FeedSequence
 from api.mercure.updates import EARLIEST, UPDATES_TOPIC, Update, hub_id
 from broker.base import Broker, BrokerUnavailable, Message, NodeDirectory, NodeEntries
 
@@ -338,7 +339,7 @@ class ActiveSubscriptions:
         """
         assert self.entries is not None
         assert self.directory is not None
-        position = await self.broker.position((UPDATES_TOPIC,))
+        _, position = await FeedSequence(self.broker, UPDATES_TOPIC).position()
         alive = {n.node_id for n in await self.directory.nodes(FORGET) if n.alive} | {self.node_id}
         held = await self.entries.entries(KIND, sorted(alive))
         found: list[Subscription] = []

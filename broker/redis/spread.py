@@ -256,6 +256,15 @@ class SpreadBroker:
         reset = _merge_resets([answer.reset for answer in answers])
         return History(events, position, reset), encode(upto)
 
+    def sequence(self, topic: str, cursor: str) -> int:
+        vector = decode(cursor, self.partitions)
+        return 0 if vector is None else vector[partition_of(topic, self.partitions)]
+
+    def cursor(self, topic: str, sequence: int) -> str:
+        vector = [0] * self.partitions
+        vector[partition_of(topic, self.partitions)] = sequence
+        return encode(vector)
+
     # -- NodeDirectory and NodeEntries: partition 0's ------------------------------------
 
     async def announce(self, node_id: str, record: str, ttl: float) -> None:

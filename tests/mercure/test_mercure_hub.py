@@ -25,9 +25,11 @@ from urllib.parse import urlencode, urlsplit
 import httpx
 import jwt
 import pytest
+from redis.cluster import RedisCluster as SyncRedisCluster
 
 from api import token as tokens
 from api.mercure.updates import UPDATES_TOPIC
+from broker.redis.spread import partition_of, partition_tags
 from tests import redis_server
 from tests.server import Node, nginx_available, run_front, run_server
 from tests.sse_client import EventStream
@@ -123,14 +125,26 @@ NGINX = pytest.param(
 )
 
 
-@pytest.fixture(scope="module", params=[*BROKERS, NGINX])
+SPREAD = pytest.param(
+    "spread",
+    id="spread",
+    marks=pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed"),
+)
+"""Two nodes on a Redis Cluster with the topics over 3 partitions (the hub numbers by its feed topic's)."""
+
+
+@pytest.fixture(scope="module", params=[*BROKERS, NGINX, SPREAD])
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    """One node (embedded broker), two nodes on Redis (A publishes, B reads), or two behind the deployment's nginx."""
+    """One node (embedded broker), two nodes on Redis (A publishes, B reads), two behind the deployment's nginx, or
+    two on a Redis Cluster with the topics spread over partitions."""
     env = _env("memory" if request.param == "memory" else "redis")
+    if request.param == "spread":
+        env["REDIS_URL"] = redis_server.shared_cluster().url
+        env["HERALD_REDIS_PARTITIONS"] = "3"
     if request.param == "memory":
         with run_server(env) as node:
             yield Cluster(node, node)
-    elif request.param == "redis":
+    elif request.param in ("redis", "spread"):
         with run_server(env) as a, run_server(env) as b:
             yield Cluster(a, b)
     else:
@@ -517,6 +531,55 @@ async def test_reconciliation_resume_from_a_hub_id_is_exact_on_another_node(
         assert (event.data, event.last_event_id) == ("4", fourth)
     finally:
         await stream.close()
+
+
+@pytest.fixture(scope="module")
+def spread_cluster() -> Iterator[Cluster]:
+    """Two nodes on a Redis Cluster with the topics over 3 partitions (as the ``spread`` cluster, its own)."""
+    env = {**_env("redis"), "REDIS_URL": redis_server.shared_cluster().url, "HERALD_REDIS_PARTITIONS": "3"}
+    with run_server(env) as a, run_server(env) as b:
+        yield Cluster(a, b)
+
+
+async def test_regression_on_partitions_updates_are_numbered_in_the_feeds_own_sequence_on_every_node(
+    spread_cluster: Cluster, http: httpx.AsyncClient, book: str
+) -> None:
+    """With topics over partitions a node numbers its feed's events in delivery order; that number runs ahead of the
+    Mercure feed's own sequence once another partition's event comes in with a higher one, and updates went out as
+    ``#<the node's number>``, which the publisher was not told and no other node could resume from. Here node B's
+    numbering is pushed ahead (another partition's counter 100 s ahead, one native event B delivers): its
+    subscribers still see the publish's id, and a resume from it on node A is exact."""
+    a, b = spread_cluster.a, spread_cluster.b
+    feed_partition = partition_of(UPDATES_TOPIC, 3)
+    other = (feed_partition + 1) % 3
+    native = next(t for t in (f"native-{uuid.uuid4().hex[:8]}-{i}" for i in range(1000)) if partition_of(t, 3) == other)
+    tag = partition_tags(3)[other]
+    admin = SyncRedisCluster.from_url(redis_server.shared_cluster().url, decode_responses=True)
+    try:
+        ahead = int(time.time() * 1_000_000) + 100_000_000
+        admin.set(f"{tag}:id", ahead)
+    finally:
+        admin.close()
+    rights = jwt.encode({"exp": int(time.time()) + 600, "herald": {"publish": ["**"], "subscribe": ["**"]}}, SECRET)
+    async with await EventStream.open(b.url, [native], headers=bearer(rights)) as stream:
+        answer = await http.post(f"{a.url}/publish", json={"topic": native, "data": "x"}, headers=bearer(rights))
+        assert answer.status_code == 201, answer.text
+        (event,) = await stream.take(1)
+        assert event.data == "x"
+    mercure = await subscribe(b, [("match", book)])
+    try:
+        first = await publish(http, a, book, "1")
+        got = await mercure.next_event(5)
+        assert (got.data, got.last_event_id) == ("1", first)
+    finally:
+        await mercure.close()
+    second = await publish(http, a, book, "2")
+    resumed = await subscribe(a, [("match", book)], headers={"Last-Event-ID": got.last_event_id})
+    try:
+        assert resumed.response.headers["mercure-last-event-id"] == first
+        assert [(e.data, e.last_event_id) for e in await resumed.take(1, 5)] == [("2", second)]
+    finally:
+        await resumed.close()
 
 
 async def test_reconciliation_a_fresh_stream_starts_with_its_position(

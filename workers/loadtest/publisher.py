@@ -37,8 +37,7 @@ from urllib.parse import urlencode
 import httpx
 
 from broker.base import Message, RetentionPolicy
-from broker.factory import redis_target
-from broker.redis import RedisBroker
+from broker.factory import partitions_setting, redis_broker, redis_target
 from workers.loadtest.config import MERCURE_PATH
 from workers.loadtest.histogram import Histogram
 from workers.loadtest.wire import payload
@@ -208,7 +207,7 @@ class RedisSender:
 
     def __init__(self, redis_url: str, names: list[str], size: int, retention: RetentionPolicy) -> None:
         target = redis_target(redis_url, cluster_nodes=os.environ.get("REDIS_CLUSTER_NODES"))
-        self.broker = RedisBroker(target, retention)
+        self.broker = redis_broker(target, retention, partitions=partitions_setting())  # the nodes' partitions
         self.names = names
         self.size = size
         self.warmed = 0  # straight to Redis: not through any node's publish endpoint
