@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Collection, Mapping, Sequence
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from broker.base import (
@@ -33,6 +34,7 @@ from broker.redis.directory import Directory
 from broker.redis.feed import Feed
 from broker.redis.history import Reads
 from broker.redis.publish import Publisher
+from broker.redis.sharded import ShardLinks
 
 
 class RedisBroker:
@@ -56,8 +58,10 @@ class RedisBroker:
         timeout: float = 2.0,
         client: aioredis.Redis | None = None,
         feed_client: aioredis.Redis | None = None,
+        links: ShardLinks | None = None,
         pool: int = 50,
         replicas_ack: int = 0,
+        read_replicas: bool = False,
     ) -> None:
         target = url if isinstance(url, RedisTarget) else RedisTarget(url=url)
         if target.cluster and not prefix.startswith("{"):
@@ -84,7 +88,10 @@ class RedisBroker:
         self._commands = Commands(self._redis, pool, prefix, clock, self.counters)
         self._publisher = Publisher(self._commands, retention, replicas_ack)
         self._reads = Reads(self._commands, retention)
-        self._feed = Feed(self._commands, self._feed_redis, self._reads, self._publisher)
+        if links is None and isinstance(self._feed_redis, RedisCluster):
+            links = ShardLinks(self._feed_redis, replica=read_replicas)
+        self._links = links if self._owns_clients else None  # (given ones are closed by whoever made them)
+        self._feed = Feed(self._commands, self._feed_redis, self._reads, self._publisher, links)
         self._directory = Directory(self._commands)
 
     @property
@@ -111,6 +118,8 @@ class RedisBroker:
         self._commands.closed = True
         await self._feed.close()
         await self._reads.close()
+        if self._links is not None:
+            await self._links.close()
         if not self._owns_clients:
             return
         with contextlib.suppress(RedisError, OSError):

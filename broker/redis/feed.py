@@ -33,14 +33,13 @@ from collections.abc import Collection
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from broker.base import BrokerUnavailable, Event, EventSink, Reset, ResetReason
 from broker.redis.connection import Commands, check_server, refresh_topology
 from broker.redis.history import Reads
 from broker.redis.publish import Publisher
-from broker.redis.sharded import ShardedPubSub
+from broker.redis.sharded import ShardLinks
 
 log = logging.getLogger("herald.redis")
 
@@ -49,10 +48,10 @@ class Feed:
     """The live feed of one node: subscriptions, positions, reconnects and backfills (see the module docstring)."""
 
     def __init__(
-        self, commands: Commands, client: aioredis.Redis, reads: Reads, publisher: Publisher, *, replica: bool = False
+        self, commands: Commands, client: aioredis.Redis, reads: Reads, publisher: Publisher, links: ShardLinks | None
     ) -> None:
         self._commands = commands
-        self._replica = replica  # on a cluster: read the feed from a replica of Herald's shard
+        self._links = links  # on a cluster: the node's sharded connections (shared with other partitions' feeds)
         # The feed has its own client: its connection blocks reading, and must
         # not time out while the channels are quiet (a health ping keeps it honest).
         self._feed_redis = client
@@ -307,9 +306,10 @@ class Feed:
                 backoff = min(backoff * 2, 0.5)
 
     def _open_pubsub(self) -> Any:
-        """The feed's connection: plain pub/sub on one Redis, sharded on a cluster's node serving Herald's slot."""
-        if isinstance(self._feed_redis, RedisCluster):
-            return ShardedPubSub(self._feed_redis, self._commands.keys[0], replica=self._replica)
+        """The feed's connection: plain pub/sub on one Redis; on a cluster, a view on the node's shared sharded
+        connection to the node serving this data set's slot."""
+        if self._links is not None:
+            return self._links.open(self._commands.keys[0])
         return self._feed_redis.pubsub()
 
     def _end_connecting(self) -> None:

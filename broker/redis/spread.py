@@ -38,6 +38,7 @@ import contextlib
 import itertools
 from collections.abc import Collection, Mapping, Sequence
 
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
@@ -56,6 +57,7 @@ from broker.base import (
 from broker.redis.broker import RedisBroker
 from broker.redis.connection import RedisTarget, make_client
 from broker.redis.cursor import decode, encode
+from broker.redis.sharded import ShardLinks
 
 SLOTS = 16384
 """Redis Cluster's hash slots."""
@@ -107,12 +109,17 @@ class SpreadBroker:
         timeout: float = 2.0,
         pool: int = 50,
         replicas_ack: int = 0,
+        read_replicas: bool = False,
     ) -> None:
         if partitions < 2:
             raise ValueError("a SpreadBroker has two partitions or more (one is a RedisBroker)")
         self.partitions = partitions
         self._client = make_client(target, pool, timeout, timeout)
         self._feed_client = make_client(target, 2, None, timeout)
+        # One subscribing connection per cluster node read from, for every partition's feed (one Redis: each
+        # feed its own plain pub/sub connection).
+        feeds = self._feed_client
+        self._links = ShardLinks(feeds, replica=read_replicas) if isinstance(feeds, RedisCluster) else None
         self._parts = [
             RedisBroker(
                 target,
@@ -122,6 +129,7 @@ class SpreadBroker:
                 timeout=timeout,
                 client=self._client,
                 feed_client=self._feed_client,
+                links=self._links,
                 pool=pool,
                 replicas_ack=replicas_ack,
             )
@@ -156,6 +164,8 @@ class SpreadBroker:
     async def close(self) -> None:
         self._sink = None
         await asyncio.gather(*(part.close() for part in self._parts))
+        if self._links is not None:
+            await self._links.close()
         for client in (self._client, self._feed_client):
             with contextlib.suppress(RedisError, OSError):
                 await client.aclose()

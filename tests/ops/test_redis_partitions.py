@@ -184,6 +184,38 @@ async def test_a_client_of_topics_on_every_shard_resumes_exactly_on_another_node
             assert live.data == "c0"
 
 
+@pytest.mark.timeout(90)
+async def test_a_node_keeps_one_subscribing_connection_per_shard_for_all_its_partitions(cluster: RedisCluster) -> None:
+    """Six partitions over three shards: the feeds of the two partitions a shard serves share one SSUBSCRIBE
+    connection, so each shard holds one more subscriber connection for the node, however many topics."""
+    topics = topics_on_each_partition(6)
+    before = {shard.primary: pubsub_clients(shard.primary) for shard in cluster.shards()}
+    env = {"REDIS_URL": cluster.url, "HERALD_REDIS_PARTITIONS": "6"}
+    with run_server(env) as node:
+        async with (
+            asyncio.timeout(60),
+            httpx.AsyncClient(timeout=10) as client,
+            await EventStream.open(node.url, topics) as stream,
+        ):
+            for topic in topics:
+                answer = await client.post(f"{node.url}/publish", json={"topic": topic, "data": topic})
+                assert answer.status_code == 201, answer.text
+            assert sorted(e.data for e in await stream.take(6)) == sorted(topics)
+            after = {shard.primary: pubsub_clients(shard.primary) for shard in cluster.shards()}
+            stats = (await client.get(f"{node.url}/stats")).json()["broker"]
+    assert {port: after[port] - before[port] for port in after} == dict.fromkeys(after, 1), (before, after)
+    assert stats["partitions"] == 6
+
+
+def pubsub_clients(port: int) -> int:
+    client = redis_client(port, decode_responses=True)
+    try:
+        listed = client.execute_command("CLIENT", "LIST", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
+    return len(listed) if isinstance(listed, list) else str(listed).count("id=")
+
+
 @pytest.mark.timeout(180)
 async def test_a_shards_primary_killed_under_publishing_loses_no_accepted_event(cluster: RedisCluster) -> None:
     """Partition 1's primary SIGKILLed while a node publishes 100 events/s round the three partitions' topics with
