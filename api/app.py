@@ -62,6 +62,7 @@ def _default_broker(settings: Settings) -> Broker:
         pool=settings.redis_pool,
         replicas_ack=settings.redis_replicas_ack,
         partitions=settings.redis_partitions,
+        read_replicas=settings.redis_read_replicas,
     )
 
 

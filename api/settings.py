@@ -90,6 +90,14 @@ class Settings(BaseSettings):
             ' data set, ids are integers; more: clients\' ids are cursors (docs/operations.md, "Redis deployments").'
         ),
     )
+    redis_read_replicas: bool = Field(
+        False,
+        description=(
+            "On a Redis Cluster: read the live feed and resumes from a replica of each shard (the first one; the"
+            " primary when a shard has none), so a reconnect storm's reads leave the primaries to publishing."
+            " Publishing, and a reconnecting feed's catch-up, stay on the primary."
+        ),
+    )
     redis_replicas_ack: int = Field(
         0,
         ge=0,

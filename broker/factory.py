@@ -23,6 +23,7 @@ def create_broker(
     pool: int = 50,
     replicas_ack: int = 0,
     partitions: int = 1,
+    read_replicas: bool = False,
 ) -> Broker:
     """The embedded broker when no Redis is configured, else the Redis broker.
 
@@ -36,11 +37,19 @@ def create_broker(
     if redis_url is None and not sentinels and not cluster_nodes:
         return MemoryBroker(retention)
     target = redis_target(redis_url, sentinels=sentinels, sentinel_master=sentinel_master, cluster_nodes=cluster_nodes)
-    return redis_broker(target, retention, partitions=partitions, pool=pool, replicas_ack=replicas_ack)
+    return redis_broker(
+        target, retention, partitions=partitions, pool=pool, replicas_ack=replicas_ack, read_replicas=read_replicas
+    )
 
 
 def redis_broker(
-    target: RedisTarget, retention: RetentionPolicy, *, partitions: int = 1, pool: int = 50, replicas_ack: int = 0
+    target: RedisTarget,
+    retention: RetentionPolicy,
+    *,
+    partitions: int = 1,
+    pool: int = 50,
+    replicas_ack: int = 0,
+    read_replicas: bool = False,
 ) -> Broker:
     """The Redis broker for ``target``: one data set, or the topics over ``partitions`` (what nodes and producers
     writing straight to Redis both use, so they agree on where a topic lives)."""
@@ -49,8 +58,10 @@ def redis_broker(
     if partitions > 1:
         from broker.redis.spread import SpreadBroker
 
-        return SpreadBroker(target, retention, partitions=partitions, pool=pool, replicas_ack=replicas_ack)
-    return RedisBroker(target, retention, pool=pool, replicas_ack=replicas_ack)
+        return SpreadBroker(
+            target, retention, partitions=partitions, pool=pool, replicas_ack=replicas_ack, read_replicas=read_replicas
+        )
+    return RedisBroker(target, retention, pool=pool, replicas_ack=replicas_ack, read_replicas=read_replicas)
 
 
 def partitions_setting() -> int:

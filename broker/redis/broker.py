@@ -92,6 +92,8 @@ class RedisBroker:
             links = ShardLinks(self._feed_redis, replica=read_replicas)
         self._links = links if self._owns_clients else None  # (given ones are closed by whoever made them)
         self._feed = Feed(self._commands, self._feed_redis, self._reads, self._publisher, links)
+        if links is not None and links.replica:
+            self._reads.replica = self._feed.replica  # resumes read where the feed reads
         self._directory = Directory(self._commands)
 
     @property

@@ -149,6 +149,14 @@ class Feed:
             return self._last_seen
         return None
 
+    def replica(self) -> str | None:
+        """The replica this feed reads from now (``host:port``), None when it reads a primary or is not up."""
+        pubsub = self._pubsub
+        if self._links is None or not self._links.replica or not self._feed_up.is_set() or pubsub is None:
+            return None
+        node: str = pubsub.node
+        return node
+
     @property
     def last_seen(self) -> int:
         """The feed's position: every event of its exact topics up to it has reached the sink, later ones will."""

@@ -13,11 +13,17 @@ import asyncio
 import contextlib
 import heapq
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from broker.base import BrokerUnavailable, Event, History, RetentionPolicy, Snapshot
-from broker.redis.connection import Commands
+from broker.redis.connection import HISTORY_SCRIPT, Commands
 
 STORM_WINDOW = 0.05
 """Seconds between two replay reads of the same topics while clients keep resuming."""
@@ -37,6 +43,10 @@ class Reads:
     def __init__(self, commands: Commands, retention: RetentionPolicy) -> None:
         self._commands = commands
         self._retention = retention
+        self._replicas: dict[str, aioredis.Redis] = {}  # READONLY connections to replicas, by host:port
+        self.replica: Callable[[], str | None] | None = None
+        """With replica reads: the replica the feed reads from now (``host:port``; None: it isn't reading). Resumes
+        and heads are read there, so what the feed delivered, they see (another replica may be further behind)."""
         self._reads: dict[tuple[str, ...], _SharedRead] = {}
         self._inflight: dict[tuple[str, ...], asyncio.Future[Snapshot]] = {}
         self._last_read_at: dict[tuple[str, ...], float] = {}
@@ -56,6 +66,10 @@ class Reads:
         return snapshot.judge(key, after)
 
     async def close(self) -> None:
+        for client in self._replicas.values():
+            with contextlib.suppress(RedisError, OSError, RuntimeError):
+                await client.aclose()
+        self._replicas.clear()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -94,7 +108,8 @@ class Reads:
             del self._reads[key]
             self._note_read(key)
             self._inflight[key] = shared.future
-            shared.future.set_result(await self.read(key, shared.after))
+            replica = self.replica() if self.replica is not None else None
+            shared.future.set_result(await self.read(key, shared.after, replica))
         except Exception as exc:
             shared.future.set_exception(exc)
         except BaseException:
@@ -116,8 +131,12 @@ class Reads:
             for old in [k for k, at in self._last_read_at.items() if now - at > STORM_WINDOW]:
                 del self._last_read_at[old]
 
-    async def read(self, topics: Sequence[str], after: int) -> Snapshot:
-        """One ``history.lua`` call: the head, the epoch, each topic's floor and its events above ``after``."""
+    async def read(self, topics: Sequence[str], after: int, replica: str | None = None) -> Snapshot:
+        """One ``history.lua`` call: the head, the epoch, each topic's floor and its events above ``after``.
+
+        On ``replica`` (a cluster node's ``host:port``) when given: ``EVALSHA_RO`` there; a data set too new to
+        have its epoch yet (the script would write it) is read on the primary instead.
+        """
         commands = self._commands
         commands.counters["history_reads"] += 1
         args: list[str | int] = [
@@ -130,7 +149,13 @@ class Reads:
             *topics,
         ]
         keys = commands.history_keys(topics)
-        head, epoch, per_topic = await commands.call(lambda: commands.history_script(keys=keys, args=args))
+        answer = None
+        if replica is not None:
+            with contextlib.suppress(ReadOnlyScript):
+                answer = await commands.call(lambda: self._read_on(replica, keys, args))
+        if answer is None:
+            answer = await commands.call(lambda: commands.history_script(keys=keys, args=args))
+        head, epoch, per_topic = answer
         floors: dict[str, int] = {}
         streams: list[list[Event]] = []
         for topic, (floor, flat) in zip(topics, per_topic, strict=True):
@@ -144,3 +169,46 @@ class Reads:
             )
         events = list(heapq.merge(*streams, key=lambda e: e.id))
         return Snapshot(after, int(head), int(epoch), floors, events)
+
+    async def _read_on(self, replica: str, keys: list[str], args: list[str | int]) -> Any:
+        """``history.lua`` as a read-only script on the cluster node ``replica`` (loaded there when it lacks it)."""
+        client = self._replica_client(replica)
+        sha = self._commands.history_script.sha
+        try:
+            try:
+                return await client.evalsha_ro(sha, len(keys), *keys, *args)
+            except NoScriptError:
+                pass  # scripts are not replicated: load it there
+            await client.script_load(HISTORY_SCRIPT)
+            return await client.evalsha_ro(sha, len(keys), *keys, *args)
+        except ResponseError as exc:
+            if "write" in str(exc).lower() or "moved" in str(exc).lower():
+                # A new data set (its epoch is set on the primary), or no replica of the slot any more.
+                raise ReadOnlyScript(str(exc)) from exc
+            raise
+
+    def _replica_client(self, replica: str) -> aioredis.Redis:
+        """A small pool of ``READONLY`` connections to the cluster node ``replica`` (a replica answers a keyed
+        command only on a connection that said ``READONLY``; otherwise it redirects it to its primary)."""
+        client = self._replicas.get(replica)
+        if client is None:
+            cluster = self._commands.redis
+            node = cluster.get_node(node_name=replica) if isinstance(cluster, RedisCluster) else None
+            if node is None:
+                raise ReadOnlyScript(f"{replica} is not in the cluster's map")
+            kwargs = {**node.connection_kwargs, "redis_connect_func": _read_only}
+            pool = aioredis.ConnectionPool(connection_class=node.connection_class, max_connections=8, **kwargs)
+            client = self._replicas[replica] = aioredis.Redis.from_pool(pool)
+        return client
+
+
+async def _read_only(connection: Any) -> None:
+    """A replica connection's set-up: the usual hand-shake, then ``READONLY``."""
+    await connection.on_connect()
+    await connection.send_command("READONLY")
+    if str(await connection.read_response()) != "OK":
+        raise RedisConnectionError("READONLY refused")
+
+
+class ReadOnlyScript(Exception):
+    """A read on a replica that can't be done there (read it on the primary)."""

@@ -36,7 +36,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from broker.base import BrokerUnavailable
 
@@ -52,16 +52,20 @@ class ShardLinks:
 
     def __init__(self, cluster: RedisCluster, *, replica: bool = False) -> None:
         self._cluster = cluster
-        self._replica = replica
+        self.replica = replica
         self._links: dict[str, _Link] = {}
 
     def node_for(self, key: str) -> ClusterNode:
         """The node a feed of ``key``'s slot reads from: its first replica with ``replica`` (if it has one), else
         its primary, as the client's slot map says now."""
-        node = self._cluster.get_node_from_key(key, replica=True) if self._replica else None
+        try:
+            node = self._cluster.get_node_from_key(key, replica=True) if self.replica else None
+            if node is None:
+                node = self._cluster.get_node_from_key(key)
+        except (RedisClusterException, RedisError) as exc:  # the slot map has no owner for it now (a failover)
+            raise BrokerUnavailable(f"redis cluster: {exc}") from exc
         if node is None:
-            node = self._cluster.get_node_from_key(key)
-        assert node is not None
+            raise BrokerUnavailable(f"redis cluster: no node serves the slot of {key}")
         return node
 
     def open(self, key: str) -> ShardedPubSub:

@@ -130,6 +130,7 @@ class SpreadBroker:
                 client=self._client,
                 feed_client=self._feed_client,
                 links=self._links,
+                read_replicas=read_replicas,
                 pool=pool,
                 replicas_ack=replicas_ack,
             )

@@ -163,6 +163,39 @@ async def test_each_node_keeps_one_sharded_subscriber_connection_on_heralds_shar
     assert all(after[port] == before[port] for port in after if port != owner), (before, after)
 
 
+@pytest.mark.timeout(90)
+async def test_with_replica_reads_the_feed_and_resumes_are_read_from_the_shards_replica(cluster: RedisCluster) -> None:
+    """HERALD_REDIS_READ_REPLICAS=1: the node's subscriber connection is on the replica of Herald's shard, resumes run
+    there as read-only scripts (EVALSHA_RO), and both stay exact: a resume replays exactly what was missed."""
+    shard = herald_shard(cluster)
+    replica = shard.replicas[0]
+    topic = f"replica-{uuid.uuid4().hex[:8]}"
+    before = (pubsub_clients(shard.primary), pubsub_clients(replica), read_only_scripts(replica))
+    with run_server({"REDIS_URL": cluster.url, "HERALD_REDIS_READ_REPLICAS": "1"}) as node:
+        async with asyncio.timeout(60), httpx.AsyncClient(base_url=node.url, timeout=10) as client:
+            ids = [await publish_reliably(client, node.url, {"topic": topic, "data": f"e{i}"}) for i in range(3)]
+            async with await EventStream.open(node.url, [topic], last_event_id=ids[0]) as stream:
+                replayed = await stream.take(2)
+                live = await publish_reliably(client, node.url, {"topic": topic, "data": "e3"})
+                (event,) = await stream.take(1)
+            after = (pubsub_clients(shard.primary), pubsub_clients(replica), read_only_scripts(replica))
+    assert [e.last_event_id for e in replayed] == ids[1:]
+    assert event.last_event_id == live
+    assert after[0] == before[0]  # no subscriber on the primary
+    assert after[1] == before[1] + 1  # the node's one, on the replica
+    assert after[2] > before[2]  # resumes read there
+
+
+def read_only_scripts(port: int) -> int:
+    """EVALSHA_RO calls the server on ``port`` ran (INFO commandstats)."""
+    client = redis_client(port, decode_responses=True)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return int(stats.get("cmdstat_evalsha_ro", {}).get("calls", 0))
+
+
 @pytest.mark.timeout(240)
 async def test_a_slot_migration_under_publishing_loses_and_duplicates_nothing(cluster: RedisCluster) -> None:
     """``redis-cli --cluster reshard`` moves Herald's slot to another shard while a node publishes 100 events/s
