@@ -99,8 +99,9 @@ loadtest: setup
 ## .run/cluster/prometheus. With AUTH=1 it scrapes with an admin token (.run/cluster/prometheus-token, mode 0600).
 ## TLS=1: the front serves https:// with HTTP/2 (a page's EventSources share one connection), with a certificate
 ## made for the cluster by Debian's openssl (.run/cluster/tls/cert.pem: trust it, or curl --cacert it).
-## REDIS=cluster: Redis is a Redis Cluster (3 primaries with a replica each, ports 6380-6385): every Herald key
-## in one hash slot for now, so one shard carries Herald and the cluster fails it over (docs/operations.md).
+## REDIS=cluster: Redis is a Redis Cluster (3 primaries with a replica each, ports 6380-6385); PARTITIONS=3 spreads
+## the topics over its shards (HERALD_REDIS_PARTITIONS), READ_REPLICAS=1 reads feeds and resumes from the replicas
+## (docs/operations.md, "Redis deployments").
 ## Then: .venv/bin/python -m ops.cluster status|restart|stop-node node-1|token|... (see ops/cluster/).
 NODES ?= 3
 SENTINEL ?=
@@ -108,9 +109,12 @@ AUTH ?=
 OBSERVE ?=
 TLS ?=
 REDIS ?=
+PARTITIONS ?=
+READ_REPLICAS ?=
 cluster: system-deps setup
 	NODES=$(NODES) $(PY) -m ops.cluster start --nodes $(NODES) $(if $(SENTINEL),--sentinel) $(if $(AUTH),--auth) \
-		$(if $(filter cluster,$(REDIS)),--redis-cluster) \
+		$(if $(filter cluster,$(REDIS)),--redis-cluster) $(if $(PARTITIONS),--partitions $(PARTITIONS)) \
+		$(if $(READ_REPLICAS),--read-replicas) \
 		$(if $(OBSERVE),--observe) $(if $(TLS),--tls)
 
 ## Stop exactly what `make cluster` started, sentinels, replica and Prometheus included (pid files in .run/cluster).

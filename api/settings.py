@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     workers: int = Field(
         1,
         ge=1,
-        le=64,
+        le=16,
         description=(
             "Processes serving this node's port (SO_REUSEPORT), each with its own hub and broker feed;"
             " Redis broker only (with the embedded broker the node runs one)."
@@ -67,8 +67,8 @@ class Settings(BaseSettings):
         pattern=r"^\s*[^,:\s]+:[0-9]+\s*(,\s*[^,:\s]+:[0-9]+\s*)*$",
         description=(
             "Seed nodes (host:port,...) of a Redis Cluster to use as the broker (any node will do; a REDIS_URL"
-            " naming a cluster node is detected at start without it). All of Herald's keys share one hash slot"
-            ' for now: one shard carries them (docs/operations.md, "Redis deployments").'
+            " naming a cluster node is detected at start without it). Herald's keys share one hash slot unless"
+            ' HERALD_REDIS_PARTITIONS spreads the topics over several (docs/operations.md, "Redis deployments").'
         ),
     )
     redis_sentinel_master: str = Field(
@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     redis_partitions: int = Field(
         1,
         ge=1,
-        le=64,
+        le=16,
         description=(
             "Partitions the topics are spread over, each its own data set in its own hash slot (on a Redis Cluster:"
             " spread over the shards). A deployment constant: every node and producer must use the same. 1: one"

@@ -160,10 +160,11 @@ async def _open(
 
 def open_subscription_now(
     hub: Hub, plan: Plan, on_overflow: Callable[[], None] | None
-) -> tuple[Connection, int] | None:
+) -> tuple[Connection, int, int | str] | None:
     """:func:`open_subscription` of a fresh native stream in one step, when nothing needs awaiting.
 
-    The connection, registered and live from the returned position; None
+    The connection, registered and live from the returned position (and what the client is told there: the
+    position, or its cursor); None
     when the hub can't do it at once (:meth:`api.core.hub.Hub.open_now`):
     then nothing is registered or counted, and the caller takes the long way.
     """

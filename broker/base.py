@@ -296,6 +296,9 @@ class Cursors(Protocol):
     async def position_cursor(self, topics: Collection[str]) -> tuple[int, str]:
         """:meth:`Broker.position`, and the cursor text a client starting there is told."""
 
+    def position_cursor_now(self, topics: Collection[str]) -> tuple[int, str] | None:
+        """:meth:`position_cursor`, now, when nothing needs waiting for (see :class:`PositionNow`); else None."""
+
     async def history_from(self, topics: Collection[str], cursor: str) -> tuple[History, str] | None:
         """The events of ``topics`` after ``cursor`` (each with its :attr:`Event.cursor`), and the cursor text of
         ``History.head`` (a position, as from :meth:`position_cursor`); None when ``cursor`` is not one this

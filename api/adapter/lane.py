@@ -210,8 +210,8 @@ class StreamLane:
         opened = open_subscription_now(hub, plan, functools.partial(cut_off, transport))
         if opened is None:
             return False
-        connection, position = opened
-        first = preamble(self._retry_ms, position)
+        connection, position, marker = opened
+        first = preamble(self._retry_ms, marker)
         stream = LaneStream(protocol, connection, hub, keep_alive)
         protocol.cycle = stream  # type: ignore[assignment]  # what uvicorn's protocol asks a request in progress
         protocol.on_lost = stream.lost

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,6 +54,14 @@ _EVENT_ID = re.compile(r"[0-9]{1,19}")
 def parse_event_id(text: str) -> int | None:
     """The id a client resumes from, or None when it is not one Herald could issue."""
     return int(text) if _EVENT_ID.fullmatch(text) else None
+
+
+def _with_itself(
+    position_now: Callable[[Collection[str]], int | None], topics: Collection[str]
+) -> tuple[int, int] | None:
+    """A broker's ``position_now`` as :meth:`Hub.open_now` takes it: the position, and what the client is told."""
+    position = position_now(topics)
+    return None if position is None else (position, position)
 
 
 class Refused(Exception):
@@ -129,11 +138,14 @@ class Hub:
     ) -> None:
         self._broker = broker
         # What lets open_now open a fresh stream in one step (api.adapter.lane), when the broker answers at once.
-        self._position_now = broker.position_now if isinstance(broker, PositionNow) else None
-        # A broker whose clients hold cursors, not positions (topics over partitions): opens take the long way.
+        # What the client is told at a position, answered at once: the position itself, or its cursor text (a
+        # broker whose clients hold cursors: topics over partitions).
         self._cursors = broker if isinstance(broker, Cursors) else None
+        self._position_now: Callable[[Collection[str]], tuple[int, int | str] | None] | None = None
         if self._cursors is not None:
-            self._position_now = None
+            self._position_now = self._cursors.position_cursor_now
+        elif isinstance(broker, PositionNow):
+            self._position_now = functools.partial(_with_itself, broker.position_now)
         self._subscribe_now = broker.subscribe_now if isinstance(broker, SubscribeNow) else None
         # Counted per write and per flush, read when Prometheus scrapes (api.core.metrics).
         self.metrics: Metrics = metrics if metrics is not None else NullMetrics()
@@ -363,7 +375,7 @@ class Hub:
 
     def open_now(
         self, topics: tuple[str, ...], on_overflow: Callable[[], None] | None = None
-    ) -> tuple[Connection, int] | None:
+    ) -> tuple[Connection, int, int | str] | None:
         """:meth:`admit` and :meth:`open` of a fresh stream (no resume) in one step, when nothing needs awaiting.
 
         That is when the node is taking streams, the broker is up, no change
@@ -371,7 +383,9 @@ class Hub:
         feed lacks at once (:class:`~broker.base.SubscribeNow`, as
         :meth:`_reconcile` would add them: with the lock free none is running,
         and one that starts later sees this client), and it answers the
-        position at once (:class:`~broker.base.PositionNow`). The client is
+        position at once (:class:`~broker.base.PositionNow`, or a broker's
+        :meth:`~broker.base.Cursors.position_cursor_now`: then the third
+        element, what the client is told, is the position's cursor). The client is
         then registered and live from the returned position: nothing is held
         aside, since nothing can run between the two steps. Otherwise None,
         and no client is registered or counted: the caller takes the usual
@@ -392,14 +406,14 @@ class Hub:
                 added = [t for t in topics if t not in self._subscribed]
                 self._subscribe_now(added)
                 self._subscribed.update(added)
-            position = position_now(topics)
+            answer = position_now(topics)
         except BrokerUnavailable:
             return None
-        if position is None:
+        if answer is None:
             return None
         connection = self._admitted(topics, on_overflow, None)  # _refusal said yes above, and nothing ran since
         self.connections_total += 1
-        return connection, position
+        return connection, *answer
 
     async def connect(
         self,

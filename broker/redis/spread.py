@@ -228,6 +228,13 @@ class SpreadBroker:
             vector[k] = max(vector[k], position)
         return self._delivered, encode(vector)
 
+    def position_cursor_now(self, topics: Collection[str]) -> tuple[int, str] | None:
+        """:meth:`position_cursor` at once, when every partition's feed carries its topics exactly (else None)."""
+        for k, ts in self._split(topics).items():
+            if self._parts[k].position_now(ts) is None:
+                return None
+        return self._delivered, encode(self._vector())
+
     async def head(self) -> int:
         return self._delivered
 

@@ -104,6 +104,16 @@ def main(argv: list[str] | None = None) -> None:
         help="Redis is a Redis Cluster: 3 primaries with a replica each, on --redis-port and the 5 ports after it",
     )
     start.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="HERALD_REDIS_PARTITIONS of every node: the topics spread over that many partitions (with"
+        " --redis-cluster, over the shards)",
+    )
+    start.add_argument(
+        "--read-replicas", action="store_true", help="HERALD_REDIS_READ_REPLICAS=1 for every node (--redis-cluster)"
+    )
+    start.add_argument(
         "--auth", action="store_true", help="access control on: a random HERALD_JWT_SECRET for every node"
     )
     start.add_argument(
@@ -181,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                 else []
             ),
             redis_cluster=args.redis_cluster,
+            env=redis_env(args.partitions, args.read_replicas),
             sentinel_ports=[args.first_sentinel_port + i for i in range(3)] if args.sentinel else [],
             auth=args.auth,
             observe=args.observe,
@@ -247,3 +258,11 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def redis_env(partitions: int, read_replicas: bool) -> dict[str, str]:
+    """The nodes' Redis settings ``start`` was asked for (kept with the cluster: a restarted node gets them too)."""
+    env = {"HERALD_REDIS_PARTITIONS": str(partitions)} if partitions > 1 else {}
+    if read_replicas:
+        env["HERALD_REDIS_READ_REPLICAS"] = "1"
+    return env

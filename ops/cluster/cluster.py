@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis.crc import key_slot
 
 from api.token import mint
+from broker.redis.spread import partition_tags
 from ops import launch
 from ops.cluster.processes import Exited, alive, is_ours, write_private
 from ops.cluster.redis_cluster import cluster_args, complete, shards_of
@@ -645,6 +647,12 @@ class Cluster:
             redis_status["shards"] = [
                 {"primary": s.primary, "replicas": list(s.replicas), "slots": [list(r) for r in s.slots]}
                 for s in shards
+            ]
+            # Where Herald's partitions live (HERALD_REDIS_PARTITIONS of the nodes): each tag's slot and its primary.
+            partitions = int(self.env.get("HERALD_REDIS_PARTITIONS", "1"))
+            redis_status["partitions"] = [
+                {"tag": tag, "slot": slot, "primary": next((s.primary for s in shards if s.serves(slot)), None)}
+                for tag, slot in ((tag, key_slot(f"{tag}:id".encode())) for tag in partition_tags(partitions))
             ]
         del nginx["name"]
         result: dict[str, object] = {"front": self.front_url, "redis": redis_status, "nginx": nginx, "nodes": nodes}

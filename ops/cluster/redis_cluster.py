@@ -41,6 +41,9 @@ class Shard:
     def slot_count(self) -> int:
         return sum(end - start + 1 for start, end in self.slots)
 
+    def serves(self, slot: int) -> bool:
+        return any(start <= slot <= end for start, end in self.slots)
+
 
 def cluster_args(port: int, bus_port: int, data_dir: Path, node_timeout_ms: int) -> list[str]:
     """redis-server in cluster mode on 127.0.0.1:``port``, its nodes.conf and AOF (fsync always) in ``data_dir``.

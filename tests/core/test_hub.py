@@ -10,7 +10,7 @@ import pytest
 from api.core.connection import Closed, Connection
 from api.core.hub import Hub, parse_event_id
 from api.core.sse import HEARTBEAT, event_frame
-from broker.base import Message, RetentionPolicy
+from broker.base import Event, History, Message, RetentionPolicy
 from broker.memory import MemoryBroker
 
 
@@ -201,3 +201,57 @@ async def test_streams_of_one_token_share_one_expiry_timer(hub: Hub) -> None:
     assert {c.closed for c in connections} == {Closed.EXPIRED}
     assert gone.closed is None
     assert hub._expiring == {}
+
+
+class CursorBroker(MemoryBroker):
+    """A broker whose clients hold cursors (as topics over partitions do): ``c<position>``."""
+
+    def __init__(self) -> None:
+        super().__init__(RetentionPolicy(size=100, ttl=60))
+
+    async def position_cursor(self, topics: Collection[str]) -> tuple[int, str]:
+        position = await self.position(topics)
+        return position, f"c{position}"
+
+    def position_cursor_now(self, topics: Collection[str]) -> tuple[int, str] | None:
+        position = self.position_now(topics)
+        return None if position is None else (position, f"c{position}")
+
+    async def history_from(self, topics: Collection[str], cursor: str) -> tuple[History, str] | None:
+        if not cursor.startswith("c") or not cursor[1:].isdigit():
+            return None
+        history = await self.history(topics, int(cursor[1:]))
+        events = [Event(e.id, e.topic, e.data, e.type, f"c{e.id}") for e in history.events]
+        return History(events, history.head, history.reset), f"c{history.head}"
+
+    def sequence(self, topic: str, cursor: str) -> int:
+        return int(cursor[1:])
+
+    def cursor(self, topic: str, sequence: int) -> str:
+        return f"c{sequence}"
+
+
+async def test_with_cursors_the_one_step_open_tells_the_client_its_cursor_and_a_resume_replays_after_one() -> None:
+    broker = CursorBroker()
+    hub = Hub(broker, client_buffer=10_000, heartbeat=3600)
+    await broker.start(hub)
+    await hub.start()
+    try:
+        async with asyncio.timeout(5):
+            first = await hub.connect(("a",), None)  # the long way subscribes the topic
+            assert first.cursor == f"c{first.position}"
+            opened = hub.open_now(("a",))
+            assert opened is not None
+            connection, position, marker = opened
+            assert marker == f"c{position}"
+            (event,) = await broker.publish([Message("a", "x")])
+            resumed = await hub.connect(("a",), marker)
+            assert resumed.frames == [event_frame(f"c{event.id}", "x")]
+            assert resumed.cursor == f"c{resumed.position}"
+            invalid = await hub.connect(("a",), "12")  # not a cursor here: reset, at the cursor of now
+            assert b"event: reset" in invalid.frames[0]
+            assert f"id: c{invalid.position}".encode() in invalid.frames[0]
+            hub.detach(connection)
+    finally:
+        await hub.close()
+        await broker.close()

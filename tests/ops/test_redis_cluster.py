@@ -27,7 +27,9 @@ from redis.crc import key_slot
 from broker.base import BrokerUnavailable, Message, RetentionPolicy
 from broker.redis import RedisBroker, RedisTarget
 from broker.redis.connection import server_problem
+from broker.redis.spread import partition_tags
 from ops.cluster import Cluster
+from ops.cluster.__main__ import redis_env
 from ops.cluster.redis_cluster import SLOTS, RedisCluster, Shard, reshard
 from ops.cluster.sentinel import redis_client
 from ops.probe import free_port, wait_until
@@ -298,10 +300,15 @@ async def test_the_load_tools_redis_publisher_speaks_the_cluster_contract(
 
 
 @pytest.mark.timeout(120)
-async def test_make_cluster_with_redis_cluster_serves_through_nginx_and_shows_its_shards(tmp_path: Path) -> None:
-    """``make cluster REDIS=cluster``'s topology (``ops.cluster start --redis-cluster``): a Redis Cluster under the
-    nodes and nginx; ``status`` shows its three shards; an event published through the front reaches a stream."""
-    herald = Cluster(tmp_path / "cluster", nodes=2, front_port=free_port(), redis_cluster=True)
+async def test_make_cluster_with_redis_cluster_and_partitions_serves_through_nginx_and_shows_its_shards(
+    tmp_path: Path,
+) -> None:
+    """``make cluster REDIS=cluster PARTITIONS=3``'s topology (``ops.cluster start --redis-cluster --partitions 3``):
+    a Redis Cluster under the nodes and nginx; ``status`` shows its three shards and a partition on each; an event
+    published through the front reaches a stream resuming through it."""
+    herald = Cluster(
+        tmp_path / "cluster", nodes=2, front_port=free_port(), redis_cluster=True, env=redis_env(3, read_replicas=False)
+    )
     await asyncio.to_thread(herald.start)
     try:
         status = herald.status()
@@ -311,16 +318,21 @@ async def test_make_cluster_with_redis_cluster_serves_through_nginx_and_shows_it
         assert len(shards) == 3
         assert all(len(shard["replicas"]) == 1 for shard in shards)
         assert all(node["state"] == "ready" for node in status["nodes"])  # type: ignore[attr-defined]
+        partitions = redis_status["partitions"]
+        assert [p["tag"] for p in partitions] == partition_tags(3)
+        assert sorted(p["primary"] for p in partitions) == sorted(shard["primary"] for shard in shards)
         topic = f"front-{uuid.uuid4().hex[:8]}"
         async with httpx.AsyncClient(timeout=10) as client:
-            first = await publish_reliably(client, herald.front_url, {"topic": topic, "data": "one"})
-            second = await publish_reliably(client, herald.front_url, {"topic": topic, "data": "two"})
+            async with asyncio.timeout(30), await EventStream.open(herald.front_url, [topic]) as stream:
+                await publish_reliably(client, herald.front_url, {"topic": topic, "data": "one"})
+                (first,) = await stream.take(1)
+            await publish_reliably(client, herald.front_url, {"topic": topic, "data": "two"})
         async with (
             asyncio.timeout(30),
-            await EventStream.open(herald.front_url, [topic], last_event_id=first) as stream,
+            await EventStream.open(herald.front_url, [topic], last_event_id=first.last_event_id) as stream,
         ):
             (event,) = await stream.take(1)
-        assert event.last_event_id == second
+        assert event.data == "two"
         assert Cluster.load(herald.run_dir).status()["redis"]["shards"] == shards  # type: ignore[index]
     finally:
         await asyncio.to_thread(herald.stop)
