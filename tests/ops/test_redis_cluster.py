@@ -27,15 +27,15 @@ from redis.crc import key_slot
 from broker.base import BrokerUnavailable, Message, RetentionPolicy
 from broker.redis import RedisBroker, RedisTarget
 from broker.redis.connection import server_problem
-from broker.redis.spread import partition_tags
+from broker.redis.spread import partition_of, partition_tags
 from ops.cluster import Cluster
 from ops.cluster.__main__ import redis_env
 from ops.cluster.redis_cluster import SLOTS, RedisCluster, Shard, reshard
 from ops.cluster.sentinel import redis_client
-from ops.probe import free_port, wait_until
+from ops.probe import free_port
 from tests.redis_server import needs_redis, shared_cluster
 from tests.server import run_server
-from tests.sse_client import EventStream, publish_at, publish_reliably, resuming_clients
+from tests.sse_client import EventStream, ResumingClient, publish_at, publish_reliably, resuming_clients
 from workers.produce import publish_direct
 
 pytestmark = needs_redis
@@ -155,17 +155,24 @@ def read_only_scripts(port: int) -> int:
 
 
 @pytest.mark.timeout(240)
-async def test_a_slot_migration_under_publishing_loses_and_duplicates_nothing(cluster: RedisCluster) -> None:
-    """``redis-cli --cluster reshard`` moves Herald's slot to another shard while a node publishes 100 events/s
-    (retried with an Idempotency-Key when refused): the subscribers, on another node, get every accepted event once
-    and in order; the feeds follow the slot (the server's ``sunsubscribe``, then a backfill from the stream)."""
+@pytest.mark.parametrize("partitions", [3])
+async def test_a_slot_migration_under_publishing_loses_and_duplicates_nothing(
+    cluster: RedisCluster, partitions: int
+) -> None:
+    """``redis-cli --cluster reshard`` moves Herald's slot (partition 0's) to another shard while a node publishes
+    100 events/s to a topic there (retried with an Idempotency-Key when refused): the subscribers, on another node,
+    get every accepted event once and in order; the feeds follow the slot (the server's ``sunsubscribe``, then a
+    backfill from the stream). With 3 partitions the moved feed joins the connection the target shard's own
+    partition already uses."""
     source = herald_shard(cluster)
     target = next(shard for shard in cluster.shards() if shard.primary != source.primary)
     slot = key_slot(b"{herald}:id")
     # redis-cli moves the source's lowest-numbered slots: as many as it takes to include Herald's.
     count = sum(min(end, slot) - start + 1 for start, end in source.slots if start <= slot)
-    env = {"REDIS_URL": cluster.url}
-    topic = f"reshard-{uuid.uuid4().hex[:8]}"
+    env = {"REDIS_URL": cluster.url, "HERALD_REDIS_PARTITIONS": str(partitions)}
+    topic = next(
+        t for t in (f"reshard-{uuid.uuid4().hex[:8]}" for _ in range(1000)) if partition_of(t, partitions) == 0
+    )
     with run_server(env) as subscribed, run_server(env) as publishing_node:
         async with resuming_clients(subscribed.url, [topic], 10) as clients, httpx.AsyncClient() as client:
             publishing = asyncio.create_task(publish_at(client, publishing_node.url, topic, 100, 8))
@@ -174,9 +181,9 @@ async def test_a_slot_migration_under_publishing_loses_and_duplicates_nothing(cl
             await asyncio.to_thread(reshard, source.primary, target.primary, count)
             moved_in = time.monotonic() - moved_at
             ledger = await asyncio.wait_for(publishing, 150)
-            last = ledger.accepted[-1]
+            accepted = [str(i) for i in range(len(ledger.accepted))]  # publish_at's data: each event's number
             async with asyncio.timeout(30):
-                while any(not c.ids() or c.ids()[-1] != last for c in clients):
+                while any(len(datas(c)) < len(accepted) for c in clients):
                     await asyncio.sleep(0.05)  # polling the clients' own progress; they run on this loop
             assert herald_shard(cluster).primary == target.primary
             assert pubsub_clients(target.primary) >= 2  # both nodes' feeds followed the slot
@@ -184,20 +191,23 @@ async def test_a_slot_migration_under_publishing_loses_and_duplicates_nothing(cl
     # Back where it was (the target's lowest slots are the ones it took): the session's cluster stays as made.
     await asyncio.to_thread(reshard, target.primary, source.primary, count)
     assert herald_shard(cluster).primary == source.primary
-    assert feed["feed_connects"] >= 2, feed  # the server's sunsubscribe ended the feed; it reconnected on the new owner
-    accepted = set(ledger.accepted)
+    # The server's sunsubscribe ended the moved partition's feed; it reconnected on the new owner.
+    assert feed["feed_connects"] >= partitions + 1, feed
     for c in clients:
-        got = c.ids()
-        assert [i for i in got if i in accepted] == ledger.accepted  # every accepted event, once, in order
-        assert len(got) == len(set(got))
+        assert datas(c) == accepted  # every accepted event, once, in order
         assert c.fatal_answers == []
     assert {s for _, s in ledger.failures} <= {"503"}, ledger.failures
     print(
-        f"\nRedis Cluster reshard: {count} slots (Herald's among them) moved in {moved_in:.1f} s under 100 publishes/s;"
-        f" {len(ledger.accepted)} events accepted, {len(ledger.failures)} attempts refused and retried; "
-        f"{len(clients)} subscribers each got all {len(ledger.accepted)} once, in order; their node's feed"
-        f" reconnected {feed['feed_connects'] - 1} times, {feed['backfilled_events']} events backfilled"
+        f"\nRedis Cluster reshard ({partitions} partitions): {count} slots (Herald's among them) moved in"
+        f" {moved_in:.1f} s under 100 publishes/s; {len(ledger.accepted)} events accepted, {len(ledger.failures)}"
+        f" attempts refused and retried; {len(clients)} subscribers each got all {len(ledger.accepted)} once, in"
+        f" order; their node's feeds connected {feed['feed_connects']} times, {feed['backfilled_events']} events"
+        " backfilled"
     )
+
+
+def datas(client: ResumingClient) -> list[str]:
+    return [e.data for e in client.events if e.type != "reset"]
 
 
 def herald_shard(cluster: RedisCluster) -> Shard:
@@ -213,49 +223,6 @@ def pubsub_clients(port: int) -> int:
     finally:
         client.close()
     return len(listed) if isinstance(listed, list) else str(listed).count("id=")
-
-
-@pytest.mark.timeout(180)
-async def test_herald_shards_primary_killed_under_publishing_loses_no_accepted_event(cluster: RedisCluster) -> None:
-    """The primary of Herald's shard SIGKILLed under 100 publishes/s with HERALD_REDIS_REPLICAS_ACK=1 (and
-    restarted a second later, as a supervisor would): its replica takes over, no accepted event is lost, every
-    subscriber gets every accepted event once and in order, and publishing (retried with an Idempotency-Key) is
-    accepted again within 15 s."""
-    shard = herald_shard(cluster)
-    env = {"REDIS_URL": cluster.url, "HERALD_REDIS_REPLICAS_ACK": "1"}
-    topic = f"failover-{uuid.uuid4().hex[:8]}"
-    with run_server(env) as subscribed, run_server(env) as publishing_node:
-        async with resuming_clients(subscribed.url, [topic], 10) as clients, httpx.AsyncClient() as client:
-            publishing = asyncio.create_task(publish_at(client, publishing_node.url, topic, 100, 8))
-            await asyncio.sleep(2)  # steady publishing before the fault
-            cluster.kill(shard.primary)
-            killed_at = time.monotonic()
-            # Restarted by its supervisor a second later, it rejoins as the new primary's replica: until then the
-            # new primary has no replica to acknowledge (WAIT), and publishes are rightly refused.
-            await asyncio.sleep(1)
-            cluster.start_process(shard.primary)
-            ledger = await asyncio.wait_for(publishing, 150)
-            last = ledger.accepted[-1]
-            async with asyncio.timeout(30):
-                while any(not c.ids() or c.ids()[-1] != last for c in clients):
-                    await asyncio.sleep(0.05)  # polling the clients' own progress; they run on this loop
-    wait_until(cluster.ready, "the old primary back as a replica", timeout=30)
-    accepted = set(ledger.accepted)
-    for c in clients:
-        got = c.ids()
-        assert [i for i in got if i in accepted] == ledger.accepted  # every accepted event, once, in order
-        assert len(got) == len(set(got))
-        assert c.fatal_answers == []
-    failed = [t for t, _ in ledger.failures]
-    outage = (max(failed) - min(failed)) if failed else 0.0
-    assert outage < 15, ledger.failures
-    assert {s for _, s in ledger.failures} <= {"503"}, ledger.failures
-    print(
-        f"\nRedis Cluster failover (HERALD_REDIS_REPLICAS_ACK=1): Herald's shard primary SIGKILLed; "
-        f"{len(ledger.accepted)} events accepted, {len(ledger.failures)} attempts refused over {outage:.2f} s, "
-        f"the run ended {time.monotonic() - killed_at:.1f} s after the kill; {len(clients)} "
-        f"subscribers each got all {len(ledger.accepted)} once, in order"
-    )
 
 
 @pytest.mark.timeout(60)

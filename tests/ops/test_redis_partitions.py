@@ -85,9 +85,20 @@ def test_cursors_are_short_and_read_back_exactly() -> None:
     sixteen = [now - i * 5_000 for i in range(16)]  # sixteen busy partitions, 5 ms apart
     assert decode(encode(three), 3) == three
     assert decode(encode(sixteen), 16) == sixteen
-    assert len(encode(three)) <= 25
-    assert len(encode(sixteen)) <= 80
-    for bad in ("", "12", "1.0.0", encode(three) + ".0", "Z.0.0.0", "1.2.0.0", "1..0.0", "x" * 2000, "\u0661.0.0.0"):
+    assert len(encode(three)) <= 30
+    assert len(encode(sixteen)) <= 100
+    for bad in (
+        "",
+        "12",
+        "1.0.0",
+        encode(three) + ".0",
+        "A.0.0.0",
+        "g.0.0.0",
+        "1.2.0.0",
+        "1..0.0",
+        "x" * 2000,
+        "\u0661.0.0.0",
+    ):
         assert decode(bad, 3) is None, bad
 
 
@@ -229,22 +240,26 @@ def pubsub_clients(port: int) -> int:
 
 @pytest.mark.timeout(180)
 async def test_a_shards_primary_killed_under_publishing_loses_no_accepted_event(cluster: RedisCluster) -> None:
-    """Partition 1's primary SIGKILLed while a node publishes 100 events/s round the three partitions' topics with
-    HERALD_REDIS_REPLICAS_ACK=1 (each retried with its Idempotency-Key until accepted): every subscriber gets every
-    accepted event once, in order per topic, and the other shards' topics never stop being accepted."""
+    """The primary of partition 0's shard (``{herald}``: a one-partition deployment's only one) SIGKILLed while a
+    node publishes 100 events/s round the three partitions' topics with HERALD_REDIS_REPLICAS_ACK=1 (each retried
+    with its Idempotency-Key until accepted, and the killed process restarted a second later, as a supervisor would,
+    so the new primary has a replica to WAIT for): every subscriber gets every accepted event once, in order per
+    topic; publishing to the shard's topic is accepted again within 15 s; the other shards' topics never stop."""
     topics = topics_on_each_partition()
-    shard = shard_of(cluster, partition_tags(PARTITIONS)[1])
+    shard = shard_of(cluster, partition_tags(PARTITIONS)[0])
     env = {"REDIS_URL": cluster.url, "HERALD_REDIS_REPLICAS_ACK": "1", "HERALD_REDIS_PARTITIONS": str(PARTITIONS)}
     accepted: list[str] = []
     refused: dict[str, list[float]] = {t: [] for t in topics}
     with run_server(env) as subscribed, run_server(env) as publishing_node:
         async with resuming_clients(subscribed.url, topics, 10) as clients, httpx.AsyncClient() as client:
+            started = time.monotonic()
+            accepted_at: dict[str, list[float]] = {t: [] for t in topics}
 
-            async def publishing(rate: float, seconds: float) -> None:
-                started = time.monotonic()
+            async def publishing(topic: str, rate: float, seconds: float) -> None:
+                """One producer per topic, each on its own: a refused topic holds up no other."""
                 for i in range(int(rate * seconds)):
                     await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
-                    topic, key = topics[i % 3], uuid.uuid4().hex
+                    key = uuid.uuid4().hex
                     while True:
                         with contextlib.suppress(httpx.HTTPError):
                             answer = await client.post(
@@ -255,11 +270,12 @@ async def test_a_shards_primary_killed_under_publishing_loses_no_accepted_event(
                             )
                             if answer.status_code == 201:
                                 accepted.append(f"{topic}/{i}")
+                                accepted_at[topic].append(time.monotonic() - started)
                                 break
                         refused[topic].append(time.monotonic() - started)
                         await asyncio.sleep(0.05)
 
-            task = asyncio.create_task(publishing(100, 8))
+            task = asyncio.ensure_future(asyncio.gather(*(publishing(t, 100 / 3, 8) for t in topics)))
             await asyncio.sleep(2)
             cluster.kill(shard.primary)
             await asyncio.sleep(1)
@@ -273,17 +289,20 @@ async def test_a_shards_primary_killed_under_publishing_loses_no_accepted_event(
         got = received(c)
         assert len(got) == len(set(got)) == len(accepted)
         for topic in topics:  # in order per topic
-            assert [d for d in got if d.startswith(topic)] == [d for d in accepted if d.startswith(topic)]
+            assert [d for d in got if d.startswith(f"{topic}/")] == [d for d in accepted if d.startswith(f"{topic}/")]
         assert c.fatal_answers == []
-    assert not refused[topics[0]], refused  # the other shards never stopped
-    assert not refused[topics[2]], refused
-    outage = max(refused[topics[1]], default=0.0) - min(refused[topics[1]], default=0.0)
+    assert refused[topics[0]], "the killed shard's topic was never refused: no fault happened"
+    first, last = min(refused[topics[0]]), max(refused[topics[0]])
+    outage = last - first
+    for other in topics[1:]:  # the other shards never stopped, and kept publishing through the outage
+        assert not refused[other], refused
+        assert any(first <= at <= last for at in accepted_at[other]), (first, last, accepted_at[other])
     assert outage < 15, refused
     print(
-        f"\nspread over {PARTITIONS} partitions: partition 1's shard primary SIGKILLed under 100 publishes/s; "
-        f"{len(accepted)} events accepted, {len(refused[topics[1]])} attempts on its topic refused over {outage:.2f} s"
-        f" (none on the other shards'); {len(clients)} subscribers each got all {len(accepted)} once, in order per"
-        " topic"
+        f"\nspread over {PARTITIONS} partitions: partition 0's shard primary SIGKILLed under 100 publishes/s; "
+        f"{len(accepted)} events accepted, {len(refused[topics[0]])} attempts on its topic refused over {outage:.2f} s"
+        f" (none on the other shards', which kept being accepted meanwhile); {len(clients)} subscribers each got all"
+        f" {len(accepted)} once, in order per topic"
     )
 
 

@@ -35,7 +35,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from workers.bench import baseline, redis_cost, scenarios
+from workers.bench import baseline, partitions, redis_cost, scenarios
 from workers.bench.render import render
 from workers.bench.systems import ROOT, HeraldCluster, HeraldWorkers, all_systems
 
@@ -43,7 +43,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / ".run" / "bench" / "results.json"
 SCENARIOS = (
     "throughput", "latency", "many-topics", "idle", "storm", "multi-node", "cores", "auth", "metrics", "mercure",
-    "redis-cost",
+    "redis-cost", "partitions",
 )  # fmt: skip
 PLAN = {
     1000: [25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1200.0, 1600.0, 2400.0, 3200.0],
@@ -209,6 +209,15 @@ def main(argv: list[str] | None = None) -> None:
         if not args.quick:
             redis_cost.DOC.write_text(redis_cost.page(results["redis_cost"], results["date"], results["machine"]))
             print(f"written to {redis_cost.DOC}", flush=True)
+    if "partitions" in chosen:
+        print("== A Redis Cluster, and topics over partitions: node and Redis CPU per event", flush=True)
+        results["partitions"] = (
+            partitions.partitions_cost() if not args.quick else partitions.partitions_cost(events=3000, repeats=1)
+        )
+        save(results, args.quick, partial)
+        if not args.quick:
+            partitions.DOC.write_text(partitions.page(results["partitions"], results["date"], results["machine"]))
+            print(f"written to {partitions.DOC}", flush=True)
     print(render(results))
     save(results, args.quick, partial)
     if partial and not args.quick:

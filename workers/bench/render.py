@@ -6,7 +6,7 @@ import json
 import statistics
 from typing import Any
 
-from workers.bench import redis_cost
+from workers.bench import partitions, redis_cost
 from workers.bench.scenarios import (
     AUTH_TOLERANCE,
     BATCH,
@@ -423,6 +423,15 @@ def _round(value: float | None) -> int | None:
     return None if value is None else round(value)
 
 
+def partitions_section(results: dict[str, Any]) -> list[str]:
+    measured = results.get("partitions")
+    return (
+        ["", "## A Redis Cluster, and topics over partitions (issue 23)", "", *partitions.section(measured)]
+        if measured
+        else []
+    )
+
+
 def redis_cost_section(results: dict[str, Any]) -> list[str]:
     measured = results.get("redis_cost")
     return ["", "## Redis CPU per published event (issue 23)", "", *redis_cost.section(measured)] if measured else []
@@ -480,6 +489,7 @@ def render(results: dict[str, Any]) -> str:
     lines += _auth(results)
     lines += mercure_section(results)
     lines += redis_cost_section(results)
+    lines += partitions_section(results)
     lines += ["", "## Steps", "", "Every step of every run (rate = events/s published):", ""]
     for n in names:
         for mode, runs in systems[n]["throughput"].items():
