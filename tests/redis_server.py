@@ -7,6 +7,7 @@ directory, with or without persistence (AOF), to test outages and data loss.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -130,3 +131,34 @@ def stop_shared() -> None:
         _shared_cluster = None
         cluster.stop()
         shutil.rmtree(data, ignore_errors=True)
+
+
+def subscriber_connections(pid: int, port: int) -> int:
+    """How many pub/sub (plain or sharded) connections the process ``pid`` holds to the redis-server on ``port``.
+
+    Matched by the connections' own addresses (the process's sockets in ``/proc``, against ``CLIENT LIST``), so
+    another process's connections, or one still closing from an earlier test, are never counted.
+    """
+    inodes = set()
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    local_ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, remote, inode = fields[1], fields[2], fields[9]
+                if inode in inodes and int(remote.rsplit(":", 1)[1], 16) == port:
+                    local_ports.add(int(local.rsplit(":", 1)[1], 16))
+    client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+    try:
+        listed = client.execute_command("CLIENT", "LIST", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
+    if not isinstance(listed, list):  # unparsed: one line per client, fields name=value
+        listed = [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in str(listed).splitlines()]
+    return sum(1 for entry in listed if int(str(entry.get("addr", ":0")).rsplit(":", 1)[1]) in local_ports)

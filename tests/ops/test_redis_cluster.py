@@ -33,7 +33,7 @@ from ops.cluster.__main__ import redis_env
 from ops.cluster.redis_cluster import SLOTS, RedisCluster, Shard, reshard
 from ops.cluster.sentinel import redis_client
 from ops.probe import free_port
-from tests.redis_server import needs_redis, shared_cluster
+from tests.redis_server import needs_redis, shared_cluster, subscriber_connections
 from tests.server import run_server
 from tests.sse_client import EventStream, ResumingClient, publish_at, publish_reliably, resuming_clients
 from workers.produce import publish_direct
@@ -128,7 +128,7 @@ async def test_with_replica_reads_the_feed_and_resumes_are_read_from_the_shards_
     shard = herald_shard(cluster)
     replica = shard.replicas[0]
     topic = f"replica-{uuid.uuid4().hex[:8]}"
-    before = (pubsub_clients(shard.primary), pubsub_clients(replica), read_only_scripts(replica))
+    scripts_before = read_only_scripts(replica)
     with run_server({"REDIS_URL": cluster.url, "HERALD_REDIS_READ_REPLICAS": "1"}) as node:
         async with asyncio.timeout(60), httpx.AsyncClient(base_url=node.url, timeout=10) as client:
             ids = [await publish_reliably(client, node.url, {"topic": topic, "data": f"e{i}"}) for i in range(3)]
@@ -136,12 +136,11 @@ async def test_with_replica_reads_the_feed_and_resumes_are_read_from_the_shards_
                 replayed = await stream.take(2)
                 live = await publish_reliably(client, node.url, {"topic": topic, "data": "e3"})
                 (event,) = await stream.take(1)
-            after = (pubsub_clients(shard.primary), pubsub_clients(replica), read_only_scripts(replica))
+            on_primary, on_replica = (subscriber_connections(node.pid, port) for port in (shard.primary, replica))
     assert [e.last_event_id for e in replayed] == ids[1:]
     assert event.last_event_id == live
-    assert after[0] == before[0]  # no subscriber on the primary
-    assert after[1] == before[1] + 1  # the node's one, on the replica
-    assert after[2] > before[2]  # resumes read there
+    assert (on_primary, on_replica) == (0, 1)  # the node's one subscriber connection, on the replica
+    assert read_only_scripts(replica) > scripts_before  # resumes read there
 
 
 def read_only_scripts(port: int) -> int:
@@ -186,7 +185,9 @@ async def test_a_slot_migration_under_publishing_loses_and_duplicates_nothing(
                 while any(len(datas(c)) < len(accepted) for c in clients):
                     await asyncio.sleep(0.05)  # polling the clients' own progress; they run on this loop
             assert herald_shard(cluster).primary == target.primary
-            assert pubsub_clients(target.primary) >= 2  # both nodes' feeds followed the slot
+            # The moved feed followed the slot, on the connection the target's own partition uses: one per shard.
+            assert subscriber_connections(subscribed.pid, target.primary) == 1
+            assert subscriber_connections(subscribed.pid, source.primary) == 0  # it serves no partition now
             feed = (await client.get(f"{subscribed.url}/stats")).json()["broker"]
     # Back where it was (the target's lowest slots are the ones it took): the session's cluster stays as made.
     await asyncio.to_thread(reshard, target.primary, source.primary, count)
@@ -214,15 +215,6 @@ def herald_shard(cluster: RedisCluster) -> Shard:
     """The shard that owns Herald's hash slot (every key starts with ``{herald}``)."""
     slot = key_slot(b"{herald}:id")
     return next(s for s in cluster.shards() if any(start <= slot <= end for start, end in s.slots))
-
-
-def pubsub_clients(port: int) -> int:
-    client = redis_client(port, decode_responses=True)
-    try:
-        listed = client.execute_command("CLIENT", "LIST", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
-    finally:
-        client.close()
-    return len(listed) if isinstance(listed, list) else str(listed).count("id=")
 
 
 @pytest.mark.timeout(60)
