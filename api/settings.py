@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     workers: int = Field(
         1,
         ge=1,
-        le=16,
+        le=64,
         description=(
             "Processes serving this node's port (SO_REUSEPORT), each with its own hub and broker feed;"
             " Redis broker only (with the embedded broker the node runs one)."

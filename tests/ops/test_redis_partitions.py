@@ -17,8 +17,10 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from redis.crc import key_slot
 
+from api.settings import Settings
 from broker.base import Event, Message, Reset, ResetReason, RetentionPolicy
 from broker.redis import RedisTarget
 from broker.redis.cursor import decode, encode
@@ -307,3 +309,13 @@ def in_order_per_topic(got: list[str], published: list[str]) -> bool:
 
 def received(client: ResumingClient) -> list[str]:
     return [e.data for e in client.events if e.type != "reset"]
+
+
+@pytest.mark.parametrize(("value", "valid"), [("0", False), ("1", True), ("16", True), ("17", False)])
+def test_the_partitions_setting_is_1_to_16(value: str, valid: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERALD_REDIS_PARTITIONS", value)
+    if valid:
+        assert Settings().redis_partitions == int(value)
+    else:
+        with pytest.raises(ValidationError):
+            Settings()
