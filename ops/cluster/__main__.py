@@ -256,13 +256,13 @@ def main(argv: list[str] | None = None) -> None:
     cluster.processes.clear()
 
 
-if __name__ == "__main__":
-    main()
-
-
 def redis_env(partitions: int, read_replicas: bool) -> dict[str, str]:
     """The nodes' Redis settings ``start`` was asked for (kept with the cluster: a restarted node gets them too)."""
     env = {"HERALD_REDIS_PARTITIONS": str(partitions)} if partitions > 1 else {}
     if read_replicas:
         env["HERALD_REDIS_READ_REPLICAS"] = "1"
     return env
+
+
+if __name__ == "__main__":
+    main()
