@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 from collections.abc import Callable
@@ -262,6 +263,8 @@ class Cluster:
         else:
             self.secret_file.unlink(missing_ok=True)
         self.save_state()
+        if self.redis_cluster:
+            self.forget_redis_cluster()
         try:
             for name in self.redis_names:
                 self.start_redis_process(name)
@@ -346,6 +349,19 @@ class Cluster:
             self._wait_started(name, client.ping)
         finally:
             client.close()
+
+    def forget_redis_cluster(self) -> None:
+        """Empty the data directories of the Redis Cluster's stopped processes: a start makes a new cluster.
+
+        An earlier start's nodes.conf names cluster bus ports that are not this start's, so its nodes could never
+        meet again: ``make cluster REDIS=cluster`` after ``make cluster-down`` failed to create its cluster ("Node
+        ... is not empty"). A process restarted in a running cluster (``restart-node``) keeps its data; a running
+        one's directory is left alone (``start`` refuses it).
+        """
+        for name in self.redis_names:
+            if self.pid_of(name) is None:
+                shutil.rmtree(self.run_dir / name, ignore_errors=True)
+                (self.run_dir / name).mkdir(parents=True)
 
     def _create_redis_cluster(self) -> None:
         """Join the redis processes into one cluster (3 primaries, a replica each) and wait until it serves."""

@@ -295,3 +295,16 @@ async def test_make_cluster_with_redis_cluster_and_partitions_serves_through_ngi
         assert Cluster.load(herald.run_dir).status()["redis"]["shards"] == shards  # type: ignore[index]
     finally:
         await asyncio.to_thread(herald.stop)
+
+
+def test_regression_make_cluster_after_cluster_down_makes_a_new_redis_cluster(tmp_path: Path) -> None:
+    """``make cluster REDIS=cluster`` after ``make cluster-down`` failed ("Node 127.0.0.1:6380 is not empty"): the
+    stopped processes' nodes.conf named the earlier start's cluster bus ports, so the cluster could neither be created
+    nor come back. A start now empties the stopped processes' data directories first."""
+    herald = Cluster(tmp_path / "cluster", nodes=1, front_port=free_port(), redis_cluster=True)
+    for name in herald.redis_names:
+        (herald.run_dir / name).mkdir(parents=True)
+        (herald.run_dir / name / "nodes.conf").write_text("an earlier cluster's\n")
+    herald.forget_redis_cluster()
+    assert all((herald.run_dir / name).is_dir() for name in herald.redis_names)
+    assert not any(path for name in herald.redis_names for path in (herald.run_dir / name).iterdir())
