@@ -9,6 +9,7 @@ again on exit.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -17,10 +18,46 @@ from dataclasses import dataclass
 
 import pytest
 
-from broker.base import Broker, Clock, RetentionPolicy
+from broker.base import Broker, Clock, Event, Reset, RetentionPolicy
 from broker.memory import MemoryBroker
 from broker.redis import RedisBroker, RedisTarget
 from tests import redis_server
+
+WAIT = 5.0
+"""Seconds a test waits for live events before failing."""
+
+
+class RecordingSink:
+    """An :class:`EventSink` that records what it gets and lets tests await it."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.resets: list[Reset] = []
+        self.max_id = 0
+        self._changed = asyncio.Event()
+
+    def on_event(self, event: Event) -> None:
+        self.events.append(event)
+        self.max_id = max(self.max_id, event.id)
+        self._changed.set()
+
+    def on_reset(self, reset: Reset) -> None:
+        self.resets.append(reset)
+        self._changed.set()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+        async def until() -> None:
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(until(), timeout)
+
+    async def wait_for_id(self, event_id: int, timeout: float = WAIT) -> list[Event]:
+        """Wait until the event ``event_id`` (or a later one) arrived; return everything so far."""
+        await self.wait_until(lambda: self.max_id >= event_id, timeout)
+        return list(self.events)
+
 
 BrokerFactory = Callable[[RetentionPolicy, Clock], AbstractAsyncContextManager[Broker]]
 """``make(retention, clock)``: an async context manager giving one broker, not yet started."""

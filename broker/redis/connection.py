@@ -269,6 +269,18 @@ def _hello_fields(hello: object) -> dict[str, str]:
     }
 
 
+def node_client(node: ClusterNode, max_connections: int, **options: Any) -> aioredis.Redis:
+    """A plain client of our own to one cluster node, with the cluster client's settings for it (credentials,
+    timeouts, RESP2) plus ``options``: a feed's sharded Pub/Sub connection, a replica's read connections.
+
+    It reads redis-py's ``ClusterNode.connection_class`` and ``connection_kwargs`` (8.2, the version locked and
+    tested), here only, as :func:`refresh_topology` is the one place that calls into its slot map.
+    """
+    kwargs = {**node.connection_kwargs, **options}
+    pool = aioredis.ConnectionPool(connection_class=node.connection_class, max_connections=max_connections, **kwargs)
+    return aioredis.Redis.from_pool(pool)  # the pool closes with the client
+
+
 async def refresh_topology(client: aioredis.Redis) -> None:
     """On a Redis Cluster, read which node serves which slots again (after a failover, the replica that took over).
 

@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from broker.base import BrokerUnavailable, Event, History, RetentionPolicy, Snapshot
-from broker.redis.connection import HISTORY_SCRIPT, Commands
+from broker.redis.connection import HISTORY_SCRIPT, Commands, node_client
 
 STORM_WINDOW = 0.05
 """Seconds between two replay reads of the same topics while clients keep resuming."""
@@ -196,9 +196,7 @@ class Reads:
             node = cluster.get_node(node_name=replica) if isinstance(cluster, RedisCluster) else None
             if node is None:
                 raise ReadOnlyScript(f"{replica} is not in the cluster's map")
-            kwargs = {**node.connection_kwargs, "redis_connect_func": _read_only}
-            pool = aioredis.ConnectionPool(connection_class=node.connection_class, max_connections=8, **kwargs)
-            client = self._replicas[replica] = aioredis.Redis.from_pool(pool)
+            client = self._replicas[replica] = node_client(node, 8, redis_connect_func=_read_only)
         return client
 
 

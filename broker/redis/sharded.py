@@ -34,11 +34,11 @@ import asyncio
 import contextlib
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from broker.base import BrokerUnavailable
+from broker.redis.connection import node_client
 
 QUEUE = 65536
 """Messages a feed may fall behind its shared connection before its view ends (it then reconnects and backfills)."""
@@ -80,11 +80,6 @@ class ShardLinks:
         if self._links.get(link.name) is link:
             del self._links[link.name]
 
-    @property
-    def connections(self) -> int:
-        """Connections open now."""
-        return len(self._links)
-
     async def close(self) -> None:
         for link in list(self._links.values()):
             await link.close()
@@ -96,10 +91,7 @@ class _Link:
 
     def __init__(self, node: ClusterNode, forget: Any) -> None:
         self.name = node.name
-        # The cluster client's own settings for that node (credentials, timeouts, RESP2), on a connection of ours.
-        kwargs = node.connection_kwargs
-        pool = aioredis.ConnectionPool(connection_class=node.connection_class, max_connections=1, **kwargs)
-        self._client = aioredis.Redis.from_pool(pool)  # closed with the client
+        self._client = node_client(node, 1)
         self._pubsub = self._client.pubsub()
         self._owners: dict[str, ShardedPubSub] = {}
         self._views: set[ShardedPubSub] = set()

@@ -140,11 +140,6 @@ class SpreadBroker:
         self._sink: EventSink | None = None
         self._delivered = 0  # the last number given to a delivered event (see _deliver)
 
-    @property
-    def tags(self) -> list[str]:
-        """Each partition's key prefix (its hash tag), in partition order."""
-        return [part.prefix for part in self._parts]
-
     def _split(self, topics: Collection[str]) -> dict[int, list[str]]:
         """``topics`` by partition."""
         parts: dict[int, list[str]] = {}

@@ -25,12 +25,13 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from broker.base import Event, Message, Reset, ResetReason, RetentionPolicy
+from broker.base import Message, Reset, ResetReason, RetentionPolicy
 from broker.redis import RedisBroker, RedisTarget
 from ops import launch
 from ops.cluster import Cluster
 from ops.probe import free_port, wait_until
 from tests import redis_server
+from tests.brokers import RecordingSink
 from tests.sse_client import publish_at, resuming_clients
 
 pytestmark = pytest.mark.skipif(not redis_server.available(), reason="redis-server is not installed")
@@ -89,18 +90,6 @@ async def test_failover_with_replicas_ack_loses_no_accepted_event(tmp_path: Path
         f"nginx each got all {len(ledger.accepted)} accepted events once, in order; resets {resets}; "
         f"non-200 answers on /events: 0"
     )
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.resets: list[Reset] = []
-
-    def on_event(self, event: Event) -> None:
-        self.events.append(event)
-
-    def on_reset(self, reset: Reset) -> None:
-        self.resets.append(reset)
 
 
 @contextlib.asynccontextmanager

@@ -28,6 +28,7 @@ from broker.redis.spread import SpreadBroker, partition_of, partition_tags
 from ops.cluster.redis_cluster import RedisCluster, Shard
 from ops.cluster.sentinel import redis_client
 from ops.probe import wait_until
+from tests.brokers import RecordingSink
 from tests.redis_server import needs_redis, shared_cluster, subscriber_connections
 from tests.server import run_server
 from tests.sse_client import EventStream, ResumingClient, resuming_clients
@@ -57,18 +58,6 @@ def topics_on_each_partition(partitions: int = PARTITIONS) -> list[str]:
 def shard_of(cluster: RedisCluster, tag: str) -> Shard:
     slot = key_slot(f"{tag}:id".encode())
     return next(s for s in cluster.shards() if any(start <= slot <= end for start, end in s.slots))
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.resets: list[Reset] = []
-
-    def on_event(self, event: Event) -> None:
-        self.events.append(event)
-
-    def on_reset(self, reset: Reset) -> None:
-        self.resets.append(reset)
 
 
 @contextlib.asynccontextmanager
@@ -132,14 +121,12 @@ async def test_publishing_spreads_over_the_shards_and_a_batch_keeps_its_order(cl
 async def test_a_resume_over_every_shard_is_exact_and_an_uncovered_cursor_is_reset(cluster: RedisCluster) -> None:
     topics = topics_on_each_partition()
     async with spread_broker(cluster, RetentionPolicy(size=5)) as broker:
-        sink = Sink()
+        sink = RecordingSink()
         await broker.start(sink)
         await broker.subscribe(topics)
         _, start = await broker.position_cursor(topics)
         await broker.publish([Message(t, f"{t}/{i}") for i in range(3) for t in topics])
-        async with asyncio.timeout(10):
-            while len(sink.events) < 9:
-                await asyncio.sleep(0.01)  # the feed runs on this loop
+        await sink.wait_until(lambda: len(sink.events) >= 9)
         assert sorted(e.data for e in sink.events) == sorted(f"{t}/{i}" for i in range(3) for t in topics)
         middle = sink.events[4]
         answer = await broker.history_from(topics, middle.cursor or "")

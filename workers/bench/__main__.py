@@ -33,7 +33,7 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from workers.bench import baseline, partitions, redis_cost, scenarios
 from workers.bench.render import render
@@ -202,28 +202,39 @@ def main(argv: list[str] | None = None) -> None:
         save(results, args.quick, partial)
     if "redis-cost" in chosen:
         print("== Redis CPU per published event: Herald vs a minimal script (one node, Redis broker)", flush=True)
-        results["redis_cost"] = (
-            redis_cost.redis_cost() if not args.quick else redis_cost.redis_cost(events=5000, repeats=1)
-        )
-        save(results, args.quick, partial)
-        if not args.quick:
-            redis_cost.DOC.write_text(redis_cost.page(results["redis_cost"], results["date"], results["machine"]))
-            print(f"written to {redis_cost.DOC}", flush=True)
+        measured = redis_cost.redis_cost() if not args.quick else redis_cost.redis_cost(events=5000, repeats=1)
+        paged(results, "redis_cost", measured, redis_cost, args.quick, partial)
     if "partitions" in chosen:
         print("== A Redis Cluster, and topics over partitions: node and Redis CPU per event", flush=True)
-        results["partitions"] = (
+        measured = (
             partitions.partitions_cost() if not args.quick else partitions.partitions_cost(events=3000, repeats=1)
         )
-        save(results, args.quick, partial)
-        if not args.quick:
-            partitions.DOC.write_text(partitions.page(results["partitions"], results["date"], results["machine"]))
-            print(f"written to {partitions.DOC}", flush=True)
+        paged(results, "partitions", measured, partitions, args.quick, partial)
     print(render(results))
     save(results, args.quick, partial)
     if partial and not args.quick:
         print(f"some scenarios only: {DOC} (the last full run's) left as it was; results in {RESULTS.parent}")
     elif not args.quick:
         print(f"written to {DOC} and {RESULTS}")
+
+
+class PagedScenario(Protocol):
+    """A scenario module with a page of its own (``DOC``, written by ``page``) besides its section here."""
+
+    DOC: Path
+
+    def page(self, result: dict[str, Any], date: str, machine: str) -> str: ...
+
+
+def paged(
+    results: dict[str, Any], key: str, measured: dict[str, Any], scenario: PagedScenario, quick: bool, partial: bool
+) -> None:
+    """Keep a scenario's figures, save, and (not for a --quick smoke run) write its own page."""
+    results[key] = measured
+    save(results, quick, partial)
+    if not quick:
+        scenario.DOC.write_text(scenario.page(measured, results["date"], results["machine"]))
+        print(f"written to {scenario.DOC}", flush=True)
 
 
 def save(results: dict[str, Any], quick: bool, partial: bool = False) -> None:
