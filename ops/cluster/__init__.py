@@ -12,6 +12,9 @@ that cluster through those files, from any process::
     python -m ops.cluster stop-redis [NAME]        SIGTERM (default: the process named "redis")
     python -m ops.cluster start-redis [NAME]
     python -m ops.cluster failover                 --sentinel clusters: SIGKILL the current primary
+    python -m ops.cluster freeze-node node-1       SIGSTOP: the node hangs holding its sockets (a gray-failure drill)
+    python -m ops.cluster thaw-node node-1         SIGCONT: it rejoins (docs/operations.md, "Gray failures")
+    python -m ops.cluster freeze-redis [NAME]      the same for a redis-server; thaw-redis [NAME] ends it
     python -m ops.cluster token [--publish SEL]... --auth clusters: print an access token
     python -m ops.cluster stop                     stops exactly the processes named in the pid files
     python -m ops.cluster prometheus-config [--compose]   print ops/prometheus.yml (or ops/prometheus-compose.yml)

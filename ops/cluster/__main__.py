@@ -143,6 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     for verb in ("stop", "start"):
         redis_command = commands.add_parser(f"{verb}-redis", parents=[common], help=f"{verb} a redis-server")
         redis_command.add_argument("name", nargs="?", default="redis", help="redis (default), redis-1, ...")
+    for verb, what in (("freeze", "SIGSTOP: it hangs, holding its sockets (a drill)"), ("thaw", "SIGCONT")):
+        node_command = commands.add_parser(f"{verb}-node", parents=[common], help=f"{what}: one node")
+        node_command.add_argument("name", help="node-0, node-1, ...")
+        redis_command = commands.add_parser(f"{verb}-redis", parents=[common], help=f"{what}: a redis-server")
+        redis_command.add_argument("name", nargs="?", default="redis", help="redis (default), redis-1, ...")
     commands.add_parser("failover", parents=[common], help="--sentinel clusters: SIGKILL the current primary")
     config = commands.add_parser(
         "prometheus-config",
@@ -237,6 +242,21 @@ def main(argv: list[str] | None = None) -> None:
         else:
             cluster.start_redis_process(args.name)
             print(f"{args.name} ready at redis://127.0.0.1:{cluster.redis_port_of(args.name)}/0")
+    elif args.command in ("freeze-node", "thaw-node"):
+        index = _node_index(cluster, args.name)
+        try:
+            pid = cluster.freeze_node(index) if args.command == "freeze-node" else cluster.thaw_node(index)
+        except RuntimeError as error:
+            sys.exit(str(error))
+        print(f"{'froze' if args.command == 'freeze-node' else 'thawed'} {args.name} (pid {pid})")
+    elif args.command in ("freeze-redis", "thaw-redis"):
+        if args.name not in cluster.redis_names:
+            sys.exit(f"no redis process {args.name!r} (this cluster has: {', '.join(cluster.redis_names)})")
+        try:
+            pid = cluster.freeze_redis(args.name) if args.command == "freeze-redis" else cluster.thaw_redis(args.name)
+        except RuntimeError as error:
+            sys.exit(str(error))
+        print(f"{'froze' if args.command == 'freeze-redis' else 'thawed'} {args.name} (pid {pid})")
     elif args.command == "failover":
         try:
             killed = cluster.failover_redis()

@@ -20,7 +20,7 @@ from redis.crc import key_slot
 from api.token import mint
 from broker.redis.spread import partition_tags
 from ops import launch
-from ops.cluster.processes import Exited, alive, is_ours, write_private
+from ops.cluster.processes import Exited, alive, frozen, is_ours, write_private
 from ops.cluster.redis_cluster import cluster_args, complete, shards_of
 from ops.cluster.redis_cluster import create as create_redis_cluster
 from ops.cluster.sentinel import redis_client, sentinel_command, sentinel_master
@@ -37,6 +37,7 @@ from ops.prometheus import (
 READY = "ready"
 NOT_READY = "not-ready"
 STOPPED = "stopped"
+FROZEN = "frozen"
 
 
 @dataclass
@@ -466,6 +467,7 @@ class Cluster:
         pid_file = self.run_dir / f"{name}.pid"
         if process is not None and process.poll() is None:
             process.send_signal(sig)
+            self._wake(process.pid)
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -480,6 +482,7 @@ class Cluster:
             if (process is None or pid != process.pid) and is_ours(pid, name):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
+                    self._wake(pid)
                     try:
                         wait_until(lambda: not alive(pid), name, timeout)
                     except RuntimeError:
@@ -487,8 +490,56 @@ class Cluster:
                         wait_until(lambda: not alive(pid), name, timeout)
         pid_file.unlink(missing_ok=True)
 
+    @staticmethod
+    def _wake(pid: int) -> None:
+        """A frozen process (:meth:`freeze`) acts on the signal just sent only once it runs again."""
+        if frozen(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGCONT)
+
     def kill_node(self, index: int) -> None:
         self.signal(f"node-{index}", signal.SIGKILL)
+
+    # -- gray failures: a process that hangs instead of dying ----------------------
+
+    def freeze(self, name: str) -> int:
+        """SIGSTOP the named process and every process of its group; return its pid.
+
+        A gray failure for drills (``ops.cluster freeze-node``): the process
+        keeps its sockets, so nothing is refused or closed, and answers
+        nothing, as a node with a stuck event loop, a paused VM or container,
+        or a swap storm does. Every process of the cluster leads a process
+        group of its own (``launch.spawn``), so a node's workers
+        (``HERALD_WORKERS``) stop with it, as they would in a paused container.
+        RuntimeError when the process does not run.
+        """
+        pid = self.pid_of(name)
+        if pid is None:
+            raise RuntimeError(f"{name} is not running")
+        os.killpg(pid, signal.SIGSTOP)
+        return pid
+
+    def thaw(self, name: str) -> int:
+        """SIGCONT the named process and its group (the end of :meth:`freeze`); return its pid."""
+        pid = self.pid_of(name)
+        if pid is None:
+            raise RuntimeError(f"{name} is not running")
+        os.killpg(pid, signal.SIGCONT)
+        return pid
+
+    def freeze_node(self, index: int) -> int:
+        return self.freeze(f"node-{index}")
+
+    def thaw_node(self, index: int) -> int:
+        return self.thaw(f"node-{index}")
+
+    def freeze_redis(self, name: str = "redis") -> int:
+        self.redis_port_of(name)  # KeyError for a name that is no redis process
+        return self.freeze(name)
+
+    def thaw_redis(self, name: str = "redis") -> int:
+        self.redis_port_of(name)
+        return self.thaw(name)
 
     def stop_node(self, index: int, kill: bool = False) -> None:
         """SIGTERM node ``index`` (its streams end, clients resume elsewhere) and wait until it is gone.
@@ -602,6 +653,8 @@ class Cluster:
         pid = self.pid_of(name)
         if pid is None:
             state = STOPPED
+        elif frozen(pid):
+            state = FROZEN  # asking it would only wait
         else:
             try:
                 state = READY if probe() else NOT_READY
@@ -624,7 +677,8 @@ class Cluster:
 
         ``{"front": url, "redis": {...}, "nginx": {...}, "nodes": [...]}``; each
         process entry is ``{"name", "url", "pid", "state"}``, ``pid`` None and
-        ``state`` ``"stopped"`` when it does not run, else ``"ready"`` (a node's
+        ``state`` ``"stopped"`` when it does not run, ``"frozen"`` while
+        :meth:`freeze` holds it, else ``"ready"`` (a node's
         ``/readyz`` is 200; redis answers PING; nginx answers HTTP at all) or
         ``"not-ready"``. ``redis`` is the process named ``redis``; with
         sentinels it also holds ``"master_name"``, ``"primary"`` (the name the

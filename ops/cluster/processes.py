@@ -47,3 +47,12 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def frozen(pid: int) -> bool:
+    """Whether ``pid`` is stopped (SIGSTOP: state ``T``), as :meth:`ops.cluster.Cluster.freeze` leaves it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] in ("T", "t")
