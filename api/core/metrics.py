@@ -36,6 +36,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from broker.base import ResetReason
+
 CONNECT_OUTCOMES = (
     "accepted",  # a stream opened at once
     "waited",  # a stream opened while the broker was down: it waits for it
@@ -47,6 +49,12 @@ CONNECT_OUTCOMES = (
     "unauthorized",  # 401: no usable token
     "forbidden",  # 403: the token does not cover a topic
 )
+
+PUBLISH_ERROR_CLASSES = ("4xx", "5xx")
+"""The ``status`` label values of ``herald_publish_errors_total``."""
+
+RESET_REASONS: tuple[str, ...] = tuple(value for name, value in vars(ResetReason).items() if name.isupper())
+"""Every :class:`~broker.base.ResetReason`: the ``reason`` label values of ``herald_resets_total``."""
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PUBLISH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -120,7 +128,7 @@ class PrometheusMetrics:
         self.tally = WriteTally()
         self.connects = dict.fromkeys(CONNECT_OUTCOMES, 0)
         self.events_published = 0
-        self.publish_errors = {"4xx": 0, "5xx": 0}
+        self.publish_errors = dict.fromkeys(PUBLISH_ERROR_CLASSES, 0)
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -185,7 +193,11 @@ class _OwnCounts(Collector):
     def collect(self) -> Iterable[Metric]:
         m = self._metrics
         yield labelled_counter(
-            "herald_connects", "Subscription attempts (GET /events) by how they ended.", "outcome", m.connects.items()
+            "herald_connects",
+            "Subscription attempts (GET /events) by how they ended.",
+            "outcome",
+            m.connects.items(),
+            known=CONNECT_OUTCOMES,
         )
         yield counter("herald_events_published", "Events accepted by this node's publish endpoint.", m.events_published)
         yield labelled_counter(
@@ -193,6 +205,7 @@ class _OwnCounts(Collector):
             "Publish requests refused (4xx) or failed (5xx).",
             "status",
             m.publish_errors.items(),
+            known=PUBLISH_ERROR_CLASSES,
         )
         tally = m.tally
         yield counter("herald_deliveries", "Events written to clients (replays included).", tally.events)
@@ -246,9 +259,13 @@ def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 
 def labelled_counter(
-    name: str, documentation: str, label: str, values: Iterable[tuple[str, float]]
+    name: str, documentation: str, label: str, values: Iterable[tuple[str, float]], known: Iterable[str] = ()
 ) -> CounterMetricFamily:
+    """A counter by one label: every ``known`` value first, at 0 until counted (a series exists before its first
+    event, so ``rate()`` and alerts see it), then any other value counted."""
+    counts: dict[str, float] = dict.fromkeys(known, 0)
+    counts.update(values)
     family = CounterMetricFamily(name, documentation, labels=[label])
-    for key, value in values:
+    for key, value in counts.items():
         family.add_metric([key], value)
     return family

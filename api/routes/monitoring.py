@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from api.auth.access import Access
 from api.core.hub import Hub
-from api.core.metrics import PrometheusMetrics, counter, gauge, labelled_counter
+from api.core.metrics import RESET_REASONS, PrometheusMetrics, counter, gauge, labelled_counter
 from api.deps import AdminOnly, HubDep, SettingsDep, require_admin
 from api.errors import CLIENTS_GONE, RequestRejected
 from api.node.registry import VERSION, NodeRegistry
@@ -54,7 +54,11 @@ class NodeCollector(Collector):
         yield counter("herald_slow_client_cutoffs", "Clients cut off for falling behind.", stats["cutoffs"])
         yield counter("herald_expired_streams", "Streams ended because their token expired.", stats["expired"])
         yield labelled_counter(
-            "herald_resets", "Reset events sent to clients, by reason.", "reason", sorted(hub.resets.items())
+            "herald_resets",
+            "Reset events sent to clients, by reason.",
+            "reason",
+            sorted(hub.resets.items()),
+            known=RESET_REASONS,
         )
         broker = self._broker.stats() if isinstance(self._broker, ReportsStats) else {}
         yield gauge("herald_broker_up", "1 while the broker answers (and its feed is up).", _broker_up(hub, broker))

@@ -20,6 +20,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api import token as tokens
+from api.adapter.guard import REASONS as SHED_REASONS
+from api.core.metrics import CONNECT_OUTCOMES, PUBLISH_ERROR_CLASSES, RESET_REASONS, labelled_counter
 from tests import redis_server
 from tests.server import Node, run_server
 from tests.sse_client import EventStream, publish
@@ -143,6 +145,40 @@ def test_promtool_finds_nothing_to_say(metrics_node: Node) -> None:
     exposition = httpx.get(f"{metrics_node.url}/metrics", timeout=10).content
     result = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, timeout=30)
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+
+
+KNOWN_LABELS = {
+    "herald_resets": ("reason", RESET_REASONS),
+    "herald_connects": ("outcome", CONNECT_OUTCOMES),
+    "herald_publish_errors": ("status", PUBLISH_ERROR_CLASSES),
+    "herald_connections_shed": ("reason", SHED_REASONS),
+}
+"""Every labelled herald_ counter whose label values are known in advance, and those values."""
+
+
+@pytest.mark.parametrize("broker", BROKERS)
+def test_regression_resets_total_is_exported_at_zero_before_any_reset(broker: str) -> None:
+    """herald_resets_total appeared only after the first reset (a rate() or an alert on it saw nothing until
+    then): a fresh node lists every known label value of every labelled counter, at 0."""
+    env = {"REDIS_URL": redis_server.shared_server().url} if broker == "redis" else {}
+    with run_server(env) as node:
+        text = httpx.get(f"{node.url}/metrics", timeout=10).text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    assert "herald_resets" in families
+    for name, (label, values) in KNOWN_LABELS.items():
+        if name not in families:
+            assert name == "herald_connections_shed", name  # only with a connection guard (api.adapter)
+            continue
+        samples = {s.labels[label]: s.value for s in families[name].samples if s.name == f"{name}_total"}
+        assert samples == dict.fromkeys(values, 0.0), name
+
+
+def test_counted_label_values_outside_the_known_ones_are_still_exported() -> None:
+    family = labelled_counter("herald_x", "X.", "reason", [("lost", 2), ("new-reason", 1)], known=RESET_REASONS)
+    assert [(s.labels["reason"], s.value) for s in family.samples] == [
+        *((reason, 2 if reason == "lost" else 0) for reason in RESET_REASONS),
+        ("new-reason", 1),
+    ]
 
 
 def test_no_label_has_unbounded_values(metrics_node: Node) -> None:
