@@ -31,10 +31,12 @@ from api.mercure.subscriptions import ActiveSubscriptions
 from api.middleware import NodeIdMiddleware
 from api.models import TOPIC_PATTERN, PublishEvent
 from api.node.registry import NodeRegistry
+from api.node.stall import StallWatch
 from api.routes.dashboard import router as dashboard_router
 from api.routes.docs import router as docs_router
 from api.routes.events import events_response
 from api.routes.events import router as events_router
+from api.routes.health import probe_response
 from api.routes.health import router as health_router
 from api.routes.monitoring import NodeCollector
 from api.routes.monitoring import router as monitoring_router
@@ -87,7 +89,8 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
         guard = adapter.active.connection_guard(settings)  # deadlines and caps before a request is in (api.adapter)
         if isinstance(node_metrics, PrometheusMetrics):
             node_metrics.attach(NodeCollector(settings, hub, broker, access, guard))
-        registry = NodeRegistry(settings, broker, hub)
+        watch = StallWatch(broker)
+        registry = NodeRegistry(settings, broker, hub, watch)
         subscriptions = (
             ActiveSubscriptions(broker, settings.node_id, MERCURE_HUB_PATH) if settings.mercure_subscriptions else None
         )
@@ -95,6 +98,7 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
         await broker.start(hub)
         await hub.start()
         registry.start()
+        watch.start()
         if subscriptions is not None:
             subscriptions.start()
         app.state.broker = broker
@@ -105,6 +109,9 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
             # Herald's protocol answers the streams it can itself (api.adapter.lane); stock uvicorn: None.
             app.stream_lane = adapter.active.stream_lane(hub, settings, access, cors)
         app.state.registry = registry
+        app.state.stall_watch = watch
+        if isinstance(app, HeraldApp):
+            app.stall_watch = watch
         app.state.mercure_subscriptions = subscriptions
         log.info("node %s serving on %s (broker: %s)", settings.node_id, registry.url, type(broker).__name__)
         try:
@@ -114,6 +121,8 @@ def create_app(settings: Settings | None = None, broker_factory: BrokerFactory =
                 app.stream_lane = None
                 app.serving = None
                 app.connection_guard = None
+                app.stall_watch = None
+            await watch.close()
             if guard is not None:
                 guard.close()
             await registry.close()
@@ -177,6 +186,9 @@ class HeraldApp(FastAPI):
     connection_guard: ConnectionGuard | None = None
     """Set while the node serves: deadlines and caps for requests not in yet (api.adapter.guard)."""
 
+    stall_watch: StallWatch | None = None
+    """Set while the node serves: whether it is resynchronising after standing still (``GET /probe``)."""
+
     serving: tuple[Hub, Settings, Access, Cors] | None = None
     """Set while the node serves: what ``GET /events`` needs, at hand (the app's state is a ``__getattr__`` each)."""
 
@@ -193,6 +205,11 @@ class HeraldApp(FastAPI):
                         hub, settings, access, cors = serving
                         response = await events_response(hub, settings, access, cors, scope, receive)
                         await response(scope, receive, send)
+                        return
+                if path == "/probe":  # the front's, before every stream: as cheap as an answer gets
+                    serving, watch = self.serving, self.stall_watch
+                    if serving is not None and watch is not None:
+                        await probe_response(serving[0], watch, serving[1].node_id)(scope, receive, send)
                         return
                 if path == MERCURE_HUB_PATH:  # the Mercure hub's streams too (it answers its own CORS)
                     await serve_subscribe(self.state, scope, receive, send, node_id=True)

@@ -325,6 +325,22 @@ class SubscribeNow(Protocol):
 
 
 @runtime_checkable
+class Resyncs(Protocol):
+    """Optional capability: a live feed that can be rebuilt on demand (Redis), for a node that stood still.
+
+    A node whose process was stopped (a stuck loop, a paused VM) may find its
+    feed's connection dropped or far behind; the node asks for a resync
+    before it takes new streams again (api.node.stall). The embedded broker
+    lives in the node's own memory: nothing to rebuild, so it has no such method.
+    """
+
+    async def resync(self) -> None:
+        """Drop the live feed, reconnect it and backfill every subscribed topic from the replay buffer (exactly,
+        as after any reconnect: nothing missed, nothing twice); return once it is live again. Raises
+        BrokerUnavailable when Redis does not answer: the feed then comes back by itself, as after any outage."""
+
+
+@runtime_checkable
 class ReportsStats(Protocol):
     """Optional capability: counters a broker exposes on the node's ``/stats``."""
 

@@ -13,6 +13,7 @@ misspelled one is an error, not a config that quietly keeps the wrong path.
 
 from __future__ import annotations
 
+import math
 import re
 import resource
 import string
@@ -46,9 +47,23 @@ class NginxTemplate(string.Template):
     pattern = _PLACEHOLDER  # type: ignore[assignment]
 
 
-def upstream_lines(servers: Sequence[str]) -> str:
-    """One ``server`` line per ``host:port``, never marked failed (see the template's comment)."""
-    return "\n".join(f"        server {s} max_fails=0;" for s in servers)
+def upstream_lines(servers: Sequence[str], fail_timeout: int) -> str:
+    """One ``server`` line per ``host:port``, marked failed for ``fail_timeout`` s by one failed attempt."""
+    return "\n".join(f"        server {s} max_fails=1 fail_timeout={fail_timeout}s;" for s in servers)
+
+
+def stream_read_timeout(heartbeat: float) -> int:
+    """Seconds the front waits on a silent stream: the nodes' heartbeat and a margin for a busy node's lag.
+
+    A node writes an idle stream at most ``heartbeat`` seconds apart
+    (api.core.hub ticks at half of it), so silence past this means it hangs.
+    The margin (a third of the heartbeat, 1-5 s) keeps a node whose loop
+    lags a little from losing its streams; with the default heartbeat
+    (15 s) a stream on a hung node ends 20 s after its last byte at most,
+    and its client is back on another node, resumed, well within twice the
+    heartbeat (docs/operations.md, "Gray failures").
+    """
+    return max(2, math.ceil(heartbeat + min(5.0, max(1.0, heartbeat / 3))))
 
 
 @dataclass(frozen=True)
@@ -60,7 +75,14 @@ class FrontPolicy:
     """
 
     heartbeat: float = 15.0
-    """The nodes' HERALD_HEARTBEAT: a stream silent for twice this long is on a node that hangs."""
+    """The nodes' HERALD_HEARTBEAT: a stream silent for longer (and a margin) is on a node that hangs."""
+    request_timeout: int = 6
+    """Seconds a request other than a stream (a publish) waits for a node's answer; then 503 and the node is
+    marked failed. A node answers its own 503 sooner (its Redis commands time out in 2 s)."""
+    probe_timeout: int = 2
+    """Seconds a node has to answer the probe a stream makes before it opens; then it is marked failed."""
+    fail_timeout: int = 5
+    """Seconds a node marked failed gets no new request; then one goes there, and an answered one clears it."""
     header_timeout: int = 10
     """Seconds a client has to send its request head (as the nodes' HERALD_HEADER_TIMEOUT)."""
     admin_allow: tuple[str, ...] = ("127.0.0.1", "::1")
@@ -127,7 +149,7 @@ def render(
     text = template if template is not None else TEMPLATE.read_text()
     admin = [f"            allow {_quoted(a)};   # may read them" for a in policy.admin_allow]
     return NginxTemplate(text).substitute(
-        upstream_servers=upstream_lines(servers),
+        upstream_servers=upstream_lines(servers, policy.fail_timeout),
         listen_lines=_listen_lines(listen, policy.tls),
         error_log=error_log,
         access_log=access_log,
@@ -135,7 +157,9 @@ def render(
         client_body_temp_path=client_body_temp_path,
         proxy_temp_path=proxy_temp_path,
         worker_rlimit_nofile=str(worker_rlimit_nofile),
-        stream_read_timeout=str(max(2, round(2 * policy.heartbeat))),
+        stream_read_timeout=str(stream_read_timeout(policy.heartbeat)),
+        request_timeout=str(policy.request_timeout),
+        probe_timeout=str(policy.probe_timeout),
         header_timeout=str(policy.header_timeout),
         unlimited_lines="\n".join(f"        {_quoted(a)} 0;   # not limited" for a in policy.unlimited),
         cors_origin_lines="\n".join(f'        "{_quoted(o)}" $http_origin;   # allowed' for o in policy.cors_origins),

@@ -5,7 +5,8 @@ Once a second each node
 * announces itself (:class:`broker.base.NodeDirectory`: on Redis a key with a
   TTL of :data:`TTL` seconds, so a node that dies is listed as ``gone`` once
   the key expires; on the embedded broker, the node itself) with its id,
-  URL, version, start time, state (``serving``, ``draining``) and figures;
+  URL, version, start time, state (``serving``, ``draining``, ``resyncing`` after
+  standing still: api.node.stall) and figures;
 * publishes the same figures on the reserved topic :data:`NODES_TOPIC`,
   as an event of type ``node``: the dashboard (and any operator's own page)
   is an EventSource client of it. Producers can't publish there
@@ -26,6 +27,7 @@ from typing import Any
 
 from api.core.hub import Hub
 from api.models import RESERVED_TOPIC_PREFIX
+from api.node.stall import StallWatch
 from api.settings import Settings
 from broker.base import Broker, BrokerUnavailable, Message, NodeDirectory, ReportsStats
 
@@ -44,8 +46,9 @@ FORGET = 300.0
 class NodeRegistry:
     """Announces this node and publishes its figures every :data:`INTERVAL` seconds."""
 
-    def __init__(self, settings: Settings, broker: Broker, hub: Hub) -> None:
+    def __init__(self, settings: Settings, broker: Broker, hub: Hub, watch: StallWatch | None = None) -> None:
         self._settings = settings
+        self._watch = watch
         self._broker = broker
         self._hub = hub
         self.node_id = settings.node_id
@@ -70,7 +73,11 @@ class NodeRegistry:
 
     @property
     def state(self) -> str:
-        return "draining" if self._hub.draining or self._closing else "serving"
+        if self._hub.draining or self._closing:
+            return "draining"
+        if self._watch is not None and self._watch.resyncing:
+            return "resyncing"  # back from standing still, not serving new streams yet (api.node.stall)
+        return "serving"
 
     def record(self) -> dict[str, Any]:
         """This node as ``/cluster`` lists it (and as its figure events carry it)."""
@@ -92,6 +99,7 @@ class NodeRegistry:
             "cutoffs": stats["cutoffs"],
             "expired": stats["expired"],
             "resets": stats["resets"],
+            "stalls": self._watch.stalls if self._watch is not None else 0,
             "broker_up": hub.broker_up and bool(broker_stats.get("feed_up", 1)),
             "feed_reconnects": max(0, broker_stats.get("feed_connects", 1) - 1),
             **hub.metrics.figures(),

@@ -7,10 +7,12 @@ from importlib import resources
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from api.adapter import Choice
+from api.core.hub import Hub
 from api.deps import AccessDep, AdminOnly, BrokerDep, HubDep, SettingsDep
+from api.node.stall import StallWatch
 from broker.base import BrokerUnavailable, ReportsStats
 
 router = APIRouter()
@@ -34,6 +36,37 @@ async def readyz(broker: BrokerDep) -> JSONResponse:
     if ready:
         return JSONResponse({"status": "ready"})
     return JSONResponse({"status": "broker unavailable"}, status_code=503, headers={"Retry-After": "2"})
+
+
+_PROBE_HEADERS = {"Cache-Control": "no-store"}
+
+
+def probe_response(hub: Hub, watch: StallWatch, node_id: str) -> Response:
+    """The answer to the front's probe: 200 when this node takes new streams, 503 when it is draining or
+    resynchronising after standing still (api.node.stall). Redis being down is no reason: the node holds
+    streams open until it is back. A node that hangs answers nothing, which is what the probe is for."""
+    headers = {**_PROBE_HEADERS, "X-Node-Id": node_id}
+    if hub.draining:
+        return Response(b"draining\n", 503, headers, "text/plain")
+    if watch.resyncing:
+        return Response(b"resyncing\n", 503, headers, "text/plain")
+    return Response(b"ok\n", 200, headers, "text/plain")
+
+
+@router.get(
+    "/probe",
+    summary="The front's probe before a stream: 200 when this node takes new streams",
+    response_class=Response,
+    responses={503: {"description": "Draining, or resynchronising after standing still: open streams elsewhere."}},
+)
+async def probe(request: Request, hub: HubDep, settings: SettingsDep) -> Response:
+    # Served by HeraldApp's shortcut while the node serves; this route answers otherwise (and documents it).
+    watch: StallWatch | None = getattr(request.app.state, "stall_watch", None)
+    if watch is None:
+        return Response(b"starting\n", 503, _PROBE_HEADERS, "text/plain")
+    response = probe_response(hub, watch, settings.node_id)
+    del response.headers["x-node-id"]  # the node's middleware adds it
+    return response
 
 
 def _rss_bytes() -> int:

@@ -168,6 +168,10 @@ class RedisBroker:
     async def unsubscribe(self, topics: Collection[str]) -> None:
         await self._feed.unsubscribe(topics)
 
+    async def resync(self) -> None:
+        """:class:`broker.base.Resyncs`: the feed reconnects and backfills."""
+        await self._feed.resync()
+
     # -- NodeDirectory and NodeEntries ---------------------------------------------
 
     async def announce(self, node_id: str, record: str, ttl: float) -> None:

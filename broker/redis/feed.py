@@ -84,6 +84,8 @@ class Feed:
         self._epoch = -1
         self._tasks: set[asyncio.Task[None]] = set()
         self._rounds: list[tuple[int, asyncio.Future[None]]] = []  # positions awaited by reach()
+        self._resync_asked = False  # resync(): the reading loop drops the connection at its next turn
+        self._resynced: asyncio.Future[None] | None = None  # resolved by the first connect after that
 
     @property
     def up(self) -> bool:
@@ -187,6 +189,18 @@ class Feed:
                 raise BrokerUnavailable("the redis feed did not bring its position round in time") from None
         if self.position_now(topics) is None:  # the feed reconnected meanwhile: its position is in flux
             raise BrokerUnavailable("the redis feed is reconnecting")
+
+    async def resync(self, timeout: float = 10.0) -> None:
+        """Reconnect the feed and backfill (:class:`broker.base.Resyncs`); BrokerUnavailable if not live in time."""
+        if self._feed is None:
+            return  # a producer's broker: no feed to rebuild
+        if self._resynced is None or self._resynced.done():
+            self._resynced = asyncio.get_running_loop().create_future()
+            self._resync_asked = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._resynced), timeout)
+        except TimeoutError:
+            raise BrokerUnavailable("the redis feed did not come back after a resync") from None
 
     def _passed(self) -> None:
         """The position moved: release the rounds it passed (:meth:`reach`)."""
@@ -292,6 +306,9 @@ class Feed:
                 backoff = 0.05
                 resync = True  # any later reconnect must backfill
                 self._end_connecting()
+                resynced = self._resynced
+                if resynced is not None and not self._resync_asked and not resynced.done():
+                    resynced.set_result(None)  # connected (and backfilled) since resync() asked
                 await self._read_feed(pubsub)
             except Exception as exc:
                 # Whatever went wrong, the feed must come back: a dead feed
@@ -422,6 +439,9 @@ class Feed:
         quiet_since = time.monotonic()
         pinged = False
         while not self._commands.closed:
+            if self._resync_asked:
+                self._resync_asked = False
+                raise BrokerUnavailable("resynchronising: this node stood still")
             message = await pubsub.get_message(timeout=1.0)
             now = time.monotonic()
             if message is None:

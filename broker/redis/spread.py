@@ -170,6 +170,10 @@ class SpreadBroker:
         answers = await asyncio.gather(*(part.ping() for part in self._parts))
         return all(answers)
 
+    async def resync(self) -> None:
+        """:class:`broker.base.Resyncs`: every partition's feed reconnects and backfills."""
+        await asyncio.gather(*(part.resync() for part in self._parts))
+
     # -- the live feed, numbered -----------------------------------------------
 
     def _vector(self) -> list[int]:

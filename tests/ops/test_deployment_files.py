@@ -160,9 +160,20 @@ def test_nginx_is_set_up_for_sse() -> None:
     assert int(directives("keepalive")[0]) > 0
     assert "error" in directives("proxy_next_upstream")[0]
     assert "non_idempotent" not in directives("proxy_next_upstream")[0]  # a publish is never sent twice
-    # A stream silent for two heartbeats is on a node that hangs: nginx ends it, the client resumes elsewhere.
-    read_timeout = directives("proxy_read_timeout")[0]
-    assert read_timeout == f"{round(2 * Settings().heartbeat)}s"
+    # A stream silent past the heartbeat (and a margin) is on a node that hangs: nginx ends it, the client
+    # resumes elsewhere within two heartbeats; any other request (a publish) waits for an answer 10 s at most.
+    blocks = dict(re.findall(r"^ *location ([^{\n]+?) \{(.*?)\n *\}", NGINX_CONF, flags=re.S | re.M))
+    heartbeat = Settings().heartbeat
+    mercure = NGINX_CONF.split("location = /.well-known/mercure {")[1].split("location @mercure_publish")[0]
+    for stream in (blocks["= /events"], mercure):
+        (timeout,) = re.findall(r"proxy_read_timeout (\d+)s;", stream)
+        assert heartbeat < int(timeout) <= 1.5 * heartbeat
+        assert "auth_request /_herald/probe;" in stream
+    assert int(directives("proxy_read_timeout")[0].rstrip("s")) < 10  # the server's: every other request
+    assert "internal;" in blocks["= /_herald/probe"]
+    (probe_timeout,) = re.findall(r"proxy_read_timeout (\d+)s;", blocks["= /_herald/probe"])
+    assert int(probe_timeout) <= 3
+    assert all("max_fails=1 fail_timeout=" in server for server in directives("server"))
     # Every directive line is explained by a comment next to it or above it.
     lines = NGINX_CONF.splitlines()
     for i, line in enumerate(lines):
@@ -175,7 +186,7 @@ def test_nginx_never_hands_its_own_failures_to_clients_as_is() -> None:
     """EventSource gives up for good on anything but 200 text/event-stream; producers need JSON and Retry-After."""
     blocks = dict(re.findall(r"^ *location ([^{\n]+?) \{(.*?)\n *\}", NGINX_CONF, flags=re.S | re.M))
     events, other = blocks["= /events"], blocks["/"]
-    assert re.search(r"error_page 502 503 504 =200 @events_retry;", events)
+    assert re.search(r"error_page 500 502 503 504 =200 @events_retry;", events)  # 500: no node answered its probe
     retry = blocks["@events_retry"]
     assert "default_type text/event-stream;" in retry
     assert re.search(r'return 200 "[^"]*retry: \$herald_retry_ms\\n\\n";', retry)  # 1-2.9 s, spread (the map)
@@ -257,9 +268,17 @@ def test_nginx_never_logs_a_token(tmp_path: Path, where: str) -> None:
 def test_nginx_leaves_cors_and_credentials_to_the_nodes() -> None:
     """Preflights (OPTIONS), Origin, Authorization and Cookie reach the nodes, whose CORS answers come back."""
     conf = re.sub(r"#.*", "", NGINX_CONF)  # directives only
+    # The probe before a stream is a subrequest of the front's own: it alone passes no client header on.
+    probe = re.search(r"location = /_herald/probe \{.*?\}", conf, flags=re.S)
+    assert probe is not None and "internal;" in probe.group()
+    conf = conf.replace(probe.group(), "")
     for forbidden in ("limit_except", "proxy_hide_header", "proxy_pass_request_headers", "proxy_intercept_errors"):
         assert forbidden not in conf, forbidden
-    assert not re.search(r"\bif\s*\(\s*\$request_method", conf)
+    # The one test of the method: a Mercure publish goes to a location of its own (a request's timeouts, not
+    # a stream's), which passes it on whole.
+    assert re.findall(r"\bif\s*\(\s*\$request_method[^)]*\)", conf) == ["if ($request_method = POST)"]
+    publish = re.search(r"location @mercure_publish \{(.*?)\}", conf, flags=re.S)
+    assert publish is not None and "proxy_pass http://herald;" in publish.group(1)
     for header in ("Origin", "Authorization", "Cookie", "Access-Control"):
         assert not re.search(rf"proxy_set_header\s+{header}", conf, flags=re.I), header
     # nginx adds CORS headers only to its own answers for streams (a node's answers carry the nodes' own), and

@@ -43,8 +43,26 @@ FAULT_OPTIONS = {
     "stop_all_nodes_at": "--stop-all-nodes-at",
     "restart_redis_at": "--restart-redis-at",
     "failover_redis_at": "--failover-redis-at",
+    "freeze_node_at": "--freeze-node-at",
+    "freeze_redis_at": "--freeze-redis-at",
 }
 """The faults a run can inject (config field: option), each at a time in seconds after publishing started."""
+
+FAULT_SHORTHANDS = {"freeze": "freeze_node_at", "freeze-redis": "freeze_redis_at"}
+"""``--fault KIND``: a fault by name, at :data:`DEFAULT_FAULT_AT` unless its own ``--...-at`` option says when."""
+DEFAULT_FAULT_AT = 5.0
+"""When a fault named by ``--fault`` alone happens: seconds after publishing started, past the first
+second's warm-up, so the run has a steady state before it to compare with."""
+DEFAULT_FREEZE_SECONDS = 40.0
+"""How long a freeze lasts by default (``--freeze-for``): longer than the front's read timeout on a silent
+stream (20 s with the default heartbeat) and than a subscriber's silence limit (:data:`SILENCE_HEARTBEATS`
+heartbeats, 30 s by default), so both give up on the frozen node before it thaws."""
+
+DEFAULT_HEARTBEAT = 15.0
+"""The nodes' ``HERALD_HEARTBEAT`` when the environment does not say: the longest they leave an idle stream silent."""
+SILENCE_HEARTBEATS = 2.0
+"""A stream silent for this many heartbeats is dead (a hung node, a half-open connection): the default of
+``--silence-timeout``, which allows for one heartbeat lost to a busy node's lag."""
 
 AUTH_SOURCES = {
     "none": "no token (access control off)",
@@ -55,8 +73,8 @@ AUTH_SOURCES = {
 TOKEN_MARGIN = 3600.0
 """Seconds a minted token outlives the longest the run can take: it never expires mid-run."""
 
-NODE_FAULTS = ("kill_node_at", "restart_nodes_at", "stop_all_nodes_at")
-REDIS_FAULTS = ("restart_redis_at", "failover_redis_at")
+NODE_FAULTS = ("kill_node_at", "restart_nodes_at", "stop_all_nodes_at", "freeze_node_at")
+REDIS_FAULTS = ("restart_redis_at", "failover_redis_at", "freeze_redis_at")
 """Faults acting on the same processes: at most one of each group per run, so they never overlap."""
 
 
@@ -101,6 +119,16 @@ class LoadConfig:
     stop_all_nodes_at: float | None = None
     stop_all_for: float | None = None
     failover_redis_at: float | None = None
+    freeze_node_at: float | None = None
+    freeze_node: int = 0
+    freeze_redis_at: float | None = None
+    freeze_for: float = DEFAULT_FREEZE_SECONDS
+    """How long a freeze (``--freeze-node-at``, ``--freeze-redis-at``) holds the process stopped."""
+    heartbeat: float = DEFAULT_HEARTBEAT
+    """The nodes' ``HERALD_HEARTBEAT`` (``--heartbeat``): what the default silence limit is reckoned from."""
+    silence_timeout: float | None = None
+    """Seconds a subscriber's open stream may deliver no byte before it counts as dead, is closed and
+    resumed (``--silence-timeout``); 0: never; None: :attr:`silence_seconds` decides."""
     cluster_dir: Path = ROOT / ".run" / "cluster"
     allow_remote: bool = False
     progress: bool = True
@@ -144,9 +172,19 @@ class LoadConfig:
         return max(1, min(self.batch, self.batch_bytes // per_event))
 
     @property
+    def silence_seconds(self) -> float:
+        """The subscribers' silence limit: :attr:`silence_timeout` when given, else :data:`SILENCE_HEARTBEATS`
+        heartbeats against Herald, and none (0) against a peer, which need not send heartbeats (nchan
+        sends none by default: an idle stream of it is silent, not dead)."""
+        if self.silence_timeout is not None:
+            return self.silence_timeout
+        return SILENCE_HEARTBEATS * self.heartbeat if self.system == "herald" else 0.0
+
+    @property
     def longest_seconds(self) -> float:
         """An upper bound of the run's length: every phase at its longest."""
         faults = sum(v for v in (self.restart_node_after, self.stop_all_for) if v is not None)
+        faults += sum(self.freeze_for for at in (self.freeze_node_at, self.freeze_redis_at) if at is not None)
         return self.ramp + self.connect_timeout + self.duration + self.retry_for + self.drain + faults
 
     def to_json(self) -> dict[str, object]:
@@ -264,7 +302,11 @@ def check_faults(config: LoadConfig, error: Callable[[str], object]) -> None:
         if value is not None and value < 0:
             error(f"{option} is out of range")
             return
-    for name, option in (("restart_node_after", "--restart-node-after"), ("stop_all_for", "--for")):
+    for name, option in (
+        ("restart_node_after", "--restart-node-after"),
+        ("stop_all_for", "--for"),
+        ("freeze_for", "--freeze-for"),
+    ):
         value = getattr(config, name)
         if value is not None and value < 0:
             error(f"{option} is out of range")
@@ -591,6 +633,58 @@ def parser() -> argparse.ArgumentParser:
         "`make cluster SENTINEL=1`)",
     )
     p.add_argument(
+        "--freeze-node-at",
+        type=float,
+        metavar="SECONDS",
+        help="a gray failure: SIGSTOP a node of the local cluster (it hangs holding its sockets), SIGCONT it "
+        "--freeze-for seconds later",
+    )
+    p.add_argument(
+        "--freeze-node",
+        type=int,
+        default=d.freeze_node,
+        metavar="INDEX",
+        help="which node to freeze (default %(default)s)",
+    )
+    p.add_argument(
+        "--freeze-redis-at",
+        type=float,
+        metavar="SECONDS",
+        help="a gray failure of Redis: SIGSTOP the cluster's redis-server, SIGCONT it --freeze-for seconds later",
+    )
+    p.add_argument(
+        "--freeze-for",
+        type=float,
+        default=d.freeze_for,
+        metavar="SECONDS",
+        help="how long a freeze lasts (default %(default)g: past the front's read timeout and the subscribers' "
+        "silence limit at the default heartbeat, so both give up on the frozen node first)",
+    )
+    p.add_argument(
+        "--fault",
+        action="append",
+        choices=list(FAULT_SHORTHANDS),
+        dest="fault_names",
+        help=f"a fault by name: freeze (--freeze-node-at) or freeze-redis (--freeze-redis-at), at "
+        f"{DEFAULT_FAULT_AT:g} s unless that option says when (repeat for both)",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=os.environ.get("HERALD_HEARTBEAT", str(d.heartbeat)),
+        metavar="SECONDS",
+        help="the nodes' HERALD_HEARTBEAT: the longest they leave an idle stream silent, which the default "
+        f"--silence-timeout is reckoned from (default: $HERALD_HEARTBEAT, else {DEFAULT_HEARTBEAT:g})",
+    )
+    p.add_argument(
+        "--silence-timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"a stream that delivers no byte (not even a heartbeat) for this long is dead: the subscriber closes it "
+        f"and resumes with Last-Event-ID, counted as ended 'silent'; 0: never (default: {SILENCE_HEARTBEATS:g} x "
+        "--heartbeat against Herald, never against a peer)",
+    )
+    p.add_argument(
         "--cluster-dir",
         type=Path,
         default=d.cluster_dir,
@@ -638,6 +732,9 @@ def from_args(argv: list[str] | None = None) -> LoadConfig:
     args = vars(p.parse_args(argv))
     names = {f.name for f in fields(LoadConfig)}
     given = {k: v for k, v in args.items() if k in names and k not in ("targets", "topics", "metrics_from")}
+    for name in args["fault_names"] or []:
+        if given.get(FAULT_SHORTHANDS[name]) is None:
+            given[FAULT_SHORTHANDS[name]] = DEFAULT_FAULT_AT
     config = LoadConfig(**given)
     config.targets = [t.rstrip("/") for t in (args["targets"] or [DEFAULT_TARGET])]
     config.metrics_from = [u.strip().rstrip("/") for v in args["metrics_from"] or [] for u in v.split(",") if u.strip()]
@@ -664,6 +761,8 @@ def from_args(argv: list[str] | None = None) -> LoadConfig:
         ("--drain", config.drain >= 0),
         ("--retry-for", config.retry_for >= 0),
         ("--connect-timeout", config.connect_timeout > 0),
+        ("--heartbeat", 0 < config.heartbeat <= 3600),
+        ("--silence-timeout", config.silence_timeout is None or config.silence_timeout >= 0),
     ]
     for option, ok in problems:
         if not ok:
@@ -681,6 +780,7 @@ def from_args(argv: list[str] | None = None) -> LoadConfig:
     if config.restart_node_after is not None and config.kill_node_at is None:
         p.error("--restart-node-after needs --kill-node-at")
     check_faults(config, p.error)
+    config.silence_timeout = config.silence_seconds  # the result records the limit the run had
     resolve_token(config, p.error)
     try:
         check_targets(config)

@@ -17,6 +17,13 @@ still runs the program its file was written for.
   acknowledged is lost) and start it again at once on the same port.
 * ``failover-redis``: SIGKILL the Redis primary of a Sentinel cluster
   (``make cluster SENTINEL=1``), for Sentinel to promote a replica.
+* ``freeze-node``: a gray failure: SIGSTOP a node (and its workers) for
+  ``restart_after`` seconds, then SIGCONT it. The node hangs holding its
+  sockets: nothing is refused or closed, nothing is answered, so its
+  clients see silence, not an error, and must notice it themselves (the
+  front's read timeout, a subscriber's silence limit, a publisher's
+  request timeout).
+* ``freeze-redis``: the same gray failure of redis-server.
 
 Each fault records what it did and when (:attr:`Fault.done`, seconds since
 publishing started); the blocking cluster calls run in a thread
@@ -38,10 +45,23 @@ from typing import Protocol
 
 from ops.cluster import Cluster
 
-KINDS = ("kill-node", "restart-nodes", "stop-all-nodes", "restart-redis", "failover-redis")
+KINDS = (
+    "kill-node",
+    "restart-nodes",
+    "stop-all-nodes",
+    "restart-redis",
+    "failover-redis",
+    "freeze-node",
+    "freeze-redis",
+)
 
 LASTING = ("restart-nodes", "stop-all-nodes")
-"""Faults that last until their last step: nobody is "back" before the last node is up again."""
+"""Faults that last until their last step: nobody is "back" before the last node is up again.
+
+A freeze is not one of them: the subscribers a frozen node holds are back
+as soon as they have moved to another node, which they can (and should) do
+long before the thaw.
+"""
 
 
 class FaultTarget(Protocol):
@@ -57,6 +77,10 @@ class FaultTarget(Protocol):
     def start_redis(self) -> None: ...
     def restart_nodes(self, on_step: Callable[[str], None] | None = None) -> None: ...
     def failover_redis(self) -> str: ...
+    def freeze_node(self, index: int) -> int: ...
+    def thaw_node(self, index: int) -> int: ...
+    def freeze_redis(self, name: str = "redis") -> int: ...
+    def thaw_redis(self, name: str = "redis") -> int: ...
 
 
 @dataclass
@@ -65,8 +89,8 @@ class Fault:
 
     kind: str  # one of KINDS
     at: float  # seconds after publishing started
-    node: int = 0  # kill-node: which node
-    restart_after: float | None = None  # kill-node: start it again after; stop-all-nodes: down for
+    node: int = 0  # kill-node, freeze-node: which node
+    restart_after: float | None = None  # kill-node: start it again after; stop-all-nodes, freeze-*: down for
     began: float | None = None  # seconds into the run when the fault started
     done: list[tuple[str, float]] = field(default_factory=list)  # (what, seconds into the run)
     error: str | None = None  # why the fault could not be carried out (the run then fails)
@@ -153,5 +177,32 @@ async def _carry_out(cluster: FaultTarget, fault: Fault, mark: Callable[[str], N
     elif fault.kind == "failover-redis":
         name = await asyncio.to_thread(cluster.failover_redis)
         mark(f"killed redis primary {name}")
+    elif fault.kind == "freeze-node":
+        await _freeze(
+            f"node-{fault.node}",
+            lambda: cluster.freeze_node(fault.node),
+            lambda: cluster.thaw_node(fault.node),
+            fault.restart_after or 0.0,
+            mark,
+        )
+    elif fault.kind == "freeze-redis":
+        await _freeze("redis", cluster.freeze_redis, cluster.thaw_redis, fault.restart_after or 0.0, mark)
     else:
         raise ValueError(f"unknown fault {fault.kind!r}")
+
+
+async def _freeze(
+    name: str, freeze: Callable[[], int], thaw: Callable[[], int], seconds: float, mark: Callable[[str], None]
+) -> None:
+    """SIGSTOP ``name`` (``freeze``), hold it ``seconds``, SIGCONT it (``thaw``): steps "froze", "thawed".
+
+    The thaw happens even when the wait is cancelled (a run that fails
+    part-way): a process is never left stopped by this tool.
+    """
+    await asyncio.to_thread(freeze)
+    mark(f"froze {name}")
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        await asyncio.shield(asyncio.to_thread(thaw))
+    mark(f"thawed {name}")

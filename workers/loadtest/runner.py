@@ -110,6 +110,7 @@ async def _spawn(config: LoadConfig, aggregate: Aggregate) -> list[WorkerProcess
             "ramp": config.ramp,
             "connect_timeout": config.connect_timeout,
             "read_pause": config.read_pause_ms / 1000,
+            "silence": config.silence_seconds,
         }
         if config.token:
             setup["token"] = config.token  # over the worker's own pipe: never on a command line
@@ -131,6 +132,10 @@ def faults_of(config: LoadConfig) -> list[Fault]:
         faults.append(Fault("restart-redis", config.restart_redis_at))
     if config.failover_redis_at is not None:
         faults.append(Fault("failover-redis", config.failover_redis_at))
+    if config.freeze_node_at is not None:
+        faults.append(Fault("freeze-node", config.freeze_node_at, config.freeze_node, config.freeze_for))
+    if config.freeze_redis_at is not None:
+        faults.append(Fault("freeze-redis", config.freeze_redis_at, restart_after=config.freeze_for))
     return sorted(faults, key=lambda f: f.at)
 
 
@@ -282,6 +287,8 @@ async def run(config: LoadConfig, say: Callable[[str], None] = print) -> dict[st
     finally:
         for task in fault_tasks:
             task.cancel()  # a run that failed part-way: no fault goes on after it
+        # ... and a frozen process is thawed before the run ends (faults._freeze thaws on cancel).
+        await asyncio.gather(*fault_tasks, return_exceptions=True)
         for send in senders:
             with contextlib.suppress(Exception):
                 await send.close()

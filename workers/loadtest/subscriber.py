@@ -33,6 +33,16 @@ were answered 200 and ended at once with nothing but ``retry:``: a server
 *telling the client to retry*, which EventSource obeys, and which is not an
 error. Such a stream does not count as the subscriber being back.
 
+Unlike EventSource, it does not trust a stream that has gone quiet: a
+Herald node writes every open stream at least once a heartbeat
+(``HERALD_HEARTBEAT``, a comment line when there is no event), so an open
+stream that delivers no byte for ``silence`` seconds (the load tool's
+``--silence-timeout``: two heartbeats by default) is on a node that hangs
+(a gray failure: it holds the connection but answers nothing) or behind a
+connection that died without a word. The subscriber then closes it, counts
+it as ended :data:`SILENT`, and resumes elsewhere with ``Last-Event-ID``, as
+any non-browser client of Herald should.
+
 The bookkeeping is one integer per topic (the next sequence number
 expected) plus the set of numbers skipped so far, which stays empty while
 nothing goes wrong: memory does not grow with the number of events.
@@ -76,6 +86,9 @@ replayed instead. Mercure has no ``reset`` event; this answer is its reset, coun
 
 ANSWER_TIMEOUT = 10.0
 """Seconds from starting a connect to the response head; past them the attempt counts as a ``timeout``."""
+
+SILENT = "silent"
+"""Why a stream ended (in ``drops``) when the subscriber closed it for delivering nothing for ``silence`` seconds."""
 
 RETRY_ONLY_SECONDS = 1.0
 """A 200 stream that ends cleanly within this long of its head with no event, only ``retry:``, was
@@ -138,8 +151,10 @@ class StreamProtocol(asyncio.Protocol):
     """One HTTP connection of a subscriber: the response head, then the event stream.
 
     The connection ends, and :attr:`done` resolves, when the server closes
-    it, or when the response is over (the last chunk, or ``Content-Length``
-    bytes: EventSource then reconnects, even on a kept-alive connection).
+    it, when the response is over (the last chunk, or ``Content-Length``
+    bytes: EventSource then reconnects, even on a kept-alive connection), or
+    when the open stream has delivered no byte for the subscriber's
+    ``silence`` seconds (counted as a drop, :data:`SILENT`).
     Whatever kept it from streaming is counted once, by cause, in the
     recorder's ``connect_errors``; a 200 stream that ended cleanly at once
     with only ``retry:`` counts as ``told_to_retry``; any other end of an
@@ -154,6 +169,7 @@ class StreamProtocol(asyncio.Protocol):
         "_decoder",
         "_evented",
         "_head",
+        "_last_read",
         "_left",
         "_opened_at",
         "_request",
@@ -182,6 +198,7 @@ class StreamProtocol(asyncio.Protocol):
         self._settled = False  # why this attempt gave no stream has been counted
         self._started = time.monotonic() if started is None else started
         self._opened_at = 0.0
+        self._last_read = 0.0  # time.monotonic() of the last read, or when reading resumes after a pause
         loop = asyncio.get_running_loop()
         self.opened: asyncio.Future[bool] = loop.create_future()  # True at a 200 head, False if none came
         self.done: asyncio.Future[None] = loop.create_future()  # the connection ended
@@ -202,8 +219,10 @@ class StreamProtocol(asyncio.Protocol):
         # The hot path: one call per read. Whole frames go to the subscriber
         # as one block; a partial frame waits in the buffer for the rest.
         sub = self._sub
+        self._last_read = time.monotonic()
         if sub.read_pause and self.transport is not None:  # a slow consumer: nothing read for a while
             self.transport.pause_reading()
+            self._last_read += sub.read_pause  # its own pause is no silence of the stream's
             asyncio.get_running_loop().call_later(sub.read_pause, self._resume_reading)
         if not sub.streaming:
             data = self._read_head(data)
@@ -263,6 +282,8 @@ class StreamProtocol(asyncio.Protocol):
             self._left = int(parsed.headers["content-length"])
         self._cancel_timer()
         self._opened_at = time.monotonic()
+        if sub.silence > 0:  # the answer timer's slot now holds the silence timer
+            self._timer = asyncio.get_running_loop().call_later(sub.silence, self._check_silence)
         sub.on_open(parsed.headers.get("x-node-id", sub.target), self._opened_at - self._started)
         if parsed.headers.get(MERCURE_LAST_EVENT_ID) == MERCURE_EARLIEST and sub.last_id_raw not in (None, b"earliest"):
             sub.history_lost()  # a Mercure resume that could not be exact: its reset
@@ -293,6 +314,22 @@ class StreamProtocol(asyncio.Protocol):
         self._timer = None
         if not self._sub.streaming:
             self._fail(TIMEOUT)
+
+    def _check_silence(self) -> None:
+        """The silence timer: end a stream that delivered no byte for ``silence`` seconds, else look again when
+        it could first have been silent that long."""
+        self._timer = None
+        silence = self._sub.silence
+        quiet = time.monotonic() - self._last_read
+        if quiet < silence:
+            self._timer = asyncio.get_running_loop().call_later(silence - quiet, self._check_silence)
+            return
+        if not self._settled and not self._sub.stopping:
+            self._sub.recorder.drops[SILENT] += 1
+        self._settled = True
+        self._finish()
+        if self.transport is not None:
+            self.transport.abort()  # not close(): a hung peer would never acknowledge it
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -373,6 +410,7 @@ class Subscriber:
         "recorder",
         "resets",
         "retry_s",
+        "silence",
         "stopping",
         "streaming",
         "target",
@@ -391,9 +429,11 @@ class Subscriber:
         retry_s: float = 2.0,
         token: str | None = None,
         read_pause: float = 0.0,
+        silence: float = 0.0,
     ) -> None:
         self.index = index
         self.read_pause = read_pause  # seconds without reading after each read (a slow consumer); 0: none
+        self.silence = silence  # seconds an open stream may deliver nothing before it is closed and resumed; 0: never
         self.token = token  # Herald's access token (Authorization: Bearer), None with access control off
         self.target = target  # "host:port"
         host, _, port = target.rpartition(":")

@@ -7,7 +7,9 @@ per line each way:
 
 parent -> worker
     ``{"setup": {...}}`` first (:class:`Setup`; its ``token``, when access
-    control is on, goes to every subscriber and nowhere else), then commands:
+    control is on, goes to every subscriber and nowhere else; its
+    ``silence``, seconds, absent or 0 for none, is how long an open stream
+    may deliver nothing before it is closed and resumed), then commands:
     ``{"cmd": "go", "t0_ns": N}`` publishing starts now (the timeline's zero),
     ``{"cmd": "expect", "last": {topic: seq}}`` the last accepted event per topic,
     ``{"cmd": "finish", "last": {...}, "unaccepted": {topic: [seq, ...]}}``.
@@ -46,6 +48,7 @@ class Setup:
     tick: float = 0.5
     token: str | None = None  # every subscriber's access token (Authorization: Bearer), None with auth off
     read_pause: float = 0.0  # seconds each subscriber stops reading after every read: slow consumers
+    silence: float = 0.0  # seconds an open stream may stay silent before it is closed and resumed; 0: never
 
 
 class CpuMeter:
@@ -116,7 +119,16 @@ class Worker:
         self.emit = emit
         self.recorder = Recorder()
         self.subscribers = [
-            Subscriber(index, target, path, topics, self.recorder, token=setup.token, read_pause=setup.read_pause)
+            Subscriber(
+                index,
+                target,
+                path,
+                topics,
+                self.recorder,
+                token=setup.token,
+                read_pause=setup.read_pause,
+                silence=setup.silence,
+            )
             for index, target, path, topics in setup.subscribers
         ]
         self.ready = 0
@@ -245,6 +257,7 @@ async def main() -> None:
         tick=raw.get("tick", 0.5),
         token=raw.get("token"),
         read_pause=raw.get("read_pause", 0.0),
+        silence=raw.get("silence", 0.0),
     )
     worker = Worker(setup, emit)
     background = [asyncio.create_task(measure_lag(worker.lag)), asyncio.create_task(worker.connect_all())]

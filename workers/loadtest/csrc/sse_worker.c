@@ -38,7 +38,12 @@
  *   - the setup's optional "token" (Herald with access control on) goes to
  *     every subscriber as "Authorization: Bearer", a header rather than
  *     ?access_token=, so the request line is as short as without one; a
- *     refused token counts as "401 ..." / "403 ..." like any other answer.
+ *     refused token counts as "401 ..." / "403 ..." like any other answer;
+ *   - the setup's optional "silence" (seconds; absent or 0: never): an open
+ *     stream that delivers no byte for that long (a Herald node writes one at
+ *     least every heartbeat) is on a node that hangs; it is closed, counted
+ *     as ended "silent", and resumed with Last-Event-ID (subscriber.py). It is
+ *     looked for with the answer timeouts, every 0.5 s.
  *
  * Build: gcc -O2 -o sse-worker sse_worker.c -lcjson   (see native.py)
  */
@@ -162,6 +167,7 @@ typedef struct {
     char frame_id[256];
     int frame_id_len, frame_has_id;
     double first_ready, down_at, connect_started, reconnect_at;
+    double last_read; /* mono() of the last read: the silence limit counts from it */
     double *gaps; /* (lost, back) pairs, wall seconds */
     int ngaps;
     hist_t *hist; /* the (node, second) histogram in use, cached */
@@ -181,7 +187,8 @@ static struct {
     double counted_from, cpu_wall;
     int64_t t0_ns, last_delivery_ns, reconnects, told_to_retry;
     int64_t body_bytes; /* event-stream bytes read (after de-chunking): beside the nodes' bytes sent */
-    double next_scan; /* the next look for connects without an answer (ANSWER_TIMEOUT) */
+    double next_scan; /* the next look for connects without an answer (ANSWER_TIMEOUT) and silent streams */
+    double silence;   /* seconds an open stream may deliver nothing before it is closed and resumed; 0: never */
     int next_connect; /* subscribers below this index have been started */
     sub_t *subs;
     counter_t nodes, connects, connect_errors, drops, reset_reasons;
@@ -734,6 +741,7 @@ static char readbuf[1 << 18];
 static void on_readable(sub_t *s) {
     ssize_t n = read(s->fd, readbuf, sizeof readbuf);
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+    if (n > 0) s->last_read = mono();
     if (n <= 0) {
         int e = n == 0 ? 0 : errno;
         if (s->state == S_HEAD)
@@ -792,10 +800,15 @@ static void on_readable(sub_t *s) {
     }
 }
 
-/* Connects without an answer after ANSWER_TIMEOUT give up, as "timeout" (a refused answer: its cause). */
+/* Connects without an answer after ANSWER_TIMEOUT give up, as "timeout" (a refused answer: its cause);
+ * open streams silent for W.silence seconds end, as "silent", and are resumed. */
 static void scan_timeouts(double now) {
     for (int i = 0; i < W.nsubs; i++) {
         sub_t *s = &W.subs[i];
+        if (s->state == S_BODY) {
+            if (W.silence > 0 && now - s->last_read >= W.silence) ended(s, "silent", 0);
+            continue;
+        }
         if ((s->state != S_CONNECTING && s->state != S_HEAD && s->state != S_ANSWER) ||
             now - s->connect_started < ANSWER_TIMEOUT)
             continue;
@@ -931,6 +944,8 @@ static void setup(cJSON *raw) {
     W.connect_timeout = cJSON_GetObjectItem(raw, "connect_timeout")->valuedouble;
     cJSON *tick = cJSON_GetObjectItem(raw, "tick");
     W.tick = tick ? tick->valuedouble : 0.5;
+    cJSON *silence = cJSON_GetObjectItem(raw, "silence");
+    W.silence = cJSON_IsNumber(silence) && silence->valuedouble > 0 ? silence->valuedouble : 0;
     /* An access token for every subscriber (Herald with access control on): sent as a header, so the
      * request line stays as short as without one. Never echoed anywhere. */
     cJSON *token = cJSON_GetObjectItem(raw, "token");
