@@ -4,7 +4,10 @@ Some faults can't be made by stopping a process: an answer lost after the
 command ran, or a replica that stops receiving its primary's writes while
 everything else goes on. The proxy sits between the two ends and, when told,
 drops the client's connection right after forwarding a command (its answer
-never arrives), or holds back everything the server sends from then on.
+never arrives), holds back everything the server sends from then on, or
+freezes: a network blackhole, where nothing passes either way and nothing is
+closed, until it thaws and what was held passes on (as TCP's retransmissions
+would deliver it).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ class TcpProxy:
         self.port = 0
         self._drop_after: bytes | None = None
         self._holding = False
+        self._flowing = asyncio.Event()  # cleared while frozen
+        self._flowing.set()
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -32,6 +37,14 @@ class TcpProxy:
     def hold_back(self) -> None:
         """From now on nothing the server sends reaches any client (the connections stay open)."""
         self._holding = True
+
+    def freeze(self) -> None:
+        """From now on nothing passes either way, and no connection is closed (a blackhole), until :meth:`thaw`."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        """End :meth:`freeze`: what was held passes on, in order, and so does everything after it."""
+        self._flowing.set()
 
     async def __aenter__(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -52,6 +65,7 @@ class TcpProxy:
         assert task is not None
         self._connections.add(task)
         try:
+            await self._flowing.wait()  # a connect into a blackhole gets no further
             server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
             client_w.transport.abort()
@@ -69,6 +83,7 @@ class TcpProxy:
                     await asyncio.sleep(0.2)  # let the server run it
                     client_w.transport.abort()
                     return
+                await self._flowing.wait()
                 server_w.write(data)
                 await server_w.drain()
 
@@ -78,6 +93,7 @@ class TcpProxy:
                     return
                 if self._holding:
                     continue  # read and kept from the client: as if the link stalled
+                await self._flowing.wait()
                 client_w.write(data)
                 await client_w.drain()
             client_w.transport.abort()  # the server went away: so does the client's connection

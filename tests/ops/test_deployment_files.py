@@ -270,7 +270,8 @@ def test_nginx_leaves_cors_and_credentials_to_the_nodes() -> None:
     conf = re.sub(r"#.*", "", NGINX_CONF)  # directives only
     # The probe before a stream is a subrequest of the front's own: it alone passes no client header on.
     probe = re.search(r"location = /_herald/probe \{.*?\}", conf, flags=re.S)
-    assert probe is not None and "internal;" in probe.group()
+    assert probe is not None
+    assert "internal;" in probe.group()
     conf = conf.replace(probe.group(), "")
     for forbidden in ("limit_except", "proxy_hide_header", "proxy_pass_request_headers", "proxy_intercept_errors"):
         assert forbidden not in conf, forbidden
@@ -278,7 +279,8 @@ def test_nginx_leaves_cors_and_credentials_to_the_nodes() -> None:
     # a stream's), which passes it on whole.
     assert re.findall(r"\bif\s*\(\s*\$request_method[^)]*\)", conf) == ["if ($request_method = POST)"]
     publish = re.search(r"location @mercure_publish \{(.*?)\}", conf, flags=re.S)
-    assert publish is not None and "proxy_pass http://herald;" in publish.group(1)
+    assert publish is not None
+    assert "proxy_pass http://herald;" in publish.group(1)
     for header in ("Origin", "Authorization", "Cookie", "Access-Control"):
         assert not re.search(rf"proxy_set_header\s+{header}", conf, flags=re.I), header
     # nginx adds CORS headers only to its own answers for streams (a node's answers carry the nodes' own), and
