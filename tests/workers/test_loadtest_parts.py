@@ -19,12 +19,20 @@ from hypothesis import strategies as st
 
 from api.auth.selectors import TopicMatcher
 from tests.workers.test_loadtest import validate
-from workers.loadtest.config import TOKEN_MARGIN, LoadConfig, check_targets, from_args, parser
-from workers.loadtest.faults import Fault, inject
+from workers.loadtest.config import (
+    DEFAULT_FAULT_AT,
+    DEFAULT_FREEZE_SECONDS,
+    TOKEN_MARGIN,
+    LoadConfig,
+    check_targets,
+    from_args,
+    parser,
+)
+from workers.loadtest.faults import KINDS, Fault, inject
 from workers.loadtest.histogram import Histogram, bucket_bounds, bucket_of
-from workers.loadtest.publisher import Ledger, pacers_for
+from workers.loadtest.publisher import Ledger, Pacer, pacers_for
 from workers.loadtest.report import render
-from workers.loadtest.results import Aggregate, build, summary_table
+from workers.loadtest.results import SCHEMA_PATH, Aggregate, build, summary_table
 from workers.loadtest.runner import faults_of
 from workers.loadtest.subscriber import Recorder, Subscriber
 from workers.loadtest.wire import (
@@ -223,6 +231,43 @@ def test_ledger_knows_what_was_accepted() -> None:
     assert pacers_for(1, 4) == [[0]]
 
 
+class FlakySender:
+    """A publish target that fails ``failures`` times (a hung node's timeouts, say), then accepts."""
+
+    warmed = 0
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.keys: list[str] = []
+
+    async def __call__(self, items: list[tuple[int, int]], sent_ns: int, key: str) -> int | str:
+        self.keys.append(key)
+        if len(self.keys) <= self.failures:
+            return "ReadTimeout"
+        return 201
+
+    async def warmup(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(10)
+async def test_a_publish_is_retried_with_its_idempotency_key_and_its_whole_wait_recorded() -> None:
+    ledger = Ledger(topics=1)
+    ledger.t0 = time.monotonic()
+    send = FlakySender(failures=2)
+    pacer = Pacer(index=0, topics=[0], rate=1, duration=1, batch=1, retry_for=30, run_id="r", seed=1,
+                  ledger=ledger, send=send)  # fmt: skip
+    await pacer.publish([(0, ledger.take(0))], "r-0-1")
+    assert send.keys == ["r-0-1"] * 3  # one key for the request and its retries: nothing is published twice
+    assert [ok for _, ok in ledger.outcomes] == [False, False, True]
+    [(_, waited)] = ledger.waits
+    assert waited >= 0.05 + 0.1  # both retries' back-off: from the first attempt, not the last
+    assert ledger.latency.max < waited * 1_000_000  # the request time is the last attempt's alone
+
+
 # -- options -----------------------------------------------------------------------------
 
 
@@ -298,6 +343,14 @@ def test_fault_options_parse_into_faults_in_time_order() -> None:
         (["--restart-nodes-at", "-1"], "--restart-nodes-at is out of range"),
         (["--kill-node-at", "1", "--restart-nodes-at", "2"], "same processes"),
         (["--restart-redis-at", "1", "--failover-redis-at", "2"], "same processes"),
+        (["--fault", "freeze", "--kill-node-at", "2"], "--kill-node-at and --freeze-node-at act on the same processes"),
+        (["--fault", "freeze-redis", "--restart-redis-at", "2"], "same processes"),
+        (["--freeze-node-at", "-1"], "--freeze-node-at is out of range"),
+        (["--fault", "freeze", "--freeze-for", "-1"], "--freeze-for is out of range"),
+        (["--fault", "kill"], "invalid choice"),
+        (["--system", "nchan", "--fault", "freeze"], "local Herald cluster"),
+        (["--heartbeat", "0"], "--heartbeat is out of range"),
+        (["--silence-timeout", "-1"], "--silence-timeout is out of range"),
         (["--system", "nchan", "--restart-nodes-at", "1"], "local Herald cluster"),
         # What the compiled publisher cannot honour.
         (["--pipeline", "4"], "--pipeline needs --publisher native"),
@@ -315,6 +368,44 @@ def test_bad_fault_and_publisher_options_exit_with_status_2(
     assert message in capsys.readouterr().err
 
 
+def test_a_freeze_is_asked_for_as_fault_freeze_or_by_its_own_options() -> None:
+    """``--fault freeze`` (the issue's spelling) is ``--freeze-node-at`` at its default time; both name a node
+    and a length, and a freeze of Redis goes alongside one of a node."""
+    [freeze] = faults_of(from_args(["--fault", "freeze"]))
+    assert (freeze.kind, freeze.at, freeze.node, freeze.restart_after) == (
+        "freeze-node",
+        DEFAULT_FAULT_AT,
+        0,
+        DEFAULT_FREEZE_SECONDS,
+    )
+    config = from_args(["--fault", "freeze", "--freeze-node-at", "3", "--freeze-node", "1", "--freeze-for", "12",
+                        "--fault", "freeze-redis"])  # fmt: skip
+    assert [(f.kind, f.at, f.node, f.restart_after) for f in faults_of(config)] == [
+        ("freeze-node", 3, 1, 12),
+        ("freeze-redis", DEFAULT_FAULT_AT, 0, 12),
+    ]
+    assert [f.kind for f in faults_of(from_args(["--freeze-redis-at", "1"]))] == ["freeze-redis"]
+    assert config.longest_seconds >= 2 * 12  # the run's token outlives both freezes
+    assert "SIGSTOP a node" in parser().format_help()
+
+
+def test_every_fault_kind_is_in_the_results_schema() -> None:
+    schema = json.loads(SCHEMA_PATH.read_text())
+    assert schema["properties"]["faults"]["items"]["properties"]["kind"]["enum"] == list(KINDS)
+
+
+def test_the_silence_limit_is_two_heartbeats_of_herald_and_none_for_a_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HERALD_HEARTBEAT", raising=False)
+    assert from_args([]).silence_timeout == 30  # 2 x the nodes' default heartbeat, 15 s
+    assert from_args(["--heartbeat", "2"]).silence_timeout == 4
+    assert from_args(["--silence-timeout", "0.5"]).silence_timeout == 0.5
+    assert from_args(["--silence-timeout", "0"]).silence_timeout == 0  # never
+    assert from_args(["--system", "nchan"]).silence_timeout == 0  # nchan sends no heartbeat by default
+    assert from_args(["--system", "nchan", "--silence-timeout", "9"]).silence_timeout == 9
+    monkeypatch.setenv("HERALD_HEARTBEAT", "1.5")  # as the nodes have it
+    assert (from_args([]).heartbeat, from_args([]).silence_timeout) == (1.5, 3)
+
+
 class FakeCluster:
     """Records what a fault asked of the cluster, as :class:`ops.cluster.Cluster` would be asked."""
 
@@ -323,6 +414,29 @@ class FakeCluster:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.sentinel = sentinel
         self.calls: list[str] = []
+        self.frozen: asyncio.Event | None = None
+        """Set (from the cluster's thread) once something is frozen, when given."""
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _froze(self, name: str) -> int:
+        self.calls.append(f"freeze {name}")
+        if self.frozen is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.frozen.set)
+        return 4242
+
+    def freeze_node(self, index: int) -> int:
+        return self._froze(f"node-{index}")
+
+    def thaw_node(self, index: int) -> int:
+        self.calls.append(f"thaw node-{index}")
+        return 4242
+
+    def freeze_redis(self, name: str = "redis") -> int:
+        return self._froze(name)
+
+    def thaw_redis(self, name: str = "redis") -> int:
+        self.calls.append(f"thaw {name}")
+        return 4242
 
     def kill_node(self, index: int) -> None:
         self.calls.append(f"kill {index}")
@@ -378,17 +492,53 @@ async def test_faults_run_their_steps_and_record_them() -> None:
     assert "sentinels" in refused.error
 
 
-def _result_with(fault: Fault, subscribers: list[dict[str, Any]], t0_ns: int) -> dict[str, Any]:
+async def test_a_freeze_stops_the_process_for_its_time_and_then_thaws_it() -> None:
+    t0 = time.monotonic()
+    node, redis = Fault("freeze-node", 0, node=1, restart_after=0.05), Fault("freeze-redis", 0, restart_after=0.05)
+    cluster = FakeCluster()
+    await inject(cluster, node, t0)
+    await inject(cluster, redis, t0)
+    assert cluster.calls == ["freeze node-1", "thaw node-1", "freeze redis", "thaw redis"]
+    assert [w for w, _ in node.done] == ["froze node-1", "thawed node-1"]
+    assert [w for w, _ in redis.done] == ["froze redis", "thawed redis"]
+    assert node.done[1][1] - node.done[0][1] >= 0.04  # frozen for restart_after
+    assert (node.error, node.ended) == (None, node.done[0][1])  # not lasting: its subscribers may be back before
+
+
+@pytest.mark.timeout(10)
+async def test_a_run_that_ends_during_a_freeze_still_thaws_the_process() -> None:
+    cluster = FakeCluster()
+    cluster.frozen, cluster.loop = asyncio.Event(), asyncio.get_running_loop()
+    fault = Fault("freeze-node", 0, restart_after=3600)
+    task = asyncio.create_task(inject(cluster, fault, time.monotonic()))
+    await cluster.frozen.wait()
+    task.cancel()  # as the runner does to a run that failed part-way
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert cluster.calls == ["freeze node-0", "thaw node-0"]
+
+
+def _result_with(
+    fault: Fault | list[Fault],
+    subscribers: list[dict[str, Any]],
+    t0_ns: int,
+    ledger: Ledger | None = None,
+    buckets: list[list[Any]] | None = None,
+) -> dict[str, Any]:
+    """The result of a run with ``fault`` (or several), ``subscribers`` and ``ledger``; ``buckets`` as a worker's."""
     config = LoadConfig(subscribers=len(subscribers), duration=1, rate=1)
-    ledger = Ledger(topics=1)
-    ledger.ok([(0, ledger.take(0))], 0.001)
+    if ledger is None:
+        ledger = Ledger(topics=1)
+        ledger.ok([(0, ledger.take(0))], 0.001)
     aggregate = Aggregate(1)
+    aggregate.add_buckets(buckets or [])
     aggregate.results.append(
         {"subscribers": subscribers, "buckets": [], "connect_time": Histogram().to_json(), "lag": Histogram().to_json(),
          "connects": {"node-0": 3, "127.0.0.1:8080": 0}, "connect_errors": {"502 from the proxy": 2, "timeout": 1},
          "drops": {"eof": 3}, "reset_reasons": {}, "told_to_retry": 4, "fd_exhausted": False, "last_delivery_ns": 0}
     )  # fmt: skip
-    return build(config, ledger, aggregate, [fault], started_at="2026-01-01T00:00:00+00:00", t0_ns=t0_ns,
+    faults = fault if isinstance(fault, list) else [fault]
+    return build(config, ledger, aggregate, faults, started_at="2026-01-01T00:00:00+00:00", t0_ns=t0_ns,
                  publish_seconds=1.0, publisher_cpu=[], machine_cpu=[], open_files=(1024, 1024))  # fmt: skip
 
 
@@ -430,6 +580,72 @@ def test_a_rolling_restart_is_over_when_it_ends_and_everyone_is_back() -> None:
         "pass": False,
         "reasons": ["fault failover-redis was not carried out: RuntimeError: no sentinels"],
     }
+
+
+def _ledger(outcomes: list[tuple[float, bool]], waits: list[tuple[float, float]]) -> Ledger:
+    """A ledger of one accepted event and the given request outcomes and publish waits (seconds into the run)."""
+    ledger = Ledger(topics=1)
+    ledger.ok([(0, ledger.take(0))], 0.001)
+    ledger.outcomes, ledger.waits = outcomes, waits
+    return ledger
+
+
+def _latency(second: int, *ms: float) -> list[Any]:
+    """A worker's latency bucket: deliveries in ``second`` of the run, ``ms`` after their publish."""
+    histogram = Histogram()
+    for value in ms:
+        histogram.record(int(value * 1000))
+    return ["node-1", second, histogram.to_json()]
+
+
+def test_regression_a_later_faults_publish_errors_are_not_counted_for_an_earlier_fault() -> None:
+    """A node kill at 10 s (1 publish error) and a Redis failover at 35 s (24): the kill's report said
+    "publishing back after 27.6 s", the failover's recovery; each fault's figures are its window's only."""
+    zero = 1000.0
+    kill = Fault("kill-node", 10.0, began=10.0, done=[("killed node-0", 10.0)])
+    failover = Fault("failover-redis", 35.0, began=35.0, done=[("killed redis primary redis", 35.0)])
+    failures = [35.1 + 0.1 * i for i in range(24)]  # 35.1 to 37.4
+    outcomes = [(9.0, True), (10.2, False), (10.6, True), (20.0, True), *((t, False) for t in failures), (37.6, True)]
+    waits = [(10.6, 0.5), (37.6, 2.5)]
+    buckets = [_latency(10, 3, 900), _latency(36, 2400), _latency(50, 7)]
+    result = _result_with([kill, failover], [_sub(0, [])], int(zero * 1e9), _ledger(outcomes, waits), buckets)
+    validate(result)
+    by_kind = {report["kind"]: report for report in result["faults"]}
+    # The windows are the faults' times', not their order's.
+    shuffled = _result_with([failover, kill], [_sub(0, [])], int(zero * 1e9), _ledger(outcomes, waits), buckets)
+    assert shuffled["faults"] == result["faults"][::-1]
+    assert (by_kind["kill-node"]["publish_errors"], by_kind["kill-node"]["publishing_back_after_s"]) == (1, 0.6)
+    assert (by_kind["failover-redis"]["publish_errors"], by_kind["failover-redis"]["publishing_back_after_s"]) == (
+        24,
+        2.6,
+    )
+    assert (by_kind["kill-node"]["longest_publish_wait_s"], by_kind["failover-redis"]["longest_publish_wait_s"]) == (
+        0.5,
+        2.5,
+    )
+    assert (by_kind["kill-node"]["worst_delay_ms"], by_kind["failover-redis"]["worst_delay_ms"]) == (900, 2400)
+    table = summary_table(result)
+    assert "1 publish errors, publishing back after 0.6 s" in table
+    assert "24 publish errors, publishing back after 2.6 s" in table
+    assert "27.6" not in table
+
+
+def test_a_freeze_reports_the_worst_delay_the_longest_publish_wait_and_when_all_were_back() -> None:
+    """A node frozen at 5 s for 40 s: its subscribers found it silent 30 s on and moved (back 31.2 s after the
+    freeze), events waited for them up to 31 s, and a publish to the hung node waited 10 s and was retried."""
+    zero = 1000.0
+    freeze = Fault("freeze-node", 5.0, node=1, restart_after=40.0, began=5.0,
+                   done=[("froze node-1", 5.0), ("thawed node-1", 45.0)])  # fmt: skip
+    subscribers = [_sub(0, [[zero + 35.0, zero + 36.2]]), _sub(1, [])]  # 0 was on node-1; 1 elsewhere
+    ledger = _ledger([(4.0, True), (15.0, False), (15.3, True)], [(4.0, 0.01), (15.3, 10.3)])
+    result = _result_with(freeze, subscribers, int(zero * 1e9), ledger, [_latency(4, 2), _latency(36, 31_000)])
+    validate(result)
+    [report] = result["faults"]
+    assert [s["what"] for s in report["steps"]] == ["froze node-1", "thawed node-1"]
+    assert (report["subscribers_disconnected"], report["subscribers_back_after_s"]) == (1, 31.2)  # before the thaw
+    assert (report["publish_errors"], report["publishing_back_after_s"]) == (1, 10.3)
+    assert (report["longest_publish_wait_s"], report["worst_delay_ms"]) == (10.3, 31_000)
+    assert "worst delivery delay 31.0 s, longest publish wait 10.3 s" in summary_table(result)
 
 
 def test_an_answer_that_is_no_stream_is_counted_by_cause() -> None:

@@ -196,13 +196,17 @@ async def _freeze(
 ) -> None:
     """SIGSTOP ``name`` (``freeze``), hold it ``seconds``, SIGCONT it (``thaw``): steps "froze", "thawed".
 
-    The thaw happens even when the wait is cancelled (a run that fails
-    part-way): a process is never left stopped by this tool.
+    Whatever froze is thawed, even when the run is cancelled (a run that
+    fails part-way) during the wait or while the freeze call is still under
+    way: a process is never left stopped by this tool.
     """
-    await asyncio.to_thread(freeze)
-    mark(f"froze {name}")
+    freezing = asyncio.ensure_future(asyncio.to_thread(freeze))
     try:
+        await asyncio.shield(freezing)
+        mark(f"froze {name}")
         await asyncio.sleep(seconds)
     finally:
-        await asyncio.shield(asyncio.to_thread(thaw))
+        await asyncio.wait([freezing])  # a cancel may have come while the call was under way
+        if not freezing.cancelled() and freezing.exception() is None:
+            await asyncio.shield(asyncio.to_thread(thaw))
     mark(f"thawed {name}")

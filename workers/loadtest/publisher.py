@@ -64,6 +64,11 @@ class Sender(Protocol):
 
 _RETRYABLE = {408, 425, 429}
 
+REQUEST_TIMEOUT = httpx.Timeout(10.0, connect=2.0)
+"""A publish request's bounds: 2 s to connect, 10 s for each write and read. A node that hangs (a gray
+failure: it accepts the connection, the kernel takes the request, nothing answers) costs a request 10 s,
+after which it is retried, with its Idempotency-Key, on the next target."""
+
 
 @dataclass
 class Ledger:
@@ -81,6 +86,9 @@ class Ledger:
     accepted_at: Counter[int] = field(default_factory=Counter)  # events accepted per second of the run
     errors_at: Counter[int] = field(default_factory=Counter)  # failed requests per second of the run
     outcomes: list[tuple[float, bool]] = field(default_factory=list)  # (seconds into the run, ok) per request
+    waits: list[tuple[float, float]] = field(default_factory=list)
+    """Per publish (a request and its retries): (seconds into the run when it was settled, seconds it took from
+    its first attempt: accepted, refused or given up)."""
     t0: float = 0.0  # time.monotonic() when publishing started
 
     def __post_init__(self) -> None:
@@ -124,6 +132,10 @@ class Ledger:
         self.errors_at[int(now)] += 1
         self.outcomes.append((now, False))
 
+    def settled(self, waited: float) -> None:
+        """A publish is settled, ``waited`` seconds after its first attempt (:attr:`waits`)."""
+        self.waits.append((self._now(), waited))
+
     def give_up(self, items: Sequence[tuple[int, int]], refused: bool) -> None:
         for topic, seq in items:
             self.unaccepted.setdefault(topic, set()).add(seq)
@@ -152,7 +164,7 @@ class HttpSender:
     ) -> None:
         # Herald's access token goes with every request (Authorization: Bearer); None with access control off.
         headers = {"authorization": f"Bearer {token}"} if token else None
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0), headers=headers)
+        self.client = httpx.AsyncClient(timeout=REQUEST_TIMEOUT, headers=headers)
         self.targets = targets
         self.names = names
         self.size = size
@@ -279,25 +291,33 @@ class Pacer:
         return [(t, self.ledger.take(t)) for t in (rng.choice(self.topics) for _ in range(count))]
 
     async def publish(self, items: list[tuple[int, int]], key: str) -> None:
-        """Until accepted, refused, or ``retry_for`` is up; the events keep their first attempt's time."""
+        """Until accepted, refused, or ``retry_for`` is up; the events keep their first attempt's time.
+
+        Every attempt carries the same ``key`` (the Idempotency-Key), so a
+        retry of a request the node took but did not answer publishes
+        nothing twice. How long the whole publish took goes to
+        :meth:`Ledger.settled`.
+        """
         sent_ns = time.time_ns()
-        give_up_at = time.monotonic() + self.retry_for
+        first = time.monotonic()
+        give_up_at = first + self.retry_for
         delay = 0.05
         while True:
             started = time.monotonic()
             status = await self.send(items, sent_ns, key)
             if status in (200, 201):
                 self.ledger.ok(items, time.monotonic() - started)
-                return
+                break
             self.ledger.failed(status)
             if isinstance(status, int) and 400 <= status < 500 and status not in _RETRYABLE:
                 self.ledger.give_up(items, refused=True)
-                return
+                break
             if time.monotonic() + delay > give_up_at:
                 self.ledger.give_up(items, refused=False)
-                return
+                break
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+        self.ledger.settled(time.monotonic() - first)
 
 
 def pacers_for(topics: int, pacers: int) -> list[list[int]]:

@@ -224,7 +224,7 @@ def build(
             "raise it (ulimit -n) or spread subscribers with --procs"
         )
 
-    fault_reports = fault_reports_of(faults, subscribers, ledger, t0_ns)
+    fault_reports = fault_reports_of(faults, subscribers, ledger, t0_ns, timeline)
     reasons = [f"fault {f.kind} was not carried out: {f.error}" for f in faults if f.error]
     if lost:
         reasons.append(f"{lost:,} accepted events lost")
@@ -323,29 +323,48 @@ SLACK_S = 0.5
 
 
 def fault_reports_of(
-    faults: list[Fault], subscribers: list[dict[str, Any]], ledger: Ledger, t0_ns: int
+    faults: list[Fault],
+    subscribers: list[dict[str, Any]],
+    ledger: Ledger,
+    t0_ns: int,
+    timeline: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Each fault's report; a disconnection counts for the latest fault started before it."""
+    """Each fault's report, each kept to its own window: from its start to the next fault's start.
+
+    A disconnection, a failed publish request, a publish's wait and a
+    delivery's delay count for the latest fault started before them, never
+    for an earlier one too (see :func:`fault_report`).
+    """
     starts = [f.began if f.began is not None else f.at for f in faults]
     reports = []
     for index, fault in enumerate(faults):
-        later = [s for s in starts[index + 1 :] if s > starts[index]]
-        until = min(later, default=float("inf"))
-        reports.append(fault_report(fault, subscribers, ledger, t0_ns, until))
+        until = min((s for s in starts if s > starts[index]), default=float("inf"))  # in any order
+        reports.append(fault_report(fault, subscribers, ledger, t0_ns, until, timeline))
     return reports
 
 
 def fault_report(
-    fault: Fault, subscribers: list[dict[str, Any]], ledger: Ledger, t0_ns: int, until: float = float("inf")
+    fault: Fault,
+    subscribers: list[dict[str, Any]],
+    ledger: Ledger,
+    t0_ns: int,
+    until: float = float("inf"),
+    timeline: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """What ``fault`` did to the run: the subscribers it cut off, and when they (and publishing) were back.
 
-    A disconnection is the fault's when it began from ``SLACK_S`` before the
-    fault's start to ``SLACK_S`` before ``until`` (the next fault's start, in
-    seconds since publishing started). "All back" is the time from the fault's
-    start until the last of those subscribers was streaming again, and for a
-    fault that lasts (a rolling restart, every node down) at least until its
-    last step: ``None`` while any is still down at the end.
+    Its window runs from its start to ``until`` (the next fault's start, in
+    seconds since publishing started). A disconnection is the fault's when
+    it began from ``SLACK_S`` before the fault's start to ``SLACK_S`` before
+    ``until``; a failed publish request, and a publish settled (its wait),
+    when they happened in the window; "publishing back" is the time from
+    the fault's start to the first accepted request after the window's last
+    failed one. "All back" is the time from the fault's start until the last
+    of its subscribers was streaming again, and for a fault that lasts (a
+    rolling restart, every node down) at least until its last step: ``None``
+    while any is still down at the end. The worst delivery delay is the
+    longest publish-to-delivery latency of an event delivered in a second of
+    the ``timeline`` (the result's) that overlaps the window.
     """
     at = fault.began if fault.began is not None else fault.at
     zero = t0_ns / 1e9
@@ -361,7 +380,9 @@ def fault_report(
         if s["down_at"] and start <= s["down_at"] < stop:
             not_back += 1
             cut.add(s["index"])
-    failures = [t for t, ok in ledger.outcomes if not ok and t >= at]
+    failures = [t for t, ok in ledger.outcomes if not ok and at <= t < until]
+    longest_wait = max((waited for t, waited in ledger.waits if at <= t < until), default=0.0)
+    worst_delay = max((row["max_ms"] for row in timeline or [] if at < row["t"] + 1 and row["t"] < until), default=0.0)
     publish_back = None
     if failures:
         later = [t for t, ok in ledger.outcomes if ok and t > failures[-1]]
@@ -383,6 +404,8 @@ def fault_report(
         "subscribers_back_after_s": back_after,
         "publish_errors": len(failures),
         "publishing_back_after_s": publish_back if failures else 0.0,
+        "longest_publish_wait_s": round(longest_wait, 3),
+        "worst_delay_ms": worst_delay,
     }
 
 
@@ -410,6 +433,11 @@ def fault_lines(fault: dict[str, Any]) -> tuple[str, str]:
         f"{fault['subscribers_disconnected']:,} subscribers cut off ({fault['disconnections']:,} times), {back_text}; "
         f"{fault['publish_errors']:,} publish errors, publishing back after {fault['publishing_back_after_s']} s"
     )
+    if "worst_delay_ms" in fault:  # results written before these figures have none
+        effect += (
+            f"; worst delivery delay {fault['worst_delay_ms'] / 1000:.1f} s, "
+            f"longest publish wait {fault['longest_publish_wait_s']:.1f} s"
+        )
     return done, effect
 
 

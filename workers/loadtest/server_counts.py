@@ -60,6 +60,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from workers.loadtest.config import LoadConfig
+from workers.loadtest.wire import SILENT
 
 SCRAPE_TIMEOUT = 5.0
 """Seconds one ``GET /metrics`` may take."""
@@ -583,7 +584,8 @@ def tool_counts(
     return ToolCounts(
         deliveries=sum(int(s["delivered"]) + int(s["duplicated"]) + int(s["unknown"]) for s in subs),
         bytes=None if any(b is None for b in body) else sum(int(b or 0) for b in body),
-        cutoffs=sum(int(n) for r in reports for n in r["drops"].values()),
+        # A stream the subscriber itself closed for its silence is no cut-off of the node's.
+        cutoffs=sum(int(n) for r in reports for why, n in r["drops"].items() if why != SILENT),
         resets=sum(reasons.values()),
         published=published,
         streams_opened=sum(int(n) for r in reports for n in r["connects"].values()),

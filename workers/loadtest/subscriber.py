@@ -40,8 +40,9 @@ stream that delivers no byte for ``silence`` seconds (the load tool's
 ``--silence-timeout``: two heartbeats by default) is on a node that hangs
 (a gray failure: it holds the connection but answers nothing) or behind a
 connection that died without a word. The subscriber then closes it, counts
-it as ended :data:`SILENT`, and resumes elsewhere with ``Last-Event-ID``, as
-any non-browser client of Herald should.
+it as ended ``silent`` (:data:`~workers.loadtest.wire.SILENT`), and
+reconnects with ``Last-Event-ID`` (through a front, to a node that
+answers), as any non-browser client of Herald should.
 
 The bookkeeping is one integer per topic (the next sequence number
 expected) plus the set of numbers skipped so far, which stays empty while
@@ -65,6 +66,7 @@ from workers.loadtest.wire import (
     CLOSED_BEFORE_ANSWER,
     DATA_LINE,
     ERROR_BODY_LIMIT,
+    SILENT,
     TIMEOUT,
     ChunkedDecoder,
     ResponseHead,
@@ -86,9 +88,6 @@ replayed instead. Mercure has no ``reset`` event; this answer is its reset, coun
 
 ANSWER_TIMEOUT = 10.0
 """Seconds from starting a connect to the response head; past them the attempt counts as a ``timeout``."""
-
-SILENT = "silent"
-"""Why a stream ended (in ``drops``) when the subscriber closed it for delivering nothing for ``silence`` seconds."""
 
 RETRY_ONLY_SECONDS = 1.0
 """A 200 stream that ends cleanly within this long of its head with no event, only ``retry:``, was
@@ -154,7 +153,7 @@ class StreamProtocol(asyncio.Protocol):
     it, when the response is over (the last chunk, or ``Content-Length``
     bytes: EventSource then reconnects, even on a kept-alive connection), or
     when the open stream has delivered no byte for the subscriber's
-    ``silence`` seconds (counted as a drop, :data:`SILENT`).
+    ``silence`` seconds (counted as a drop, ``silent``).
     Whatever kept it from streaming is counted once, by cause, in the
     recorder's ``connect_errors``; a 200 stream that ended cleanly at once
     with only ``retry:`` counts as ``told_to_retry``; any other end of an

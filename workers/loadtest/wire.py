@@ -140,6 +140,8 @@ TIMEOUT = "timeout"
 CLOSED_BEFORE_ANSWER = "closed before answering"
 BAD_RESPONSE = "not an HTTP response"
 NOT_EVENT_STREAM = "200 but not text/event-stream"
+SILENT = "silent"
+"""Why an open stream ended (a drop) when its subscriber closed it: no byte for its silence limit (a hung node)."""
 ERRNO_CAUSES = {
     "ECONNREFUSED": "connection refused",
     "ECONNRESET": "connection reset",
