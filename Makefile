@@ -83,7 +83,7 @@ bench-fanout: setup
 	$(PY) -m workers.bench_fanout
 
 ## Load-test the cluster of `make cluster` (override with LOADTEST_ARGS="--subscribers 5000 ...").
-LOADTEST_TARGET ?= http://127.0.0.1:8080
+LOADTEST_TARGET ?= http://127.0.0.1:$(FRONT_PORT)
 LOADTEST_ARGS ?=
 loadtest: setup
 	@mkdir -p .run
@@ -103,7 +103,13 @@ loadtest: setup
 ## the topics over its shards (HERALD_REDIS_PARTITIONS), READ_REPLICAS=1 reads feeds and resumes from the replicas
 ## (docs/operations.md, "Redis deployments").
 ## Then: .venv/bin/python -m ops.cluster status|restart|stop-node node-1|token|... (see ops/cluster/).
+## Ports (each checked before anything starts): FRONT_PORT (8080), NODE_PORT (8001: node i on it + i), REDIS_PORT
+## (6380, and the ports after it for replicas), SENTINEL_PORT (26380).
 NODES ?= 3
+FRONT_PORT ?= 8080
+NODE_PORT ?= 8001
+REDIS_PORT ?= 6380
+SENTINEL_PORT ?= 26380
 SENTINEL ?=
 AUTH ?=
 OBSERVE ?=
@@ -112,7 +118,8 @@ REDIS ?=
 PARTITIONS ?=
 READ_REPLICAS ?=
 cluster: system-deps setup
-	NODES=$(NODES) $(PY) -m ops.cluster start --nodes $(NODES) $(if $(SENTINEL),--sentinel) $(if $(AUTH),--auth) \
+	NODES=$(NODES) $(PY) -m ops.cluster start --nodes $(NODES) --front $(FRONT_PORT) --first-node-port $(NODE_PORT) \
+		--redis-port $(REDIS_PORT) --first-sentinel-port $(SENTINEL_PORT) $(if $(SENTINEL),--sentinel) $(if $(AUTH),--auth) \
 		$(if $(filter cluster,$(REDIS)),--redis-cluster) $(if $(PARTITIONS),--partitions $(PARTITIONS)) \
 		$(if $(READ_REPLICAS),--read-replicas) \
 		$(if $(OBSERVE),--observe) $(if $(TLS),--tls)

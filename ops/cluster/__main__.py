@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         "--observe", action="store_true", help="Prometheus too, scraping every node (Debian's prometheus)"
     )
     start.add_argument(
-        "--prometheus-port",
+        "--prometheus-port <port>",
         type=int,
         default=0,
         help=f"with --observe (default: {PROMETHEUS_DEFAULT_PORT} when free, else any free port)",
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     start.add_argument(
         "--tls", action="store_true", help="the front serves https:// and HTTP/2, with a certificate made for it"
     )
-    start.add_argument("--replica-port", type=int, default=0, help="default: the redis port + 1")
+    start.add_argument("--replica-port <port>", type=int, default=0, help="default: the redis port + 1")
     start.add_argument("--first-sentinel-port", type=int, default=26380, help="sentinel i listens on this + i")
     commands.add_parser("stop", parents=[common], help="stop every process of the cluster")
     commands.add_parser("restart", parents=[common], help="rolling restart of the nodes")
@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"a cluster is already running from {run_dir} ({', '.join(running)}): stop it first")
         for stale in run_dir.glob("*.pid"):
             stale.unlink()
+        taken = taken_ports(args)
+        if taken:
+            sys.exit("can't start the cluster:\n  " + "\n  ".join(taken))
         cluster = Cluster(
             run_dir,
             front_port=args.front,
@@ -274,6 +277,39 @@ def main(argv: list[str] | None = None) -> None:
         except RuntimeError as error:
             sys.exit(str(error))
     cluster.processes.clear()
+
+
+def taken_ports(args: argparse.Namespace) -> list[str]:
+    """One line per port ``start`` would listen on that something else holds: what it is for, and the setting
+    (of ``make cluster``, and of this command) that moves it. A second cluster on the machine otherwise collides
+    with the first one's fixed ports."""
+    wanted: list[tuple[int, str, str]] = [(args.front, "the front (nginx)", "FRONT_PORT=<port> (make cluster) or --front <port>")]
+    wanted += [
+        (args.first_node_port + i, f"node-{i}", "NODE_PORT=<port> (make cluster) or --first-node-port <port> (node i listens on it + i)")
+        for i in range(args.nodes)
+    ]
+    redis_ports = 6 if args.redis_cluster else 1 + bool(args.sentinel and not args.replica_port)
+    wanted += [
+        (
+            args.redis_port + i,
+            "redis" if i == 0 else f"redis-{i}",
+            "REDIS_PORT=<port> (make cluster) or --redis-port <port> (replicas: the ports after it)",
+        )
+        for i in range(redis_ports)
+    ]
+    if args.sentinel:
+        if args.replica_port:
+            wanted.append((args.replica_port, "redis-1 (the replica)", "--replica-port <port>"))
+        wanted += [
+            (args.first_sentinel_port + i, f"sentinel-{i}", "SENTINEL_PORT=<port> (make cluster) or --first-sentinel-port <port>") for i in range(3)
+        ]
+    if args.observe and args.prometheus_port:
+        wanted.append((args.prometheus_port, "prometheus", "--prometheus-port <port>"))
+    return [
+        f"port {port} is taken (wanted for {what}): free it, or move it with {setting}"
+        for port, what, setting in wanted
+        if not port_is_free(port)
+    ]
 
 
 def redis_env(partitions: int, read_replicas: bool) -> dict[str, str]:

@@ -11,6 +11,7 @@ import json
 import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -261,6 +262,15 @@ def test_cli_starts_acts_on_and_stops_a_cluster_by_its_files(tmp_path: Path) -> 
         cli(run_dir, "start-node", "node-1")
         assert node_states(status(run_dir)) == {"node-0": "ready", "node-1": "ready"}
 
+        # Gray failures for drills: a frozen process holds its sockets and answers nothing.
+        assert cli(run_dir, "freeze-node", "node-1").startswith("froze node-1 (pid ")
+        assert node_states(status(run_dir)) == {"node-0": "ready", "node-1": "frozen"}
+        assert cli(run_dir, "freeze-redis").startswith("froze redis (pid ")
+        assert status(run_dir)["redis"]["state"] == "frozen"
+        cli(run_dir, "thaw-redis")
+        cli(run_dir, "thaw-node", "node-1")
+        wait_until(lambda: set(node_states(status(run_dir)).values()) == {"ready"}, "nodes ready after the thaw", 20)
+
         cli(run_dir, "stop-redis")
         state = status(run_dir)
         assert state["redis"]["state"] == "stopped"
@@ -273,6 +283,7 @@ def test_cli_starts_acts_on_and_stops_a_cluster_by_its_files(tmp_path: Path) -> 
         assert steps[3:] == ["stopped node-1", "node-1 ready", "nginx sends to node-1 again"]
         pids = [n["pid"] for n in status(run_dir)["nodes"]]
         assert None not in pids
+        cli(run_dir, "freeze-node", "node-0")  # a stop wakes it, so that it acts on its SIGTERM
     finally:
         stopped = cli(run_dir, "stop")
     assert stopped.startswith("stopped: ")
@@ -415,3 +426,20 @@ def test_a_cluster_without_access_control_has_no_tokens(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "AUTH=1" in done.stderr
     assert done.stdout == ""
+
+
+def test_start_names_a_taken_port_and_the_setting_that_moves_it(tmp_path: Path) -> None:
+    """Regression: `make cluster` used fixed ports unchecked, so a second cluster on the machine collided silently."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "ops.cluster", "start", "--run-dir", str(tmp_path), "--nodes", "1",
+             "--front", str(port), "--first-node-port", str(free_port()), "--redis-port", str(free_port())],
+            capture_output=True, text=True, timeout=30, cwd=ROOT,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert f"port {port} is taken (wanted for the front (nginx))" in done.stderr
+    assert "FRONT_PORT=<port> (make cluster) or --front <port>" in done.stderr
+    assert not list(tmp_path.glob("*.pid"))  # nothing was started
