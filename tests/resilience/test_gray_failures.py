@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -46,8 +47,13 @@ from tests.server import Node, run_server
 from tests.sse_client import EventStream, ResumingClient
 from tests.tcp_proxy import TcpProxy
 
-HEARTBEAT = 6.0
-"""The nodes' HERALD_HEARTBEAT here; the front's stream read timeout follows it (ops.nginx.stream_read_timeout)."""
+HEARTBEAT = float(os.environ.get("GRAY_HEARTBEAT", "6"))
+"""The nodes' HERALD_HEARTBEAT here; the front's stream read timeout follows it (ops.nginx.stream_read_timeout).
+``GRAY_HEARTBEAT=15 GRAY_FREEZE=60`` runs the issue's own scenario, at the default heartbeat."""
+FREEZE = float(os.environ.get("GRAY_FREEZE", str(2.5 * HEARTBEAT)))
+"""Seconds node-0 stays frozen: past two heartbeats, so the streams it held must be back before the thaw."""
+RETRY_MS = os.environ.get("GRAY_RETRY_MS", "500")
+"""The nodes' HERALD_RETRY_MS: the browser's reconnect delay (the default is 2000)."""
 SOURCES = 4
 """EventSources on the page: two on each node (least_conn)."""
 PUBLISH_PAUSE = 0.2  # a steady 5 events/s
@@ -159,7 +165,7 @@ async def connections(client: httpx.AsyncClient, url: str) -> int:
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     if not redis_server.available():
         pytest.skip("redis-server is not installed")
-    env = {"HERALD_HEARTBEAT": str(HEARTBEAT), "HERALD_RETRY_MS": "500"}
+    env = {"HERALD_HEARTBEAT": str(HEARTBEAT), "HERALD_RETRY_MS": RETRY_MS}
     cluster = Cluster(tmp_path / "cluster", nodes=2, front_port=free_port(), env=env)
     cluster.start()
     try:
@@ -170,10 +176,17 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 @needs_chromium
 @needs_redis
+@pytest.mark.timeout(60 + 2 * FREEZE)
 async def test_a_frozen_node_moves_its_streams_within_two_heartbeats_holds_no_publish_and_rejoins(
     cluster: Cluster,
 ) -> None:
-    """SIGSTOP node-0 for 2.5 heartbeats under a page of 4 EventSources (2 per node) and a producer, then SIGCONT."""
+    """SIGSTOP node-0 for 2.5 heartbeats under a page of 4 EventSources (2 per node) and a producer, then SIGCONT.
+
+    The scenario of the issue (there: the default heartbeat, a 60 s freeze, a producer publishing through the
+    front): the two EventSources on node-0 must be receiving again, on node-1, resumed exactly, within two
+    heartbeats; no publish may wait more than 10 s; node-0 comes back as ``serving``, its own direct client
+    (which never notices silence) gets every event once, and the front sends it new streams again.
+    """
     topic = f"g-{uuid.uuid4().hex[:10]}"
     front, node0, node1 = cluster.front_url, cluster.node_url(0), cluster.node_url(1)
     async with (
@@ -201,7 +214,7 @@ async def test_a_frozen_node_moves_its_streams_within_two_heartbeats_holds_no_pu
             await asyncio.to_thread(cluster.freeze_node, 0)
             gone_at = await until_state(client, node1, "node-0", "gone", 10)  # its registry record expired
             # Hold it past two heartbeats: the sources it held must be receiving elsewhere before the thaw.
-            await asyncio.sleep(max(0.0, frozen_at + 2.5 * HEARTBEAT - time.time()))  # the fault's length
+            await asyncio.sleep(max(0.0, frozen_at + FREEZE - time.time()))  # the fault's length
             thawed_at = time.time()
             await asyncio.to_thread(cluster.thaw_node, 0)
             serving_at = await until_state(client, node1, "node-0", "serving", 15)
