@@ -283,28 +283,23 @@ def taken_ports(args: argparse.Namespace) -> list[str]:
     """One line per port ``start`` would listen on that something else holds: what it is for, and the setting
     (of ``make cluster``, and of this command) that moves it. A second cluster on the machine otherwise collides
     with the first one's fixed ports."""
-    wanted: list[tuple[int, str, str]] = [(args.front, "the front (nginx)", "FRONT_PORT=<port> (make cluster) or --front <port>")]
-    wanted += [
-        (args.first_node_port + i, f"node-{i}", "NODE_PORT=<port> (make cluster) or --first-node-port <port> (node i listens on it + i)")
-        for i in range(args.nodes)
-    ]
+
+    def moved_by(make: str, option: str) -> str:
+        return f"{make}=<port> (make cluster) or {option} <port>" if make else f"{option} <port>"
+
+    wanted = [(args.front, "the front (nginx)", moved_by("FRONT_PORT", "--front"))]
+    node_setting = moved_by("NODE_PORT", "--first-node-port") + " (node i listens on it + i)"
+    wanted += [(args.first_node_port + i, f"node-{i}", node_setting) for i in range(args.nodes)]
+    redis_setting = moved_by("REDIS_PORT", "--redis-port") + " (replicas: the ports after it)"
     redis_ports = 6 if args.redis_cluster else 1 + bool(args.sentinel and not args.replica_port)
-    wanted += [
-        (
-            args.redis_port + i,
-            "redis" if i == 0 else f"redis-{i}",
-            "REDIS_PORT=<port> (make cluster) or --redis-port <port> (replicas: the ports after it)",
-        )
-        for i in range(redis_ports)
-    ]
+    wanted += [(args.redis_port + i, "redis" if i == 0 else f"redis-{i}", redis_setting) for i in range(redis_ports)]
     if args.sentinel:
         if args.replica_port:
-            wanted.append((args.replica_port, "redis-1 (the replica)", "--replica-port <port>"))
-        wanted += [
-            (args.first_sentinel_port + i, f"sentinel-{i}", "SENTINEL_PORT=<port> (make cluster) or --first-sentinel-port <port>") for i in range(3)
-        ]
+            wanted.append((args.replica_port, "redis-1 (the replica)", moved_by("", "--replica-port")))
+        sentinel_setting = moved_by("SENTINEL_PORT", "--first-sentinel-port")
+        wanted += [(args.first_sentinel_port + i, f"sentinel-{i}", sentinel_setting) for i in range(3)]
     if args.observe and args.prometheus_port:
-        wanted.append((args.prometheus_port, "prometheus", "--prometheus-port <port>"))
+        wanted.append((args.prometheus_port, "prometheus", moved_by("", "--prometheus-port")))
     return [
         f"port {port} is taken (wanted for {what}): free it, or move it with {setting}"
         for port, what, setting in wanted
