@@ -22,7 +22,9 @@ Mercure hub (``/.well-known/mercure``) and through the native API side by
 side (alternated rounds, medians and the median ratio), and the idle memory
 per connection of each; the redis-cost one measures Redis's own CPU per
 published event, Herald's against a minimal script's in the same run
-(:mod:`workers.bench.redis_cost`).
+(:mod:`workers.bench.redis_cost`); the front one measures what the front's guards against gray failures
+cost, the stream probe per open (nginx with and without it) and the heartbeat per idle stream
+(:mod:`workers.bench.front`, docs/benchmarks-front.md).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import platform
 from pathlib import Path
 from typing import Any, Protocol
 
-from workers.bench import baseline, partitions, redis_cost, scenarios
+from workers.bench import baseline, front, partitions, redis_cost, scenarios
 from workers.bench.render import render
 from workers.bench.systems import ROOT, HeraldCluster, HeraldWorkers, all_systems
 
@@ -43,7 +45,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / ".run" / "bench" / "results.json"
 SCENARIOS = (
     "throughput", "latency", "many-topics", "idle", "storm", "multi-node", "cores", "auth", "metrics", "mercure",
-    "redis-cost", "partitions",
+    "redis-cost", "partitions", "front",
 )  # fmt: skip
 PLAN = {
     1000: [25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1200.0, 1600.0, 2400.0, 3200.0],
@@ -210,6 +212,11 @@ def main(argv: list[str] | None = None) -> None:
             partitions.partitions_cost() if not args.quick else partitions.partitions_cost(events=3000, repeats=1)
         )
         paged(results, "partitions", measured, partitions, args.quick, partial)
+    if "front" in chosen:
+        print("== The front's stream probe per open, and the heartbeat per idle stream (one node, Redis)", flush=True)
+        measured = front.front_cost() if not args.quick else front.front_cost(**front.QUICK)
+        print("\n".join(front.section(measured)), flush=True)
+        paged(results, "front", measured, front, args.quick, partial)
     print(render(results))
     save(results, args.quick, partial)
     if partial and not args.quick:
