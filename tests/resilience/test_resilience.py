@@ -323,7 +323,13 @@ async def test_a_draining_node_tells_new_clients_to_come_back(topic: str) -> Non
     """While a node shuts down, a stream that reaches it gets 200 + retry: (another node takes it), never a 503."""
     app = create_app(Settings(node_id="draining"))
     async with serve_app(app) as url:
+        async with httpx.AsyncClient() as client:
+            probed = await client.get(f"{url}/probe")
+            assert (probed.status_code, probed.content) == (204, b"")  # no body: nginx keeps the connection
+            assert probed.headers["x-node-id"] == "draining"
         app.state.hub.drain()
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{url}/probe")).status_code == 503  # the front sends new streams elsewhere
         async with await EventStream.open(url, [topic]) as stream:
             await asyncio.wait_for(stream.ended.wait(), 5)
             assert stream.response.status_code == 200
