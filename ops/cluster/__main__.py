@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         "--observe", action="store_true", help="Prometheus too, scraping every node (Debian's prometheus)"
     )
     start.add_argument(
-        "--prometheus-port <port>",
+        "--prometheus-port",
         type=int,
         default=0,
         help=f"with --observe (default: {PROMETHEUS_DEFAULT_PORT} when free, else any free port)",
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     start.add_argument(
         "--tls", action="store_true", help="the front serves https:// and HTTP/2, with a certificate made for it"
     )
-    start.add_argument("--replica-port <port>", type=int, default=0, help="default: the redis port + 1")
+    start.add_argument("--replica-port", type=int, default=0, help="default: the redis port + 1")
     start.add_argument("--first-sentinel-port", type=int, default=26380, help="sentinel i listens on this + i")
     commands.add_parser("stop", parents=[common], help="stop every process of the cluster")
     commands.add_parser("restart", parents=[common], help="rolling restart of the nodes")

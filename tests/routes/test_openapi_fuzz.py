@@ -96,6 +96,7 @@ OPERATIONS = (
     "GET /events",
     "GET /healthz",
     "GET /readyz",
+    "GET /probe",
     "GET /stats",
     "GET /metrics",
     "GET /cluster",
@@ -112,6 +113,7 @@ ANONYMOUS_STATUSES = {
     "GET /cluster": {401},
     "GET /healthz": {200},
     "GET /readyz": {200},
+    "GET /probe": {204},
 }
 """What a request with no token may get from the node with access control on, per operation."""
 

@@ -24,7 +24,9 @@ per connection of each; the redis-cost one measures Redis's own CPU per
 published event, Herald's against a minimal script's in the same run
 (:mod:`workers.bench.redis_cost`); the front one measures what the front's guards against gray failures
 cost, the stream probe per open (nginx with and without it) and the heartbeat per idle stream
-(:mod:`workers.bench.front`, docs/benchmarks-front.md).
+(:mod:`workers.bench.front`, docs/benchmarks-front.md); the latency-at-rate one measures Herald and nchan
+at three moderate loads, p50, p99 and core time per delivery (:mod:`workers.bench.latency_at_rate`,
+docs/benchmarks-latency.md).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import platform
 from pathlib import Path
 from typing import Any, Protocol
 
-from workers.bench import baseline, front, partitions, redis_cost, scenarios
+from workers.bench import baseline, front, latency_at_rate, partitions, redis_cost, scenarios
 from workers.bench.render import render
 from workers.bench.systems import ROOT, HeraldCluster, HeraldWorkers, all_systems
 
@@ -45,7 +47,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / ".run" / "bench" / "results.json"
 SCENARIOS = (
     "throughput", "latency", "many-topics", "idle", "storm", "multi-node", "cores", "auth", "metrics", "mercure",
-    "redis-cost", "partitions", "front",
+    "redis-cost", "partitions", "front", "latency-at-rate",
 )  # fmt: skip
 PLAN = {
     1000: [25.0, 50.0, 100.0, 150.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1200.0, 1600.0, 2400.0, 3200.0],
@@ -217,6 +219,16 @@ def main(argv: list[str] | None = None) -> None:
         measured = front.front_cost() if not args.quick else front.front_cost(**front.QUICK)
         print("\n".join(front.section(measured)), flush=True)
         paged(results, "front", measured, front, args.quick, partial)
+    if "latency-at-rate" in chosen:
+        print("== latency at moderate rates: Herald and nchan in turns", flush=True)
+        at_rate = [s for s in systems if s.name in ("herald", "nchan")]
+        measured = (
+            latency_at_rate.measure(systems=at_rate)
+            if not args.quick
+            else latency_at_rate.measure(latency_at_rate.QUICK_LOADS, turns=1, seconds=3.0, systems=at_rate)
+        )
+        print("\n".join(latency_at_rate.section(measured)), flush=True)
+        paged(results, "latency_at_rate", measured, latency_at_rate, args.quick, partial)
     print(render(results))
     save(results, args.quick, partial)
     if partial and not args.quick:
