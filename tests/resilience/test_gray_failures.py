@@ -43,7 +43,7 @@ from ops.probe import free_port
 from tests import redis_server
 from tests.browser import CHROMIUM, Browser, chromium
 from tests.redis_server import RedisServer, needs_redis
-from tests.server import Node, run_server
+from tests.server import Node, run_server, start_node
 from tests.sse_client import EventStream, ResumingClient
 from tests.tcp_proxy import TcpProxy
 
@@ -353,6 +353,12 @@ async def test_a_blackholed_path_to_redis_is_held() -> None:
     server = redis_server.shared_server()
     async with TcpProxy(server.port) as proxy:
         url = f"redis://127.0.0.1:{proxy.port}/0"
-        with run_server({"REDIS_URL": url, "HERALD_HEARTBEAT": "1"}) as node:
+        # Started in a thread: the proxy runs on this loop, and a node starting meanwhile talks to Redis through it.
+        node = await asyncio.to_thread(start_node, {"REDIS_URL": url, "HERALD_HEARTBEAT": "1"})
+        try:
             figures = await _hold_redis_hang(node, proxy.freeze, proxy.thaw)
+        finally:
+            node.process.kill()
+            await asyncio.to_thread(node.process.wait)
+            node.log_path.unlink(missing_ok=True)
     print(f"\nredis blackholed: {figures}")

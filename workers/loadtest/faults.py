@@ -41,9 +41,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from ops.cluster import Cluster
+if TYPE_CHECKING:
+    # Imported by load_cluster when a run injects faults: ops.cluster (Redis, httpx) is half a second of
+    # imports every other run of the tool (and every test that runs it) would pay for nothing.
+    from ops.cluster import Cluster
 
 KINDS = (
     "kill-node",
@@ -105,6 +108,8 @@ class Fault:
 
 def load_cluster(run_dir: Path) -> Cluster:
     """The local cluster to hurt; a clear error when there is none."""
+    from ops.cluster import Cluster
+
     try:
         return Cluster.load(run_dir)
     except FileNotFoundError:

@@ -25,7 +25,6 @@ from workers.loadtest.publisher import HttpSender, Ledger, Pacer, RedisSender, S
 from workers.loadtest.results import Aggregate, build, progress_line
 from workers.loadtest.server_counts import plan
 from workers.loadtest.worker import CpuMeter, MachineCpu
-from workers.produce import nodes_retention
 
 FINISH_TIMEOUT = 30.0
 FILES_PER_SUBSCRIBER = 1
@@ -143,6 +142,8 @@ def _sender(config: LoadConfig, pacer: int) -> Sender:
     names = [config.topic_name(t) for t in range(config.topics)]
     if config.publish == "redis":
         assert config.redis_url is not None
+        from workers.produce import nodes_retention  # with Redis (redis-py): only for --publish redis
+
         return RedisSender(config.redis_url, names, config.payload, nodes_retention())
     return HttpSender(config.targets, names, config.payload, pacer, config.system, config.token, config.protocol)
 
