@@ -81,8 +81,10 @@ class FrontPolicy:
     marked failed. A node answers its own 503 sooner (its Redis commands time out in 2 s)."""
     probe_timeout: int = 2
     """Seconds a node has to answer the probe a stream makes before it opens; then it is marked failed."""
-    fail_timeout: int = 5
-    """Seconds a node marked failed gets no new request; then one goes there, and an answered one clears it."""
+    fail_timeout: int = 2
+    """Seconds a node marked failed gets no new request; then one goes there, and an answered one clears it.
+    Short: a node back from a restart takes requests again within it (a rolling restart waits for that at
+    each node); a hung node costs one request per mark (a probe's 2 s, or a publish's 6 s)."""
     header_timeout: int = 10
     """Seconds a client has to send its request head (as the nodes' HERALD_HEADER_TIMEOUT)."""
     admin_allow: tuple[str, ...] = ("127.0.0.1", "::1")
