@@ -184,12 +184,12 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 async def test_a_frozen_node_moves_its_streams_within_two_heartbeats_holds_no_publish_and_rejoins(
     cluster: Cluster,
 ) -> None:
-    """SIGSTOP node-0 for 2.5 heartbeats under a page of 4 EventSources (2 per node) and a producer, then SIGCONT.
+    """SIGSTOP a node under a page of 4 EventSources (spread over both nodes) and a producer, then SIGCONT.
 
     The scenario of the issue (there: the default heartbeat, a 60 s freeze, a producer publishing through the
-    front): the two EventSources on node-0 must be receiving again, on node-1, resumed exactly, within two
-    heartbeats; no publish may wait more than 10 s; node-0 comes back as ``serving``, its own direct client
-    (which never notices silence) gets every event once, and the front sends it new streams again.
+    front): the EventSources on the frozen node must be receiving again, on the other, resumed exactly, within
+    two heartbeats; no publish may wait more than 10 s; the node comes back as ``serving``, its own direct
+    client (which never notices silence) gets every event once, and the front sends it new streams again.
     """
     topic = f"g-{uuid.uuid4().hex[:10]}"
     front = cluster.front_url
